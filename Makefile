@@ -1,0 +1,44 @@
+# Two commands matter: `make repro` (pipeline on the bundled data) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 3000
+STAMP := $(VENV)/.installed
+
+# No network here but the package registries: keep every tool's telemetry off.
+export DVC_NO_ANALYTICS := 1
+export BENTOML_DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+# The BentoML model store lives inside the repository (ignored by git).
+export BENTOML_HOME := $(CURDIR)/.bentoml
+
+.PHONY: setup repro test lint serve flow clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes, so `make setup` takes seconds otherwise.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+serve: setup
+	$(BIN)/bentoml serve service.service:Classifier --host 127.0.0.1 --port $(PORT)
+
+flow: setup
+	$(BIN)/python -m pipeline.flows
+
+clean:
+	rm -rf data/collected data/deduped data/prepared models reports .bentoml

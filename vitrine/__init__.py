@@ -1,0 +1,1 @@
+"""Shared library of the vitrine pipeline: configuration, image decoding, shards and models."""

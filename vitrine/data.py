@@ -1,0 +1,95 @@
+"""Reading prepare's packed uint8 arrays for training and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+def split_images_path(prepared: Path, split: str) -> Path:
+    return Path(prepared) / f"{split}.npy"
+
+
+def prepared_manifest_path(prepared: Path) -> Path:
+    return Path(prepared) / "manifest.parquet"
+
+
+def load_split(prepared: Path, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-mapped images of one split and their class indices, in array order."""
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    rows = manifest[manifest["split"] == split].sort_values("index")
+    labels = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+    images = np.load(split_images_path(prepared, split), mmap_mode="r")
+    if len(images) != len(labels):
+        raise ValueError(f"{split}: {len(images)} images but {len(labels)} manifest rows")
+    return images, labels
+
+
+def build_augment(steps: list[dict[str, Any]]) -> A.Compose | None:
+    """An albumentations pipeline from params, e.g. [{name: HorizontalFlip, p: 0.5}]."""
+    if not steps:
+        return None
+    transforms = []
+    for step in steps:
+        kwargs = dict(step)
+        name = kwargs.pop("name")
+        transforms.append(getattr(A, name)(**kwargs))
+    return A.Compose(transforms)
+
+
+class PackedImages(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: A.Compose | None = None):
+        self.images = images
+        self.labels = labels
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = np.asarray(self.images[i])
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(image)), int(self.labels[i])
+
+
+class PackedDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        prepared: Path,
+        classes: list[str],
+        batch_size: int,
+        num_workers: int = 0,
+        augment: list[dict[str, Any]] | None = None,
+    ):
+        super().__init__()
+        self.prepared = Path(prepared)
+        self.classes = classes
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = build_augment(augment or [])
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = PackedImages(*load_split(self.prepared, "train", self.classes), self.augment)
+        self.val_set = PackedImages(*load_split(self.prepared, "val", self.classes))
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,119 @@
+"""The one image decoding and resizing path, shared by collect, prepare and the service.
+
+Served predictions equal evaluated ones only if every consumer turns bytes into pixels the
+same way, so nothing else in the project calls PIL to decode.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We enforce our own pixel cap from the header (see inspect_image); PIL's global one would
+# raise or warn with a message we cannot map to a stable reason code.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class Rejected(Exception):
+    """An input that cannot become a training image; `code` is a stable manifest reason."""
+
+    def __init__(self, code: str, detail: str = ""):
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # after EXIF orientation
+    height: int
+    format: str
+
+
+def _describe_non_image(data: bytes) -> str:
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        return "HTML document"
+    try:
+        head.decode("utf-8")
+        return "text file"
+    except UnicodeDecodeError:
+        return f"unknown binary data starting {data[:8].hex()}"
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise Rejected("empty", "0 bytes")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not_an_image", _describe_non_image(data)) from None
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    # EXIF orientations 5-8 rotate by 90 degrees, swapping width and height.
+    orientation = img.getexif().get(0x0112, 1)
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def inspect_image(data: bytes, *, min_side: int, max_pixels: int) -> ImageInfo:
+    """Check that `data` is a complete, decodable image of acceptable size.
+
+    The pixel cap is applied from the header alone, so a decompression bomb is refused before a
+    single pixel is decoded.
+    """
+    img = _open(data)
+    w, h = _oriented_size(img)
+    if w * h > max_pixels:
+        raise Rejected("too_many_pixels", f"{w}x{h} exceeds {max_pixels} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise Rejected("truncated", str(err)) from None
+    if min(w, h) < min_side:
+        raise Rejected("too_small", f"{w}x{h}, shorter side below {min_side}")
+    return ImageInfo(width=w, height=h, format=(img.format or "unknown").upper())
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: keep the top 8 bits instead of clipping everything to white.
+        arr = np.asarray(img, dtype=np.uint32) >> 8
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, as on a marketplace listing page.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes, *, draft_size: int | None = None) -> Image.Image:
+    """Decode to an upright RGB image (first frame of an animation, EXIF orientation applied).
+
+    `draft_size` lets JPEG decoding run at a reduced DCT scale when only a small image is needed.
+    """
+    img = _open(data)
+    img.seek(0)
+    if draft_size and img.format == "JPEG":
+        img.draft("RGB", (draft_size, draft_size))
+    img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def resize_square(img: Image.Image, size: int) -> np.ndarray:
+    """Resize (without cropping: product photos are often framed edge to edge) to size x size."""
+    resized = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def load_square(data: bytes, size: int) -> np.ndarray:
+    """Encoded bytes to a (size, size, 3) uint8 array: what training and serving both see."""
+    return resize_square(decode_rgb(data, draft_size=size), size)
