@@ -34,8 +34,12 @@ def load_split(prepared: Path, split: str, classes: list[str]) -> tuple[np.ndarr
     return images, labels
 
 
-def build_augment(steps: list[dict[str, Any]]) -> A.Compose | None:
-    """An albumentations pipeline from params, e.g. [{name: HorizontalFlip, p: 0.5}]."""
+def build_augment(steps: list[dict[str, Any]], seed: int) -> A.Compose | None:
+    """An albumentations pipeline from params, e.g. [{name: HorizontalFlip, p: 0.5}].
+
+    Albumentations 2 has its own random generator, untouched by seed_everything: seed it here
+    so two runs with the same params augment identically.
+    """
     if not steps:
         return None
     transforms = []
@@ -43,7 +47,7 @@ def build_augment(steps: list[dict[str, Any]]) -> A.Compose | None:
         kwargs = dict(step)
         name = kwargs.pop("name")
         transforms.append(getattr(A, name)(**kwargs))
-    return A.Compose(transforms)
+    return A.Compose(transforms, seed=seed)
 
 
 class PackedImages(Dataset):
@@ -56,7 +60,7 @@ class PackedImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = np.asarray(self.images[i])
+        image = np.array(self.images[i])  # copy: the memmap is read-only
         if self.augment is not None:
             image = self.augment(image=image)["image"]
         return torch.from_numpy(np.ascontiguousarray(image)), int(self.labels[i])
@@ -70,13 +74,14 @@ class PackedDataModule(L.LightningDataModule):
         batch_size: int,
         num_workers: int = 0,
         augment: list[dict[str, Any]] | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.prepared = Path(prepared)
         self.classes = classes
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.augment = build_augment(augment or [])
+        self.augment = build_augment(augment or [], seed)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = PackedImages(*load_split(self.prepared, "train", self.classes), self.augment)

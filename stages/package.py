@@ -1,0 +1,217 @@
+"""Package: the trained checkpoint as a TorchScript model, in the BentoML store and a Bento.
+
+Reads  <paths.model>/best.ckpt and model.json (train), <paths.evaluate_report> (evaluate).
+Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> logits, checked
+                                 against the eager one before anything is written;
+       <paths.package>/model.json classes, image_size, model, input_size, model_version, metrics.
+Then saves that folder to the BentoML model store ($BENTOML_HOME, <repo>/.bentoml when unset) as
+<package.model_name>:<model_version> and, with package.build_bento, builds bentofile.yaml's Bento.
+
+model_version is a content hash of the scripted model plus its classes and image size, so
+packaging the same model twice gives the same version (and makes it :latest again).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bentoml
+import torch
+from bentoml.exceptions import NotFound
+from torch import Tensor
+
+from service import MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE
+from vitrine.config import load_params, load_paths, stage_config
+from vitrine.models import ImageClassifier, Predictor
+
+if TYPE_CHECKING:
+    from bentoml._internal.models import ModelStore
+
+CHECKPOINT_FILE = "best.ckpt"
+TRAIN_INFO_FILE = "model.json"
+BENTOFILE = Path("bentofile.yaml")
+PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    model_name: str  # name in the BentoML model store; the service loads <model_name>:latest
+    build_bento: bool
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What train wrote next to its checkpoint (<paths.model>/model.json)."""
+
+    model: str
+    classes: tuple[str, ...]
+    image_size: int  # side of the prepared square arrays: what the Predictor is fed
+    input_size: int  # the network's own input side (the Predictor resizes to it)
+
+
+def read_trained(model_dir: Path) -> TrainedModel:
+    info = json.loads((model_dir / TRAIN_INFO_FILE).read_text())
+    missing = sorted({"model", "classes", "image_size", "input_size"} - set(info))
+    if missing:
+        raise ValueError(f"{model_dir / TRAIN_INFO_FILE}: missing key(s) {missing}")
+    return TrainedModel(
+        model=str(info["model"]),
+        classes=tuple(str(c) for c in info["classes"]),
+        image_size=int(info["image_size"]),
+        input_size=int(info["input_size"]),
+    )
+
+
+def load_predictor(checkpoint: Path, trained: TrainedModel) -> Predictor:
+    """The checkpoint's Predictor in eval mode, after checking it is the model train described."""
+    module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    hparams = module.hparams
+    if hparams["model"] != trained.model or tuple(hparams["classes"]) != trained.classes:
+        raise ValueError(
+            f"{checkpoint} holds {hparams['model']} over {list(hparams['classes'])}, but "
+            f"model.json says {trained.model} over {list(trained.classes)}"
+        )
+    predictor = module.predictor.eval()
+    if predictor.input_size != trained.input_size:
+        raise ValueError(
+            f"{checkpoint}: network input {predictor.input_size}, model.json says "
+            f"{trained.input_size}"
+        )
+    return predictor
+
+
+def parity_batch(image_size: int, n: int = 4, seed: int = 0) -> Tensor:
+    """Fixed uint8 (n, size, size, 3) inputs on which scripted and eager outputs are compared."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, image_size, image_size, 3)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+
+
+def max_output_diff(a: torch.nn.Module, b: torch.nn.Module, batch: Tensor) -> float:
+    with torch.inference_mode():
+        return (a(batch) - b(batch)).abs().max().item()
+
+
+def script_predictor(
+    predictor: Predictor, image_size: int, atol: float = PARITY_ATOL
+) -> torch.jit.ScriptModule:
+    """TorchScript the Predictor; refuse the result unless it computes what the eager one does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        scripted = torch.jit.script(predictor)
+    diff = max_output_diff(scripted, predictor, parity_batch(image_size))
+    if not diff <= atol:
+        raise ValueError(f"scripted model differs from eager by {diff:.3g} (> {atol:g})")
+    return scripted
+
+
+def serialize(scripted: torch.jit.ScriptModule) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def model_version(model_bytes: bytes, trained: TrainedModel) -> str:
+    """`<model>-<12 hex>`: a hash of the scripted model and of how its outputs are read."""
+    digest = hashlib.sha256(model_bytes)
+    reading = {"classes": list(trained.classes), "image_size": trained.image_size}
+    digest.update(json.dumps(reading, sort_keys=True).encode())
+    prefix = re.sub(r"[^a-z0-9]+", "-", trained.model.lower()).strip("-") or "model"
+    return f"{prefix}-{digest.hexdigest()[:12]}"
+
+
+def package_info(trained: TrainedModel, version: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """model.json of the package: everything the service needs besides the weights."""
+    return {
+        "model": trained.model,
+        "classes": list(trained.classes),
+        "image_size": trained.image_size,
+        "input_size": trained.input_size,
+        "model_version": version,
+        "metrics": metrics,
+    }
+
+
+def write_package(out_dir: Path, model_bytes: bytes, info: dict[str, Any]) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / SCRIPTED_MODEL_FILE).write_bytes(model_bytes)
+    (out_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def export_package(model_dir: Path, evaluate_report: Path, out_dir: Path) -> dict[str, Any]:
+    """Checkpoint -> <out_dir>/model.pt + model.json; returns the model.json content."""
+    trained = read_trained(model_dir)
+    predictor = load_predictor(model_dir / CHECKPOINT_FILE, trained)
+    model_bytes = serialize(script_predictor(predictor, trained.image_size))
+    metrics = json.loads(evaluate_report.read_text())
+    info = package_info(trained, model_version(model_bytes, trained), metrics)
+    write_package(out_dir, model_bytes, info)
+    return info
+
+
+def store_labels(info: dict[str, Any]) -> dict[str, str]:
+    """BentoML labels (strings only): the model, its classes and its scalar test metrics."""
+    labels = {"model": info["model"], "classes": ",".join(info["classes"])}
+    for key, value in info["metrics"].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            labels[key] = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return labels
+
+
+def save_to_store(
+    package_dir: Path, name: str, store: ModelStore | None = None
+) -> bentoml.Tag:
+    """Save the package folder as model `<name>:<model_version>`; returns its bentoml Tag.
+
+    `store`: None means the one in $BENTOML_HOME. An existing model of the same version is
+    replaced, so that it becomes :latest again.
+    """
+    info = json.loads((package_dir / MODEL_INFO_FILE).read_text())
+    tag = bentoml.Tag(name, info["model_version"])
+    where = {} if store is None else {"_model_store": store}
+    try:
+        bentoml.models.delete(tag, **where)
+    except NotFound:
+        pass
+    with bentoml.models.create(
+        tag, labels=store_labels(info), metadata=copy.deepcopy(info), **where
+    ) as model:
+        for filename in (SCRIPTED_MODEL_FILE, MODEL_INFO_FILE):
+            shutil.copy2(package_dir / filename, model.path_of(filename))
+    return model.tag
+
+
+def build_bento(bentofile: Path, build_ctx: Path) -> bentoml.Tag:
+    """Build the Bento (service code + the model it references) into $BENTOML_HOME."""
+    return bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(build_ctx)).tag
+
+
+def main() -> None:
+    params = load_params()
+    cfg = stage_config(PackageConfig, "package", params)
+    paths = load_paths(params)
+    os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ[MODEL_NAME_ENV] = cfg.model_name  # read by the service when the Bento is built
+    info = export_package(paths.model, paths.evaluate_report, paths.package)
+    print(f"package: saved {save_to_store(paths.package, cfg.model_name)}, classes {info['classes']}")
+    if cfg.build_bento:
+        print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
+
+
+if __name__ == "__main__":
+    main()

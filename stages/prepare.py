@@ -1,0 +1,93 @@
+"""prepare: a stable, leakage-free split by cluster, and the resized images packed per split.
+
+Training then memory-maps uint8 arrays and never decodes a JPEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from stages.collect import MANIFEST, SHARDS
+from vitrine.config import load_params, load_paths, stage_config
+from vitrine.data import SPLITS, prepared_manifest_path, split_images_path
+from vitrine.images import load_square
+from vitrine.shards import ShardReader
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    classes: tuple[str, ...]
+    image_size: int
+    val_fraction: float
+    test_fraction: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction + self.test_fraction < 1:
+            raise ValueError("prepare: val_fraction + test_fraction must be in (0, 1)")
+
+
+def assign_split(cluster_id: str, config: PrepareConfig) -> str:
+    """A cluster's split depends only on its key and the seed: adding photos never moves old
+    ones, and every copy of a photo lands in the same split as its cluster."""
+    digest = hashlib.sha256(f"{config.seed}:{cluster_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < config.test_fraction:
+        return "test"
+    return "val" if u < config.test_fraction + config.val_fraction else "train"
+
+
+def split_manifest(deduped: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame:
+    """The kept photos with their split and their row `index` in that split's image array."""
+    kept = deduped[deduped["status"] == "kept"].sort_values(["source", "id"]).copy()
+    kept["split"] = kept["cluster_id"].map(lambda c: assign_split(c, config))
+    kept["index"] = kept.groupby("split").cumcount()
+    columns = ["id", "label", "source", "cluster_id", "split", "index", "sha256",
+               "shard", "offset", "length"]
+    return kept[columns].reset_index(drop=True)
+
+
+def pack_split(rows: pd.DataFrame, shards: ShardReader, size: int, out: Path) -> None:
+    """Decode and resize one split into an (N, size, size, 3) uint8 .npy, written in place so
+    memory stays flat however large the split."""
+    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
+    for row in tqdm(rows.itertuples(), total=len(rows), desc=f"prepare {out.stem}", unit="img"):
+        images[row.index] = load_square(shards.read(row.shard, row.offset, row.length), size)
+    images.flush()
+
+
+def prepare_report(prepared: pd.DataFrame) -> dict[str, Any]:
+    counts = prepared.groupby(["split", "label"]).size()
+    return {
+        split: {"total": int(counts[split].sum()), **{k: int(v) for k, v in counts[split].items()}}
+        for split in SPLITS if split in counts.index.get_level_values(0)
+    }
+
+
+def main() -> None:
+    params = load_params()
+    paths, config = load_paths(params), stage_config(PrepareConfig, "prepare", params)
+    prepared = split_manifest(pd.read_parquet(paths.deduped / MANIFEST), config)
+    paths.prepared.mkdir(parents=True, exist_ok=True)
+    with ShardReader(paths.collected / SHARDS) as shards:
+        for split in SPLITS:
+            rows = prepared[prepared["split"] == split]
+            pack_split(rows, shards, config.image_size, split_images_path(paths.prepared, split))
+    prepared.drop(columns=["shard", "offset", "length"]).to_parquet(
+        prepared_manifest_path(paths.prepared), index=False
+    )
+    report = prepare_report(prepared)
+    paths.prepare_report.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"prepare: {report}")
+
+
+if __name__ == "__main__":
+    main()

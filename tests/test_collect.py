@@ -1,0 +1,193 @@
+import io
+import json
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stages.collect import CollectConfig, Source, collect, collect_report
+from vitrine.config import ConfigError, from_mapping
+from vitrine.shards import ShardReader
+
+
+def config(*sources: Source, **overrides) -> CollectConfig:
+    base = dict(classes=("laptop", "phone"), sources=sources, min_side=32, max_pixels=10**7,
+                max_bytes=10**6, shard_size=5, timeout_s=5.0)
+    return CollectConfig(**{**base, **overrides})
+
+
+def run(cfg: CollectConfig, raw: Path, tmp_path: Path) -> pd.DataFrame:
+    return collect(cfg, raw, tmp_path / "out").set_index("id")
+
+
+def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_path):
+    m = run(config(Source("folder", "photos")), class_folder.parent, tmp_path)
+    assert len(m) == 24 and (m["status"] == "accepted").all()
+    assert m.loc["laptop/000.jpg", "label"] == "laptop"
+    # 24 images, 5 per shard: few files, not one per image.
+    assert len(list((tmp_path / "out" / "shards").glob("*.tar"))) == 5
+
+
+def test_shard_refs_give_back_the_original_bytes(class_folder, tmp_path):
+    m = run(config(Source("folder", "photos")), class_folder.parent, tmp_path)
+    row = m.loc["phone/007.jpg"]
+    with ShardReader(tmp_path / "out" / "shards") as shards:
+        data = shards.read(row["shard"], row["offset"], row["length"])
+    assert data == (class_folder / "phone" / "007.jpg").read_bytes()
+
+
+def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(class_folder, make_photo, tmp_path):
+    good = make_photo(7)
+    (class_folder / "phone" / "corrupt.jpg").write_bytes(good[: len(good) // 2])
+    (class_folder / "phone" / "notes.jpg").write_text("this is a text file, not a photo")
+    (class_folder / "phone" / "empty.jpg").write_bytes(b"")
+    (class_folder / "phone" / "tiny.jpg").write_bytes(make_photo(8, (20, 20)))
+    (class_folder / "tablet").mkdir()
+    (class_folder / "tablet" / "t.jpg").write_bytes(make_photo(9))
+    (class_folder / "loose.jpg").write_bytes(make_photo(10))
+    m = run(config(Source("folder", "photos")), class_folder.parent, tmp_path)
+    assert len(m) == 24 + 6  # rows in = accepted + quarantined
+    assert m.loc["phone/corrupt.jpg", "reason"] == "truncated"
+    assert m.loc["phone/notes.jpg", "reason"] == "not_an_image"
+    assert m.loc["phone/empty.jpg", "reason"] == "empty"
+    assert m.loc["phone/tiny.jpg", "reason"] == "too_small"
+    assert m.loc["tablet/t.jpg", "reason"] == "unknown_label"
+    assert m.loc["loose.jpg", "reason"] == "unknown_label"
+    assert (m[m["status"] == "quarantined"]["shard"] == "").all()
+    report = collect_report(m.reset_index())
+    assert report["accepted"] + report["quarantined"] == report["records"] == 30
+    assert report["by_reason"]["unknown_label"] == 2
+
+
+def test_symlink_escaping_the_source_root_is_refused(class_folder, make_photo, tmp_path):
+    secret = tmp_path / "elsewhere.jpg"
+    secret.write_bytes(make_photo(11))
+    (class_folder / "laptop" / "link.jpg").symlink_to(secret)
+    m = run(config(Source("folder", "photos")), class_folder.parent, tmp_path)
+    assert m.loc["laptop/link.jpg", "reason"] == "outside_source_root"
+
+
+def test_oversized_file_is_refused(class_folder, make_photo, tmp_path):
+    m = run(config(Source("folder", "photos"), max_bytes=1000), class_folder.parent, tmp_path)
+    assert set(m["reason"]) == {"too_large"}
+
+
+def test_exact_copies_are_stored_once(class_folder, tmp_path):
+    data = (class_folder / "laptop" / "000.jpg").read_bytes()
+    (class_folder / "laptop" / "copy.jpg").write_bytes(data)
+    m = run(config(Source("folder", "photos")), class_folder.parent, tmp_path)
+    a, b = m.loc["laptop/000.jpg"], m.loc["laptop/copy.jpg"]
+    assert (a["shard"], a["offset"]) == (b["shard"], b["offset"])
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_archive_with_a_wrapping_folder(class_folder, tmp_path, kind):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    archive = raw / f"photos.{kind}"
+    files = sorted(p for p in class_folder.rglob("*.jpg"))
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for p in files:
+                zf.write(p, f"raw_data/{p.relative_to(class_folder)}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            for p in files:
+                tf.add(p, f"raw_data/{p.relative_to(class_folder)}")
+    m = run(config(Source("archive", archive.name)), raw, tmp_path)
+    assert len(m) == 24 and (m["status"] == "accepted").all()
+    assert "phone/003.jpg" in m.index and m.loc["phone/003.jpg", "source"] == f"archive:photos.{kind}"
+
+
+def test_archive_member_escaping_the_root_is_refused(make_photo, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with tarfile.open(raw / "evil.tar", "w") as tf:
+        for name in ("laptop/ok.jpg", "../phone/evil.jpg"):
+            data = make_photo(len(name))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    m = run(config(Source("archive", "evil.tar")), raw, tmp_path)
+    assert m.loc["laptop/ok.jpg", "status"] == "accepted"
+    assert m.loc["../phone/evil.jpg", "reason"] == "outside_source_root"
+
+
+class _Photos(BaseHTTPRequestHandler):
+    photo = b""
+
+    def do_GET(self):
+        routes = {
+            "/a.jpg": (200, "image/jpeg", self.photo),
+            "/login.jpg": (200, "image/jpeg", b"<html><body>Please log in</body></html>"),
+        }
+        status, ctype, body = routes.get(self.path, (404, "text/plain", b"not found"))
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def photo_server(make_photo):
+    _Photos.photo = make_photo(42)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Photos)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
+    raw = class_folder.parent
+    (raw / "catalog.csv").write_text(
+        "id,label,url,path,price\n"
+        f"ad-1,phone,{photo_server}/a.jpg,,100\n"
+        f"ad-2,phone,{photo_server}/gone.jpg,,120\n"
+        f"ad-3,laptop,{photo_server}/login.jpg,,900\n"
+        f"ad-1,laptop,{photo_server}/a.jpg,,1\n"
+        "ad-4,laptop,,photos/laptop/001.jpg,800\n"
+        "ad-5,laptop,,../../etc/passwd,0\n"
+        "ad-6,laptop,file:///etc/passwd,,0\n"
+    )
+    m = collect(config(Source("catalog", "catalog.csv")), raw, tmp_path / "out")
+    assert len(m) == 7
+    by = {(r.id, r.label): r for r in m.itertuples()}
+    assert by["ad-1", "phone"].status == "accepted"
+    assert json.loads(by["ad-1", "phone"].meta) == {"price": "100"}
+    assert by["ad-2", "phone"].reason == "http_404"
+    assert by["ad-3", "laptop"].reason == "not_an_image"
+    assert by["ad-1", "laptop"].reason == "duplicate_id"
+    assert by["ad-4", "laptop"].status == "accepted"
+    assert by["ad-5", "laptop"].reason == "outside_source_root"
+    assert by["ad-6", "laptop"].reason == "bad_url"
+
+
+def test_jsonl_catalog_and_several_sources(class_folder, tmp_path):
+    raw = class_folder.parent
+    lines = [json.dumps({"id": "j1", "label": "phone", "path": "photos/phone/000.jpg"}), "{broken"]
+    (raw / "catalog.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = config(Source("folder", "photos"), Source("catalog", "catalog.jsonl"))
+    m = collect(cfg, raw, tmp_path / "out")
+    assert len(m) == 24 + 2
+    assert set(m["source"]) == {"folder:photos", "catalog:catalog.jsonl"}
+    assert m.set_index("id").loc["line-2", "reason"] == "bad_row"
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="folder:nowhere"):
+        collect(config(Source("folder", "nowhere")), tmp_path, tmp_path / "out")
+
+
+def test_config_refuses_unknown_keys_and_kinds():
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_mapping(Source, {"kind": "folder", "path": "x", "colour": "red"})
+    with pytest.raises(ValueError, match="unknown kind"):
+        config(Source("ftp", "x"))

@@ -1,0 +1,179 @@
+"""The package stage: checkpoint -> TorchScript model + model.json -> BentoML store (-> Bento)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import numpy as np
+import pytest
+import torch
+from bentoml._internal.models import ModelStore
+from PIL import Image
+
+from stages.package import (
+    PackageConfig,
+    export_package,
+    load_predictor,
+    parity_batch,
+    read_trained,
+    save_to_store,
+    script_predictor,
+)
+from vitrine.config import load_params, stage_config
+from vitrine.images import load_square
+from vitrine.models import ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["laptop", "phone"]
+METRICS = {"accuracy": 0.75, "macro_f1": 0.7, "business_weighted_accuracy": 0.8, "n_test": 40}
+
+
+def write_trained_model(model_dir: Path, seed: int = 0, classes: list[str] = CLASSES) -> None:
+    """What train leaves behind: an (untrained) ImageClassifier checkpoint plus model.json."""
+    torch.manual_seed(seed)
+    module = ImageClassifier("cnn64", list(classes), lr=1e-3)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        model_dir / "best.ckpt",
+    )
+    info = {"model": "cnn64", "classes": list(classes), "image_size": 128, "input_size": 64}
+    (model_dir / "model.json").write_text(json.dumps(info))
+
+
+def write_report(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(METRICS))
+    return path
+
+
+def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (300, 200)) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def exported(tmp_path: Path) -> tuple[Path, Path, dict]:
+    model_dir = tmp_path / "models" / "train"
+    write_trained_model(model_dir)
+    out_dir = tmp_path / "models" / "package"
+    info = export_package(model_dir, write_report(tmp_path / "evaluate.json"), out_dir)
+    return model_dir, out_dir, info
+
+
+def test_config_fields_are_the_params_block() -> None:
+    cfg = stage_config(PackageConfig, "package", load_params(REPO / "params.yaml"))
+    assert isinstance(cfg.model_name, str) and cfg.model_name
+    assert isinstance(cfg.build_bento, bool)
+
+
+def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]) -> None:
+    _, out_dir, info = exported
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.json", "model.pt"]
+    assert json.loads((out_dir / "model.json").read_text()) == info
+    assert info["classes"] == CLASSES
+    assert info["image_size"] == 128 and info["input_size"] == 64 and info["model"] == "cnn64"
+    assert info["metrics"] == METRICS
+    assert info["model_version"].startswith("cnn64-")
+
+
+def test_scripted_model_equals_eager(exported: tuple[Path, Path, dict]) -> None:
+    model_dir, out_dir, _ = exported
+    eager = load_predictor(model_dir / "best.ckpt", read_trained(model_dir))
+    scripted = torch.jit.load(str(out_dir / "model.pt"))
+    photo = torch.from_numpy(load_square(jpeg_bytes(), 128)).unsqueeze(0)
+    for batch in (parity_batch(128, n=8, seed=1), photo):
+        with torch.inference_mode():
+            expected, actual = eager(batch), scripted(batch)
+        assert actual.shape == (len(batch), len(CLASSES))
+        assert torch.allclose(actual, expected, rtol=0.0, atol=1e-6)
+
+
+def test_scripting_is_refused_when_outputs_differ(exported: tuple[Path, Path, dict]) -> None:
+    model_dir, _, _ = exported
+    eager = load_predictor(model_dir / "best.ckpt", read_trained(model_dir))
+    with pytest.raises(ValueError, match="differs from eager"):
+        script_predictor(eager, 128, atol=-1.0)  # no difference passes a negative tolerance
+
+
+def test_model_version_follows_the_weights(tmp_path: Path) -> None:
+    report = write_report(tmp_path / "evaluate.json")
+    versions = []
+    for run, seed in enumerate((0, 0, 1)):
+        write_trained_model(tmp_path / f"train{run}", seed=seed)
+        info = export_package(tmp_path / f"train{run}", report, tmp_path / f"package{run}")
+        versions.append(info["model_version"])
+    assert versions[0] == versions[1] != versions[2]
+
+
+def test_checkpoint_must_match_model_json(tmp_path: Path) -> None:
+    model_dir = tmp_path / "train"
+    write_trained_model(model_dir)
+    info = json.loads((model_dir / "model.json").read_text())
+    (model_dir / "model.json").write_text(json.dumps({**info, "classes": ["phone", "laptop"]}))
+    with pytest.raises(ValueError, match="model.json says"):
+        export_package(model_dir, write_report(tmp_path / "evaluate.json"), tmp_path / "out")
+
+
+def test_model_lands_in_the_store(exported: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    _, out_dir, info = exported
+    models = tmp_path / "bentoml" / "models"
+    models.mkdir(parents=True)
+    store = ModelStore(models)
+
+    tag = save_to_store(out_dir, "vitrine-test", store=store)
+
+    stored = store.get("vitrine-test:latest")
+    assert stored.tag == tag and tag.version == info["model_version"]
+    for name in ("model.pt", "model.json"):
+        assert Path(stored.path_of(name)).read_bytes() == (out_dir / name).read_bytes()
+    assert stored.info.metadata["metrics"] == METRICS
+    assert stored.info.metadata["classes"] == CLASSES
+    assert stored.info.labels["classes"] == "laptop,phone"
+    assert stored.info.labels["accuracy"] == "0.7500"
+
+    # Packaging the same model again replaces it instead of adding a version.
+    assert save_to_store(out_dir, "vitrine-test", store=store) == tag
+    assert [m.tag for m in store.list("vitrine-test")] == [tag]
+
+
+@pytest.mark.slow
+def test_stage_builds_a_bento(tmp_path: Path) -> None:
+    """`python -m stages.package` end to end, in a scratch copy of the repository."""
+    for folder in ("service", "vitrine"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__*"))
+        shutil.copy(REPO / folder / "__init__.py", tmp_path / folder)
+    (tmp_path / "stages").mkdir()
+    shutil.copy(REPO / "stages" / "package.py", tmp_path / "stages")
+    for name in ("params.yaml", "bentofile.yaml"):
+        shutil.copy(REPO / name, tmp_path)
+    params = load_params(tmp_path / "params.yaml")
+    write_trained_model(tmp_path / params["paths"]["model"])
+    write_report(tmp_path / params["paths"]["evaluate_report"])
+    home = tmp_path / "bentoml-home"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("PYTHONPATH", None)
+
+    subprocess.run([sys.executable, "-m", "stages.package"], cwd=tmp_path, env=env, check=True)
+
+    info = json.loads((tmp_path / params["paths"]["package"] / "model.json").read_text())
+    bento_yaml = next((home / "bentos" / "vitrine").glob("*/bento.yaml")).read_text()
+    model_name = params["package"]["model_name"]
+    assert f"{model_name}:{info['model_version']}" in bento_yaml
+    bento_src = next((home / "bentos" / "vitrine").glob("*/src"))
+    assert (bento_src / "service" / "service.py").is_file()
+    assert (bento_src / "vitrine" / "images.py").is_file()

@@ -1,0 +1,116 @@
+"""End to end: `dvc repro` of the whole pipeline on 60 real Avito photos in a copy of the repo."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+PER_CLASS = 30
+
+
+def _copy_repo(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True, text=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+
+
+def _tiny_archive(path: Path) -> None:
+    """30 real photos per class from the vendored archive, plus a corrupt JPEG and a text file."""
+    picked: dict[str, int] = {}
+    with tarfile.open(REPO / "data/raw/avito-raw.tar.gz") as src, tarfile.open(path, "w:gz") as dst:
+        for m in src:
+            label = m.name.split("/")[-2] if m.isfile() else ""
+            if m.isfile() and picked.get(label, 0) < PER_CLASS:
+                picked[label] = picked.get(label, 0) + 1
+                data = src.extractfile(m).read()
+                dst.addfile(m, src.extractfile(m))
+                if picked[label] == 1 and label == "phone":
+                    _add(dst, "raw_data/phone/corrupt.jpg", data[: len(data) // 2])
+                    _add(dst, "raw_data/laptop/readme.jpg", b"this is not a photo\n")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _set_params(repo: Path, **changes) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
+           "BENTOML_HOME": str(repo / ".bentoml")}
+    done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    _copy_repo(repo)
+    _tiny_archive(repo / "data/raw/avito-raw.tar.gz")
+    _set_params(repo, **{"train.max_epochs": 1, "validate.min_images_per_class": 10})
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "repro")
+    return repo
+
+
+def test_every_input_is_accounted_for(repo):
+    manifest = pd.read_parquet(repo / "data/collected/manifest.parquet").set_index("id")
+    assert len(manifest) == 2 * PER_CLASS + 2
+    assert manifest.loc["phone/corrupt.jpg", "reason"] == "truncated"
+    assert manifest.loc["laptop/readme.jpg", "reason"] == "not_an_image"
+    report = json.loads((repo / "reports/collect.json").read_text())
+    assert report["quarantined"] == 2 and report["accepted"] == 2 * PER_CLASS
+
+
+def test_every_stage_left_its_outputs(repo):
+    validation = json.loads((repo / "reports/validate.json").read_text())
+    assert validation["success"] is True
+    assert (repo / "reports/validate/docs/index.html").exists()
+    deduped = pd.read_parquet(repo / "data/deduped/manifest.parquet")
+    assert len(deduped) == 2 * PER_CLASS + 2 and "cluster_id" in deduped
+    prepared = pd.read_parquet(repo / "data/prepared/manifest.parquet")
+    assert set(prepared["split"]) == {"train", "val", "test"}
+    assert json.loads((repo / "reports/train.json").read_text())["epochs_run"] == 1
+    metrics = json.loads((repo / "reports/evaluate.json").read_text())
+    assert metrics["n_test"] == (prepared["split"] == "test").sum()
+    assert 0 <= metrics["business_weighted_accuracy"] <= 1
+    assert (repo / "models/package/model.pt").exists()
+
+
+def test_second_repro_runs_nothing(repo):
+    out = _dvc(repo, "repro")
+    assert "Running stage" not in out
+    assert "Data and pipelines are up to date" in _dvc(repo, "status")
+
+
+def test_changing_a_train_param_invalidates_train_and_after_only(repo):
+    _set_params(repo, **{"train.lr": 0.0005})
+    status = _dvc(repo, "status", "--json")
+    assert set(json.loads(status)) == {"train", "evaluate", "package"}
