@@ -21,6 +21,7 @@ import json
 import os
 import threading
 import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def predict_probabilities(model: LoadedModel, data: bytes) -> list[float]:
         pixels = load_square(data, model.image_size)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of failing on a bad file
         raise Rejected("undecodable", str(err)) from None
-    batch = torch.from_numpy(pixels).unsqueeze(0)
+    batch = torch.from_numpy(pixels.copy()).unsqueeze(0)  # load_square's array is read-only
     with model.lock, torch.inference_mode():
         logits = model.module(batch)
     return torch.softmax(logits.float(), dim=1)[0].tolist()
@@ -108,22 +109,36 @@ def classify_bytes(model: LoadedModel, data: bytes) -> dict[str, Any]:
 
 
 class _InMemoryMultiPartParser(MultiPartParser):
-    # Starlette spools file parts over 1 MB to a temporary file; keep uploads up to the cap
-    # in memory instead (larger ones are refused right after reading).
-    spool_max_size = MAX_UPLOAD_BYTES + 1
+    # Starlette spools file parts over 1 MB to a temporary file; the body is capped (see
+    # _capped) below this size, so the upload always stays in memory.
+    spool_max_size = MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD + 1
+
+
+async def _capped(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The request body, refused as soon as it outgrows the cap (chunked uploads too)."""
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
+            raise Rejected("too_large", f"upload exceeds {MAX_UPLOAD_BYTES} bytes")
+        yield chunk
 
 
 async def read_image_field(request: Request) -> bytes:
-    """The raw bytes of the `image` part of a multipart/form-data request."""
+    """The raw bytes of the `image` part of a multipart/form-data request, read into memory."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
-        raise Rejected("too_large", f"request of {length} bytes; uploads are capped at "
-                       f"{MAX_UPLOAD_BYTES} bytes")
+        raise Rejected("too_large", f"request of {length} bytes exceeds {MAX_UPLOAD_BYTES}")
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        raise Rejected("missing_image", f"expected multipart/form-data with a file field "
-                       f"{IMAGE_FIELD!r}, got content type {content_type or 'none'!r}")
-    parser = _InMemoryMultiPartParser(request.headers, request.stream(), max_files=1, max_fields=8)
+        raise Rejected(
+            "missing_image",
+            f"expected multipart/form-data with a file field {IMAGE_FIELD!r}, "
+            f"got content type {content_type or 'none'!r}",
+        )
+    parser = _InMemoryMultiPartParser(
+        request.headers, _capped(request.stream()), max_files=1, max_fields=8
+    )
     try:
         form = await parser.parse()
     except (MultiPartException, KeyError, ValueError) as err:  # KeyError: no boundary
@@ -131,14 +146,14 @@ async def read_image_field(request: Request) -> bytes:
     try:
         part = form.get(IMAGE_FIELD)
         if part is None:
-            raise Rejected("missing_image", f"no field {IMAGE_FIELD!r} in the form "
-                           f"(got {sorted(form.keys())})")
+            fields = sorted(form.keys())
+            raise Rejected("missing_image", f"no field {IMAGE_FIELD!r} in the form (got {fields})")
         # A plain (non-file) field arrives as text; let the image check say what it is.
-        data = part.encode() if isinstance(part, str) else await part.read(MAX_UPLOAD_BYTES + 1)
+        data = part.encode() if isinstance(part, str) else await part.read()
     finally:
         await form.close()
     if len(data) > MAX_UPLOAD_BYTES:
-        raise Rejected("too_large", f"upload exceeds {MAX_UPLOAD_BYTES} bytes")
+        raise Rejected("too_large", f"upload of {len(data)} bytes exceeds {MAX_UPLOAD_BYTES}")
     return data
 
 

@@ -7,13 +7,15 @@ Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> l
 Then saves that folder to the BentoML model store ($BENTOML_HOME, <repo>/.bentoml when unset) as
 <package.model_name>:<model_version> and, with package.build_bento, builds bentofile.yaml's Bento.
 
-model_version is a content hash of the scripted model plus its classes and image size, so
-packaging the same model twice gives the same version (and makes it :latest again).
+model_version hashes the weights, classes and sizes, so packaging the same model twice gives the
+same version (and makes it :latest again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,7 +23,6 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +44,13 @@ BENTOFILE = Path("bentofile.yaml")
 PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PackageConfig:
     model_name: str  # name in the BentoML model store; the service loads <model_name>:latest
     build_bento: bool
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrainedModel:
     """What train wrote next to its checkpoint (<paths.model>/model.json)."""
 
@@ -123,11 +124,17 @@ def serialize(scripted: torch.jit.ScriptModule) -> bytes:
     return buffer.getvalue()
 
 
-def model_version(model_bytes: bytes, trained: TrainedModel) -> str:
-    """`<model>-<12 hex>`: a hash of the scripted model and of how its outputs are read."""
-    digest = hashlib.sha256(model_bytes)
-    reading = {"classes": list(trained.classes), "image_size": trained.image_size}
-    digest.update(json.dumps(reading, sort_keys=True).encode())
+def model_version(predictor: torch.nn.Module, trained: TrainedModel) -> str:
+    """`<model>-<12 hex>`: a hash of the weights and of how the outputs are read.
+
+    Not a hash of model.pt: TorchScript archives differ from run to run (a random serialization
+    id, constants in hash-seed order) even for the same weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(predictor.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    digest.update(json.dumps(dataclasses.asdict(trained), sort_keys=True).encode())
     prefix = re.sub(r"[^a-z0-9]+", "-", trained.model.lower()).strip("-") or "model"
     return f"{prefix}-{digest.hexdigest()[:12]}"
 
@@ -158,7 +165,7 @@ def export_package(model_dir: Path, evaluate_report: Path, out_dir: Path) -> dic
     predictor = load_predictor(model_dir / CHECKPOINT_FILE, trained)
     model_bytes = serialize(script_predictor(predictor, trained.image_size))
     metrics = json.loads(evaluate_report.read_text())
-    info = package_info(trained, model_version(model_bytes, trained), metrics)
+    info = package_info(trained, model_version(predictor, trained), metrics)
     write_package(out_dir, model_bytes, info)
     return info
 
@@ -172,9 +179,7 @@ def store_labels(info: dict[str, Any]) -> dict[str, str]:
     return labels
 
 
-def save_to_store(
-    package_dir: Path, name: str, store: ModelStore | None = None
-) -> bentoml.Tag:
+def save_to_store(package_dir: Path, name: str, store: ModelStore | None = None) -> bentoml.Tag:
     """Save the package folder as model `<name>:<model_version>`; returns its bentoml Tag.
 
     `store`: None means the one in $BENTOML_HOME. An existing model of the same version is
@@ -183,10 +188,8 @@ def save_to_store(
     info = json.loads((package_dir / MODEL_INFO_FILE).read_text())
     tag = bentoml.Tag(name, info["model_version"])
     where = {} if store is None else {"_model_store": store}
-    try:
+    with contextlib.suppress(NotFound):
         bentoml.models.delete(tag, **where)
-    except NotFound:
-        pass
     with bentoml.models.create(
         tag, labels=store_labels(info), metadata=copy.deepcopy(info), **where
     ) as model:
@@ -196,7 +199,7 @@ def save_to_store(
 
 
 def build_bento(bentofile: Path, build_ctx: Path) -> bentoml.Tag:
-    """Build the Bento (service code + the model it references) into $BENTOML_HOME."""
+    """Build the Bento (the service code, pinned to the stored model it loads) in $BENTOML_HOME."""
     return bentoml.bentos.build_bentofile(str(bentofile), build_ctx=str(build_ctx)).tag
 
 
@@ -208,7 +211,8 @@ def main() -> None:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ[MODEL_NAME_ENV] = cfg.model_name  # read by the service when the Bento is built
     info = export_package(paths.model, paths.evaluate_report, paths.package)
-    print(f"package: saved {save_to_store(paths.package, cfg.model_name)}, classes {info['classes']}")
+    tag = save_to_store(paths.package, cfg.model_name)
+    print(f"package: saved model {tag} ({info['model']}, classes {info['classes']})")
     if cfg.build_bento:
         print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
 

@@ -23,11 +23,15 @@ import torch
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
+from service import MODEL_NAME_ENV
 from stages.package import export_package, save_to_store
 from vitrine.images import load_square
 from vitrine.models import ImageClassifier
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
@@ -92,22 +96,36 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         **os.environ,
         "BENTOML_HOME": str(root / "home"),
         "BENTOML_DO_NOT_TRACK": "true",
-        "VITRINE_MODEL_NAME": MODEL_NAME,
+        MODEL_NAME_ENV: MODEL_NAME,
     }
     log = (root / "server.log").open("w")
-    bentoml_cli = Path(sys.executable).with_name("bentoml")
     process = subprocess.Popen(
-        [str(bentoml_cli), "serve", "service.service:Classifier",
-         "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service.service:Classifier",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"server exited ({process.returncode}):\n"
-                            f"{(root / 'server.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"server exited ({process.returncode}):\n"
+                    f"{(root / 'server.log').read_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready in {START_TIMEOUT_S} s")
             try:
@@ -120,15 +138,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     finally:
         stop(process)
         log.close()
-    assert process.returncode is not None
+    assert process.returncode == 0, "the server did not shut down cleanly on SIGTERM"
 
 
 def phone_photo() -> bytes:
     """The largest phone photo of the vendored archive (or a synthetic JPEG without it)."""
     if ARCHIVE.exists():
         with tarfile.open(ARCHIVE) as archive:
-            phones = [m for m in archive.getmembers()
-                      if m.isfile() and m.name.startswith("raw_data/phone/")]
+            phones = [
+                m
+                for m in archive.getmembers()
+                if m.isfile() and m.name.startswith("raw_data/phone/")
+            ]
             member = max(phones, key=lambda m: m.size)
             return archive.extractfile(member).read()
     rng = np.random.default_rng(0)
@@ -141,7 +162,7 @@ def in_process_probabilities(package: Path, data: bytes) -> list[float]:
     """What evaluation computes: load_square -> the packaged model -> softmax."""
     info = json.loads((package / "model.json").read_text())
     model = torch.jit.load(str(package / "model.pt"))
-    batch = torch.from_numpy(load_square(data, info["image_size"])).unsqueeze(0)
+    batch = torch.from_numpy(load_square(data, info["image_size"]).copy()).unsqueeze(0)
     with torch.inference_mode():
         return torch.softmax(model(batch), dim=1)[0].tolist()
 
@@ -177,8 +198,9 @@ def test_photo_is_classified_as_evaluation_would(server: Server) -> None:
         (b"", "image", 422, "empty"),
         (None, "image", 422, "truncated"),  # None: the first half of a real JPEG
         (b"\xff\xd8\xff", "photo", 400, "missing_image"),
+        (b"\xff" * 20_000_001, "image", 413, "too_large"),
     ],
-    ids=["text", "empty", "truncated", "wrong-field"],
+    ids=["text", "empty", "truncated", "wrong-field", "too-large"],
 )
 def test_bad_upload_is_a_4xx_with_a_reason(
     server: Server, data: bytes | None, field: str, status: int, code: str
