@@ -136,7 +136,7 @@ def archive_records(
 def _member_record(
     name: str, prefix: str, source: str, data: Callable[[], bytes], bad: str | None
 ) -> InputRecord:
-    rel = name[len(prefix):] if name.startswith(prefix) else name
+    rel = name[len(prefix) :] if name.startswith(prefix) else name
     label = rel.split("/", 1)[0] if "/" in rel else ""
     if not _safe_member(name):
         return InputRecord(rel, label, source, _reject("outside_source_root", name))
@@ -239,7 +239,9 @@ def catalog_records(
             yield InputRecord(rid, label, source, _reject("duplicate_id", rid), meta)
         elif row.get("url"):
             url = str(row["url"])
-            yield InputRecord(rid, label, source, lambda u=url: download(u, client, max_bytes), meta)
+            yield InputRecord(
+                rid, label, source, lambda u=url: download(u, client, max_bytes), meta
+            )
         elif row.get("path"):
             target = (root / str(row["path"])).resolve()
             read = (
@@ -249,13 +251,13 @@ def catalog_records(
             )
             yield InputRecord(rid, label, source, read, meta)
         else:
-            yield InputRecord(rid, label, source, _reject("missing_location", "no url or path"), meta)
+            yield InputRecord(
+                rid, label, source, _reject("missing_location", "no url or path"), meta
+            )
         seen.add(rid)
 
 
-def iter_records(
-    config: CollectConfig, raw: Path, client: httpx.Client
-) -> Iterator[InputRecord]:
+def iter_records(config: CollectConfig, raw: Path, client: httpx.Client) -> Iterator[InputRecord]:
     for s in config.sources:
         path = raw / s.path
         name = f"{s.kind}:{s.path}"
@@ -272,7 +274,9 @@ def iter_records(
 # --- per-record checks -------------------------------------------------------------------
 
 
-def _prefetched(records: Iterator[InputRecord], workers: int = 16) -> Iterator[tuple[InputRecord, bytes | Rejected]]:
+def _prefetched(
+    records: Iterator[InputRecord], workers: int = 16
+) -> Iterator[tuple[InputRecord, bytes | Rejected]]:
     """Read records' bytes with a few threads (downloads overlap), preserving input order."""
 
     def fetch(record: InputRecord) -> bytes | Rejected:
@@ -291,12 +295,22 @@ def _prefetched(records: Iterator[InputRecord], workers: int = 16) -> Iterator[t
         yield from zip(batch, pool.map(fetch, batch), strict=True)
 
 
-def check_record(record: InputRecord, data: bytes | Rejected, config: CollectConfig) -> dict[str, Any]:
+def check_record(
+    record: InputRecord, data: bytes | Rejected, config: CollectConfig
+) -> dict[str, Any]:
     """The manifest row for one record; `data` is its bytes or why they could not be read."""
     row: dict[str, Any] = {
-        "id": record.id, "label": record.label, "source": record.source,
-        "status": "quarantined", "reason": "", "detail": "", "sha256": "",
-        "width": 0, "height": 0, "format": "", "bytes": 0,
+        "id": record.id,
+        "label": record.label,
+        "source": record.source,
+        "status": "quarantined",
+        "reason": "",
+        "detail": "",
+        "sha256": "",
+        "width": 0,
+        "height": 0,
+        "format": "",
+        "bytes": 0,
         "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else "",
     }
     try:
@@ -340,8 +354,21 @@ def collect(config: CollectConfig, raw: Path, out: Path) -> pd.DataFrame:
 
 
 MANIFEST_COLUMNS = (
-    "id", "label", "source", "status", "reason", "detail", "sha256", "width", "height",
-    "format", "bytes", "shard", "offset", "length", "meta",
+    "id",
+    "label",
+    "source",
+    "status",
+    "reason",
+    "detail",
+    "sha256",
+    "width",
+    "height",
+    "format",
+    "bytes",
+    "shard",
+    "offset",
+    "length",
+    "meta",
 )
 
 
@@ -369,8 +396,10 @@ def main() -> None:
     report = collect_report(manifest)
     paths.collect_report.parent.mkdir(parents=True, exist_ok=True)
     paths.collect_report.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"collect: {report['records']} records, {report['accepted']} accepted, "
-          f"{report['quarantined']} quarantined {report['by_reason']}")
+    print(
+        f"collect: {report['records']} records, {report['accepted']} accepted, "
+        f"{report['quarantined']} quarantined {report['by_reason']}"
+    )
 
 
 if __name__ == "__main__":

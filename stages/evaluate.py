@@ -37,15 +37,13 @@ def predict_proba(predictor: Predictor, images: np.ndarray, batch_size: int) -> 
     """Class probabilities for uint8 (N, H, W, 3) images: the computation the service runs."""
     predictor.eval()
     out = [
-        torch.softmax(predictor(torch.from_numpy(np.array(images[i:i + batch_size]))), dim=1)
+        torch.softmax(predictor(torch.from_numpy(np.array(images[i : i + batch_size]))), dim=1)
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def business_weighted_accuracy(
-    y_true: np.ndarray, y_pred: np.ndarray, values: np.ndarray
-) -> float:
+def business_weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray, values: np.ndarray) -> float:
     """Sum of the values of correctly classified photos over the value of all photos."""
     worth = values[y_true]
     return float((worth * (y_true == y_pred)).sum() / worth.sum())
@@ -58,7 +56,9 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, config: EvaluateConfig) -> di
     return {
         "n_test": len(y_true),
         "accuracy": float((y_true == y_pred).mean()),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "business_weighted_accuracy": business_weighted_accuracy(y_true, y_pred, values),
         "f1_per_class": {c: float(f) for c, f in zip(config.classes, per_class, strict=True)},
     }
@@ -83,7 +83,9 @@ def evaluate(config: EvaluateConfig, prepared: Path, model_dir: Path) -> tuple[d
         raise ValueError(f"model classes {module.hparams.classes} != params {config.classes}")
     images, y_true = load_split(prepared, "test", list(config.classes))
     proba = predict_proba(module.predictor, images, config.batch_size)
-    table = predictions_table(pd.read_parquet(prepared_manifest_path(prepared)), proba, config.classes)
+    table = predictions_table(
+        pd.read_parquet(prepared_manifest_path(prepared)), proba, config.classes
+    )
     return scores(y_true, proba.argmax(axis=1), config), table
 
 

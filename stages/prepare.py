@@ -50,15 +50,27 @@ def split_manifest(deduped: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame
     kept = deduped[deduped["status"] == "kept"].sort_values(["source", "id"]).copy()
     kept["split"] = kept["cluster_id"].map(lambda c: assign_split(c, config))
     kept["index"] = kept.groupby("split").cumcount()
-    columns = ["id", "label", "source", "cluster_id", "split", "index", "sha256",
-               "shard", "offset", "length"]
+    columns = [
+        "id",
+        "label",
+        "source",
+        "cluster_id",
+        "split",
+        "index",
+        "sha256",
+        "shard",
+        "offset",
+        "length",
+    ]
     return kept[columns].reset_index(drop=True)
 
 
 def pack_split(rows: pd.DataFrame, shards: ShardReader, size: int, out: Path) -> None:
     """Decode and resize one split into an (N, size, size, 3) uint8 .npy, written in place so
     memory stays flat however large the split."""
-    images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3))
+    images = np.lib.format.open_memmap(
+        out, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3)
+    )
     for row in tqdm(rows.itertuples(), total=len(rows), desc=f"prepare {out.stem}", unit="img"):
         images[row.index] = load_square(shards.read(row.shard, row.offset, row.length), size)
     images.flush()
@@ -68,7 +80,8 @@ def prepare_report(prepared: pd.DataFrame) -> dict[str, Any]:
     counts = prepared.groupby(["split", "label"]).size()
     return {
         split: {"total": int(counts[split].sum()), **{k: int(v) for k, v in counts[split].items()}}
-        for split in SPLITS if split in counts.index.get_level_values(0)
+        for split in SPLITS
+        if split in counts.index.get_level_values(0)
     }
 
 

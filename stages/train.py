@@ -65,19 +65,37 @@ class TrainResult:
 
 def train(config: TrainConfig, prepared: Path, out: Path) -> TrainResult:
     L.seed_everything(config.seed, workers=True)
-    data = PackedDataModule(prepared, list(config.classes), config.batch_size,
-                            config.num_workers, list(config.augment), config.seed)
+    data = PackedDataModule(
+        prepared,
+        list(config.classes),
+        config.batch_size,
+        config.num_workers,
+        list(config.augment),
+        config.seed,
+    )
     module = ImageClassifier(config.model, list(config.classes), config.lr, config.weight_decay)
     es = config.early_stopping
-    stopper = EarlyStopping(monitor=es.monitor, mode=es.mode, patience=es.patience,
-                            min_delta=es.min_delta)
-    best = ModelCheckpoint(dirpath=out, filename=Path(CHECKPOINT).stem, monitor=es.monitor,
-                           mode=es.mode, save_top_k=1, enable_version_counter=False)
+    stopper = EarlyStopping(
+        monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta
+    )
+    best = ModelCheckpoint(
+        dirpath=out,
+        filename=Path(CHECKPOINT).stem,
+        monitor=es.monitor,
+        mode=es.mode,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
     history = History()
     trainer = L.Trainer(
-        max_epochs=config.max_epochs, callbacks=[stopper, best, history], logger=False,
-        num_sanity_val_steps=0, deterministic=True, enable_model_summary=False,
-        default_root_dir=out, **config.trainer,
+        max_epochs=config.max_epochs,
+        callbacks=[stopper, best, history],
+        logger=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        enable_model_summary=False,
+        default_root_dir=out,
+        **config.trainer,
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -97,8 +115,12 @@ def train(config: TrainConfig, prepared: Path, out: Path) -> TrainResult:
 def model_card(config: TrainConfig, prepared: Path) -> dict[str, Any]:
     """What a consumer of the checkpoint needs to feed it: classes and image sizes."""
     image_size = int(np.load(split_images_path(prepared, "train"), mmap_mode="r").shape[1])
-    return {"model": config.model, "classes": list(config.classes), "image_size": image_size,
-            "input_size": model_spec(config.model).input_size}
+    return {
+        "model": config.model,
+        "classes": list(config.classes),
+        "image_size": image_size,
+        "input_size": model_spec(config.model).input_size,
+    }
 
 
 def write_history(rows: list[dict[str, float]], path: Path) -> None:

@@ -12,14 +12,18 @@ from PIL import Image
 
 # No network here: keep every tool's telemetry off in the tests too.
 os.environ.update(
-    DVC_NO_ANALYTICS="1", BENTOML_DO_NOT_TRACK="true",
-    PREFECT_SERVER_ANALYTICS_ENABLED="false", GX_ANALYTICS_ENABLED="false",
+    DVC_NO_ANALYTICS="1",
+    BENTOML_DO_NOT_TRACK="true",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    GX_ANALYTICS_ENABLED="false",
 )
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def photo_bytes(seed: int, size: tuple[int, int] = (96, 72), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+def photo_bytes(
+    seed: int, size: tuple[int, int] = (96, 72), fmt: str = "JPEG", mode: str = "RGB"
+) -> bytes:
     """A distinct, photo-like image: a smooth random gradient plus a few blocks."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -29,7 +33,7 @@ def photo_bytes(seed: int, size: tuple[int, int] = (96, 72), fmt: str = "JPEG", 
     arr = base + xx[..., None] * slope[0] + yy[..., None] * slope[1]
     for _ in range(4):
         x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
-        arr[y0:y0 + h // 3, x0:x0 + w // 3] = rng.uniform(0, 255, 3)
+        arr[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.uniform(0, 255, 3)
     img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB").convert(mode)
     buf = io.BytesIO()
     img.save(buf, fmt)

@@ -15,8 +15,15 @@ from vitrine.shards import ShardReader
 
 
 def config(*sources: Source, **overrides) -> CollectConfig:
-    base = dict(classes=("laptop", "phone"), sources=sources, min_side=32, max_pixels=10**7,
-                max_bytes=10**6, shard_size=5, timeout_s=5.0)
+    base = dict(
+        classes=("laptop", "phone"),
+        sources=sources,
+        min_side=32,
+        max_pixels=10**7,
+        max_bytes=10**6,
+        shard_size=5,
+        timeout_s=5.0,
+    )
     return CollectConfig(**{**base, **overrides})
 
 
@@ -40,7 +47,9 @@ def test_shard_refs_give_back_the_original_bytes(class_folder, tmp_path):
     assert data == (class_folder / "phone" / "007.jpg").read_bytes()
 
 
-def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(class_folder, make_photo, tmp_path):
+def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(
+    class_folder, make_photo, tmp_path
+):
     good = make_photo(7)
     (class_folder / "phone" / "corrupt.jpg").write_bytes(good[: len(good) // 2])
     (class_folder / "phone" / "notes.jpg").write_text("this is a text file, not a photo")
@@ -100,7 +109,9 @@ def test_archive_with_a_wrapping_folder(class_folder, tmp_path, kind):
                 tf.add(p, f"raw_data/{p.relative_to(class_folder)}")
     m = run(config(Source("archive", archive.name)), raw, tmp_path)
     assert len(m) == 24 and (m["status"] == "accepted").all()
-    assert "phone/003.jpg" in m.index and m.loc["phone/003.jpg", "source"] == f"archive:photos.{kind}"
+    assert (
+        "phone/003.jpg" in m.index and m.loc["phone/003.jpg", "source"] == f"archive:photos.{kind}"
+    )
 
 
 def test_archive_member_escaping_the_root_is_refused(make_photo, tmp_path):

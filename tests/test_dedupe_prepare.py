@@ -7,30 +7,49 @@ from stages.dedupe import DedupeConfig, dedupe, dedupe_report
 from stages.prepare import PrepareConfig, assign_split, pack_split, split_manifest
 from vitrine.shards import ShardReader
 
-PREP = PrepareConfig(("laptop", "phone"), image_size=32, val_fraction=0.2, test_fraction=0.2, seed=7)
+PREP = PrepareConfig(
+    ("laptop", "phone"), image_size=32, val_fraction=0.2, test_fraction=0.2, seed=7
+)
 
 
 def manifest_row(id_, label, sha, w=100, h=80, status="accepted", source="folder:x"):
-    return dict(id=id_, label=label, source=source, status=status, reason="", detail="",
-                sha256=sha, width=w, height=h)
+    return dict(
+        id=id_,
+        label=label,
+        source=source,
+        status=status,
+        reason="",
+        detail="",
+        sha256=sha,
+        width=w,
+        height=h,
+    )
 
 
 def test_exact_copies_form_one_cluster_keeping_the_largest():
-    m = pd.DataFrame([
-        manifest_row("a.jpg", "phone", "f" * 64, 100, 80),
-        manifest_row("b.jpg", "phone", "f" * 64, 200, 160),
-        manifest_row("c.jpg", "phone", "e" * 64),
-        manifest_row("bad.jpg", "phone", "", 0, 0, status="quarantined"),
-    ])
+    m = pd.DataFrame(
+        [
+            manifest_row("a.jpg", "phone", "f" * 64, 100, 80),
+            manifest_row("b.jpg", "phone", "f" * 64, 200, 160),
+            manifest_row("c.jpg", "phone", "e" * 64),
+            manifest_row("bad.jpg", "phone", "", 0, 0, status="quarantined"),
+        ]
+    )
     d = dedupe(m, DedupeConfig("largest")).set_index("id")
-    assert d.loc["a.jpg", "cluster_id"] == d.loc["b.jpg", "cluster_id"] != d.loc["c.jpg", "cluster_id"]
+    assert (
+        d.loc["a.jpg", "cluster_id"] == d.loc["b.jpg", "cluster_id"] != d.loc["c.jpg", "cluster_id"]
+    )
     assert d.loc["b.jpg", "status"] == "kept"
     assert d.loc["a.jpg", "status"] == "duplicate"
     assert "b.jpg" in d.loc["a.jpg", "detail"]
     assert d.loc["bad.jpg", "status"] == "quarantined"
     assert dedupe_report(d.reset_index()) == {
-        "records": 4, "kept": 2, "duplicates": 1, "label_conflicts": 0,
-        "clusters": 2, "clusters_with_copies": 1,
+        "records": 4,
+        "kept": 2,
+        "duplicates": 1,
+        "label_conflicts": 0,
+        "clusters": 2,
+        "clusters_with_copies": 1,
     }
 
 
@@ -42,7 +61,9 @@ def test_ties_are_broken_by_id_whatever_the_input_order():
 
 
 def test_same_photo_with_two_labels_is_a_conflict_not_a_guess():
-    m = pd.DataFrame([manifest_row("a.jpg", "phone", "c" * 64), manifest_row("b.jpg", "laptop", "c" * 64)])
+    m = pd.DataFrame(
+        [manifest_row("a.jpg", "phone", "c" * 64), manifest_row("b.jpg", "laptop", "c" * 64)]
+    )
     d = dedupe(m, DedupeConfig("largest"))
     assert set(d["status"]) == {"label_conflict"}
     assert "laptop" in d["detail"].iloc[0] and "phone" in d["detail"].iloc[0]
@@ -61,11 +82,19 @@ def test_split_depends_only_on_cluster_and_seed():
 
 
 def test_adding_photos_never_moves_old_ones():
-    old = pd.DataFrame([
-        {**manifest_row(f"{i}.jpg", "phone", f"{i:064x}"), "status": "kept", "cluster_id": f"{i:016x}"}
-        for i in range(200)
-    ])
-    new = pd.concat([old, old.assign(id=lambda d: "new-" + d["id"], cluster_id=lambda d: d["cluster_id"] + "n")])
+    old = pd.DataFrame(
+        [
+            {
+                **manifest_row(f"{i}.jpg", "phone", f"{i:064x}"),
+                "status": "kept",
+                "cluster_id": f"{i:016x}",
+            }
+            for i in range(200)
+        ]
+    )
+    new = pd.concat(
+        [old, old.assign(id=lambda d: "new-" + d["id"], cluster_id=lambda d: d["cluster_id"] + "n")]
+    )
     for frame in (old, new):
         frame[["shard", "offset", "length"]] = ("", 0, 0)
     before = split_manifest(old, PREP).set_index("id")["split"]
@@ -74,7 +103,9 @@ def test_adding_photos_never_moves_old_ones():
 
 
 def test_prepare_packs_each_split_from_the_shards(class_folder, tmp_path):
-    cfg = CollectConfig(("laptop", "phone"), (Source("folder", "photos"),), 32, 10**7, 10**6, 10, 5.0)
+    cfg = CollectConfig(
+        ("laptop", "phone"), (Source("folder", "photos"),), 32, 10**7, 10**6, 10, 5.0
+    )
     collected = collect(cfg, class_folder.parent, tmp_path / "c")
     prepared = split_manifest(dedupe(collected, DedupeConfig("largest")), PREP)
     assert len(prepared) == 24 and set(prepared["split"]) <= {"train", "val", "test"}

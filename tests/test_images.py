@@ -108,8 +108,9 @@ def test_first_frame_of_an_animated_gif():
 
 
 def test_webp_is_accepted():
-    info = inspect_image(encode(Image.new("RGB", (64, 48), (1, 2, 3)), "WEBP"),
-                         min_side=32, max_pixels=10**6)
+    info = inspect_image(
+        encode(Image.new("RGB", (64, 48), (1, 2, 3)), "WEBP"), min_side=32, max_pixels=10**6
+    )
     assert info.format == "WEBP"
 
 

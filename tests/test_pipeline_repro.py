@@ -21,7 +21,10 @@ PER_CLASS = 30
 def _copy_repo(dest: Path) -> None:
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, check=True, text=True,
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+        text=True,
     ).stdout.split("\0")
     for name in filter(None, files):
         if (REPO / name).is_file():
@@ -62,10 +65,15 @@ def _set_params(repo: Path, **changes) -> None:
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
-           "BENTOML_HOME": str(repo / ".bentoml")}
+    env = {
+        **os.environ,
+        "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
+        "BENTOML_HOME": str(repo / ".bentoml"),
+    }
     done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 

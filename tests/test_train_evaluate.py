@@ -24,21 +24,39 @@ def prepared(tmp_path):
     rows = []
     for split, n in (("train", 24), ("val", 8), ("test", 8)):
         labels = np.arange(n) % 2
-        images = np.stack([
-            rng.integers(0, 100, (32, 32, 3)) if y == 0 else rng.integers(155, 256, (32, 32, 3))
-            for y in labels
-        ]).astype(np.uint8)
+        images = np.stack(
+            [
+                rng.integers(0, 100, (32, 32, 3)) if y == 0 else rng.integers(155, 256, (32, 32, 3))
+                for y in labels
+            ]
+        ).astype(np.uint8)
         np.save(split_images_path(tmp_path, split), images)
-        rows += [dict(id=f"{split}-{i}", source="s", label=CLASSES[y], cluster_id=f"{split}{i}",
-                      split=split, index=i) for i, y in enumerate(labels)]
+        rows += [
+            dict(
+                id=f"{split}-{i}",
+                source="s",
+                label=CLASSES[y],
+                cluster_id=f"{split}{i}",
+                split=split,
+                index=i,
+            )
+            for i, y in enumerate(labels)
+        ]
     pd.DataFrame(rows).to_parquet(prepared_manifest_path(tmp_path))
     return tmp_path
 
 
 def train_config(**overrides) -> TrainConfig:
     base = dict(
-        classes=CLASSES, model="cnn64", seed=1, batch_size=8, lr=0.01, weight_decay=0.0,
-        max_epochs=3, num_workers=0, augment=({"name": "HorizontalFlip", "p": 0.5},),
+        classes=CLASSES,
+        model="cnn64",
+        seed=1,
+        batch_size=8,
+        lr=0.01,
+        weight_decay=0.0,
+        max_epochs=3,
+        num_workers=0,
+        augment=({"name": "HorizontalFlip", "p": 0.5},),
         early_stopping=EarlyStoppingConfig("val_loss", "min", patience=5, min_delta=0.0),
         trainer={"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     )
@@ -71,7 +89,10 @@ def test_same_seed_same_metrics(prepared, tmp_path):
 
 def test_model_card_names_the_sizes(prepared):
     assert model_card(train_config(), prepared) == {
-        "model": "cnn64", "classes": list(CLASSES), "image_size": 32, "input_size": 64,
+        "model": "cnn64",
+        "classes": list(CLASSES),
+        "image_size": 32,
+        "input_size": 64,
     }
 
 

@@ -84,12 +84,17 @@ class PackedDataModule(L.LightningDataModule):
         self.augment = build_augment(augment or [], seed)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = PackedImages(*load_split(self.prepared, "train", self.classes), self.augment)
+        self.train_set = PackedImages(
+            *load_split(self.prepared, "train", self.classes), self.augment
+        )
         self.val_set = PackedImages(*load_split(self.prepared, "val", self.classes))
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 

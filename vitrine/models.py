@@ -61,8 +61,11 @@ class Predictor(nn.Module):
         x = images.permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear",
-                align_corners=False, antialias=True,
+                x,
+                size=(self.input_size, self.input_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )
         return self.net((x - self.mean) / self.std)
 

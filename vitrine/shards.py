@@ -38,7 +38,9 @@ class ShardWriter:
             if self._tar is not None:
                 self._tar.close()
             self._name = f"shard-{self._shards:05d}.tar"
-            self._tar = tarfile.open(self.directory / self._name, "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(  # noqa: SIM115 (closed in _roll and close)
+                self.directory / self._name, "w", format=tarfile.USTAR_FORMAT
+            )
             self._shards += 1
             self._count = 0
         return self._tar
