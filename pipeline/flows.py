@@ -62,7 +62,7 @@ def stage_env() -> dict[str, str]:
 
 def failure_message(stage: str, returncode: int, tail: deque[str]) -> str:
     lines = "\n".join(tail)
-    return f"DVC stage {stage!r} failed (exit code {returncode}); last output lines:\n{lines}"
+    return f"DVC stage {stage!r} failed (`dvc repro` exit code {returncode}); output tail:\n{lines}"
 
 
 # NO_CACHE: DVC alone decides whether a stage is up to date, so Prefect must always ask it.

@@ -32,14 +32,13 @@ from bentoml.exceptions import NotFound
 from torch import Tensor
 
 from service import MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE
+from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.models import ImageClassifier, Predictor
 
 if TYPE_CHECKING:
     from bentoml._internal.models import ModelStore
 
-CHECKPOINT_FILE = "best.ckpt"
-TRAIN_INFO_FILE = "model.json"
 BENTOFILE = Path("bentofile.yaml")
 PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
 
@@ -61,10 +60,10 @@ class TrainedModel:
 
 
 def read_trained(model_dir: Path) -> TrainedModel:
-    info = json.loads((model_dir / TRAIN_INFO_FILE).read_text())
+    info = json.loads((model_dir / MODEL_CARD).read_text())
     missing = sorted({"model", "classes", "image_size", "input_size"} - set(info))
     if missing:
-        raise ValueError(f"{model_dir / TRAIN_INFO_FILE}: missing key(s) {missing}")
+        raise ValueError(f"{model_dir / MODEL_CARD}: missing key(s) {missing}")
     return TrainedModel(
         model=str(info["model"]),
         classes=tuple(str(c) for c in info["classes"]),
@@ -162,7 +161,7 @@ def write_package(out_dir: Path, model_bytes: bytes, info: dict[str, Any]) -> No
 def export_package(model_dir: Path, evaluate_report: Path, out_dir: Path) -> dict[str, Any]:
     """Checkpoint -> <out_dir>/model.pt + model.json; returns the model.json content."""
     trained = read_trained(model_dir)
-    predictor = load_predictor(model_dir / CHECKPOINT_FILE, trained)
+    predictor = load_predictor(model_dir / CHECKPOINT, trained)
     model_bytes = serialize(script_predictor(predictor, trained.image_size))
     metrics = json.loads(evaluate_report.read_text())
     info = package_info(trained, model_version(predictor, trained), metrics)
