@@ -48,6 +48,9 @@ class ValidateConfig:
     min_side: int
     max_side: int
     max_aspect_ratio: float
+    min_file_bytes: int
+    max_file_bytes: int
+    max_class_imbalance: float  # largest class count / this class's count
     classes: tuple[str, ...]
 
 
@@ -96,8 +99,10 @@ def accepted_images(manifest: pd.DataFrame) -> pd.DataFrame:
 def class_counts(manifest: pd.DataFrame, classes: tuple[str, ...]) -> pd.DataFrame:
     """One row per configured class, with its number of accepted images (0 if none)."""
     labels = manifest.loc[manifest["status"] == "accepted", "label"]
-    counts = labels.value_counts().reindex(list(classes), fill_value=0)
-    return pd.DataFrame({"class": list(classes), "count": counts.to_numpy(dtype="int64")})
+    counts = labels.value_counts().reindex(list(classes), fill_value=0).to_numpy(dtype="int64")
+    # An empty class gets NaN, not infinity: the count expectation already flags it.
+    imbalance = counts.max(initial=0) / pd.Series(counts).where(lambda c: c > 0)
+    return pd.DataFrame({"class": list(classes), "count": counts, "imbalance": imbalance})
 
 
 def tables(manifest: pd.DataFrame, classes: tuple[str, ...]) -> dict[str, pd.DataFrame]:
@@ -161,6 +166,13 @@ def accepted_expectations(config: ValidateConfig) -> list[gxe.Expectation]:
             column="aspect_ratio",
             max_value=config.max_aspect_ratio,
         ),
+        # A few hundred bytes is a placeholder or an icon; tens of MB a raw scan, not an ad photo.
+        blocking(
+            gxe.ExpectColumnValuesToBeBetween,
+            column="bytes",
+            min_value=config.min_file_bytes,
+            max_value=config.max_file_bytes,
+        ),
         # dedupe clusters on the sha256 prefix: a missing or malformed digest would silently
         # leave the image out of deduplication.
         blocking(gxe.ExpectColumnValuesToNotBeNull, column="sha256"),
@@ -174,6 +186,12 @@ def class_count_expectations(config: ValidateConfig) -> list[gxe.Expectation]:
             gxe.ExpectColumnValuesToBeBetween,
             column="count",
             min_value=config.min_images_per_class,
+        ),
+        # A class many times rarer than the largest one is barely learnt: fix the data first.
+        blocking(
+            gxe.ExpectColumnValuesToBeBetween,
+            column="imbalance",
+            max_value=config.max_class_imbalance,
         ),
     ]
 

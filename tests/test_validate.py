@@ -23,6 +23,9 @@ CONFIG = ValidateConfig(
     min_side=32,
     max_side=10000,
     max_aspect_ratio=4.0,
+    min_file_bytes=500,
+    max_file_bytes=20_000_000,
+    max_class_imbalance=3.0,
     classes=("laptop", "phone"),
 )
 
@@ -89,10 +92,11 @@ def test_accepted_images_computes_aspect_ratio_and_blanks_unknown_digests():
 def test_class_counts_lists_every_class_even_when_empty():
     rows = [row("a", "laptop"), row("b", "laptop"), quarantined("c"), row("d", "tablet")]
     counts = validate.class_counts(frame(rows), ("laptop", "phone"))
-    assert counts.to_dict("records") == [
+    assert counts[["class", "count"]].to_dict("records") == [
         {"class": "laptop", "count": 2},
         {"class": "phone", "count": 0},
     ]
+    assert counts["imbalance"][0] == 1.0 and math.isnan(counts["imbalance"][1])
 
 
 def test_missing_manifest_column_is_an_error():
@@ -239,3 +243,22 @@ def test_main_succeeds_on_a_clean_manifest(tmp_path, monkeypatch, capsys):
     validate.main()
     assert capsys.readouterr().err == ""
     assert json.loads((tmp_path / paths["validate_report"]).read_text())["success"] is True
+
+
+def test_file_size_out_of_bounds_fails(tmp_path):
+    report = run([*clean_rows(), row("icon", bytes=120)], tmp_path)
+    assert report["success"] is False
+    [failure] = failed(report)
+    assert (failure["table"], failure["column"]) == ("accepted_images", "bytes")
+
+
+def test_class_imbalance_above_limit_fails(tmp_path):
+    rows = [row(f"laptop-{i}", "laptop") for i in range(10)] + [
+        row(f"phone-{i}", "phone") for i in range(3)
+    ]  # 10 / 3 = 3.3 > 3.0
+    report = run(rows, tmp_path)
+    assert report["success"] is False
+    [failure] = failed(report)
+    assert (failure["table"], failure["column"]) == ("class_counts", "imbalance")
+    balanced = rows + [row("phone-extra", "phone")]  # 10 / 4 = 2.5
+    assert run(balanced, tmp_path)["success"] is True
