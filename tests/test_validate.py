@@ -260,5 +260,5 @@ def test_class_imbalance_above_limit_fails(tmp_path):
     assert report["success"] is False
     [failure] = failed(report)
     assert (failure["table"], failure["column"]) == ("class_counts", "imbalance")
-    balanced = rows + [row("phone-extra", "phone")]  # 10 / 4 = 2.5
+    balanced = [*rows, row("phone-extra", "phone")]  # 10 / 4 = 2.5
     assert run(balanced, tmp_path)["success"] is True
