@@ -12,6 +12,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 # The BentoML model store lives inside the repository (ignored by git).
 export BENTOML_HOME := $(CURDIR)/.bentoml
+# dvc.yaml's `python -m stages.<name>` must find the project's interpreter.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup repro test lint serve flow clean
 
