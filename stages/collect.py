@@ -1,34 +1,35 @@
 """collect: read every source (folders, archives, catalogs) into one manifest and packed shards.
 
 Every input record becomes exactly one manifest row, accepted or quarantined with a stable
-reason code: nothing is dropped silently.
+reason code: nothing is dropped silently. Catalog URLs are downloaded first into a
+content-addressed cache outside DVC's outputs (resumable, nothing fetched twice); the
+per-image work (decode, check, sha256, pHash, thumbnail) then runs on Dask workers.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 import tarfile
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import httpx
 import pandas as pd
-from tqdm import tqdm
 
-from vitrine.config import load_params, load_paths, stage_config
-from vitrine.images import Rejected, inspect_image
+from vitrine.config import from_mapping, load_params, load_paths, stage_config
+from vitrine.download import DownloadConfig, FetchResult, fetch_all, url_problem
+from vitrine.images import Rejected
+from vitrine.ingest import ImageFacts, IngestConfig, ingest_stream, phash_to_int64
 from vitrine.shards import BlobRef, ShardWriter
 
 MANIFEST = "manifest.parquet"
 SHARDS = "shards"
+THUMBS = "thumbs"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
@@ -46,12 +47,18 @@ class CollectConfig:
     max_pixels: int
     max_bytes: int
     shard_size: int
-    timeout_s: float
+    thumb_size: int  # longest side of the thumbnails kept for review pages
+    download: DownloadConfig
 
     def __post_init__(self) -> None:
         for s in self.sources:
             if s.kind not in ("folder", "archive", "catalog"):
                 raise ValueError(f"collect.sources: unknown kind {s.kind!r} for {s.path}")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    scheduler: str  # "" = local Dask processes, "synchronous", or "tcp://host:8786"
 
 
 @dataclass
@@ -63,14 +70,19 @@ class InputRecord:
     source: str
     read: Callable[[], bytes]
     meta: dict[str, Any] = field(default_factory=dict)
-    rejected: Rejected | None = None  # known bad before reading (bad path, duplicate id, ...)
+    url: str = ""
 
 
-def _reject(code: str, detail: str) -> Callable[[], bytes]:
-    def read() -> bytes:
-        raise Rejected(code, detail)
+@dataclass(frozen=True)
+class _reject:
+    """A reader that refuses: the record was found bad before any byte was read, a reason that
+    takes precedence over the label check."""
 
-    return read
+    code: str
+    detail: str
+
+    def __call__(self) -> bytes:
+        raise Rejected(self.code, self.detail)
 
 
 def _eager(read: Callable[[], bytes]) -> Callable[[], bytes]:
@@ -200,48 +212,29 @@ def _catalog_rows(path: Path) -> Iterator[dict[str, Any]]:
             yield from csv.DictReader(f)
 
 
-def download(url: str, client: httpx.Client, max_bytes: int) -> bytes:
-    """GET `url`, refusing non-HTTP schemes, error statuses and bodies over `max_bytes`."""
-    if not url.lower().startswith(("http://", "https://")):
-        raise Rejected("bad_url", f"only http and https are fetched: {url[:80]}")
-    try:
-        with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise Rejected(f"http_{response.status_code}", url)
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise Rejected("too_large", f"body over {max_bytes} bytes: {url}")
-            return bytes(body)
-    except httpx.TimeoutException:
-        raise Rejected("timeout", url) from None
-    except httpx.HTTPError as err:
-        raise Rejected("connection_error", f"{url}: {err}") from None
-
-
 def catalog_records(
-    path: Path, source: str, client: httpx.Client, max_bytes: int
+    path: Path, source: str, fetched: Mapping[str, FetchResult], max_bytes: int
 ) -> Iterator[InputRecord]:
     """Rows of a CSV/JSONL catalog: id, label and url or path (relative to the catalog's folder).
-    Other columns are kept as metadata; a repeated id is refused (the first one wins)."""
+    Other columns are kept as metadata; a repeated id is refused (the first one wins). A URL
+    row reads its body from `fetched`, filled by download_catalogs before anything is read."""
     root = path.parent.resolve()
     seen: set[str] = set()
     for n, row in enumerate(_catalog_rows(path), 1):
         rid = str(row.get("id") or "").strip()
         label = str(row.get("label") or "").strip()
         meta = {k: v for k, v in row.items() if k not in ("id", "label", "url", "path", "_error")}
+        url = str(row.get("url") or "").strip()
         if "_error" in row:
             yield InputRecord(rid, label, source, _reject("bad_row", row["_error"]), meta)
         elif not rid:
             yield InputRecord(f"row-{n}", label, source, _reject("missing_id", f"row {n}"), meta)
         elif rid in seen:
-            yield InputRecord(rid, label, source, _reject("duplicate_id", rid), meta)
-        elif row.get("url"):
-            url = str(row["url"])
-            yield InputRecord(
-                rid, label, source, lambda u=url: download(u, client, max_bytes), meta
-            )
+            yield InputRecord(rid, label, source, _reject("duplicate_id", rid), meta, url)
+        elif url:
+            problem = url_problem(url)
+            read = _reject("bad_url", problem) if problem else (lambda u=url: fetched[u].read())
+            yield InputRecord(rid, label, source, read, meta, "" if problem else url)
         elif row.get("path"):
             target = (root / str(row["path"])).resolve()
             read = (
@@ -257,52 +250,65 @@ def catalog_records(
         seen.add(rid)
 
 
-def iter_records(config: CollectConfig, raw: Path, client: httpx.Client) -> Iterator[InputRecord]:
+def _source_path(raw: Path, source: Source) -> Path:
+    path = raw / source.path
+    if not path.exists():
+        raise FileNotFoundError(f"collect source {source.kind}:{source.path} not found at {path}")
+    return path
+
+
+def iter_records(
+    config: CollectConfig, raw: Path, fetched: Mapping[str, FetchResult]
+) -> Iterator[InputRecord]:
     for s in config.sources:
-        path = raw / s.path
-        name = f"{s.kind}:{s.path}"
-        if not path.exists():
-            raise FileNotFoundError(f"collect source {name} not found at {path}")
+        path, name = _source_path(raw, s), f"{s.kind}:{s.path}"
         if s.kind == "folder":
             yield from folder_records(path, name, config.max_bytes)
         elif s.kind == "archive":
             yield from archive_records(path, name, config.classes, config.max_bytes)
         else:
-            yield from catalog_records(path, name, client, config.max_bytes)
+            yield from catalog_records(path, name, fetched, config.max_bytes)
+
+
+def download_catalogs(config: CollectConfig, raw: Path, cache: Path) -> dict[str, FetchResult]:
+    """Fetch every catalog URL into the content-addressed cache (resumable: what a killed or
+    earlier run fetched is answered from the cache without a request)."""
+    catalogs = [s for s in config.sources if s.kind == "catalog"]
+    urls = {
+        r.url
+        for s in catalogs
+        for r in catalog_records(_source_path(raw, s), s.path, {}, config.max_bytes)
+        if r.url
+    }
+    if not urls:
+        return {}
+    return dict(fetch_all(((u, u) for u in sorted(urls)), cache, config.download, total=len(urls)))
 
 
 # --- per-record checks -------------------------------------------------------------------
 
 
-def _prefetched(
-    records: Iterator[InputRecord], workers: int = 16
-) -> Iterator[tuple[InputRecord, bytes | Rejected]]:
-    """Read records' bytes with a few threads (downloads overlap), preserving input order."""
-
-    def fetch(record: InputRecord) -> bytes | Rejected:
-        try:
-            return record.read()
-        except Rejected as rejected:
-            return rejected
-
-    with ThreadPoolExecutor(workers) as pool:
-        batch: list[InputRecord] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) == 256:
-                yield from zip(batch, pool.map(fetch, batch), strict=True)
-                batch = []
-        yield from zip(batch, pool.map(fetch, batch), strict=True)
+def read_record(record: InputRecord, classes: tuple[str, ...]) -> bytes | Rejected:
+    """A record's bytes, or why there are none (an unknown label is not even read)."""
+    if isinstance(record.read, _reject):
+        return Rejected(record.read.code, record.read.detail)
+    if record.label not in classes:
+        return Rejected("unknown_label", f"{record.label!r} not in {list(classes)}")
+    try:
+        return record.read()
+    except Rejected as rejected:
+        return rejected
 
 
-def check_record(
-    record: InputRecord, data: bytes | Rejected, config: CollectConfig
+def manifest_row(
+    record: InputRecord, data: bytes | Rejected, result: ImageFacts | Rejected
 ) -> dict[str, Any]:
-    """The manifest row for one record; `data` is its bytes or why they could not be read."""
+    """The manifest row of one record (storage columns are added for accepted images)."""
     row: dict[str, Any] = {
         "id": record.id,
         "label": record.label,
         "source": record.source,
+        "url": record.url,
         "status": "quarantined",
         "reason": "",
         "detail": "",
@@ -310,46 +316,69 @@ def check_record(
         "width": 0,
         "height": 0,
         "format": "",
-        "bytes": 0,
+        "bytes": 0 if isinstance(data, Rejected) else len(data),
+        "phash": 0,
         "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else "",
     }
-    try:
-        if isinstance(data, Rejected):
-            raise data
-        row["bytes"] = len(data)
-        row["sha256"] = hashlib.sha256(data).hexdigest()
-        if record.label not in config.classes:
-            raise Rejected("unknown_label", f"{record.label!r} not in {list(config.classes)}")
-        info = inspect_image(data, min_side=config.min_side, max_pixels=config.max_pixels)
-    except Rejected as rejected:
-        row.update(reason=rejected.code, detail=rejected.detail)
-        return row
-    row.update(status="accepted", width=info.width, height=info.height, format=info.format)
+    if isinstance(result, Rejected):
+        row.update(reason=result.code, detail=result.detail)
+    else:
+        row.update(
+            status="accepted",
+            sha256=result.sha256,
+            width=result.width,
+            height=result.height,
+            format=result.format,
+            phash=phash_to_int64(result.phash),
+        )
     return row
 
 
-def collect(config: CollectConfig, raw: Path, out: Path) -> pd.DataFrame:
-    """Check every record of every source; pack accepted images (once per sha256) into shards."""
-    stored: dict[str, BlobRef] = {}
+def collect(
+    config: CollectConfig, raw: Path, out: Path, *, cache: Path, scheduler: str = "synchronous"
+) -> pd.DataFrame:
+    """Check every record of every source; pack accepted images (once per sha256) and their
+    thumbnails into shards under `out`. Downloads go to the `cache` directory."""
+    fetched = download_catalogs(config, raw, cache)
+    ingest = IngestConfig(
+        min_side=config.min_side,
+        max_pixels=config.max_pixels,
+        thumb_size=config.thumb_size,
+        scheduler=scheduler,
+    )
+    stored: dict[str, tuple[BlobRef, BlobRef]] = {}
     rows = []
-    shutil.rmtree(out / SHARDS, ignore_errors=True)  # no stale shard from a larger earlier run
+    for sub in (SHARDS, THUMBS):  # no stale shard from a larger earlier run
+        shutil.rmtree(out / sub, ignore_errors=True)
+    records = ((r, read_record(r, config.classes)) for r in iter_records(config, raw, fetched))
     with (
-        httpx.Client(timeout=config.timeout_s, follow_redirects=True) as client,
         ShardWriter(out / SHARDS, config.shard_size) as shards,
+        ShardWriter(out / THUMBS, config.shard_size) as thumbs,
     ):
-        records = iter_records(config, raw, client)
-        for record, data in tqdm(_prefetched(records), desc="collect", unit="img"):
-            row = check_record(record, data, config)
-            if row["status"] == "accepted":
-                sha = row["sha256"]
-                if sha not in stored:
-                    stored[sha] = shards.add(f"{sha}.{row['format'].lower()}", data)
-                ref = stored[sha]
-                row.update(shard=ref.shard, offset=ref.offset, length=ref.length)
+        for (record, data), result in ingest_stream(((k, k[1]) for k in records), ingest):
+            row = manifest_row(record, data, result)
+            if isinstance(result, ImageFacts):
+                if result.sha256 not in stored:
+                    name = f"{result.sha256}.{result.format.lower()}"
+                    stored[result.sha256] = (
+                        shards.add(name, data),
+                        thumbs.add(f"{result.sha256}.jpg", result.thumbnail),
+                    )
+                image, thumb = stored[result.sha256]
+                row.update(
+                    shard=image.shard,
+                    offset=image.offset,
+                    length=image.length,
+                    thumb_shard=thumb.shard,
+                    thumb_offset=thumb.offset,
+                    thumb_length=thumb.length,
+                )
             rows.append(row)
     manifest = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS])
-    manifest[["shard"]] = manifest[["shard"]].fillna("")
-    manifest[["offset", "length"]] = manifest[["offset", "length"]].fillna(0).astype("int64")
+    for prefix in ("", "thumb_"):
+        manifest[prefix + "shard"] = manifest[prefix + "shard"].fillna("")
+        for col in (prefix + "offset", prefix + "length"):
+            manifest[col] = manifest[col].fillna(0).astype("int64")
     return manifest
 
 
@@ -357,6 +386,7 @@ MANIFEST_COLUMNS = (
     "id",
     "label",
     "source",
+    "url",
     "status",
     "reason",
     "detail",
@@ -365,9 +395,13 @@ MANIFEST_COLUMNS = (
     "height",
     "format",
     "bytes",
+    "phash",  # 64-bit pHash stored as int64 (vitrine.ingest.phash_from_int64 reads it back)
     "shard",
     "offset",
     "length",
+    "thumb_shard",
+    "thumb_offset",
+    "thumb_length",
     "meta",
 )
 
@@ -391,7 +425,10 @@ def collect_report(manifest: pd.DataFrame) -> dict[str, Any]:
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(CollectConfig, "collect", params)
-    manifest = collect(config, paths.raw, paths.collected)
+    compute = from_mapping(ComputeConfig, params["compute"], "compute")
+    manifest = collect(
+        config, paths.raw, paths.collected, cache=paths.download_cache, scheduler=compute.scheduler
+    )
     manifest.to_parquet(paths.collected / MANIFEST, index=False)
     report = collect_report(manifest)
     paths.collect_report.parent.mkdir(parents=True, exist_ok=True)

@@ -1,92 +1,305 @@
-"""dedupe: group byte-identical photos into clusters and keep one representative of each.
+"""dedupe: cluster exact and near-duplicate photos, keep one per cluster, flag noise for review.
 
-Re-uploads of the same photo would otherwise land in both train and test and inflate the
-scores. Every collect row is carried over, so the manifest still accounts for every input.
+Re-uploads of the same photo (byte-identical, resized, recompressed, cropped, captioned) would
+otherwise land in both train and test and inflate the scores. Three signals find them: sha256
+for exact copies, a 64-bit pHash searched by multi-index hashing for resized and recompressed
+ones, and cosine similarity of frozen EfficientNet-Lite0 embeddings for what hashes miss.
+Pairs are merged transitively into clusters. Every collect row is carried over, so the
+manifest still accounts for every input; human decisions (data/review/decisions.csv) override
+the automatic choices.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
-from stages.collect import MANIFEST
+from stages.collect import MANIFEST, SHARDS, THUMBS
 from vitrine.config import load_params, load_paths, stage_config
+from vitrine.embeddings import embed
+from vitrine.images import load_square
+from vitrine.ingest import phash_from_int64
+from vitrine.neardup import clusters, embedding_pairs, hash_pairs
+from vitrine.noise import class_outlier_scores, confident_learning, out_of_fold_proba
+from vitrine.review import render_review
+from vitrine.shards import ShardReader
+
+DECISIONS = ("keep", "drop", "relabel")
+EMBEDDINGS = "embeddings.npy"
+EMBED_SIDE = 128  # the photos are ~120 px: decoding larger only upsamples
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    folds: int  # k of the out-of-fold logistic regression
+    seed: int
+    min_outlier_score: float  # robust z-score within the class
+    max_candidates: int  # on the review page, most suspicious first
 
 
 @dataclass(frozen=True)
 class DedupeConfig:
+    classes: tuple[str, ...]
     keep: str  # which member represents a cluster: "largest" (most pixels, ties by id)
+    phash_max_distance: int  # bits
+    embedding_min_cosine: float
+    embedding_batch_size: int
+    noise: NoiseConfig
 
     def __post_init__(self) -> None:
         if self.keep != "largest":
             raise ValueError(f"dedupe.keep: only 'largest' is supported, got {self.keep!r}")
 
 
-def exact_clusters(manifest: pd.DataFrame) -> pd.Series:
-    """cluster_id of each accepted row: the first 16 hex digits of its sha256 (stable across runs,
-    so a photo keeps its cluster, and later its split, when new photos arrive)."""
-    return manifest["sha256"].str[:16].where(manifest["status"] == "accepted", "")
+# --- clusters ------------------------------------------------------------------------------
 
 
-def pick_representatives(manifest: pd.DataFrame) -> pd.Series:
-    """Per cluster, the index of the kept row: the most pixels first, then the smallest
-    (source, id), so the choice does not depend on input order."""
-    accepted = manifest[manifest["cluster_id"] != ""].assign(
-        pixels=lambda d: d["width"] * d["height"]
+def exact_pairs(sha256: pd.Series) -> np.ndarray:
+    """Each photo paired with the first photo of the same bytes (positions in `sha256`)."""
+    first = sha256.groupby(sha256.to_numpy()).transform(lambda s: s.index[0])
+    pos = pd.Series(np.arange(len(sha256)), index=sha256.index)
+    pairs = np.stack([pos[first].to_numpy(), pos.to_numpy()], axis=1)
+    return pairs[pairs[:, 0] != pairs[:, 1]]
+
+
+def duplicate_pairs(
+    accepted: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfig
+) -> np.ndarray:
+    """All evidence that two accepted photos are the same photo, as (i, j) positions."""
+    hashes = np.array([phash_from_int64(int(h)) for h in accepted["phash"]], dtype=np.uint64)
+    return np.concatenate(
+        [
+            exact_pairs(accepted["sha256"]),
+            hash_pairs(hashes, config.phash_max_distance),
+            embedding_pairs(embeddings, config.embedding_min_cosine),
+        ]
     )
-    ordered = accepted.sort_values(
+
+
+def cluster_keys(accepted: pd.DataFrame, labels: np.ndarray) -> pd.Series:
+    """A cluster's id is its smallest member sha256 prefix: independent of input order, and a
+    new photo changes it only when it joins that very cluster (so old splits stay put)."""
+    prefix = accepted["sha256"].str[:16].to_numpy()
+    smallest = pd.Series(prefix).groupby(labels).transform("min")
+    return pd.Series(smallest.to_numpy(), index=accepted.index)
+
+
+# --- human decisions -------------------------------------------------------------------------
+
+
+def read_decisions(path: Path, classes: tuple[str, ...]) -> pd.DataFrame:
+    """The reviewer's decisions; a malformed file is an error, not something to skip."""
+    decisions = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"id", "decision", "new_label", "note"} - set(decisions.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+    bad = decisions[~decisions["decision"].isin(DECISIONS)]
+    if len(bad):
+        raise ValueError(f"{path}: decision must be one of {DECISIONS}: {bad.to_dict('records')}")
+    relabel = decisions["decision"] == "relabel"
+    wrong = decisions[relabel & ~decisions["new_label"].isin(classes)]
+    if len(wrong):
+        raise ValueError(
+            f"{path}: new_label must be one of {list(classes)}: {wrong.to_dict('records')}"
+        )
+    repeated = sorted(decisions.loc[decisions["id"].duplicated(), "id"])
+    if repeated:
+        raise ValueError(f"{path}: several decisions for {repeated}")
+    return decisions
+
+
+def apply_relabels(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+    """`label` becomes the reviewed label; `given_label` keeps what the source said."""
+    out = frame.assign(given_label=frame["label"])
+    new = decisions[decisions["decision"] == "relabel"].set_index("id")["new_label"]
+    hit = out["id"].isin(new.index)
+    out.loc[hit, "label"] = out.loc[hit, "id"].map(new)
+    return out
+
+
+# --- statuses --------------------------------------------------------------------------------
+
+
+def pick_representatives(frame: pd.DataFrame) -> pd.Series:
+    """Per cluster, the id of the kept row among the eligible ones: the most pixels first, then
+    the smallest (source, id), so the choice does not depend on input order."""
+    ordered = frame.assign(pixels=frame["width"] * frame["height"]).sort_values(
         ["cluster_id", "pixels", "source", "id"], ascending=[True, False, True, True]
     )
     return ordered.groupby("cluster_id").head(1).set_index("cluster_id")["id"]
 
 
-def dedupe(manifest: pd.DataFrame, config: DedupeConfig) -> pd.DataFrame:
-    """Add cluster_id and representative; mark duplicates and label conflicts."""
-    out = manifest.copy()
-    out["cluster_id"] = exact_clusters(out)
-    accepted = out["cluster_id"] != ""
-    rep = pick_representatives(out)
-    out["representative"] = out["cluster_id"].map(rep).fillna("")
-    n_labels = out[accepted].groupby("cluster_id")["label"].nunique()
-    conflict = accepted & out["cluster_id"].map(n_labels).gt(1)
-    duplicate = accepted & ~conflict & (out["id"] != out["representative"])
-    out.loc[accepted, "status"] = "kept"
+def assign_statuses(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+    """kept / duplicate / label_conflict / dropped for clustered rows, decisions last."""
+    out = frame.copy()
+    by_id = decisions.set_index("id")
+    decided = out["id"].map(by_id["decision"]).astype(object).fillna("")
+    note = out["id"].map(by_id["note"]).astype(object).fillna("")
+    clustered = out["cluster_id"] != ""
+    dropped = clustered & (decided == "drop")
+    eligible = out[clustered & ~dropped]
+    out["representative"] = out["cluster_id"].map(pick_representatives(eligible)).fillna("")
+    n_labels = eligible.groupby("cluster_id")["label"].nunique()
+    conflict = clustered & ~dropped & out["cluster_id"].map(n_labels).gt(1)
+    duplicate = clustered & ~dropped & ~conflict & (out["id"] != out["representative"])
+    rep_sha = out["representative"].map(out.drop_duplicates("id").set_index("id")["sha256"])
+    out.loc[clustered, ["status", "reason", "detail"]] = ["kept", "", ""]
     out.loc[duplicate, "status"] = "duplicate"
-    out.loc[duplicate, "reason"] = "exact_duplicate"
-    out.loc[duplicate, "detail"] = "same bytes as " + out.loc[duplicate, "representative"]
-    # Same photo, different labels: a human decides; neither copy is trained on meanwhile.
-    out.loc[conflict, "status"] = "label_conflict"
-    out.loc[conflict, "reason"] = "label_conflict"
-    labels = out[conflict].groupby("cluster_id")["label"].agg(lambda s: sorted(set(s)))
+    out.loc[duplicate, "reason"] = np.where(
+        out.loc[duplicate, "sha256"] == rep_sha[duplicate], "exact_duplicate", "near_duplicate"
+    )
+    out.loc[duplicate, "detail"] = "copy of " + out.loc[duplicate, "representative"]
+    # Same photo, different labels: a human decides; no copy is trained on meanwhile.
+    labels = eligible.groupby("cluster_id")["label"].agg(lambda s: sorted(set(s)))
+    out.loc[conflict, ["status", "reason"]] = ["label_conflict", "label_conflict"]
     out.loc[conflict, "detail"] = out.loc[conflict, "cluster_id"].map(
         lambda c: f"cluster labelled {labels[c]}"
     )
+    out.loc[dropped, ["status", "reason"]] = ["dropped", "review_drop"]
+    out.loc[dropped, "detail"] = note[dropped]
+    # A reviewer's keep overrides every automatic choice (a copy is then trained on too; it
+    # shares its cluster's split, so this cannot leak between splits).
+    forced = clustered & (decided == "keep")
+    out.loc[forced, ["status", "reason", "detail"]] = ["kept", "review_keep", note[forced]]
     return out
 
 
-def dedupe_report(deduped: pd.DataFrame) -> dict[str, Any]:
-    clustered = deduped[deduped["cluster_id"] != ""]
-    sizes = clustered.groupby("cluster_id").size()
+# --- noise -----------------------------------------------------------------------------------
+
+
+def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfig) -> pd.DataFrame:
+    """Per kept photo: label-issue score and suggested label (confident learning on out-of-fold
+    probabilities) and an outlier score within its class."""
+    classes = list(config.classes)
+    y = kept["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
+    counts = np.bincount(y, minlength=len(classes))
+    scores = pd.DataFrame(index=kept.index)
+    if (counts < 2).any():  # nothing to learn a class from: no scores rather than noise
+        return scores.assign(
+            noise_score=0.0, suggested_label=kept["label"], label_issue=False, outlier_score=0.0
+        )
+    proba = out_of_fold_proba(embeddings, y, len(classes), config.noise.folds, config.noise.seed)
+    issues = confident_learning(proba, y)
+    return scores.assign(
+        noise_score=issues.score,
+        suggested_label=[classes[i] for i in issues.suggested],
+        label_issue=issues.is_issue,
+        outlier_score=class_outlier_scores(embeddings, y),
+    )
+
+
+def dedupe(
+    manifest: pd.DataFrame, embeddings: np.ndarray, decisions: pd.DataFrame, config: DedupeConfig
+) -> pd.DataFrame:
+    """The deduped manifest: every collect row, with cluster_id, representative, status and,
+    for kept photos, noise scores. `embeddings` are the accepted rows' in manifest order."""
+    out = apply_relabels(manifest, decisions)
+    accepted = out["status"] == "accepted"
+    acc = out[accepted]
+    labels = clusters(len(acc), duplicate_pairs(acc, embeddings, config))
+    out["cluster_id"] = ""
+    out.loc[accepted, "cluster_id"] = cluster_keys(acc, labels)
+    out = assign_statuses(out, decisions)
+    kept = (out["status"] == "kept").to_numpy()
+    scores = noise_scores(out[kept], embeddings[kept[accepted.to_numpy()]], config)
+    out = out.join(scores)
+    out["noise_score"] = out["noise_score"].fillna(0.0)
+    out["outlier_score"] = out["outlier_score"].fillna(0.0)
+    out["suggested_label"] = out["suggested_label"].fillna("")
+    out["label_issue"] = out["label_issue"].fillna(False).astype(bool)
+    return out
+
+
+def review_candidates(deduped: pd.DataFrame, config: DedupeConfig) -> pd.DataFrame:
+    """Kept photos that look mislabelled or off-category, most suspicious first."""
+    suspicious = deduped["label_issue"] | (
+        deduped["outlier_score"] >= config.noise.min_outlier_score
+    )
+    ranked = deduped[suspicious & (deduped["status"] == "kept")].sort_values(
+        ["label_issue", "noise_score", "outlier_score"], ascending=False
+    )
+    return ranked.head(config.noise.max_candidates)
+
+
+def dedupe_report(deduped: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, Any]:
+    sizes = deduped[deduped["cluster_id"] != ""].groupby("cluster_id").size()
+    status = deduped["status"].value_counts()
+    reason = deduped["reason"].value_counts()
     return {
         "records": len(deduped),
-        "kept": int((deduped["status"] == "kept").sum()),
-        "duplicates": int((deduped["status"] == "duplicate").sum()),
-        "label_conflicts": int((deduped["status"] == "label_conflict").sum()),
+        "kept": int(status.get("kept", 0)),
+        "duplicates": int(status.get("duplicate", 0)),
+        "exact_duplicates": int(reason.get("exact_duplicate", 0)),
+        "near_duplicates": int(reason.get("near_duplicate", 0)),
+        "label_conflicts": int(status.get("label_conflict", 0)),
+        "dropped_by_review": int(status.get("dropped", 0)),
+        "relabelled_by_review": int((deduped["label"] != deduped["given_label"]).sum()),
         "clusters": len(sizes),
         "clusters_with_copies": int((sizes > 1).sum()),
+        "noise_candidates": len(candidates),
     }
+
+
+# --- I/O -------------------------------------------------------------------------------------
+
+
+def accepted_pixels(manifest: pd.DataFrame, shards_dir: Path) -> np.ndarray:
+    """Decode every accepted photo once, through the one shared decode path."""
+    acc = manifest[manifest["status"] == "accepted"]
+    out = np.empty((len(acc), EMBED_SIDE, EMBED_SIDE, 3), dtype=np.uint8)
+    with ShardReader(shards_dir) as shards:
+        for i, row in enumerate(
+            tqdm(acc.itertuples(), total=len(acc), desc="dedupe decode", unit="img")
+        ):
+            out[i] = load_square(shards.read(row.shard, row.offset, row.length), EMBED_SIDE)
+    return out
+
+
+def write_review_page(
+    deduped: pd.DataFrame,
+    candidates: pd.DataFrame,
+    collected: Path,
+    out: Path,
+    decisions_path: Path,
+) -> None:
+    multi = deduped.groupby("cluster_id")["id"].transform("size").gt(1) & (
+        deduped["cluster_id"] != ""
+    )
+    with ShardReader(collected / THUMBS) as thumbs:
+
+        def thumb(row: pd.Series) -> bytes:
+            return thumbs.read(row["thumb_shard"], row["thumb_offset"], row["thumb_length"])
+
+        page = render_review(
+            candidates,
+            deduped[multi].sort_values(["cluster_id", "status"]),
+            thumb,
+            str(decisions_path),
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.html").write_text(page)
 
 
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
-    deduped = dedupe(pd.read_parquet(paths.collected / MANIFEST), config)
+    manifest = pd.read_parquet(paths.collected / MANIFEST)
+    embeddings = embed(
+        accepted_pixels(manifest, paths.collected / SHARDS), config.embedding_batch_size
+    )
+    deduped = dedupe(manifest, embeddings, read_decisions(paths.decisions, config.classes), config)
+    candidates = review_candidates(deduped, config)
     paths.deduped.mkdir(parents=True, exist_ok=True)
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)
-    report = dedupe_report(deduped)
+    np.save(paths.deduped / EMBEDDINGS, embeddings)
+    write_review_page(deduped, candidates, paths.collected, paths.review, paths.decisions)
+    report = dedupe_report(deduped, candidates)
     paths.dedupe_report.write_text(json.dumps(report, indent=2) + "\n")
     print(f"dedupe: {report}")
 

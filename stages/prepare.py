@@ -76,6 +76,31 @@ def pack_split(rows: pd.DataFrame, shards: ShardReader, size: int, out: Path) ->
     images.flush()
 
 
+def leaked(split: pd.Series, cluster_id: pd.Series) -> int:
+    """How many val/test photos have a near-duplicate (a cluster-mate) in train."""
+    train_clusters = set(cluster_id[split == "train"])
+    return int((split.isin(["val", "test"]) & cluster_id.isin(train_clusters)).sum())
+
+
+def naive_split(n: int, config: PrepareConfig) -> np.ndarray:
+    """What a photo-by-photo random split (the seed article's) would have done."""
+    u = np.random.default_rng(config.seed).random(n)
+    test, val = config.test_fraction, config.test_fraction + config.val_fraction
+    return np.where(u < test, "test", np.where(u < val, "val", "train"))
+
+
+def leakage_report(deduped: pd.DataFrame, prepared: pd.DataFrame, config: PrepareConfig) -> dict:
+    """Near-duplicate leakage into val/test: our cluster split against a naive random split of
+    every accepted photo, copies included."""
+    accepted = deduped[deduped["cluster_id"] != ""]
+    naive = pd.Series(naive_split(len(accepted), config), index=accepted.index)
+    return {
+        "leaked_val_test_photos": leaked(prepared["split"], prepared["cluster_id"]),
+        "naive_split_leaked_val_test_photos": leaked(naive, accepted["cluster_id"]),
+        "naive_split_val_test_photos": int(naive.isin(["val", "test"]).sum()),
+    }
+
+
 def prepare_report(prepared: pd.DataFrame) -> dict[str, Any]:
     counts = prepared.groupby(["split", "label"]).size()
     return {
@@ -88,7 +113,8 @@ def prepare_report(prepared: pd.DataFrame) -> dict[str, Any]:
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(PrepareConfig, "prepare", params)
-    prepared = split_manifest(pd.read_parquet(paths.deduped / MANIFEST), config)
+    deduped = pd.read_parquet(paths.deduped / MANIFEST)
+    prepared = split_manifest(deduped, config)
     paths.prepared.mkdir(parents=True, exist_ok=True)
     with ShardReader(paths.collected / SHARDS) as shards:
         for split in SPLITS:
@@ -97,7 +123,7 @@ def main() -> None:
     prepared.drop(columns=["shard", "offset", "length"]).to_parquet(
         prepared_manifest_path(paths.prepared), index=False
     )
-    report = prepare_report(prepared)
+    report = {**prepare_report(prepared), "leakage": leakage_report(deduped, prepared, config)}
     paths.prepare_report.write_text(json.dumps(report, indent=2) + "\n")
     print(f"prepare: {report}")
 

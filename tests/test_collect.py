@@ -5,12 +5,15 @@ import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from stages.collect import CollectConfig, Source, collect, collect_report
 from vitrine.config import ConfigError, from_mapping
+from vitrine.download import DownloadConfig
 from vitrine.shards import ShardReader
 
 
@@ -22,13 +25,14 @@ def config(*sources: Source, **overrides) -> CollectConfig:
         max_pixels=10**7,
         max_bytes=10**6,
         shard_size=5,
-        timeout_s=5.0,
+        thumb_size=48,
+        download=DownloadConfig(timeout_s=5.0, max_attempts=2, backoff_base_s=0.01, fsync=False),
     )
     return CollectConfig(**{**base, **overrides})
 
 
 def run(cfg: CollectConfig, raw: Path, tmp_path: Path) -> pd.DataFrame:
-    return collect(cfg, raw, tmp_path / "out").set_index("id")
+    return collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache").set_index("id")
 
 
 def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_path):
@@ -37,6 +41,13 @@ def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_pa
     assert m.loc["laptop/000.jpg", "label"] == "laptop"
     # 24 images, 5 per shard: few files, not one per image.
     assert len(list((tmp_path / "out" / "shards").glob("*.tar"))) == 5
+    row = m.loc["phone/001.jpg"]
+    with ShardReader(tmp_path / "out" / "thumbs") as thumbs:
+        thumb = Image.open(
+            io.BytesIO(thumbs.read(row["thumb_shard"], row["thumb_offset"], row["thumb_length"]))
+        )
+    assert max(thumb.size) == 48 and thumb.format == "JPEG"
+    assert row["phash"] != 0
 
 
 def test_shard_refs_give_back_the_original_bytes(class_folder, tmp_path):
@@ -130,8 +141,10 @@ def test_archive_member_escaping_the_root_is_refused(make_photo, tmp_path):
 
 class _Photos(BaseHTTPRequestHandler):
     photo = b""
+    requests: ClassVar[list[str]] = []
 
     def do_GET(self):
+        self.requests.append(self.path)
         routes = {
             "/a.jpg": (200, "image/jpeg", self.photo),
             "/login.jpg": (200, "image/jpeg", b"<html><body>Please log in</body></html>"),
@@ -150,6 +163,7 @@ class _Photos(BaseHTTPRequestHandler):
 @pytest.fixture
 def photo_server(make_photo):
     _Photos.photo = make_photo(42)
+    _Photos.requests = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Photos)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -168,7 +182,9 @@ def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
         "ad-5,laptop,,../../etc/passwd,0\n"
         "ad-6,laptop,file:///etc/passwd,,0\n"
     )
-    m = collect(config(Source("catalog", "catalog.csv")), raw, tmp_path / "out")
+    m = collect(
+        config(Source("catalog", "catalog.csv")), raw, tmp_path / "out", cache=tmp_path / "c"
+    )
     assert len(m) == 7
     by = {(r.id, r.label): r for r in m.itertuples()}
     assert by["ad-1", "phone"].status == "accepted"
@@ -179,6 +195,14 @@ def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
     assert by["ad-4", "laptop"].status == "accepted"
     assert by["ad-5", "laptop"].reason == "outside_source_root"
     assert by["ad-6", "laptop"].reason == "bad_url"
+    assert by["ad-1", "phone"].url.endswith("/a.jpg")
+    # A re-run answers from the download cache: no request for what succeeded or 404'd.
+    before = len(_Photos.requests)
+    again = collect(
+        config(Source("catalog", "catalog.csv")), raw, tmp_path / "o2", cache=tmp_path / "c"
+    )
+    assert len(_Photos.requests) == before
+    assert again.drop(columns="meta").equals(m.drop(columns="meta"))
 
 
 def test_jsonl_catalog_and_several_sources(class_folder, tmp_path):
@@ -186,7 +210,7 @@ def test_jsonl_catalog_and_several_sources(class_folder, tmp_path):
     lines = [json.dumps({"id": "j1", "label": "phone", "path": "photos/phone/000.jpg"}), "{broken"]
     (raw / "catalog.jsonl").write_text("\n".join(lines) + "\n")
     cfg = config(Source("folder", "photos"), Source("catalog", "catalog.jsonl"))
-    m = collect(cfg, raw, tmp_path / "out")
+    m = collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache")
     assert len(m) == 24 + 2
     assert set(m["source"]) == {"folder:photos", "catalog:catalog.jsonl"}
     assert m.set_index("id").loc["line-2", "reason"] == "bad_row"
@@ -194,7 +218,7 @@ def test_jsonl_catalog_and_several_sources(class_folder, tmp_path):
 
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder:nowhere"):
-        collect(config(Source("folder", "nowhere")), tmp_path, tmp_path / "out")
+        collect(config(Source("folder", "nowhere")), tmp_path, tmp_path / "out", cache=tmp_path)
 
 
 def test_config_refuses_unknown_keys_and_kinds():

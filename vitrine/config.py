@@ -79,8 +79,11 @@ class Paths:
     """Where every stage reads and writes; the same names dvc.yaml templates."""
 
     raw: Path
+    download_cache: Path
     collected: Path
     deduped: Path
+    decisions: Path
+    review: Path
     prepared: Path
     model: Path
     package: Path

@@ -102,8 +102,17 @@ def decode_rgb(data: bytes, *, draft_size: int | None = None) -> Image.Image:
     img.seek(0)
     if draft_size and img.format == "JPEG":
         img.draft("RGB", (draft_size, draft_size))
-    img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+    return _upright_rgb(img)
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image, apply its EXIF orientation, then the RGB rules of _to_rgb."""
+    img.load()
+    # exif_transpose and convert("RGB") each copy every pixel even when there is nothing to
+    # do; skipping them then gives the same pixels (vitrine.ingest decodes thousands a second).
+    if img.getexif().get(0x0112, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    return img if img.mode == "RGB" else _to_rgb(img)
 
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:

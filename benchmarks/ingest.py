@@ -1,0 +1,187 @@
+"""Throughput of vitrine.ingest on this machine: images per second at 120x90 and at 640x480.
+
+    python benchmarks/ingest.py [--n 20000] [--repeat 3] [--workers N] [--profile]
+
+The test images are the bundled Avito photos (data/raw/avito-raw.tar.gz), randomly cropped and
+resized to exactly 120x90 (N of them) and 640x480 (N/4), re-encoded at JPEG quality 75-95, so
+every one is distinct. The stream runs on a local Dask cluster (one worker process per core),
+started and warmed up before the clock starts: the figures are steady-state throughput.
+
+Besides wall-clock images/s, the CPU seconds spent by this process and the workers are
+measured: on a shared machine `cpu-bound img/s` (cores / CPU seconds per image) estimates what
+an idle machine would do, while the wall figure shows what the run actually got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import multiprocessing
+import os
+import pstats
+import statistics
+import tarfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from vitrine.ingest import ImageFacts, IngestConfig, ingest_batch, ingest_stream, local_cluster
+
+AVITO = Path(__file__).resolve().parents[1] / "data" / "raw" / "avito-raw.tar.gz"
+
+
+@functools.cache
+def avito_photos(limit: int = 1000) -> list[Image.Image]:
+    with tarfile.open(AVITO) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()][:limit]
+        return [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB") for m in members]
+
+
+def variants(n: int, size: tuple[int, int], seed: int) -> list[bytes]:
+    """n distinct JPEGs of exactly `size`: a random crop of a photo, resized, re-encoded."""
+    photos = avito_photos()
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[(seed * 7919 + i) % len(photos)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.8, 1)), int(h * rng.uniform(0.8, 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+        out.append(buf.getvalue())
+    return out
+
+
+def generate(n: int, size: tuple[int, int], seed: int, processes: int) -> list[bytes]:
+    """variants() in chunks of 500 on forked processes, which inherit the decoded photos."""
+    avito_photos()
+    chunks = [(min(500, n - i), size, seed + i) for i in range(0, n, 500)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        return [blob for chunk in pool.map(variants, *zip(*chunks, strict=True)) for blob in chunk]
+
+
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
+def _machine_busy_seconds() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+
+def run_once(blobs: list[bytes], config: IngestConfig, client) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds of this process and the workers, and CPU seconds of every
+    other process on the machine (the contention the run saw), for one pass."""
+    procs = [psutil.Process()] + [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+    items: Iterator[tuple[int, bytes]] = enumerate(blobs)
+    cpu0, busy0, t0 = _cpu_seconds(procs), _machine_busy_seconds(), time.perf_counter()
+    accepted = sum(
+        isinstance(r, ImageFacts) for _, r in ingest_stream(items, config, client=client)
+    )
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(procs) - cpu0
+    others = _machine_busy_seconds() - busy0 - cpu
+    assert accepted == len(blobs), f"only {accepted} of {len(blobs)} accepted"
+    return wall, cpu, others
+
+
+def bench(name: str, blobs: list[bytes], config: IngestConfig, client, repeat: int) -> None:
+    cores = os.cpu_count() or 1
+    runs = [run_once(blobs, config, client) for _ in range(repeat)]
+    rates = [len(blobs) / wall for wall, _, _ in runs]
+    cpu_per_image = min(cpu for _, cpu, _ in runs) / len(blobs)
+    others = statistics.median(o / (w * cores) for w, _, o in runs)
+    kb = sum(map(len, blobs)) / len(blobs) / 1000
+    print(
+        f"{name:>8} ({kb:4.1f} kB avg) x{len(blobs)}: "
+        f"wall img/s best {max(rates):5.0f} median {statistics.median(rates):5.0f} | "
+        f"CPU {cpu_per_image * 1e6:4.0f} us/img, {cores} cores / that ="
+        f" {cores / cpu_per_image:5.0f} img/s | other processes took {others:4.0%} of the machine"
+    )
+
+
+def in_process(name: str, blobs: list[bytes], config: IngestConfig, repeat: int) -> None:
+    """ingest_batch in this process, no Dask: the per-image work on one core."""
+    per_image = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        for i in range(0, len(blobs), config.batch_size):
+            ingest_batch(blobs[i : i + config.batch_size], config)
+        per_image.append((time.process_time() - t0) / len(blobs))
+    best, median = min(per_image), statistics.median(per_image)
+    print(
+        f"{name:>8} one process, no Dask: CPU best {best * 1e6:4.0f} median {median * 1e6:4.0f}"
+        f" us/img = {1 / best:5.0f} img/s per core"
+    )
+
+
+def profile(name: str, blobs: list[bytes], config: IngestConfig) -> None:
+    """Where one worker's time goes: ingest_batch in this process, under cProfile."""
+    batches = [blobs[i : i + config.batch_size] for i in range(0, len(blobs), config.batch_size)]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for batch in batches:
+        results = ingest_batch(batch, config)
+        assert all(isinstance(r, ImageFacts) for r in results)
+    profiler.disable()
+    print(f"\n--- profile of ingest_batch, {name} ---")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=20_000, help="number of 120x90 images")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=int, default=IngestConfig.batch_size)
+    parser.add_argument("--profile", action="store_true", help="cProfile one worker's batches")
+    args = parser.parse_args()
+
+    from dask.distributed import Client
+
+    config = IngestConfig(batch_size=args.batch_size, progress=False)
+    t0 = time.perf_counter()
+    sets = {
+        "120x90": generate(args.n, (120, 90), seed=1, processes=args.workers),
+        "640x480": generate(args.n // 4, (640, 480), seed=2, processes=args.workers),
+    }
+    print(f"made the test JPEGs in {time.perf_counter() - t0:.1f} s")
+    if args.profile:
+        for name, blobs in sets.items():
+            profile(name, blobs[:4000], config)
+        return
+    for name, blobs in sets.items():
+        in_process(name, blobs[:4000], config, args.repeat)
+    with (
+        local_cluster(args.workers) as cluster,
+        Client(cluster, set_as_default=False, direct_to_workers=True) as client,
+    ):
+        run_once(sets["120x90"][:2000], config, client)  # warm-up: imports on the workers
+        print(
+            f"{args.workers} worker processes on {os.cpu_count()} cores, "
+            f"batch_size {config.batch_size}, {args.repeat} runs each"
+        )
+        for name, blobs in sets.items():
+            bench(name, blobs, config, client, args.repeat)
+    # What a stage run sees: the local cluster started, used once and stopped.
+    blobs = sets["120x90"]
+    t0 = time.perf_counter()
+    for _ in ingest_stream(enumerate(blobs), IngestConfig(progress=False)):
+        pass
+    wall = time.perf_counter() - t0
+    print(
+        f"cold ingest_stream(scheduler=''), 120x90, cluster start and stop included: "
+        f"{wall:.1f} s = {len(blobs) / wall:.0f} img/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,535 @@
+"""vitrine.download against a local threaded HTTP server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, photo_bytes
+from vitrine.download import (
+    CacheBusy,
+    DownloadConfig,
+    Downloader,
+    FetchResult,
+    fetch_all,
+    is_permanent,
+    retry_after_s,
+)
+from vitrine.images import Rejected, inspect_image
+
+HOME_PAGE = b"<!doctype html><html><body>Welcome to the marketplace</body></html>"
+HUGE = 64 * 2**20  # what /huge would send if it were read to the end
+QUICK = DownloadConfig(timeout_s=3.0, backoff_base_s=0.01, max_attempts=4, concurrency=8)
+
+
+def tagged(i: int) -> bytes:
+    """Distinct JPEG bodies without encoding one image each: a COM segment after SOI."""
+    note = f"image {i}".encode()
+    base = photo_bytes(0)
+    return base[:2] + b"\xff\xfe" + (len(note) + 2).to_bytes(2, "big") + note + base[2:]
+
+
+class Site:
+    """What the test server knows: request counts, concurrency, how /huge ended."""
+
+    def __init__(self) -> None:
+        self.base = ""  # http://127.0.0.1:<port>, once serving
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.client_ports: list[int] = []
+        self.huge_sent = 0
+        self.huge_aborted = threading.Event()
+
+    def held(self, seconds: float) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        time.sleep(seconds)
+        with self.lock:
+            self.in_flight -= 1
+
+
+def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as a CDN would
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def reply(self, status: int, body: bytes, ctype: str = "image/jpeg", **headers: str):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            with site.lock:
+                site.counts[self.path] += 1
+                seen = site.counts[self.path]
+                site.client_ports.append(self.client_address[1])
+            try:
+                self.route(self.path, seen)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up on us: expected here
+
+        def route(self, path: str, seen: int) -> None:
+            name = path.rsplit("/", 1)[-1]
+            if path.startswith("/img/"):
+                self.reply(200, photo_bytes(int(name.split(".")[0])))
+            elif path.startswith("/flaky/"):  # 503 twice, then fine
+                self.reply(*((503, b"busy", "text/plain") if seen <= 2 else (200, tagged(7))))
+            elif path == "/down":
+                self.reply(503, b"down", "text/plain")
+            elif path == "/throttled":  # 429 once, asking for a 1 s pause
+                if seen == 1:
+                    self.reply(429, b"slow down", "text/plain", Retry_After="1")
+                else:
+                    self.reply(200, tagged(8))
+            elif path == "/throttled-long":
+                self.reply(429, b"come back tomorrow", "text/plain", Retry_After="86400")
+            elif path == "/cookie-check":  # a CDN's bot check: set a cookie, come back
+                self.reply(302, b"", "text/plain", Location="/cookie-jar", Set_Cookie="ok=1")
+            elif path == "/cookie-jar":
+                has_cookie = self.headers.get("Cookie") == "ok=1"
+                self.reply(*((200, tagged(10)) if has_cookie else (403, b"no", "text/plain")))
+            elif path == "/moved":
+                self.reply(302, b"", "text/plain", Location="/")
+            elif path == "/":
+                self.reply(200, HOME_PAGE, "text/html")
+            elif path == "/login.jpg":
+                self.reply(200, b"<html><body>Please log in</body></html>")
+            elif path == "/slow":
+                time.sleep(1.0)
+                self.reply(200, tagged(9))
+            elif path == "/huge":
+                self.huge()
+            elif path == "/medium":
+                self.reply(200, bytes(200_000))
+            elif path == "/empty":
+                self.reply(200, b"")
+            elif path == "/loop":
+                self.reply(302, b"", "text/plain", Location="/loop")
+            elif path == "/to-ftp":
+                self.reply(302, b"", "text/plain", Location="ftp://example.com/a.jpg")
+            elif path.startswith("/held/"):
+                site.held(0.15)
+                self.reply(200, tagged(int(name)))
+            elif path.startswith("/drip/"):
+                time.sleep(0.05)
+                self.reply(200, tagged(int(name)))
+            elif path.startswith("/chunked/"):
+                self.chunked(tagged(int(name)))
+            elif path.startswith("/http10/"):  # an old server: no length, no keep-alive
+                self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n\r\n")
+                self.wfile.write(tagged(int(name)))
+                self.close_connection = True
+            elif path.startswith("/hangup/"):  # closes the keep-alive connection it promised
+                self.reply(200, tagged(int(name)))
+                self.close_connection = True
+            else:
+                self.reply(404, b"not found", "text/plain")
+
+        def huge(self) -> None:
+            """A body with no Content-Length, streamed until the client hangs up."""
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            chunk = bytes(2**18)
+            try:
+                while site.huge_sent < HUGE:
+                    self.wfile.write(chunk)
+                    site.huge_sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                site.huge_aborted.set()
+
+        def chunked(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 1000):
+                piece = body[i : i + 1000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+
+    return Handler
+
+
+def start_server(site: Site, tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(site))
+    server.daemon_threads = True
+    server.handle_error = lambda request, address: None  # client hang-ups are the point here
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def site():
+    site = Site()
+    server = start_server(site)
+    site.base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield site
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(
+    site: Site, paths: list[str], cache: Path, config: DownloadConfig = QUICK
+) -> dict[str, FetchResult]:
+    """path on `site` ("/...") or any other URL -> result, downloading into `cache`."""
+    items = [(p, site.base + p if p.startswith("/") else p) for p in paths]
+    results = dict(fetch_all(items, cache, config, progress=False))
+    assert set(results) == set(paths)
+    return results
+
+
+def requests(site: Site) -> int:
+    return sum(site.counts.values())
+
+
+def blob_files(cache: Path) -> list[Path]:
+    return [p for p in (cache / "blobs").rglob("*") if p.is_file()]
+
+
+# --- one response each -------------------------------------------------------------------
+
+
+def test_image_is_stored_under_its_sha256_and_404_is_not_retried(site, tmp_path):
+    r = fetch(site, ["/img/1.jpg", "/missing.jpg"], tmp_path)
+    ok = r["/img/1.jpg"]
+    assert ok.ok and ok.attempts == 1 and not ok.from_cache
+    assert ok.read() == photo_bytes(1) and ok.size == len(photo_bytes(1))
+    assert ok.sha256 == hashlib.sha256(photo_bytes(1)).hexdigest()
+    assert ok.path == tmp_path / "blobs" / ok.sha256[:2] / ok.sha256
+    missing = r["/missing.jpg"]
+    assert (missing.code, missing.attempts, site.counts["/missing.jpg"]) == ("http_404", 1, 1)
+    with pytest.raises(Rejected) as err:  # what collect's record readers raise
+        missing.read()
+    assert err.value.code == "http_404"
+
+
+def test_non_http_urls_are_refused_without_a_request(site, tmp_path):
+    urls = ["ftp://127.0.0.1/a.jpg", "file:///etc/passwd", "not a url", "http://", "data:,x"]
+    r = fetch(site, urls, tmp_path)
+    assert {u: (x.code, x.attempts) for u, x in r.items()} == {u: ("bad_url", 0) for u in urls}
+    assert requests(site) == 0
+
+
+def test_503_twice_then_success_after_retries(site, tmp_path):
+    r = fetch(site, ["/flaky/a"], tmp_path)["/flaky/a"]
+    assert (r.code, r.attempts, site.counts["/flaky/a"]) == ("ok", 3, 3)
+
+
+def test_5xx_gives_up_after_max_attempts(site, tmp_path):
+    config = DownloadConfig(backoff_base_s=0.01, max_attempts=3)
+    r = fetch(site, ["/down"], tmp_path, config)["/down"]
+    assert (r.code, r.attempts, site.counts["/down"]) == ("http_503", 3, 3)
+    assert "3 attempts" in r.detail
+
+
+def test_429_waits_for_retry_after(site, tmp_path):
+    start = time.monotonic()
+    r = fetch(site, ["/throttled"], tmp_path)["/throttled"]
+    assert (r.code, r.attempts) == ("ok", 2)
+    assert time.monotonic() - start >= 0.9  # Retry-After: 1, not the 10 ms backoff
+
+
+def test_a_long_retry_after_ends_the_run_for_that_url(site, tmp_path):
+    start = time.monotonic()
+    r = fetch(site, ["/throttled-long"], tmp_path)["/throttled-long"]
+    assert (r.code, r.attempts) == ("http_429", 1) and "too long" in r.detail
+    assert time.monotonic() - start < 5
+    assert not fetch(site, ["/throttled-long"], tmp_path)["/throttled-long"].from_cache
+
+
+def test_retry_after_parsing():
+    assert retry_after_s("3") == 3.0
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+
+
+def test_redirect_to_home_page_downloads_html_that_collect_quarantines(site, tmp_path):
+    """The contract: HTML is a successful download; decoding (collect) quarantines it."""
+    r = fetch(site, ["/moved", "/login.jpg"], tmp_path)
+    assert r["/moved"].ok and r["/moved"].read() == HOME_PAGE
+    assert r["/login.jpg"].ok  # HTML served as image/jpeg
+    for result in r.values():
+        with pytest.raises(Rejected) as err:
+            inspect_image(result.read(), min_side=32, max_pixels=10**7)
+        assert err.value.code == "not_an_image"
+
+
+def test_a_cookie_set_on_a_redirect_is_sent_back(site, tmp_path):
+    assert fetch(site, ["/cookie-check"], tmp_path)["/cookie-check"].ok
+
+
+def test_redirect_loop_and_redirect_to_another_scheme(site, tmp_path):
+    r = fetch(site, ["/loop", "/to-ftp"], tmp_path)
+    assert r["/loop"].code == "too_many_redirects"
+    assert r["/to-ftp"].code == "bad_url"
+
+
+def test_slow_response_times_out_and_is_retried(site, tmp_path):
+    config = DownloadConfig(timeout_s=0.3, backoff_base_s=0.01, max_attempts=2)
+    r = fetch(site, ["/slow"], tmp_path, config)["/slow"]
+    assert (r.code, r.attempts, site.counts["/slow"]) == ("timeout", 2, 2)
+
+
+def test_oversized_body_is_refused_and_its_download_aborted(site, tmp_path):
+    config = DownloadConfig(max_bytes=100_000)
+    r = fetch(site, ["/huge", "/medium"], tmp_path, config)
+    assert r["/huge"].code == r["/medium"].code == "too_large"
+    assert r["/medium"].size == 200_000  # refused from its Content-Length
+    assert site.huge_aborted.wait(10), "the server should see the client hang up"
+    assert site.huge_sent < HUGE / 4
+    assert blob_files(tmp_path) == []
+
+
+def test_empty_body(site, tmp_path):
+    assert fetch(site, ["/empty"], tmp_path)["/empty"].code == "empty"
+
+
+def test_chunked_body_and_keep_alive_reuse(site, tmp_path):
+    config = DownloadConfig(per_host=1)
+    paths = [f"/chunked/{i}" for i in range(5)] + [f"/img/{i}.jpg" for i in range(5)]
+    r = fetch(site, paths, tmp_path, config)
+    assert all(r[f"/chunked/{i}"].read() == tagged(i) for i in range(5))
+    assert len(set(site.client_ports)) == 1  # one connection for ten requests
+
+
+def test_server_closing_a_keep_alive_connection_is_not_a_failure(site, tmp_path):
+    config = DownloadConfig(per_host=1)
+    r = fetch(site, [f"/hangup/{i}" for i in range(6)], tmp_path, config)
+    assert all(x.ok and x.attempts == 1 for x in r.values())
+
+
+@pytest.fixture
+def tls_site(tmp_path):
+    """The same site over HTTPS, with a self-signed certificate for 127.0.0.1."""
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    site = Site()
+    server = start_server(site, tls)
+    site.base = f"https://127.0.0.1:{server.server_address[1]}"
+    yield site, cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_with_a_given_ca_and_with_an_untrusted_certificate(tls_site, tmp_path):
+    site, cert = tls_site
+    for engine in ("fast", "httpx"):
+        config = DownloadConfig(engine=engine, ca_file=str(cert))
+        ok = fetch(site, ["/img/2.jpg"], tmp_path / engine, config)["/img/2.jpg"]
+        assert ok.ok and ok.read() == photo_bytes(2)
+    untrusted = fetch(site, ["/img/2.jpg"], tmp_path / "certifi", DownloadConfig(max_attempts=1))
+    assert untrusted["/img/2.jpg"].code == "connection_error"
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted["/img/2.jpg"].detail
+
+
+# --- politeness --------------------------------------------------------------------------
+
+
+def test_per_host_concurrency_is_bounded(site, tmp_path):
+    config = DownloadConfig(per_host=3, concurrency=10)
+    r = fetch(site, [f"/held/{i}" for i in range(12)], tmp_path, config)
+    assert all(x.ok for x in r.values())
+    assert site.max_in_flight == 3
+
+
+def test_total_concurrency_is_bounded_across_hosts(site, tmp_path):
+    other = start_server(site)  # a second host:port sharing the same counters
+    try:
+        urls = [f"{site.base}/held/{i}" for i in range(10)]
+        urls += [f"http://127.0.0.1:{other.server_address[1]}/held/{i}" for i in range(10, 20)]
+        r = fetch(site, urls, tmp_path, DownloadConfig(per_host=4, concurrency=5))
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert all(x.ok for x in r.values())
+    assert 4 < site.max_in_flight <= 5
+
+
+# --- cache -------------------------------------------------------------------------------
+
+
+def test_rerun_is_served_from_cache_without_any_request(site, tmp_path):
+    paths = [f"/img/{i}.jpg" for i in range(5)] + ["/missing.jpg", "/moved"]
+    first = fetch(site, paths, tmp_path)
+    before = requests(site)
+    again = fetch(site, paths, tmp_path)
+    assert requests(site) == before  # not one request
+    assert all(x.from_cache and x.attempts == 0 for x in again.values())
+    assert {p: (x.code, x.sha256) for p, x in again.items()} == {
+        p: (x.code, x.sha256) for p, x in first.items()
+    }
+    # Asking again for permanent failures is a parameter: only the 404 is requested.
+    fetch(site, paths, tmp_path, DownloadConfig(refetch_failures=True))
+    assert requests(site) == before + 1 and site.counts["/missing.jpg"] == 2
+
+
+def test_transient_failures_are_asked_again_next_run(site, tmp_path):
+    config = DownloadConfig(max_attempts=1)
+    assert fetch(site, ["/down"], tmp_path, config)["/down"].code == "http_503"
+    assert not fetch(site, ["/down"], tmp_path, config)["/down"].from_cache
+    assert site.counts["/down"] == 2
+
+
+def test_too_large_is_cached_for_a_cap_it_exceeds_only(site, tmp_path):
+    fetch(site, ["/medium"], tmp_path, DownloadConfig(max_bytes=100_000))
+    assert fetch(site, ["/medium"], tmp_path, DownloadConfig(max_bytes=150_000))[
+        "/medium"
+    ].from_cache
+    bigger = fetch(site, ["/medium"], tmp_path, DownloadConfig(max_bytes=10**6))["/medium"]
+    assert bigger.ok and site.counts["/medium"] == 2
+
+
+def test_same_url_twice_in_a_run_is_requested_once(site, tmp_path):
+    items = [("a", f"{site.base}/held/1"), ("b", f"{site.base}/held/1")]
+    r = dict(fetch_all(items, tmp_path, QUICK, progress=False))
+    assert r["a"].sha256 == r["b"].sha256 and site.counts["/held/1"] == 1
+
+
+def test_permanence_of_codes():
+    assert is_permanent("http_404") and is_permanent("http_410") and is_permanent("too_large")
+    assert not any(map(is_permanent, ["http_429", "http_503", "timeout", "empty", "bad_url"]))
+
+
+def test_a_cache_has_one_writer_at_a_time(tmp_path):
+    async def both() -> None:
+        async with Downloader(tmp_path):
+            with pytest.raises(CacheBusy):
+                async with Downloader(tmp_path):
+                    pass
+
+    asyncio.run(both())
+
+
+def test_stopping_early_leaves_a_usable_cache(site, tmp_path):
+    items = [(i, f"{site.base}/drip/{i}") for i in range(40)]
+    for n, _ in enumerate(fetch_all(items, tmp_path, QUICK, progress=False), 1):
+        if n == 3:
+            break
+    r = dict(fetch_all(items, tmp_path, QUICK, progress=False))
+    assert all(x.ok for x in r.values()) and len(r) == 40
+    assert max(site.counts.values()) <= 2
+
+
+def test_a_slow_consumer_holds_back_the_downloads(site, tmp_path):
+    """Streaming: at most `max_pending` results are ever downloaded ahead of the consumer."""
+    items = [(i, f"{site.base}/img/{i}.jpg") for i in range(30)]
+    ahead = []
+    for consumed, _ in enumerate(
+        fetch_all(items, tmp_path, DownloadConfig(max_pending=5), progress=False)
+    ):
+        ahead.append(requests(site) - consumed)
+        time.sleep(0.01)
+    assert max(ahead) <= 5 and requests(site) == 30
+
+
+def test_both_engines_give_the_same_codes(site, tmp_path):
+    paths = ["/img/3.jpg", "/missing.jpg", "/flaky/b", "/moved", "/chunked/1", "/http10/2"]
+    paths += ["/empty", "/medium"]
+    paths += ["/loop", "/to-ftp", "ftp://127.0.0.1/x"]
+    codes = {}
+    for engine in ("fast", "httpx"):
+        config = DownloadConfig(
+            engine=engine, backoff_base_s=0.01, refetch_failures=True, max_bytes=100_000
+        )
+        r = fetch(site, paths, tmp_path / engine, config)
+        codes[engine] = {p: (x.code, x.sha256) for p, x in r.items()}
+    assert codes["fast"] == codes["httpx"]
+    assert codes["fast"]["/flaky/b"][0] == "ok"
+    assert codes["fast"]["/http10/2"][1] == hashlib.sha256(tagged(2)).hexdigest()
+
+
+# --- SIGKILL and resume ------------------------------------------------------------------
+
+DOWNLOAD_SCRIPT = """
+import sys
+from vitrine.download import DownloadConfig, fetch_all
+base, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+items = [(i, f"{base}/drip/{i}") for i in range(n)]
+for _ in fetch_all(items, cache, DownloadConfig(per_host=8, concurrency=8), progress=False):
+    pass
+"""
+
+
+def test_resume_after_sigkill_fetches_each_completed_url_once(site, tmp_path):
+    n, cache = 300, tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DOWNLOAD_SCRIPT, site.base, str(cache), str(n)], cwd=REPO
+    )
+    deadline = time.monotonic() + 30
+    while requests(site) < 80 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    asked_before_kill = {p for p, c in site.counts.items() if c}
+    with sqlite3.connect(cache / "index.sqlite") as db:
+        recorded = {url[len(site.base) :] for (url,) in db.execute("SELECT url FROM fetches")}
+    assert 0 < len(recorded) < n, "the kill should land mid-way"
+    orphan = cache / "blobs" / "00" / ".00dead-1-1.tmp"  # as if killed while writing
+    orphan.write_bytes(b"partial")
+
+    items = [(i, f"{site.base}/drip/{i}") for i in range(n)]
+    results = dict(fetch_all(items, cache, QUICK, progress=False))
+    assert all(r.ok for r in results.values()) and len(results) == n
+    assert all(site.counts[p] == 1 for p in recorded)  # finished before the kill: never again
+    refetched = {p for p, c in site.counts.items() if c == 2}
+    assert refetched <= asked_before_kill - recorded  # only those in flight (or unrecorded)
+    assert max(site.counts.values()) == 1 + 1 * bool(refetched)
+    assert not list(cache.rglob("*.tmp"))
+    blobs = blob_files(cache)
+    assert len(blobs) == n
+    assert all(hashlib.sha256(b.read_bytes()).hexdigest() == b.name for b in blobs)

@@ -1,0 +1,52 @@
+import numpy as np
+
+from vitrine.noise import class_outlier_scores, confident_learning, out_of_fold_proba
+
+
+def blobs(n_per_class: int = 60, dim: int = 16, seed: int = 0):
+    """Two well-separated classes of unit vectors."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[:2] * 6
+    x = np.concatenate([rng.normal(size=(n_per_class, dim)) + c for c in centres])
+    y = np.repeat([0, 1], n_per_class)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+
+
+def test_flipped_labels_are_found_and_the_true_class_suggested():
+    x, y = blobs()
+    given = y.copy()
+    flipped = [3, 10, 70, 99]
+    given[flipped] = 1 - given[flipped]
+    proba = out_of_fold_proba(x, given, n_classes=2, folds=5, seed=0)
+    issues = confident_learning(proba, given)
+    found = set(np.flatnonzero(issues.is_issue))
+    # The confident joint is conservative: most flips found, and hardly anything else.
+    assert len(found & set(flipped)) >= 3 and len(found - set(flipped)) <= 1
+    assert (issues.suggested[sorted(found & set(flipped))] == y[sorted(found & set(flipped))]).all()
+    # ranked by score, the flipped photos come first
+    assert set(np.argsort(-issues.score)[: len(flipped)]) == set(flipped)
+
+
+def test_clean_labels_give_almost_no_issues():
+    x, y = blobs(seed=1)
+    issues = confident_learning(out_of_fold_proba(x, y, 2, 5, 0), y)
+    assert issues.is_issue.sum() <= 2
+
+
+def test_confident_joint_by_hand():
+    proba = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    labels = np.array([0, 0, 1, 1])
+    # thresholds: class 0 = (0.9 + 0.7) / 2 = 0.8, class 1 = (0.8 + 0.4) / 2 = 0.6
+    issues = confident_learning(proba, labels)
+    assert issues.is_issue.tolist() == [False, False, False, False]
+    proba[3] = [0.85, 0.15]  # now above class 0's threshold while labelled 1
+    issues = confident_learning(proba, labels)
+    assert issues.is_issue.tolist() == [False, False, False, True]
+    assert issues.suggested[3] == 0
+
+
+def test_an_off_category_photo_is_an_outlier_of_its_class():
+    x, y = blobs(seed=2)
+    x[5] = -x[5]  # points away from every class
+    scores = class_outlier_scores(x, y)
+    assert scores.argmax() == 5 and scores[5] > 3

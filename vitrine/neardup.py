@@ -1,0 +1,270 @@
+"""Near-duplicate search: pHash pairs by multi-index hashing, embedding pairs by blocked cosine.
+
+Exact sha256 matching misses re-uploads that were resized, recompressed, cropped or captioned.
+Two signals catch them: a 64-bit pHash (cheap, survives resizing and recompression) and a CNN
+embedding (survives crops and caption bars). Both give pairs; `clusters` joins pairs into groups.
+
+Multi-index hashing (Norouzi, Punjani & Fleet 2012; generalised pigeonhole of Qin et al. 2018):
+split the 64 bits into m substrings and give substring k a radius r_k with sum(r_k) = d - m + 1.
+If two codes are within distance d, some substring k differs in at most r_k bits (otherwise the
+total would be at least sum(r_k + 1) = d + 1). So it suffices to look, for every code and every
+substring, at the codes whose substring is within r_k bits, and verify those candidates on all 64
+bits. The number of substrings m is chosen by a cost model: for 1M random codes at d = 8 that is
+m = 3 substrings of 22/21/21 bits searched within 2 bits (about 150M candidates), not m = 4 of
+16 bits (about 4 billion candidates: each 16-bit bucket holds ~15 codes and radius 2 visits 137
+buckets).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from itertools import combinations
+from math import comb
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+HASH_BITS = 64
+# Widest substring: its direct-address offsets table has 2**width entries (22 bits: 32 MiB).
+MAX_SUBSTRING_BITS = 22
+# Cost-model constants, in "element operations": fixed numpy overhead of one pass over the codes,
+# and the cost of one candidate (expand, gather both hashes, popcount) relative to one element.
+_PASS_OVERHEAD = 20_000
+_CANDIDATE_COST = 3.0
+
+Pairs = np.ndarray  # (k, 2) int64, i < j, rows sorted and unique
+
+
+# ---------------------------------------------------------------------------------------------
+# pHash pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def _ball(width: int, radius: int) -> int:
+    """How many keys of `width` bits lie within `radius` bits of a given key."""
+    return sum(comb(width, k) for k in range(radius + 1)) if radius >= 0 else 0
+
+
+def _layout(m: int, max_distance: int) -> list[tuple[int, int, int]]:
+    """(shift, width, radius) of each of m substrings; radius -1 means the substring is skipped.
+
+    The radii are spread as evenly as possible over a total of d - m + 1 (generalised pigeonhole),
+    the larger ones on the wider substrings, where a bucket holds fewer codes.
+    """
+    widths = [HASH_BITS // m + (1 if k < HASH_BITS % m else 0) for k in range(m)]
+    total = max_distance - m + 1
+    base, extra = divmod(total, m)
+    radii = [base + (1 if k < extra else 0) for k in range(m)]
+    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()
+    return [(s, w, r) for s, w, r in zip(shifts, widths, radii, strict=True) if r >= 0]
+
+
+def _layout_cost(layout: list[tuple[int, int, int]], n: int) -> float:
+    cost = 0.0
+    for _, width, radius in layout:
+        ball = _ball(width, radius)
+        cost += 2.0**width / 8  # building the offsets table
+        cost += ball * (_PASS_OVERHEAD + n / 2)  # one pass over half the codes per flip mask
+        cost += _CANDIDATE_COST * n * n / 2 * ball / 2.0**width  # expected random collisions
+    return cost
+
+
+@lru_cache(maxsize=128)
+def choose_layout(n: int, max_distance: int) -> tuple[tuple[int, int, int], ...]:
+    """The cheapest substring split for n uniformly random codes (see module docstring)."""
+    options = []
+    # m > d + 1 is allowed: then only d + 1 substrings are used, each matched exactly.
+    for m in range(1, HASH_BITS + 1):
+        if -(-HASH_BITS // m) > MAX_SUBSTRING_BITS:
+            continue
+        layout = _layout(m, max_distance)
+        options.append((_layout_cost(layout, n), m, layout))
+    return tuple(min(options)[2])
+
+
+def _flip_masks(top_bit: int, radius: int) -> np.ndarray:
+    """Masks whose highest set bit is `top_bit`, with at most `radius` bits set."""
+    low = [
+        sum(1 << b for b in bits) for k in range(radius) for bits in combinations(range(top_bit), k)
+    ]
+    return np.asarray(low, dtype=np.int64) | (1 << top_bit)
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges [start, start + count): (range number, position) of every element."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    first = np.cumsum(counts) - counts
+    return owner, np.arange(owner.size) + np.repeat(starts - first, counts)
+
+
+def _same_key_pairs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (p, q), p < q, of positions holding equal keys in a sorted array."""
+    bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+    starts = np.concatenate([[0], bounds])
+    lengths = np.diff(np.concatenate([starts, [len(sorted_keys)]]))
+    ps, qs = [], []
+    # One round per gap s: the work is proportional to the pairs produced, even for big runs.
+    for s in range(1, int(lengths.max(initial=1))):
+        keep = lengths > s
+        starts, lengths = starts[keep], lengths[keep]
+        _, p = _expand(starts, lengths - s)
+        ps.append(p)
+        qs.append(p + s)
+    empty = np.empty(0, dtype=np.int64)
+    return np.concatenate([empty, *ps]), np.concatenate([empty, *qs])
+
+
+def _substring_pairs(
+    hashes: np.ndarray, shift: int, width: int, radius: int, max_distance: int
+) -> np.ndarray:
+    """Verified pairs (as i * n + j, i < j) whose substring differs in at most `radius` bits."""
+    n = len(hashes)
+    # int32 keys (width <= 22): half the memory traffic of int64 in the lookups below.
+    keys = ((hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int32)
+    # Sorting by key makes every bucket a contiguous range and keeps the gathers below local.
+    order = np.argsort(keys, kind="stable")
+    sorted_keys, sorted_hashes = keys[order], hashes[order]
+    sizes = np.bincount(sorted_keys, minlength=1 << width)
+    offsets = np.zeros((1 << width) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    # Most looked-up buckets are empty: a 1-byte table answers that with less memory traffic.
+    occupied = sizes > 0
+
+    found = []
+
+    def verify(p: np.ndarray, q: np.ndarray) -> None:
+        close = np.bitwise_count(sorted_hashes[p] ^ sorted_hashes[q]) <= max_distance
+        i, j = order[p[close]], order[q[close]]
+        found.append(np.minimum(i, j) * n + np.maximum(i, j))
+
+    verify(*_same_key_pairs(sorted_keys))
+    for top_bit in range(width):
+        # A pair whose keys differ is visited once, from the code whose key has a 0 at the
+        # highest differing bit: that halves the codes looked up for every mask.
+        low_side = np.flatnonzero(((sorted_keys >> top_bit) & 1) == 0)
+        low_keys = sorted_keys[low_side]
+        for mask in _flip_masks(top_bit, radius).tolist():
+            target = low_keys ^ mask
+            hit = np.flatnonzero(occupied[target])
+            lo, hi = offsets[target[hit]], offsets[target[hit] + 1]
+            owner, q = _expand(lo, hi - lo)
+            verify(low_side[hit][owner], q)
+    return np.concatenate(found)
+
+
+def hash_pairs(hashes: np.ndarray, max_distance: int, *, substrings: int | None = None) -> Pairs:
+    """All pairs (i, j), i < j, of 64-bit codes within Hamming distance `max_distance`.
+
+    Sub-quadratic for spread-out codes (multi-index hashing); identical codes still produce all
+    their pairs, so collapse them first (as `hash_clusters` does) when only clusters are wanted.
+    `substrings` forces the number of substrings (tests); by default a cost model picks it.
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64).ravel()
+    if not 0 <= max_distance < HASH_BITS:
+        raise ValueError(f"max_distance must be in [0, {HASH_BITS}), got {max_distance}")
+    n = len(hashes)
+    if n < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    if substrings is None:
+        layout = choose_layout(n, max_distance)
+    elif -(-HASH_BITS // substrings) <= MAX_SUBSTRING_BITS and substrings <= HASH_BITS:
+        layout = tuple(_layout(substrings, max_distance))
+    else:
+        raise ValueError(f"substrings must be in [3, {HASH_BITS}], got {substrings}")
+    codes = [
+        _substring_pairs(hashes, shift, width, radius, max_distance)
+        for shift, width, radius in layout
+    ]
+    # A pair close in several substrings is found once per substring.
+    unique = np.unique(np.concatenate(codes))
+    return np.stack([unique // n, unique % n], axis=1)
+
+
+def brute_force_hash_pairs(hashes: np.ndarray, max_distance: int) -> Pairs:
+    """Reference for tests and small inputs: compares all n^2 / 2 pairs."""
+    hashes = np.asarray(hashes, dtype=np.uint64).ravel()
+    i, j = np.triu_indices(len(hashes), k=1)
+    close = np.bitwise_count(hashes[i] ^ hashes[j]) <= max_distance
+    return np.stack([i[close], j[close]], axis=1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def embedding_pairs(
+    emb: np.ndarray,
+    min_cosine: float,
+    *,
+    top_k: int | None = 32,
+    block_elements: int = 1 << 24,
+) -> Pairs:
+    """Pairs (i, j), i < j, of L2-normalised rows with cosine similarity >= min_cosine.
+
+    Row blocks are multiplied against the rows after them only (the upper triangle), with at
+    most `block_elements` similarities in memory at a time. `top_k` keeps, for each row i, only
+    its k most similar rows j > i: enough to connect a group of copies into one cluster while
+    bounding the output when thousands of rows are alike (None keeps every pair).
+    """
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n = len(emb)
+    rows = max(1, block_elements // max(n, 1))
+    found = []
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        sims = emb[start:stop] @ emb[start:].T  # column c is row start + c
+        # Only j > i: blank the diagonal and the lower triangle of the leading square.
+        sims[np.tril_indices(stop - start, m=sims.shape[1])] = -np.inf
+        if top_k is not None and sims.shape[1] > top_k:
+            cols = np.argpartition(sims, -top_k, axis=1)[:, -top_k:]
+            best = np.take_along_axis(sims, cols, axis=1)
+            r, c = np.nonzero(best >= min_cosine)
+            found.append(np.stack([start + r, start + cols[r, c]], axis=1))
+        else:
+            r, c = np.nonzero(sims >= min_cosine)
+            found.append(np.stack([start + r, start + c], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters
+# ---------------------------------------------------------------------------------------------
+
+
+def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Connected components of the graph with n nodes and `pairs` as edges (transitive closure).
+
+    Labels are 0..k-1 numbered by each cluster's smallest member, so they do not depend on the
+    order of the pairs; singletons get their own label.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    graph = sp.coo_matrix(
+        (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n)
+    )
+    _, labels = connected_components(graph, directed=False)
+    return _renumber(labels)
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    """Labels 0..k-1 in order of first occurrence: node 0's cluster is 0, the next new one 1..."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def hash_clusters(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Cluster labels of codes joined transitively by Hamming distance <= max_distance.
+
+    Identical codes are collapsed first, so a hash shared by thousands of photos (blank images)
+    costs one code, not millions of pairs.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64).ravel()
+    unique, inverse = np.unique(hashes, return_inverse=True)
+    labels = clusters(len(unique), hash_pairs(unique, max_distance))
+    return _renumber(labels[inverse.ravel()])
