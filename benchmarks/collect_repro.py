@@ -1,0 +1,103 @@
+"""End-to-end ingest rate of `dvc repro collect` on a folder of small JPEGs, DVC's hashing included.
+
+    python benchmarks/collect_repro.py [--n 20000] [--n-small 5000]
+
+Builds a throwaway copy of the project whose only source is a folder of N distinct 120x90
+JPEGs (random crops of the bundled Avito photos), times `dvc repro collect` (Dask start-up,
+decode, checks, hashing, shards, manifest and DVC's hashing and caching of the outputs), and
+reports images/s. It repeats with n-small images to show that peak memory (RSS of the stage's
+process tree, sampled) stays flat as the catalog grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest import variants  # noqa: E402  (benchmarks/ingest.py: distinct Avito-like JPEGs)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_copy(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True, text=True
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        if name.startswith("data/raw/"):
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+
+
+def photo_folder(root: Path, n: int) -> None:
+    for c, label in enumerate(("laptop", "phone")):
+        (root / label).mkdir(parents=True)
+        for i, data in enumerate(variants(n // 2, (120, 90), seed=c + 1)):
+            (root / label / f"{i:06d}.jpg").write_bytes(data)
+
+
+def peak_rss(proc: psutil.Process, stop: threading.Event, out: list[int]) -> None:
+    """Sample the RSS of the stage's whole process tree (DVC, python, Dask workers)."""
+    peak = 0
+    while not stop.is_set():
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out.append(peak)
+
+
+def run(n: int) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        project_copy(project)
+        photo_folder(project / "data/raw/photos", n)
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["collect"]["sources"] = [{"kind": "folder", "path": "photos"}]
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
+               "DVC_NO_ANALYTICS": "1"}
+        start = time.perf_counter()
+        proc = subprocess.Popen(["dvc", "repro", "collect"], cwd=project, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stop, peak = threading.Event(), []
+        sampler = threading.Thread(target=peak_rss, args=(psutil.Process(proc.pid), stop, peak))
+        sampler.start()
+        _, err = proc.communicate()
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        if proc.returncode:
+            raise SystemExit(f"dvc repro collect failed:\n{err[-2000:]}")
+        return seconds, peak[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--n-small", type=int, default=5000)
+    args = parser.parse_args()
+    for n in (args.n_small, args.n):
+        seconds, rss = run(n)
+        print(f"dvc repro collect, {n:>6} JPEGs 120x90 in a folder: {seconds:6.1f} s "
+              f"= {n / seconds:6.0f} images/s, peak RSS of the process tree {rss / 2**20:6.0f} MiB")
+    print("target: >= 1,500 images/s; peak memory flat as N grows")
+
+
+if __name__ == "__main__":
+    main()
