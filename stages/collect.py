@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import shutil
 import tarfile
 import zipfile
@@ -95,29 +96,40 @@ def _eager(read: Callable[[], bytes]) -> Callable[[], bytes]:
     return lambda: data
 
 
-def _read_capped(path: Path, max_bytes: int) -> bytes:
+def _read_capped(path: Path | str, max_bytes: int) -> bytes:
     try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise Rejected("too_large", f"{size} bytes > {max_bytes}")
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # one read, no stat: folders hold 100,000s of files
     except OSError as err:
         raise Rejected("unreadable", str(err)) from None
+    if len(data) > max_bytes:
+        raise Rejected("too_large", f"over {max_bytes} bytes")
+    return data
 
 
 # --- sources -----------------------------------------------------------------------------
 
 
+def _walk(directory: str, rel: str) -> Iterator[tuple[str, os.DirEntry]]:
+    """(relative path, entry) of everything under `directory` but sub-directories, sorted;
+    symlinks are yielded, not followed."""
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path, f"{rel}{entry.name}/")
+        else:
+            yield f"{rel}{entry.name}", entry
+
+
 def folder_records(root: Path, source: str, max_bytes: int) -> Iterator[InputRecord]:
     """One record per file under root/<label>/...; a symlink leading outside root is refused."""
     real_root = root.resolve()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
-        rel = path.relative_to(root).as_posix()
+    for rel, entry in _walk(str(root), ""):
         label = rel.split("/", 1)[0] if "/" in rel else ""
-        if not path.resolve().is_relative_to(real_root):
+        # Only a symlink can lead out of the tree (directories are walked without following).
+        if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(real_root):
             yield InputRecord(rel, label, source, _reject("outside_source_root", rel))
         else:
-            yield InputRecord(rel, label, source, lambda p=path: _read_capped(p, max_bytes))
+            yield InputRecord(rel, label, source, lambda p=entry.path: _read_capped(p, max_bytes))
 
 
 def _tree_prefix(names: list[str], classes: tuple[str, ...]) -> str:

@@ -120,7 +120,9 @@ def preprocess(images: Tensor, size: int = INPUT_SIZE) -> Tensor:
     x = images.permute(0, 3, 1, 2).float()
     if x.shape[-2:] != (size, size):
         # antialias: the same pixels whether a photo is shrunk or enlarged.
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
     x = (x - PIXEL_MEAN) / PIXEL_STD
     return x.contiguous(memory_format=torch.channels_last)
 

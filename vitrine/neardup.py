@@ -268,3 +268,60 @@ def hash_clusters(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     unique, inverse = np.unique(hashes, return_inverse=True)
     labels = clusters(len(unique), hash_pairs(unique, max_distance))
     return _renumber(labels[inverse.ravel()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Both signals together
+# ---------------------------------------------------------------------------------------------
+
+Tier = tuple[int, float]  # (max pHash Hamming distance, min descriptor cosine)
+
+# Chosen on edited copies of Avito photos (benchmarks/neardup.py): the further apart two pHashes
+# are, the closer the descriptors must be. pHash alone merges different laptops shot the same
+# way (distance 6-8); the descriptor alone merges them around cosine 0.985; requiring both
+# removes most of those while keeping resized/recompressed copies (pHash <= 8, cosine >= 0.98),
+# crops and captions (pHash 10-20, cosine >= 0.9875) and background swaps (cosine >= 0.99).
+DEFAULT_TIERS: tuple[Tier, ...] = ((8, 0.98), (20, 0.9875), (HASH_BITS, 0.99))
+# Tiers up to this distance get their candidates from the pHash index, wider ones from the
+# descriptors: multi-index hashing is cheap at small distances and explodes at large ones.
+HASH_SEARCH_MAX_DISTANCE = 12
+
+
+def near_duplicate_pairs(
+    hashes: np.ndarray,
+    emb: np.ndarray,
+    tiers: tuple[Tier, ...] = DEFAULT_TIERS,
+    *,
+    top_k: int | None = 32,
+) -> Pairs:
+    """Pairs (i, j), i < j, meeting any tier: pHash distance <= d and descriptor cosine >= c.
+
+    Each signal proposes candidates (hash_pairs for the narrow tiers, embedding_pairs for the
+    others) and every candidate is then judged on both.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint64).ravel()
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if len(hashes) != len(emb):
+        raise ValueError(f"{len(hashes)} hashes but {len(emb)} embeddings")
+    by_hash = [d for d, _ in tiers if d <= HASH_SEARCH_MAX_DISTANCE]
+    by_emb = [c for d, c in tiers if d > HASH_SEARCH_MAX_DISTANCE]
+    candidates = [np.empty((0, 2), dtype=np.int64)]
+    if by_hash:
+        candidates.append(hash_pairs(hashes, max(by_hash)))
+    if by_emb:
+        candidates.append(embedding_pairs(emb, min(by_emb), top_k=top_k))
+    pairs = np.unique(np.concatenate(candidates), axis=0)
+    i, j = pairs[:, 0], pairs[:, 1]
+    dist = np.bitwise_count(hashes[i] ^ hashes[j])
+    cos = np.einsum("ij,ij->i", emb[i], emb[j])
+    keep = np.zeros(len(pairs), dtype=bool)
+    for max_distance, min_cosine in tiers:
+        keep |= (dist <= max_distance) & (cos >= min_cosine)
+    return pairs[keep]
+
+
+def near_duplicate_clusters(
+    hashes: np.ndarray, emb: np.ndarray, tiers: tuple[Tier, ...] = DEFAULT_TIERS
+) -> np.ndarray:
+    """Cluster labels (see `clusters`) of photos joined transitively by `near_duplicate_pairs`."""
+    return clusters(len(emb), near_duplicate_pairs(hashes, emb, tiers))
