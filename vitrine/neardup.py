@@ -276,12 +276,15 @@ def hash_clusters(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
 Tier = tuple[int, float]  # (max pHash Hamming distance, min descriptor cosine)
 
-# Chosen on edited copies of Avito photos (benchmarks/neardup.py): the further apart two pHashes
-# are, the closer the descriptors must be. pHash alone merges different laptops shot the same
-# way (distance 6-8); the descriptor alone merges them around cosine 0.985; requiring both
-# removes most of those while keeping resized/recompressed copies (pHash <= 8, cosine >= 0.98),
-# crops and captions (pHash 10-20, cosine >= 0.9875) and background swaps (cosine >= 0.99).
-DEFAULT_TIERS: tuple[Tier, ...] = ((8, 0.98), (20, 0.9875), (HASH_BITS, 0.99))
+# Chosen on edited copies of Avito photos (benchmarks/neardup.py) and by looking at the Avito
+# pairs each tier adds. The further apart two pHashes are, the closer the descriptors must be:
+# - pHash <= 6 and cosine >= 0.95: resized, recompressed and brightened copies; pHash alone at
+#   6-8 also pairs different laptops shot the same way, which the descriptor rejects;
+# - pHash <= 20 and cosine >= 0.965: crops and caption bars (pHash 10-20 apart);
+# - cosine >= 0.975 at any pHash distance: background swaps (the same shot on white and black).
+# The middle tier is the costly one: about 100 Avito pairs fall in it and most are different
+# stock photos of one model line; without it, crops and captions drop below 95% recall.
+DEFAULT_TIERS: tuple[Tier, ...] = ((6, 0.95), (20, 0.965), (HASH_BITS, 0.975))
 # Tiers up to this distance get their candidates from the pHash index, wider ones from the
 # descriptors: multi-index hashing is cheap at small distances and explodes at large ones.
 HASH_SEARCH_MAX_DISTANCE = 12
@@ -325,3 +328,28 @@ def near_duplicate_clusters(
 ) -> np.ndarray:
     """Cluster labels (see `clusters`) of photos joined transitively by `near_duplicate_pairs`."""
     return clusters(len(emb), near_duplicate_pairs(hashes, emb, tiers))
+
+
+def star_clusters(n: int, pairs: np.ndarray, priority: np.ndarray | None = None) -> np.ndarray:
+    """Representative of each node: every node joins a representative it is DIRECTLY paired with.
+
+    Nodes are visited in `priority` order (e.g. most pixels first; default 0..n-1); an unassigned
+    node becomes a representative and takes its unassigned neighbours. Unlike `clusters`, chains
+    A~B~C do not put A and C together unless one of them is paired with the representative, so a
+    run of look-alike stock photos is not collapsed into one. Returns, per node, the index of its
+    representative (representatives map to themselves).
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    order = np.arange(n) if priority is None else np.asarray(priority, dtype=np.int64)
+    both = np.concatenate([pairs, pairs[:, ::-1]])
+    graph = sp.csr_matrix((np.ones(len(both), dtype=np.int8), (both[:, 0], both[:, 1])), (n, n))
+    rep = np.full(n, -1, dtype=np.int64)
+    for node in order[np.isin(order, both[:, 0])]:  # nodes without pairs represent themselves
+        if rep[node] < 0:
+            rep[node] = node
+            neighbours = graph.indices[graph.indptr[node] : graph.indptr[node + 1]]
+            free = neighbours[rep[neighbours] < 0]
+            rep[free] = node
+    alone = rep < 0
+    rep[alone] = np.flatnonzero(alone)
+    return rep

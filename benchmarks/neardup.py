@@ -1,0 +1,337 @@
+"""Near-duplicate search benchmark: speed at 1M hashes, recall on edited copies, real archive.
+
+    .venv/bin/python benchmarks/neardup.py            # all parts, about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/neardup.py --parts a  # one part
+
+(a) 1,000,000 random 64-bit hashes plus planted near pairs, clustered at distance <= 8.
+(b) 300 distinct Avito photos and 5 edited copies of each (resize 60%, JPEG q25, 4% crop per
+    side, brightness +15%, caption bar): % of copies clustered with their original and % of
+    originals wrongly merged with another, by pHash alone, by descriptor alone, and combined.
+(c) The 4,277 Avito photos as they are: clusters and near-duplicate (non-identical) groups.
+(d) Feature throughput on CPU: pHash, dedupe descriptor (96 px), pooled embedding (224 px).
+Timings are noisy on a shared machine: each is given as best and median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import statistics
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+from vitrine.embeddings import dedupe_embed_encoded, embed, load_backbone, load_descriptor
+from vitrine.hashing import phash64
+from vitrine.images import decode_rgb, load_square
+from vitrine.neardup import (
+    DEFAULT_TIERS,
+    clusters,
+    embedding_pairs,
+    hash_clusters,
+    hash_pairs,
+    near_duplicate_clusters,
+    near_duplicate_pairs,
+    star_clusters,
+)
+
+AVITO = Path(__file__).resolve().parents[1] / "data" / "raw" / "avito-raw.tar.gz"
+# What stages/dedupe.py does at the time of writing: pHash <= 8 OR pooled 1280-d cosine >= 0.92,
+# the embedding computed from 128 px squares (params.yaml dedupe.*).
+STAGE_DISTANCE, STAGE_COSINE, STAGE_SIDE = 8, 0.92, 128
+HASH_ONLY_DISTANCE = 8  # pHash alone: every resized or recompressed copy is within 8
+EMBEDDING_ONLY_COSINE = DEFAULT_TIERS[1][1]  # 0.965
+# Looser than every tier: photos linked this way are treated as possibly the same photo when
+# choosing "distinct" originals for (b).
+LOOSE_DISTANCE, LOOSE_COSINE = 12, 0.95
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[object, float, float]:
+    """(result, best seconds, median seconds) of `repeats` calls."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, min(times), statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) 1M hashes
+# ---------------------------------------------------------------------------------------------
+
+
+def part_a(repeats: int, n: int = 1_000_000, planted: int = 10_000, d: int = 8) -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2**64, n, dtype=np.uint64)
+    src = rng.choice(n, planted, replace=False)
+    dst = rng.choice(np.setdiff1d(np.arange(n), src), planted, replace=False)
+    for s, t in zip(src, dst, strict=True):
+        flips = rng.choice(64, int(rng.integers(1, d + 1)), replace=False)
+        codes[t] = codes[s] ^ np.uint64(sum(1 << int(b) for b in flips))
+    pairs, best, median = timed(lambda: hash_pairs(codes, d), repeats)
+    labels, c_best, c_median = timed(lambda: clusters(n, pairs), repeats)
+    found = {(int(a), int(b)) for a, b in pairs}
+    recovered = sum((min(s, t), max(s, t)) in found for s, t in zip(src, dst, strict=True))
+    print(f"(a) {n:,} random 64-bit hashes + {planted:,} planted pairs at distance 1..{d}")
+    print(f"    hash_pairs(d<={d}): best {best:.1f} s, median {median:.1f} s ({repeats} runs)")
+    print(f"    clusters():        best {c_best:.2f} s, median {c_median:.2f} s")
+    print(
+        f"    pairs found {len(pairs):,} (planted recovered {recovered:,}/{planted:,}, "
+        f"{len(pairs) - recovered:,} others); clusters {labels.max() + 1:,}; "
+        f"total best {best + c_best:.1f} s (target 60 s)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Avito photos and their features
+# ---------------------------------------------------------------------------------------------
+
+
+def load_avito() -> tuple[list[str], list[bytes]]:
+    with tarfile.open(AVITO) as archive:
+        members = sorted(
+            (m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+            key=lambda m: m.name,
+        )
+        return [m.name for m in members], [archive.extractfile(m).read() for m in members]
+
+
+def phashes(blobs: list[bytes]) -> np.ndarray:
+    return np.array([phash64(decode_rgb(b)) for b in blobs], dtype=np.uint64)
+
+
+def pooled_embeddings(blobs: list[bytes]) -> np.ndarray:
+    """The 1280-d pooled embeddings as stages/dedupe.py computes them."""
+    return embed(np.stack([load_square(b, STAGE_SIDE) for b in blobs]))
+
+
+def loose_components(hashes: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    pairs = np.concatenate(
+        [hash_pairs(hashes, LOOSE_DISTANCE), embedding_pairs(emb, LOOSE_COSINE, top_k=None)]
+    )
+    return clusters(len(hashes), pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) edited copies
+# ---------------------------------------------------------------------------------------------
+
+
+def jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def caption(img: Image.Image) -> Image.Image:
+    img = img.copy()
+    bar = max(10, img.height // 6)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, img.height - bar, img.width, img.height], fill=(20, 20, 20))
+    font = ImageFont.load_default(size=max(8, bar - 4))
+    draw.text((3, img.height - bar + 1), "PROMO 2999 DH", fill=(255, 255, 255), font=font)
+    return img
+
+
+def crop(img: Image.Image, fraction: float) -> Image.Image:
+    dx, dy = round(img.width * fraction), round(img.height * fraction)
+    return img.crop((dx, dy, img.width - dx, img.height - dy))
+
+
+# Re-uploads are re-encoded: every edit is saved as JPEG (quality 90 unless the edit is quality).
+EDITS: dict[str, Callable[[Image.Image], bytes]] = {
+    "resize 60%": lambda im: jpeg(
+        im.resize((round(im.width * 0.6), round(im.height * 0.6)), Image.Resampling.BILINEAR)
+    ),
+    "JPEG q25": lambda im: jpeg(im, 25),
+    "crop 4%/side": lambda im: jpeg(crop(im, 0.04)),
+    "bright +15%": lambda im: jpeg(ImageEnhance.Brightness(im).enhance(1.15)),
+    "caption": lambda im: jpeg(caption(im)),
+}
+
+
+def score(labels: np.ndarray, family: np.ndarray, edit: np.ndarray) -> tuple[dict, float]:
+    """Recall per edit, and the % of originals whose cluster holds another original's photos."""
+    originals = np.flatnonzero(edit == "original")
+    recall = {
+        name: float((labels[rows] == labels[originals[family[rows]]]).mean())
+        for name in EDITS
+        for rows in [np.flatnonzero(edit == name)]
+    }
+    families_per_cluster = {}
+    for label, fam in zip(labels, family, strict=True):
+        families_per_cluster.setdefault(label, set()).add(fam)
+    merged = np.mean([len(families_per_cluster[labels[o]]) > 1 for o in originals])
+    return recall, float(merged)
+
+
+def part_b(
+    blobs: list[bytes], hashes: np.ndarray, emb: np.ndarray, count: int, seed: int, strict: bool
+) -> None:
+    """strict: originals are one per loose component (no two of them are already near
+    duplicates, nor look-alikes); otherwise one per distinct file, so two originals may be
+    re-uploads or look-alikes of each other and "wrongly merged" is an upper bound."""
+    if strict:
+        groups = loose_components(hashes, emb)
+        chosen = f"one per loose component (pHash <= {LOOSE_DISTANCE} or cos >= {LOOSE_COSINE})"
+    else:
+        _, groups = np.unique([hashlib.sha256(b).digest() for b in blobs], return_inverse=True)
+        chosen = "one per distinct file (look-alikes and re-uploads included)"
+    _, one_each = np.unique(groups, return_index=True)
+    originals = np.sort(np.random.default_rng(seed).choice(one_each, count, replace=False))
+    images = [decode_rgb(blobs[i]) for i in originals]
+    copies = [EDITS[name](img) for name in EDITS for img in images]
+    all_hashes = np.concatenate([hashes[originals], phashes(copies)])
+    all_emb = np.concatenate([emb[originals], dedupe_embed_encoded(copies)])
+    family = np.concatenate([np.arange(count)] * (len(EDITS) + 1))
+    edit = np.repeat(["original", *EDITS], count)
+    n = len(family)
+    methods = {
+        f"pHash d<={d}": hash_clusters(all_hashes, d) for d in (4, 6, HASH_ONLY_DISTANCE, 10)
+    }
+    methods |= {
+        f"descriptor cos>={c}": clusters(n, embedding_pairs(all_emb, c))
+        for c in (0.955, 0.96, EMBEDDING_ONLY_COSINE, 0.97, 0.975)
+    }
+    methods["combined (tiers)"] = near_duplicate_clusters(all_hashes, all_emb)
+    pooled = pooled_embeddings([*(blobs[i] for i in originals), *copies])
+    stage_pairs = np.concatenate(
+        [hash_pairs(all_hashes, STAGE_DISTANCE), embedding_pairs(pooled, STAGE_COSINE)]
+    )
+    methods["stage today (OR)"] = clusters(n, stage_pairs)
+    print(
+        f"(b) {count} Avito photos, {chosen}, x {len(EDITS)} edits = {n} photos; "
+        f"tiers (max pHash distance, min cosine) {DEFAULT_TIERS}"
+    )
+    print(f"    {'method':22s} {'all copies':>10s} " + " ".join(f"{e:>12s}" for e in EDITS))
+    print(
+        f"    (stage today = pHash <= {STAGE_DISTANCE} OR pooled 1280-d cosine >= {STAGE_COSINE})"
+    )
+    for name, labels in methods.items():
+        recall, merged = score(labels, family, edit)
+        print(
+            f"    {name:22s} {np.mean(list(recall.values())):10.1%} "
+            + " ".join(f"{r:12.1%}" for r in recall.values())
+            + f"   wrongly merged {merged:.1%}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the archive as it is
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_clusters(name: str, labels: np.ndarray, digests: np.ndarray) -> None:
+    sizes = np.bincount(labels)
+    distinct_bytes = [len(set(digests[labels == k])) for k in np.flatnonzero(sizes > 1)]
+    near = sum(d > 1 for d in distinct_bytes)
+    print(
+        f"    {name:22s} clusters {len(sizes):5d}  with copies {int((sizes > 1).sum()):4d}  "
+        f"near-duplicate groups (>1 distinct file) {near:4d}  "
+        f"photos dropped {len(labels) - len(sizes):4d}  largest {sizes.max():3d}"
+    )
+
+
+def part_c(
+    names: list[str], blobs: list[bytes], hashes: np.ndarray, emb: np.ndarray, stage: bool
+) -> None:
+    digests = np.array([hashlib.sha256(b).hexdigest() for b in blobs])
+    _, exact = np.unique(digests, return_inverse=True)
+    print(f"(c) the {len(blobs):,} Avito photos")
+    describe_clusters("sha256 (today)", clusters(len(blobs), _same_label_pairs(exact)), digests)
+    describe_clusters(
+        f"pHash d<={HASH_ONLY_DISTANCE}", hash_clusters(hashes, HASH_ONLY_DISTANCE), digests
+    )
+    by_emb = clusters(len(blobs), embedding_pairs(emb, EMBEDDING_ONLY_COSINE))
+    describe_clusters(f"descriptor cos>={EMBEDDING_ONLY_COSINE}", by_emb, digests)
+    (labels, best, median) = timed(lambda: near_duplicate_clusters(hashes, emb), 3)
+    describe_clusters("combined (tiers)", labels, digests)
+    print(f"    combined pairs + clusters: best {best:.2f} s, median {median:.2f} s")
+    # Representatives visited largest first: each duplicate is a direct pair of its kept photo.
+    pixels = np.array([np.prod(decode_rgb(b).size) for b in blobs])
+    star = star_clusters(len(blobs), near_duplicate_pairs(hashes, emb), np.argsort(-pixels))
+    describe_clusters("combined, star_clusters", np.unique(star, return_inverse=True)[1], digests)
+    if stage:
+        pooled = pooled_embeddings(blobs)
+        pairs = np.concatenate(
+            [hash_pairs(hashes, STAGE_DISTANCE), embedding_pairs(pooled, STAGE_COSINE)]
+        )
+        describe_clusters("stage today (OR)", clusters(len(blobs), pairs), digests)
+    labels_by_class = {}
+    for name, label in zip(names, labels, strict=True):
+        labels_by_class.setdefault(label, set()).add(name.split("/")[-2])
+    mixed = sum(len(v) > 1 for v in labels_by_class.values())
+    print(f"    combined clusters mixing laptop and phone folders: {mixed}")
+
+
+def _same_label_pairs(labels: np.ndarray) -> np.ndarray:
+    order = np.argsort(labels, kind="stable")
+    same = labels[order][1:] == labels[order][:-1]
+    return np.stack([order[:-1][same], order[1:][same]], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) throughput, and the features the other parts use
+# ---------------------------------------------------------------------------------------------
+
+
+def features(blobs: list[bytes], repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    print(f"(d) feature throughput on CPU ({torch.get_num_threads()} threads), images/s")
+    hashes, best, median = timed(lambda: phashes(blobs), repeats)
+    print(
+        f"    pHash (decode + 32x32 DCT), {len(blobs)} photos: best {len(blobs) / best:.0f}, "
+        f"median {len(blobs) / median:.0f}"
+    )
+    descriptor = load_descriptor()
+    dedupe_embed_encoded(blobs[:64], model=descriptor)  # warm-up
+    emb, best, median = timed(lambda: dedupe_embed_encoded(blobs, model=descriptor), repeats)
+    print(
+        f"    dedupe descriptor (decode + 96 px, 448-d), {len(blobs)} photos: "
+        f"best {len(blobs) / best:.0f}, median {len(blobs) / median:.0f}"
+    )
+    sample = np.stack([load_square(b, 224) for b in blobs[:256]])
+    backbone = load_backbone()
+    embed(sample[:32], model=backbone)  # warm-up
+    _, best, median = timed(lambda: embed(sample, model=backbone), repeats)
+    print(
+        f"    pooled embedding (224 px, 1280-d, decoded beforehand), {len(sample)} photos: "
+        f"best {len(sample) / best:.1f}, median {len(sample) / median:.1f}"
+    )
+    return hashes, emb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'bc'")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--originals", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-stage", action="store_true", help="skip today's stage rule in (c) (2 min)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if "a" in args.parts:
+        part_a(args.repeats)
+    if set(args.parts) & set("bcd"):
+        names, blobs = load_avito()
+        if "d" in args.parts:
+            hashes, emb = features(blobs, args.repeats)
+        else:
+            hashes, emb = phashes(blobs), dedupe_embed_encoded(blobs)
+        if "b" in args.parts:
+            for strict in (True, False):
+                part_b(blobs, hashes, emb, args.originals, args.seed, strict)
+        if "c" in args.parts:
+            part_c(names, blobs, hashes, emb, not args.skip_stage)
+
+
+if __name__ == "__main__":
+    main()
