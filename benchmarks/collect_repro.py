@@ -25,7 +25,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import variants  # noqa: E402  (benchmarks/ingest.py: distinct Avito-like JPEGs)
+from ingest import variants
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ total would be at least sum(r_k + 1) = d + 1). So it suffices to look, for every
 substring, at the codes whose substring is within r_k bits, and verify those candidates on all 64
 bits. The number of substrings m is chosen by a cost model: for 1M random codes at d = 8 that is
 m = 3 substrings of 22/21/21 bits searched within 2 bits (about 150M candidates), not m = 4 of
-16 bits (about 4 billion candidates: each 16-bit bucket holds ~15 codes and radius 2 visits 137
-buckets).
+16 bits searched within 2 (about 4 billion candidates: a 16-bit bucket holds ~15 of 1M codes and
+radius 2 visits 137 buckets per code and substring).
 """
 
 from __future__ import annotations
@@ -217,18 +217,33 @@ def embedding_pairs(
         sims = emb[start:stop] @ emb[start:].T  # column c is row start + c
         # Only j > i: blank the diagonal and the lower triangle of the leading square.
         sims[np.tril_indices(stop - start, m=sims.shape[1])] = -np.inf
-        if top_k is not None and sims.shape[1] > top_k:
-            cols = np.argpartition(sims, -top_k, axis=1)[:, -top_k:]
-            best = np.take_along_axis(sims, cols, axis=1)
-            r, c = np.nonzero(best >= min_cosine)
-            found.append(np.stack([start + r, start + cols[r, c]], axis=1))
-        else:
-            r, c = np.nonzero(sims >= min_cosine)
-            found.append(np.stack([start + r, start + c], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found).astype(np.int64)
+        r, c = np.nonzero(sims >= min_cosine)
+        if top_k is not None:
+            r, c = _keep_top_k(sims, r, c, top_k)
+        found.append(np.stack([start + r, start + c], axis=1))
+    pairs = np.concatenate([np.empty((0, 2), dtype=np.int64), *found]).astype(np.int64)
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _keep_top_k(
+    sims: np.ndarray, r: np.ndarray, c: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of the (row, column) hits, keep at most top_k per row: the most similar ones.
+
+    Only rows with more than top_k hits are partitioned; nearly every row has a handful, so the
+    blocks are scanned once instead of being partially sorted row by row.
+    """
+    counts = np.bincount(r, minlength=len(sims))
+    crowded = np.flatnonzero(counts > top_k)
+    if not crowded.size:
+        return r, c
+    calm = ~np.isin(r, crowded)
+    # All top_k of a crowded row are hits: the row has more than top_k values >= min_cosine.
+    best = np.argpartition(sims[crowded], -top_k, axis=1)[:, -top_k:]
+    return (
+        np.concatenate([r[calm], np.repeat(crowded, top_k)]),
+        np.concatenate([c[calm], best.ravel()]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
