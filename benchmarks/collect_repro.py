@@ -70,11 +70,20 @@ def run(n: int) -> tuple[float, int]:
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["collect"]["sources"] = [{"kind": "folder", "path": "photos"}]
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
-               "DVC_NO_ANALYTICS": "1"}
+        env = {
+            **os.environ,
+            "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1",
+        }
         start = time.perf_counter()
-        proc = subprocess.Popen(["dvc", "repro", "collect"], cwd=project, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            ["dvc", "repro", "collect"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         stop, peak = threading.Event(), []
         sampler = threading.Thread(target=peak_rss, args=(psutil.Process(proc.pid), stop, peak))
         sampler.start()
@@ -94,8 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     for n in (args.n_small, args.n):
         seconds, rss = run(n)
-        print(f"dvc repro collect, {n:>6} JPEGs 120x90 in a folder: {seconds:6.1f} s "
-              f"= {n / seconds:6.0f} images/s, peak RSS of the process tree {rss / 2**20:6.0f} MiB")
+        print(
+            f"dvc repro collect, {n:>6} JPEGs 120x90 in a folder: {seconds:6.1f} s "
+            f"= {n / seconds:6.0f} images/s, peak RSS of the process tree {rss / 2**20:6.0f} MiB"
+        )
     print("target: >= 1,500 images/s; peak memory flat as N grows")
 
 

@@ -1,14 +1,17 @@
 """Near-duplicate search benchmark: speed at 1M hashes, recall on edited copies, real archive.
 
-    .venv/bin/python benchmarks/neardup.py            # all parts, about 4 minutes on 2 cores
-    .venv/bin/python benchmarks/neardup.py --parts a  # one part
+    .venv/bin/python benchmarks/neardup.py             # parts a-d, about 7 minutes on 2 cores
+    .venv/bin/python benchmarks/neardup.py --parts ae  # a and e (e: about 2 minutes)
 
 (a) 1,000,000 random 64-bit hashes plus planted near pairs, clustered at distance <= 8.
-(b) 300 distinct Avito photos and 5 edited copies of each (resize 60%, JPEG q25, 4% crop per
-    side, brightness +15%, caption bar): % of copies clustered with their original and % of
-    originals wrongly merged with another, by pHash alone, by descriptor alone, and combined.
+(b) 300 Avito photos and 5 edited copies of each (resize 60%, JPEG q25, 4% crop per side,
+    brightness +15%, caption bar): % of copies clustered with their original and % of originals
+    wrongly merged with another, by pHash alone, by descriptor alone, combined, and by the rule
+    stages/dedupe.py uses today. Run twice: originals that are clearly distinct (one per loose
+    component), then originals that are merely different files (re-uploads, look-alikes).
 (c) The 4,277 Avito photos as they are: clusters and near-duplicate (non-identical) groups.
 (d) Feature throughput on CPU: pHash, dedupe descriptor (96 px), pooled embedding (224 px).
+(e) embedding_pairs on 100,000 random 448-d vectors (not run by default).
 Timings are noisy on a shared machine: each is given as best and median of --repeats runs.
 """
 
@@ -87,6 +90,21 @@ def part_a(repeats: int, n: int = 1_000_000, planted: int = 10_000, d: int = 8) 
         f"{len(pairs) - recovered:,} others); clusters {labels.max() + 1:,}; "
         f"total best {best + c_best:.1f} s (target 60 s)"
     )
+
+
+def part_e(n: int = 100_000, dim: int = 448, twins: int = 1_000) -> None:
+    """embedding_pairs on n random unit vectors (dedupe descriptor size) with planted twins."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    emb[:twins] = emb[twins : 2 * twins] + rng.normal(scale=0.1, size=(twins, dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    start = time.perf_counter()
+    pairs = embedding_pairs(emb, EMBEDDING_ONLY_COSINE)
+    seconds = time.perf_counter() - start
+    print(
+        f"(e) embedding_pairs: {n:,} x {dim}-d, cosine >= {EMBEDDING_ONLY_COSINE}: {seconds:.0f} s,"
+    )
+    print(f"    {len(pairs):,} pairs ({twins:,} planted); one run: it is O(n^2 d) matrix products")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +327,7 @@ def features(blobs: list[bytes], repeats: int) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'bc'")
+    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'bc' or 'e'")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--originals", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -320,6 +338,8 @@ def main() -> None:
     torch.set_num_threads(2)
     if "a" in args.parts:
         part_a(args.repeats)
+    if "e" in args.parts:
+        part_e()
     if set(args.parts) & set("bcd"):
         names, blobs = load_avito()
         if "d" in args.parts:

@@ -96,6 +96,9 @@ def test_hash_pairs_edge_cases():
     assert hash_pairs(full, 63).tolist() == [[0, 2]]
     with pytest.raises(ValueError):
         hash_pairs(full, 64)
+    for substrings in (0, 2, 65):  # 2 substrings would be 32 bits wide: too big a table
+        with pytest.raises(ValueError):
+            hash_pairs(full, 8, substrings=substrings)
 
 
 def test_clusters_are_transitive_and_numbered_by_first_member():

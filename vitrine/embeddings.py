@@ -11,11 +11,11 @@ Two feature sets:
 - `embed`: the classifier's pooled 1280-d features at 224x224. Semantic: two different laptops
   photographed the same way are close, so it is a poor near-duplicate signal on its own.
 - `dedupe_embed`: the first five stages (stride 16, 112 channels) at 96x96, GeM-pooled per
-  quadrant (448-d).
-  Mid-level features describe this photo rather than its class, and 96 px is about the size of
-  the marketplace thumbnails, so resized or recompressed copies land at the same place. On edited
-  Avito photos it separates copies from distinct photos far better than `embed` (see
-  benchmarks/neardup.py), at a fraction of the cost.
+  quadrant (448-d). Mid-level features describe this photo rather than its class, and 96 px is
+  about the size of the marketplace thumbnails, so resized or recompressed copies land at the
+  same place. Measured on 1,000 Avito photos and edited copies, at the cosine that keeps 99% of
+  copies: about 15 of 499k pairs of unrelated photos (pHashes > 16 bits apart) pass, against
+  1,300-1,500 with `embed` (GeM over the whole map; the 2x2 regions halve look-alikes again).
 """
 
 from __future__ import annotations

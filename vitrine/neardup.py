@@ -168,7 +168,7 @@ def hash_pairs(hashes: np.ndarray, max_distance: int, *, substrings: int | None 
         return np.empty((0, 2), dtype=np.int64)
     if substrings is None:
         layout = choose_layout(n, max_distance)
-    elif -(-HASH_BITS // substrings) <= MAX_SUBSTRING_BITS and substrings <= HASH_BITS:
+    elif 1 <= substrings <= HASH_BITS and -(-HASH_BITS // substrings) <= MAX_SUBSTRING_BITS:
         layout = tuple(_layout(substrings, max_distance))
     else:
         raise ValueError(f"substrings must be in [3, {HASH_BITS}], got {substrings}")
