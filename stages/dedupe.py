@@ -2,8 +2,9 @@
 
 Re-uploads of the same photo (byte-identical, resized, recompressed, cropped, captioned) would
 otherwise land in both train and test and inflate the scores. Three signals find them: sha256
-for exact copies, a 64-bit pHash searched by multi-index hashing for resized and recompressed
-ones, and cosine similarity of frozen EfficientNet-Lite0 embeddings for what hashes miss.
+for exact copies; for near copies, tiers that each require both a 64-bit pHash distance
+(searched by multi-index hashing) and a cosine similarity of a photo-level EfficientNet-Lite0
+descriptor (mid-level features at 96 px, so two different laptops shot alike stay apart).
 Pairs are merged transitively into clusters. Every collect row is carried over, so the
 manifest still accounts for every input; human decisions (data/review/decisions.csv) override
 the automatic choices.
@@ -22,10 +23,10 @@ from tqdm import tqdm
 
 from stages.collect import MANIFEST, SHARDS, THUMBS
 from vitrine.config import load_params, load_paths, stage_config
-from vitrine.embeddings import embed
+from vitrine.embeddings import DEDUPE_SIZE, dedupe_embed, embed
 from vitrine.images import load_square
 from vitrine.ingest import phash_from_int64
-from vitrine.neardup import clusters, embedding_pairs, hash_pairs
+from vitrine.neardup import clusters, near_duplicate_pairs
 from vitrine.noise import class_outlier_scores, confident_learning, out_of_fold_proba
 from vitrine.review import render_review
 from vitrine.shards import ShardReader
@@ -47,8 +48,8 @@ class NoiseConfig:
 class DedupeConfig:
     classes: tuple[str, ...]
     keep: str  # which member represents a cluster: "largest" (most pixels, ties by id)
-    phash_max_distance: int  # bits
-    embedding_min_cosine: float
+    # A pair is a near duplicate if any tier holds: pHash distance <= bits and cosine >= min.
+    tiers: tuple[tuple[int, float], ...]
     embedding_batch_size: int
     noise: NoiseConfig
 
@@ -69,17 +70,12 @@ def exact_pairs(sha256: pd.Series) -> np.ndarray:
 
 
 def duplicate_pairs(
-    accepted: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfig
+    accepted: pd.DataFrame, descriptors: np.ndarray, config: DedupeConfig
 ) -> np.ndarray:
     """All evidence that two accepted photos are the same photo, as (i, j) positions."""
     hashes = np.array([phash_from_int64(int(h)) for h in accepted["phash"]], dtype=np.uint64)
-    return np.concatenate(
-        [
-            exact_pairs(accepted["sha256"]),
-            hash_pairs(hashes, config.phash_max_distance),
-            embedding_pairs(embeddings, config.embedding_min_cosine),
-        ]
-    )
+    near = near_duplicate_pairs(hashes, descriptors, config.tiers)
+    return np.concatenate([exact_pairs(accepted["sha256"]), near])
 
 
 def cluster_keys(accepted: pd.DataFrame, labels: np.ndarray) -> pd.Series:
@@ -195,14 +191,19 @@ def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfi
 
 
 def dedupe(
-    manifest: pd.DataFrame, embeddings: np.ndarray, decisions: pd.DataFrame, config: DedupeConfig
+    manifest: pd.DataFrame,
+    descriptors: np.ndarray,
+    embeddings: np.ndarray,
+    decisions: pd.DataFrame,
+    config: DedupeConfig,
 ) -> pd.DataFrame:
     """The deduped manifest: every collect row, with cluster_id, representative, status and,
-    for kept photos, noise scores. `embeddings` are the accepted rows' in manifest order."""
+    for kept photos, noise scores. `descriptors` (near-duplicate search) and `embeddings`
+    (semantic, for noise) are the accepted rows', in manifest order."""
     out = apply_relabels(manifest, decisions)
     accepted = out["status"] == "accepted"
     acc = out[accepted]
-    labels = clusters(len(acc), duplicate_pairs(acc, embeddings, config))
+    labels = clusters(len(acc), duplicate_pairs(acc, descriptors, config))
     out["cluster_id"] = ""
     out.loc[accepted, "cluster_id"] = cluster_keys(acc, labels)
     out = assign_statuses(out, decisions)
@@ -249,15 +250,15 @@ def dedupe_report(deduped: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, 
 # --- I/O -------------------------------------------------------------------------------------
 
 
-def accepted_pixels(manifest: pd.DataFrame, shards_dir: Path) -> np.ndarray:
-    """Decode every accepted photo once, through the one shared decode path."""
+def accepted_pixels(manifest: pd.DataFrame, shards_dir: Path, side: int) -> np.ndarray:
+    """Every accepted photo as a side x side square, through the one shared decode path."""
     acc = manifest[manifest["status"] == "accepted"]
-    out = np.empty((len(acc), EMBED_SIDE, EMBED_SIDE, 3), dtype=np.uint8)
+    out = np.empty((len(acc), side, side, 3), dtype=np.uint8)
     with ShardReader(shards_dir) as shards:
         for i, row in enumerate(
             tqdm(acc.itertuples(), total=len(acc), desc="dedupe decode", unit="img")
         ):
-            out[i] = load_square(shards.read(row.shard, row.offset, row.length), EMBED_SIDE)
+            out[i] = load_square(shards.read(row.shard, row.offset, row.length), side)
     return out
 
 
@@ -290,10 +291,11 @@ def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
     manifest = pd.read_parquet(paths.collected / MANIFEST)
-    embeddings = embed(
-        accepted_pixels(manifest, paths.collected / SHARDS), config.embedding_batch_size
-    )
-    deduped = dedupe(manifest, embeddings, read_decisions(paths.decisions, config.classes), config)
+    shards, batch = paths.collected / SHARDS, config.embedding_batch_size
+    descriptors = dedupe_embed(accepted_pixels(manifest, shards, DEDUPE_SIZE), batch)
+    embeddings = embed(accepted_pixels(manifest, shards, EMBED_SIDE), batch)
+    decisions = read_decisions(paths.decisions, config.classes)
+    deduped = dedupe(manifest, descriptors, embeddings, decisions, config)
     candidates = review_candidates(deduped, config)
     paths.deduped.mkdir(parents=True, exist_ok=True)
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)

@@ -40,8 +40,7 @@ CLASSES = ("laptop", "phone")
 CONFIG = DedupeConfig(
     CLASSES,
     "largest",
-    phash_max_distance=8,
-    embedding_min_cosine=0.95,
+    tiers=((6, 0.95), (20, 0.965), (64, 0.975)),
     embedding_batch_size=8,
     noise=NoiseConfig(folds=3, seed=0, min_outlier_score=3.0, max_candidates=10),
 )
@@ -68,7 +67,7 @@ def run(rows, decisions=NO_DECISIONS, embeddings=None):
     m = frame(rows)
     n_acc = int((m["status"] == "accepted").sum())
     emb = distinct_embeddings(n_acc) if embeddings is None else embeddings
-    return dedupe(m, emb, decisions, CONFIG).set_index("id")
+    return dedupe(m, emb, emb, decisions, CONFIG).set_index("id")
 
 
 def test_exact_copies_form_one_cluster_keeping_the_largest():
@@ -89,18 +88,21 @@ def test_exact_copies_form_one_cluster_keeping_the_largest():
     assert (d.loc["bad.jpg", "status"], d.loc["bad.jpg", "cluster_id"]) == ("quarantined", "")
 
 
-def test_near_duplicates_by_hash_and_by_embedding_join_one_cluster():
-    rows = [manifest_row(f"{i}.jpg", "phone", f"{i:x}" * 64) for i in range(4)]
+def test_near_duplicates_need_hash_and_descriptor_to_agree():
+    rows = [manifest_row(f"{i}.jpg", "phone", f"{i:x}" * 64) for i in range(5)]
     m = frame(rows)
-    m.loc[1, "phash"] = m.loc[0, "phash"] ^ 0b111  # 3 bits from photo 0
-    emb = distinct_embeddings(4)
-    emb[2] = emb[0] * 0.999 + emb[2] * 0.001  # nearly the same direction as photo 0
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    d = dedupe(m, emb, NO_DECISIONS, CONFIG).set_index("id")
+    desc = distinct_embeddings(5)
+    m.loc[1, "phash"] = m.loc[0, "phash"] ^ 0b111  # 3 bits from photo 0...
+    desc[1] = desc[0] * 0.97 + desc[1] * 0.03  # ...and a close descriptor: tier 1
+    desc[2] = desc[0] * 0.999 + desc[2] * 0.001  # descriptor alone nearly equal: tier 3
+    m.loc[3, "phash"] = m.loc[0, "phash"] ^ 0b1  # hash alone close, descriptor far: no tier
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    d = dedupe(m, desc, distinct_embeddings(5), NO_DECISIONS, CONFIG).set_index("id")
     assert (
         d.loc["0.jpg", "cluster_id"] == d.loc["1.jpg", "cluster_id"] == d.loc["2.jpg", "cluster_id"]
     )
     assert d.loc["3.jpg", "cluster_id"] != d.loc["0.jpg", "cluster_id"]
+    assert d.loc["4.jpg", "cluster_id"] != d.loc["0.jpg", "cluster_id"]
     assert set(d.loc[["0.jpg", "1.jpg", "2.jpg"], "reason"]) == {"", "near_duplicate"}
 
 
@@ -218,7 +220,8 @@ def test_prepare_packs_each_split_from_the_shards(class_folder, tmp_path):
         DownloadConfig(),
     )
     collected = collect(cfg, class_folder.parent, tmp_path / "c", cache=tmp_path / "cache")
-    deduped = dedupe(collected, distinct_embeddings(len(collected)), NO_DECISIONS, CONFIG)
+    emb = distinct_embeddings(len(collected))
+    deduped = dedupe(collected, emb, emb, NO_DECISIONS, CONFIG)
     prepared = split_manifest(deduped, PREP)
     assert len(prepared) == 24 and set(prepared["split"]) <= {"train", "val", "test"}
     train = prepared[prepared["split"] == "train"]

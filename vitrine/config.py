@@ -40,6 +40,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if args and args[-1] is not Ellipsis:  # fixed shape, e.g. tuple[int, float]
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {value!r}")
+            return tuple(
+                _convert(t, v, f"{where}[{i}]")
+                for i, (t, v) in enumerate(zip(args, value, strict=True))
+            )
         return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
