@@ -250,15 +250,20 @@ def dedupe_report(deduped: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, 
 # --- I/O -------------------------------------------------------------------------------------
 
 
-def accepted_pixels(manifest: pd.DataFrame, shards_dir: Path, side: int) -> np.ndarray:
-    """Every accepted photo as a side x side square, through the one shared decode path."""
+def accepted_squares(
+    manifest: pd.DataFrame, shards_dir: Path, sides: tuple[int, ...]
+) -> list[np.ndarray]:
+    """Every accepted photo as a side x side square for each of `sides`, through the one shared
+    decode path; each photo's bytes are read from its shard once."""
     acc = manifest[manifest["status"] == "accepted"]
-    out = np.empty((len(acc), side, side, 3), dtype=np.uint8)
+    out = [np.empty((len(acc), side, side, 3), dtype=np.uint8) for side in sides]
     with ShardReader(shards_dir) as shards:
         for i, row in enumerate(
             tqdm(acc.itertuples(), total=len(acc), desc="dedupe decode", unit="img")
         ):
-            out[i] = load_square(shards.read(row.shard, row.offset, row.length), side)
+            data = shards.read(row.shard, row.offset, row.length)
+            for squares, side in zip(out, sides, strict=True):
+                squares[i] = load_square(data, side)
     return out
 
 
@@ -292,8 +297,8 @@ def main() -> None:
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
     manifest = pd.read_parquet(paths.collected / MANIFEST)
     shards, batch = paths.collected / SHARDS, config.embedding_batch_size
-    descriptors = dedupe_embed(accepted_pixels(manifest, shards, DEDUPE_SIZE), batch)
-    embeddings = embed(accepted_pixels(manifest, shards, EMBED_SIDE), batch)
+    small, large = accepted_squares(manifest, shards, (DEDUPE_SIZE, EMBED_SIDE))
+    descriptors, embeddings = dedupe_embed(small, batch), embed(large, batch)
     decisions = read_decisions(paths.decisions, config.classes)
     deduped = dedupe(manifest, descriptors, embeddings, decisions, config)
     candidates = review_candidates(deduped, config)
