@@ -15,7 +15,7 @@ export BENTOML_HOME := $(CURDIR)/.bentoml
 # dvc.yaml's `python -m stages.<name>` must find the project's interpreter.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test lint serve flow clean
+.PHONY: setup repro test lint serve flow grocery clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ serve: setup
 
 flow: setup
 	$(BIN)/python -m pipeline.flows
+
+# The pipeline on GroceryStore in build/grocery (README "GroceryStore"): GROCERY_TAR names the
+# tar (default ../shared/datasets/grocery-store.tar); STAGES=prepare stops after prepare.
+grocery: setup
+	$(BIN)/python -m scripts.grocery $(STAGES)
 
 clean:
 	rm -rf data/collected data/deduped data/prepared models reports .bentoml

@@ -10,3 +10,4 @@ DEFAULT_MODEL_NAME = "vitrine-classifier"
 # Files inside the packaged model folder (the DVC output and the BentoML store model alike).
 SCRIPTED_MODEL_FILE = "model.pt"
 MODEL_INFO_FILE = "model.json"
+MODEL_CARD_FILE = "model_card.md"

@@ -1,9 +1,13 @@
 """Package: the trained checkpoint as a TorchScript model, in the BentoML store and a Bento.
 
-Reads  <paths.model>/best.ckpt and model.json (train), <paths.evaluate_report> (evaluate).
+Reads  <paths.model>/best.ckpt and model.json (train), <paths.evaluate_report> (evaluate),
+       the serve: block of params.yaml, dvc.lock (the prepared data's md5) and the git revision.
 Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> logits, checked
                                  against the eager one before anything is written;
-       <paths.package>/model.json classes, image_size, model, input_size, model_version, metrics.
+       <paths.package>/model.json classes, image_size, model, input_size, model_version, metrics,
+                                 abstain_threshold, serve (the service's limits: the Bento has no
+                                 params.yaml) and card (params, data version, git revision);
+       <paths.package>/model_card.md the same card for people.
 Then saves that folder to the BentoML model store ($BENTOML_HOME, <repo>/.bentoml when unset) as
 <package.model_name>:<model_version> and, with package.build_bento, builds bentofile.yaml's Bento.
 
@@ -22,16 +26,19 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bentoml
 import torch
+import yaml
 from bentoml.exceptions import NotFound
 from torch import Tensor
 
-from service import MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE
+from service import MODEL_CARD_FILE, MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE
+from service.settings import ServeConfig
 from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.models import ImageClassifier, Predictor
@@ -40,6 +47,9 @@ if TYPE_CHECKING:
     from bentoml._internal.models import ModelStore
 
 BENTOFILE = Path("bentofile.yaml")
+DVC_LOCK = Path("dvc.lock")
+CARD_PARAMS = ("classes", "prepare", "train", "evaluate")  # what made the model, for its card
+UNKNOWN = "unknown"
 PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
 
 
@@ -138,7 +148,54 @@ def model_version(predictor: torch.nn.Module, trained: TrainedModel) -> str:
     return f"{prefix}-{digest.hexdigest()[:12]}"
 
 
-def package_info(trained: TrainedModel, version: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def abstain_threshold(report: dict[str, Any]) -> float:
+    """The confidence below which the service abstains, as evaluate chose it (0.0: never)."""
+    return float(report["abstain"]["threshold"]) if "abstain" in report else 0.0
+
+
+def data_version(lock_file: Path, prepared: Path) -> str | None:
+    """The md5 dvc.lock records for the prepared data (None before the first `dvc repro`)."""
+    if not lock_file.is_file():
+        return None
+    stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if Path(out["path"]) == prepared:
+                return out.get("md5")
+    return None
+
+
+def git_revision(repo: Path) -> str | None:
+    """The commit the code was at (None outside a git checkout)."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance(params: dict[str, Any], prepared: Path, repo: Path) -> dict[str, Any]:
+    """The model card's record of what made the model: params, data version, code revision.
+
+    "unknown" where there is no dvc.lock or git checkout (BentoML metadata refuses None).
+    """
+    md5 = data_version(repo / DVC_LOCK, prepared) or UNKNOWN
+    return {
+        "params": {key: params[key] for key in CARD_PARAMS if key in params},
+        "data": {"path": prepared.as_posix(), "md5": md5},
+        "git_revision": git_revision(repo) or UNKNOWN,
+    }
+
+
+def package_info(
+    trained: TrainedModel,
+    version: str,
+    report: dict[str, Any],
+    serve: ServeConfig,
+    card: dict[str, Any],
+) -> dict[str, Any]:
     """model.json of the package: everything the service needs besides the weights."""
     return {
         "model": trained.model,
@@ -146,8 +203,41 @@ def package_info(trained: TrainedModel, version: str, metrics: dict[str, Any]) -
         "image_size": trained.image_size,
         "input_size": trained.input_size,
         "model_version": version,
-        "metrics": metrics,
+        "metrics": report,
+        "abstain_threshold": abstain_threshold(report),
+        "serve": dataclasses.asdict(serve),
+        "card": card,
     }
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """model_card.md: the model, how to feed it, how well it did and what made it."""
+    scalars = {k: v for k, v in info["metrics"].items() if isinstance(v, int | float)}
+    card = info["card"]
+    lines = [
+        f"# Model card: {info['model_version']}",
+        "",
+        f"- Architecture: {info['model']}",
+        f"- Classes (output order): {', '.join(info['classes'])}",
+        f"- Input: uint8 RGB (N, {info['image_size']}, {info['image_size']}, 3) from "
+        f"vitrine.images.load_square; the model resizes to {info['input_size']} px and "
+        "normalises inside",
+        f"- Abstains below confidence {info['abstain_threshold']:g}",
+        f"- Data: {card['data']['path']} (md5 {card['data']['md5']} in dvc.lock)",
+        f"- Code: git revision {card['git_revision']}",
+        "",
+        "## Test metrics",
+        "",
+        *(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in scalars.items()),
+        "",
+        "## Params",
+        "",
+        "```yaml",
+        yaml.safe_dump(card["params"], sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def write_package(out_dir: Path, model_bytes: bytes, info: dict[str, Any]) -> None:
@@ -156,15 +246,22 @@ def write_package(out_dir: Path, model_bytes: bytes, info: dict[str, Any]) -> No
     out_dir.mkdir(parents=True)
     (out_dir / SCRIPTED_MODEL_FILE).write_bytes(model_bytes)
     (out_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (out_dir / MODEL_CARD_FILE).write_text(model_card(info))
 
 
-def export_package(model_dir: Path, evaluate_report: Path, out_dir: Path) -> dict[str, Any]:
-    """Checkpoint -> <out_dir>/model.pt + model.json; returns the model.json content."""
+def export_package(
+    model_dir: Path,
+    evaluate_report: Path,
+    out_dir: Path,
+    serve: ServeConfig,
+    card: dict[str, Any],
+) -> dict[str, Any]:
+    """Checkpoint -> <out_dir>/model.pt, model.json, model_card.md; returns model.json's content."""
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
     model_bytes = serialize(script_predictor(predictor, trained.image_size))
-    metrics = json.loads(evaluate_report.read_text())
-    info = package_info(trained, model_version(predictor, trained), metrics)
+    report = json.loads(evaluate_report.read_text())
+    info = package_info(trained, model_version(predictor, trained), report, serve, card)
     write_package(out_dir, model_bytes, info)
     return info
 
@@ -192,7 +289,7 @@ def save_to_store(package_dir: Path, name: str, store: ModelStore | None = None)
     with bentoml.models.create(
         tag, labels=store_labels(info), metadata=copy.deepcopy(info), **where
     ) as model:
-        for filename in (SCRIPTED_MODEL_FILE, MODEL_INFO_FILE):
+        for filename in (SCRIPTED_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE):
             shutil.copy2(package_dir / filename, model.path_of(filename))
     return model.tag
 
@@ -209,7 +306,9 @@ def main() -> None:
     os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ[MODEL_NAME_ENV] = cfg.model_name  # read by the service when the Bento is built
-    info = export_package(paths.model, paths.evaluate_report, paths.package)
+    serve = stage_config(ServeConfig, "serve", params)
+    card = provenance(params, paths.prepared, Path.cwd())
+    info = export_package(paths.model, paths.evaluate_report, paths.package, serve, card)
     tag = save_to_store(paths.package, cfg.model_name)
     print(f"package: saved model {tag} ({info['model']}, classes {info['classes']})")
     if cfg.build_bento:

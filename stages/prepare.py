@@ -1,6 +1,8 @@
 """prepare: a stable, leakage-free split by cluster, and the resized images packed per split.
 
-Training then memory-maps uint8 arrays and never decodes a JPEG.
+Training then memory-maps uint8 arrays and never decodes a JPEG. `prepare.split: column` takes
+each photo's split from its source instead (a catalog column, e.g. a dataset's published
+train/val/test lists), and the leakage report then measures how far that split leaks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from vitrine.data import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.images import load_square
 from vitrine.shards import ShardReader
 
+SPLIT_RULES = ("hash", "column")
+
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -29,10 +33,18 @@ class PrepareConfig:
     val_fraction: float
     test_fraction: float
     seed: int
+    split: str = "hash"  # hash: by cluster key and seed | column: as the source gives it
+    split_column: str = "split"  # the catalog column (kept in `meta`) read by split: column
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction + self.test_fraction < 1:
             raise ValueError("prepare: val_fraction + test_fraction must be in (0, 1)")
+        if self.split not in SPLIT_RULES:
+            raise ValueError(f"prepare.split must be one of {SPLIT_RULES}, got {self.split!r}")
+
+
+class SplitError(ValueError):
+    """`prepare.split: column` found photos whose source gives no valid split."""
 
 
 def assign_split(cluster_id: str, config: PrepareConfig) -> str:
@@ -45,10 +57,41 @@ def assign_split(cluster_id: str, config: PrepareConfig) -> str:
     return "val" if u < config.test_fraction + config.val_fraction else "train"
 
 
+def _meta_value(meta: str, key: str) -> str:
+    return str(json.loads(meta).get(key, "")).strip() if meta else ""
+
+
+def source_splits(rows: pd.DataFrame, column: str) -> pd.Series:
+    """Each row's split as its source gives it (catalog column `column`, kept in `meta`).
+    A photo without train, val or test there is refused, never guessed or dropped."""
+    meta = rows["meta"] if "meta" in rows else pd.Series("", index=rows.index)
+    given = meta.map(lambda m: _meta_value(m, column))
+    bad = (~given.isin(SPLITS)).to_numpy()
+    if bad.any():
+        pairs = zip(rows["id"].to_numpy()[bad][:5], given.to_numpy()[bad][:5], strict=True)
+        examples = ", ".join(f"{i} ({v!r})" for i, v in pairs)
+        raise SplitError(
+            f"prepare.split: column: {bad.sum()} of {len(rows)} photos have no {column!r} of "
+            f"{list(SPLITS)} in their source's metadata, e.g. {examples}"
+        )
+    return given
+
+
+def clustered_splits(deduped: pd.DataFrame, config: PrepareConfig) -> pd.Series:
+    """The split of every accepted (clustered) photo, copies included, indexed as `deduped`:
+    all are checked before anything is packed."""
+    clustered = deduped[deduped["cluster_id"] != ""]
+    if config.split == "column":
+        return source_splits(clustered, config.split_column)
+    return clustered["cluster_id"].map(lambda c: assign_split(c, config))
+
+
 def split_manifest(deduped: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame:
     """The kept photos with their split and their row `index` in that split's image array."""
-    kept = deduped[deduped["status"] == "kept"].sort_values(["source", "id"]).copy()
-    kept["split"] = kept["cluster_id"].map(lambda c: assign_split(c, config))
+    rows = deduped.reset_index(drop=True)
+    splits = clustered_splits(rows, config)
+    kept = rows[rows["status"] == "kept"].sort_values(["source", "id"]).copy()
+    kept["split"] = splits[kept.index]
     kept["index"] = kept.groupby("split").cumcount()
     columns = [
         "id",
@@ -90,15 +133,28 @@ def naive_split(n: int, config: PrepareConfig) -> np.ndarray:
 
 
 def leakage_report(deduped: pd.DataFrame, prepared: pd.DataFrame, config: PrepareConfig) -> dict:
-    """Near-duplicate leakage into val/test: our cluster split against a naive random split of
-    every accepted photo, copies included."""
+    """Near-duplicate leakage into val/test: our split against a naive random split of every
+    accepted photo, copies included. With `split: column`, also the source's own split over
+    every accepted photo (what training on it as published would leak) and what dedupe took
+    out of each of its splits."""
     accepted = deduped[deduped["cluster_id"] != ""]
     naive = pd.Series(naive_split(len(accepted), config), index=accepted.index)
-    return {
+    report: dict[str, Any] = {
         "leaked_val_test_photos": leaked(prepared["split"], prepared["cluster_id"]),
         "naive_split_leaked_val_test_photos": leaked(naive, accepted["cluster_id"]),
         "naive_split_val_test_photos": int(naive.isin(["val", "test"]).sum()),
     }
+    if config.split == "column":
+        given = source_splits(accepted, config.split_column)
+        splits_per_cluster = given.groupby(accepted["cluster_id"]).nunique()
+        removed = given[accepted["status"] != "kept"].value_counts()
+        report["source_split"] = {
+            "leaked_val_test_photos": leaked(given, accepted["cluster_id"]),
+            "val_test_photos": int(given.isin(["val", "test"]).sum()),
+            "clusters_across_splits": int((splits_per_cluster > 1).sum()),
+            "not_kept_by_dedupe": {s: int(removed.get(s, 0)) for s in SPLITS},
+        }
+    return report
 
 
 def prepare_report(prepared: pd.DataFrame) -> dict[str, Any]:
@@ -114,7 +170,10 @@ def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(PrepareConfig, "prepare", params)
     deduped = pd.read_parquet(paths.deduped / MANIFEST)
-    prepared = split_manifest(deduped, config)
+    try:
+        prepared = split_manifest(deduped, config)
+    except SplitError as err:
+        raise SystemExit(f"prepare: {err}") from None
     paths.prepared.mkdir(parents=True, exist_ok=True)
     with ShardReader(paths.collected / SHARDS) as shards:
         for split in SPLITS:

@@ -1,9 +1,23 @@
-"""train: fit a candidate network with Lightning; keep the best checkpoint by validation loss."""
+"""train: fit one candidate network with Lightning (`python -m stages.train <candidate>`).
+
+dvc.yaml runs one stage per entry of params.yaml's `candidates` block (train@<candidate>).
+The `train` block holds what every candidate shares (seed, imbalance handling, early stopping,
+Lightning Trainer arguments); the candidate's block its network and optimisation.
+
+Writes <paths.model>/<candidate>/best.ckpt + model.json, <paths.train_reports>/<candidate>.json
+and DVCLive's per-epoch metrics under <paths.train_live>/<candidate>. Checkpoints are written to
+<paths.train_resume>/<candidate>/<fingerprint>/ first, outside DVC's outputs (which `dvc repro`
+deletes before a stage runs): a run killed mid-training and started again resumes from its last
+epoch there, provided params and prepared data are unchanged (the fingerprint).
+"""
 
 from __future__ import annotations
 
-import csv
+import dataclasses
+import hashlib
 import json
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +25,17 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
+from dvclive.lightning import DVCLiveLogger
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from vitrine.config import load_params, load_paths, stage_config
-from vitrine.data import PackedDataModule, split_images_path
-from vitrine.models import ImageClassifier, model_spec
+from vitrine.config import from_mapping, load_params, load_paths, stage_config
+from vitrine.data import PackedDataModule, prepared_manifest_path, split_images_path
+from vitrine.models import ImageClassifier
 
 CHECKPOINT = "best.ckpt"
+LAST = "last.ckpt"
 MODEL_CARD = "model.json"
 
 
@@ -31,114 +49,218 @@ class EarlyStoppingConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """params.yaml `train`: shared by every candidate."""
+
     classes: tuple[str, ...]
-    model: str
     seed: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    max_epochs: int
     num_workers: int
-    augment: tuple[dict[str, Any], ...]
+    imbalance: str  # none | loss_weights | balanced_sampler
     early_stopping: EarlyStoppingConfig
     trainer: dict[str, Any]  # passed through to lightning.Trainer
 
 
-class History(Callback):
-    """Per-epoch train/val metrics, for the DVC training-curve plot."""
+@dataclass(frozen=True)
+class CandidateConfig:
+    """params.yaml `candidates.<name>`: one network and how to fit it."""
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+    model: str  # a key of vitrine.models.MODELS
+    options: dict[str, Any]  # keyword arguments of the model's builder, e.g. {mode: probe}
+    input_size: int  # side the Predictor resizes prepared images to before the network
+    batch_size: int
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    cosine_schedule: bool  # anneal the learning rate to 0 over max_epochs
+    max_epochs: int
+    augment: tuple[dict[str, Any], ...]  # albumentations transforms, train split only
 
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # Lightning runs the validation loop before this hook, so val metrics are present.
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        self.rows.append({"epoch": trainer.current_epoch, **metrics})
+
+def candidate_config(params: dict[str, Any], name: str) -> CandidateConfig:
+    candidates = params.get("candidates") or {}
+    if name not in candidates:
+        raise KeyError(f"unknown candidate {name!r}; params.yaml candidates: {sorted(candidates)}")
+    return from_mapping(CandidateConfig, candidates[name], f"candidates.{name}")
+
+
+class EpochSeed(Callback):
+    """Seeds every epoch from (seed, epoch): shuffling, sampling, dropout and augmentation of
+    epoch e are then the same whether the run got there in one go or was resumed."""
+
+    def __init__(self, seed: int, data: PackedDataModule):
+        self.seed = seed
+        self.data = data
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        epoch_seed = self.seed + trainer.current_epoch
+        seed_everything(epoch_seed, workers=True, verbose=False)
+        self.data.reseed(epoch_seed)
 
 
 @dataclass(frozen=True)
 class TrainResult:
     best_checkpoint: Path
-    history: list[dict[str, float]]
     metrics: dict[str, Any]
+    is_global_zero: bool  # DDP: only rank zero writes files
 
 
-def train(config: TrainConfig, prepared: Path, out: Path) -> TrainResult:
-    L.seed_everything(config.seed, workers=True)
+def run_fingerprint(config: TrainConfig, candidate: CandidateConfig, prepared: Path) -> str:
+    """Identifies a training run: its params and the prepared data (manifest and image size)."""
+    digest = hashlib.sha256()
+    settings = [dataclasses.asdict(config), dataclasses.asdict(candidate)]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(prepared_manifest_path(prepared).read_bytes())
+    digest.update(str(np.load(split_images_path(prepared, "train"), mmap_mode="r").shape).encode())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a Lightning checkpoint was saved at (0-based)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+
+
+def resumable_checkpoint(workdir: Path) -> tuple[Path, int] | None:
+    """The last checkpoint of an interrupted run and the epoch to resume at, if readable."""
+    last = workdir / LAST
+    if not last.exists():
+        return None
+    try:
+        return last, checkpoint_epoch(last) + 1
+    except Exception as err:  # a SIGKILL while writing leaves a truncated file
+        print(f"train: ignoring unreadable {last} ({type(err).__name__}: {err}); starting over")
+        last.unlink()
+        return None
+
+
+def build_module(
+    config: TrainConfig, candidate: CandidateConfig, data: PackedDataModule
+) -> ImageClassifier:
+    weights = data.train_class_weights() if config.imbalance == "loss_weights" else None
+    return ImageClassifier(
+        candidate.model,
+        list(config.classes),
+        candidate.lr,
+        candidate.weight_decay,
+        input_size=candidate.input_size,
+        options=candidate.options,
+        class_weights=weights,
+        label_smoothing=candidate.label_smoothing,
+        cosine_epochs=candidate.max_epochs if candidate.cosine_schedule else 0,
+    )
+
+
+def train(
+    config: TrainConfig,
+    candidate: CandidateConfig,
+    prepared: Path,
+    workdir: Path,
+    live_dir: Path,
+) -> TrainResult:
+    """Fit the candidate; checkpoints (best and last) go to workdir, resumed from if present."""
+    seed_everything(config.seed, workers=True, verbose=False)
     data = PackedDataModule(
         prepared,
         list(config.classes),
-        config.batch_size,
+        candidate.batch_size,
         config.num_workers,
-        list(config.augment),
+        list(candidate.augment),
         config.seed,
+        config.imbalance,
     )
-    module = ImageClassifier(config.model, list(config.classes), config.lr, config.weight_decay)
+    module = build_module(config, candidate, data)
     es = config.early_stopping
     stopper = EarlyStopping(
         monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta
     )
-    best = ModelCheckpoint(
-        dirpath=out,
+    checkpoints = ModelCheckpoint(
+        dirpath=workdir,
         filename=Path(CHECKPOINT).stem,
         monitor=es.monitor,
         mode=es.mode,
         save_top_k=1,
+        save_last=True,
         enable_version_counter=False,
     )
-    history = History()
+    resume = resumable_checkpoint(workdir)
+    resume_from, resumed_epoch = resume if resume else (None, 0)
     trainer = L.Trainer(
-        max_epochs=config.max_epochs,
-        callbacks=[stopper, best, history],
-        logger=False,
+        max_epochs=candidate.max_epochs,
+        callbacks=[stopper, checkpoints, EpochSeed(config.seed, data)],
+        logger=DVCLiveLogger(
+            dir=str(live_dir),
+            resume=resume_from is not None,
+            save_dvc_exp=False,
+            dvcyaml=None,
+            report=None,
+        ),
         num_sanity_val_steps=0,
         deterministic=True,
         enable_model_summary=False,
-        default_root_dir=out,
+        default_root_dir=workdir,
         **config.trainer,
     )
+    if resume_from:
+        print(f"train: resuming {candidate.model} at epoch {resumed_epoch} from {resume_from}")
     started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    best_row = min(history.rows, key=lambda r: r[es.monitor] * (1 if es.mode == "min" else -1))
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    seconds = time.perf_counter() - started
+    best = Path(checkpoints.best_model_path)
+    final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()}
+    epochs_run = trainer.current_epoch - resumed_epoch
     metrics = {
-        "model": config.model,
-        "best_epoch": int(best_row["epoch"]),
-        "best_" + es.monitor: best_row[es.monitor],
-        "best_val_acc": best_row.get("val_acc"),
-        "epochs_run": len(history.rows),
+        "model": candidate.model,
+        "best_epoch": checkpoint_epoch(best),
+        f"best_{es.monitor}": float(checkpoints.best_model_score),
+        "epochs": trainer.current_epoch,
         "stopped_by": "early_stopping" if stopper.stopped_epoch > 0 else "max_epochs",
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "resumed_at_epoch": resumed_epoch if resume_from else None,
+        "train_seconds": round(seconds, 1),
+        "train_images_per_s": round(epochs_run * len(data.train_set) / seconds, 1),
+        "final": final,
     }
-    return TrainResult(Path(best.best_model_path), history.rows, metrics)
+    # Every rank prints this line: the DDP test checks they stopped at the same epoch.
+    print(
+        f"train: rank {trainer.global_rank} stopped after epoch {trainer.current_epoch - 1} "
+        f"({metrics['stopped_by']}), final {json.dumps(final, sort_keys=True)}"
+    )
+    return TrainResult(best, metrics, trainer.is_global_zero)
 
 
-def model_card(config: TrainConfig, prepared: Path) -> dict[str, Any]:
+def model_card(config: TrainConfig, candidate: CandidateConfig, prepared: Path) -> dict[str, Any]:
     """What a consumer of the checkpoint needs to feed it: classes and image sizes."""
     image_size = int(np.load(split_images_path(prepared, "train"), mmap_mode="r").shape[1])
     return {
-        "model": config.model,
+        "model": candidate.model,
         "classes": list(config.classes),
         "image_size": image_size,
-        "input_size": model_spec(config.model).input_size,
+        "input_size": candidate.input_size,
     }
 
 
-def write_history(rows: list[dict[str, float]], path: Path) -> None:
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def publish(result: TrainResult, card: dict[str, Any], out: Path, report: Path) -> None:
+    """Copy the best checkpoint into the DVC output and write the card and the metrics."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copy2(result.best_checkpoint, out / CHECKPOINT)
+    (out / MODEL_CARD).write_text(json.dumps(card, indent=2) + "\n")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(result.metrics, indent=2) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    (name,) = argv if argv is not None else sys.argv[1:]
     params = load_params()
-    paths, config = load_paths(params), stage_config(TrainConfig, "train", params)
-    result = train(config, paths.prepared, paths.model)
-    (paths.model / MODEL_CARD).write_text(json.dumps(model_card(config, paths.prepared), indent=2))
-    write_history(result.history, paths.train_history)
-    paths.train_report.write_text(json.dumps(result.metrics, indent=2) + "\n")
-    print(f"train: {result.metrics}")
+    paths = load_paths(params)
+    config = stage_config(TrainConfig, "train", params)
+    candidate = candidate_config(params, name)
+    workdir = paths.train_resume / name / run_fingerprint(config, candidate, paths.prepared)
+    result = train(config, candidate, paths.prepared, workdir, paths.train_live / name)
+    if not result.is_global_zero:
+        return
+    card = model_card(config, candidate, paths.prepared)
+    publish(result, card, paths.model / name, paths.train_reports / f"{name}.json")
+    shutil.rmtree(workdir)  # finished: a later run of the same params starts afresh
+    print(f"train: {name}: {result.metrics} (written by rank 0)")
 
 
 if __name__ == "__main__":

@@ -226,3 +226,22 @@ def test_config_refuses_unknown_keys_and_kinds():
         from_mapping(Source, {"kind": "folder", "path": "x", "colour": "red"})
     with pytest.raises(ValueError, match="unknown kind"):
         config(Source("ftp", "x"))
+
+
+def test_catalog_taxonomy_labels_and_split_column_reach_the_manifest(class_folder, tmp_path):
+    raw = class_folder.parent
+    (raw / "catalog.csv").write_text(
+        "id,label,path,split\n"
+        "g-1,Fruit/Apple/Granny-Smith,photos/laptop/000.jpg,train\n"
+        "g-2,Vegetables/Mushroom/Brown-Cap-Mushroom,photos/phone/000.jpg,test\n"
+        "g-3,Fruit/Apple,photos/phone/001.jpg,val\n"
+    )
+    taxonomy = ("Fruit/Apple/Granny-Smith", "Vegetables/Mushroom/Brown-Cap-Mushroom")
+    m = run(config(Source("catalog", "catalog.csv"), classes=taxonomy), raw, tmp_path)
+    assert m.loc["g-1", "label"] == "Fruit/Apple/Granny-Smith"
+    assert (m.loc["g-1", "status"], m.loc["g-2", "status"]) == ("accepted", "accepted")
+    assert json.loads(m.loc["g-2", "meta"]) == {"split": "test"}
+    # a path prefix of a class is not that class
+    assert m.loc["g-3", "reason"] == "unknown_label"
+    report = collect_report(m.reset_index())
+    assert report["by_class"] == {taxonomy[0]: 1, taxonomy[1]: 1}

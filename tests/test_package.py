@@ -17,11 +17,14 @@ import torch
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
+from service.settings import ServeConfig, read_package_info
 from stages.package import (
     PackageConfig,
+    data_version,
     export_package,
     load_predictor,
     parity_batch,
+    provenance,
     read_trained,
     save_to_store,
     script_predictor,
@@ -36,6 +39,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:F
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["laptop", "phone"]
 METRICS = {"accuracy": 0.75, "macro_f1": 0.7, "business_weighted_accuracy": 0.8, "n_test": 40}
+SERVE = stage_config(ServeConfig, "serve", load_params(REPO / "params.yaml"))
+CARD = {"params": {"train": {"model": "cnn64"}}, "data": {"path": "p", "md5": "abc.dir"}}
 
 
 def write_trained_model(model_dir: Path, seed: int = 0, classes: list[str] = CLASSES) -> None:
@@ -55,10 +60,14 @@ def write_trained_model(model_dir: Path, seed: int = 0, classes: list[str] = CLA
     (model_dir / "model.json").write_text(json.dumps(info))
 
 
-def write_report(path: Path) -> Path:
+def write_report(path: Path, report: dict = METRICS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(METRICS))
+    path.write_text(json.dumps(report))
     return path
+
+
+def export(model_dir: Path, report: Path, out_dir: Path) -> dict:
+    return export_package(model_dir, report, out_dir, SERVE, {**CARD, "git_revision": "f00"})
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (300, 200)) -> bytes:
@@ -74,7 +83,7 @@ def exported(tmp_path: Path) -> tuple[Path, Path, dict]:
     model_dir = tmp_path / "models" / "train"
     write_trained_model(model_dir)
     out_dir = tmp_path / "models" / "package"
-    info = export_package(model_dir, write_report(tmp_path / "evaluate.json"), out_dir)
+    info = export(model_dir, write_report(tmp_path / "evaluate.json"), out_dir)
     return model_dir, out_dir, info
 
 
@@ -86,12 +95,50 @@ def test_config_fields_are_the_params_block() -> None:
 
 def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]) -> None:
     _, out_dir, info = exported
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.json", "model.pt", "model_card.md"]
     assert json.loads((out_dir / "model.json").read_text()) == info
     assert info["classes"] == CLASSES
     assert info["image_size"] == 128 and info["input_size"] == 64 and info["model"] == "cnn64"
     assert info["metrics"] == METRICS
     assert info["model_version"].startswith("cnn64-")
+    # What the service reads back: the serve limits and "never abstain" without an abstain key.
+    served = read_package_info(out_dir)
+    assert served.serve == SERVE and served.abstain_threshold == 0.0
+    assert served.classes == tuple(CLASSES) and served.version == info["model_version"]
+
+
+def test_abstain_threshold_comes_from_the_evaluate_report(tmp_path: Path) -> None:
+    write_trained_model(tmp_path / "train")
+    report = write_report(tmp_path / "evaluate.json", {**METRICS, "abstain": {"threshold": 0.6}})
+    info = export(tmp_path / "train", report, tmp_path / "package")
+    assert info["abstain_threshold"] == 0.6
+    assert read_package_info(tmp_path / "package").abstain_threshold == 0.6
+
+
+def test_model_card_records_metrics_params_data_and_code(
+    exported: tuple[Path, Path, dict],
+) -> None:
+    _, out_dir, info = exported
+    card = (out_dir / "model_card.md").read_text()
+    assert info["model_version"] in card
+    assert "accuracy: 0.7500" in card and "n_test: 40" in card
+    assert "abc.dir" in card and "f00" in card and "model: cnn64" in card
+    assert info["card"] == {**CARD, "git_revision": "f00"}
+
+
+def test_data_version_is_the_prepared_md5_in_dvc_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "dvc.lock"
+    assert data_version(lock, Path("data/prepared")) is None  # before the first dvc repro
+    lock.write_text(
+        "schema: '2.0'\nstages:\n  prepare:\n    outs:\n"
+        "    - path: data/prepared\n      hash: md5\n      md5: 0123abcd.dir\n"
+        "    - path: reports/prepare.json\n      md5: ffff\n"
+    )
+    assert data_version(lock, Path("data/prepared")) == "0123abcd.dir"
+    card = provenance({"train": {"seed": 1}, "collect": {}}, Path("data/prepared"), tmp_path)
+    assert card["params"] == {"train": {"seed": 1}}  # only what made the model
+    assert card["data"] == {"path": "data/prepared", "md5": "0123abcd.dir"}
+    assert card["git_revision"] == "unknown"  # tmp_path is no git checkout
 
 
 def test_scripted_model_equals_eager(exported: tuple[Path, Path, dict]) -> None:
@@ -118,7 +165,7 @@ def test_model_version_follows_the_weights(tmp_path: Path) -> None:
     versions = []
     for run, seed in enumerate((0, 0, 1)):
         write_trained_model(tmp_path / f"train{run}", seed=seed)
-        info = export_package(tmp_path / f"train{run}", report, tmp_path / f"package{run}")
+        info = export(tmp_path / f"train{run}", report, tmp_path / f"package{run}")
         versions.append(info["model_version"])
     assert versions[0] == versions[1] != versions[2]
 
@@ -129,7 +176,7 @@ def test_checkpoint_must_match_model_json(tmp_path: Path) -> None:
     info = json.loads((model_dir / "model.json").read_text())
     (model_dir / "model.json").write_text(json.dumps({**info, "classes": ["phone", "laptop"]}))
     with pytest.raises(ValueError, match=r"model\.json says"):
-        export_package(model_dir, write_report(tmp_path / "evaluate.json"), tmp_path / "out")
+        export(model_dir, write_report(tmp_path / "evaluate.json"), tmp_path / "out")
 
 
 def test_model_lands_in_the_store(exported: tuple[Path, Path, dict], tmp_path: Path) -> None:
@@ -142,7 +189,7 @@ def test_model_lands_in_the_store(exported: tuple[Path, Path, dict], tmp_path: P
 
     stored = store.get("vitrine-test:latest")
     assert stored.tag == tag and tag.version == info["model_version"]
-    for name in ("model.pt", "model.json"):
+    for name in ("model.pt", "model.json", "model_card.md"):
         assert Path(stored.path_of(name)).read_bytes() == (out_dir / name).read_bytes()
     assert stored.info.metadata["metrics"] == METRICS
     assert stored.info.metadata["classes"] == CLASSES
@@ -180,3 +227,4 @@ def test_stage_builds_a_bento(tmp_path: Path) -> None:
     bento_src = next((home / "bentos" / "vitrine").glob("*/src"))
     assert (bento_src / "service" / "service.py").is_file()
     assert (bento_src / "vitrine" / "images.py").is_file()
+    assert (bento_src / "service" / "upload.html").is_file()

@@ -1,16 +1,24 @@
-"""The real BentoML server (`bentoml serve service.service:Classifier`) on a packaged tiny model."""
+"""The service: its pure parts in-process, then the real BentoML server on loopback.
+
+The server (`bentoml serve service.service:Classifier`, as `make serve` runs it) serves a tiny
+untrained model packaged by the package stage with small serve limits, and gets real photos
+from the bundled Avito archive.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +32,34 @@ from bentoml._internal.models import ModelStore
 from PIL import Image
 
 from service import MODEL_NAME_ENV
+from service.batching import MicroBatcher
+from service.core import check_answer, classify_answer
+from service.settings import PackageInfo, ServeConfig
 from stages.package import export_package, save_to_store
 from vitrine.images import load_square
 from vitrine.models import ImageClassifier
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
-]
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 CLASSES = ["laptop", "phone"]
 MODEL_NAME = "vitrine-test-classifier"
 START_TIMEOUT_S = 120
+ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
+CHROMIUM = Path("/usr/bin/chromium")
+# Small limits, so that the hostile cases stay cheap (and prove the limits come from params).
+SERVE = ServeConfig(
+    max_upload_bytes=1_000_000,
+    max_pixels=4_000_000,
+    min_side=32,
+    max_batch_images=6,
+    max_batch_bytes=2_000_000,
+    max_batch_size=8,
+    max_batch_wait_ms=2.0,
+    workers=2,
+    torch_threads=1,
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +91,8 @@ def package_tiny_model(root: Path) -> Path:
     info = {"model": "cnn64", "classes": CLASSES, "image_size": 128, "input_size": 64}
     (train / "model.json").write_text(json.dumps(info))
     (root / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "n_test": 2}))
-    export_package(train, root / "evaluate.json", root / "package")
+    card = {"params": {}, "data": {"path": "data/prepared", "md5": "unknown"}, "git_revision": "t"}
+    export_package(train, root / "evaluate.json", root / "package", SERVE, card)
     models = root / "home" / "models"
     models.mkdir(parents=True)
     save_to_store(root / "package", MODEL_NAME, store=ModelStore(models))
@@ -141,21 +164,38 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     assert process.returncode == 0, "the server did not shut down cleanly on SIGTERM"
 
 
+# --- Photos and hostile payloads ----------------------------------------------------------------
+
+
+def archive_photos(label: str, n: int) -> list[bytes]:
+    """The n largest photos of one class in the vendored archive."""
+    with tarfile.open(ARCHIVE) as archive:
+        members = [
+            m
+            for m in archive.getmembers()
+            if m.isfile() and m.name.startswith(f"raw_data/{label}/")
+        ]
+        members.sort(key=lambda m: (-m.size, m.name))
+        return [archive.extractfile(m).read() for m in members[:n]]
+
+
 def phone_photo() -> bytes:
-    """The largest phone photo of the vendored archive (or a synthetic JPEG without it)."""
-    if ARCHIVE.exists():
-        with tarfile.open(ARCHIVE) as archive:
-            phones = [
-                m
-                for m in archive.getmembers()
-                if m.isfile() and m.name.startswith("raw_data/phone/")
-            ]
-            member = max(phones, key=lambda m: m.size)
-            return archive.extractfile(member).read()
-    rng = np.random.default_rng(0)
+    return archive_photos("phone", 1)[0]
+
+
+def sample_photos() -> list[bytes]:
+    return archive_photos("laptop", 3) + archive_photos("phone", 3)
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A PNG whose header claims side x side pixels (its few data bytes never get that far)."""
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    return buffer.getvalue()
+    Image.new("RGB", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = struct.pack(">II", side, side) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
 
 
 def in_process_probabilities(package: Path, data: bytes) -> list[float]:
@@ -167,62 +207,319 @@ def in_process_probabilities(package: Path, data: bytes) -> list[float]:
         return torch.softmax(model(batch), dim=1)[0].tolist()
 
 
+def truncated_jpeg() -> bytes:
+    photo = phone_photo()
+    return photo[: len(photo) // 2]
+
+
+# --- In-process: batching and the answers -------------------------------------------------------
+
+
+def package_info(threshold: float) -> PackageInfo:
+    return PackageInfo(("laptop", "phone"), 128, "cnn64-x", threshold, SERVE)
+
+
+def test_answers_abstain_below_the_threshold() -> None:
+    confident = classify_answer([0.1, 0.9], package_info(0.6))
+    unsure = classify_answer([0.45, 0.55], package_info(0.6))
+    assert confident["label"] == "phone" and not confident["abstain"]
+    assert unsure["label"] == "phone" and unsure["abstain"]
+    assert check_answer("laptop", confident)["suggested_category"] == "phone"
+    assert check_answer("laptop", unsure)["suggested_category"] == "laptop"  # no confident hint
+    assert check_answer("phone", confident) == {
+        "declared": "phone",
+        "predicted": "phone",
+        "matches": True,
+        "confidence": 0.9,
+        "suggested_category": "phone",
+        "abstain": False,
+    }
+
+
+def test_batcher_groups_concurrent_calls_and_keeps_them_apart() -> None:
+    calls: list[int] = []
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        time.sleep(0.02)  # the model is busy: later requests queue meanwhile
+        return images * 10
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(forward, max_batch_size=8, max_wait_ms=1)
+        inputs = [np.full((1 + i % 2, 1), i) for i in range(20)]  # 1 or 2 images per call
+        return inputs, await asyncio.gather(*(batcher(x) for x in inputs))
+
+    inputs, outputs = asyncio.run(scenario())
+    for x, y in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(y, x * 10)
+    assert sum(calls) == 30 and max(calls) <= 8
+    assert len(calls) < 20  # grouped
+
+
+def test_batcher_hands_the_model_error_to_every_caller() -> None:
+    def forward(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model broke")
+
+    async def scenario() -> list[object]:
+        batcher = MicroBatcher(forward, max_batch_size=8, max_wait_ms=1)
+        return await asyncio.gather(
+            *(batcher(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True
+        )
+
+    assert [str(r) for r in asyncio.run(scenario())] == ["model broke"] * 3
+
+
+# --- The real server ----------------------------------------------------------------------------
+
+
+def post(server: Server, endpoint: str, files: list, data: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}/{endpoint}", files=files, data=data, timeout=30)
+
+
+def image_part(data: bytes, field: str = "image") -> tuple:
+    return (field, ("upload.jpg", data, "application/octet-stream"))
+
+
 def classify(server: Server, data: bytes, field: str = "image") -> httpx.Response:
-    files = {field: ("upload.jpg", data, "application/octet-stream")}
-    return httpx.post(f"{server.url}/classify", files=files, timeout=30)
+    return post(server, "classify", [image_part(data, field)])
 
 
-def test_photo_is_classified_as_evaluation_would(server: Server) -> None:
-    data = phone_photo()
-    response = classify(server, data)
+@pytest.mark.slow
+def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
+    """Served probabilities equal evaluate's (load_square -> exported model -> softmax)."""
+    info = json.loads((server.package / "model.json").read_text())
+    photos = sample_photos()
+    batch = post(server, "classify_batch", [image_part(p) for p in photos])
+    assert batch.status_code == 200, batch.text
+    for photo, batched in zip(photos, batch.json()["results"], strict=True):
+        body = classify(server, photo).json()
+        assert set(body) == {"label", "confidence", "probabilities", "abstain", "model_version"}
+        assert body["model_version"] == info["model_version"]
+        probabilities = body["probabilities"]
+        assert list(probabilities) == CLASSES
+        assert body["label"] == max(probabilities, key=probabilities.get)
+        assert body["confidence"] == probabilities[body["label"]]
+        assert body["abstain"] is False  # the report has no abstain threshold: never abstain
+        expected = in_process_probabilities(server.package, photo)
+        assert list(probabilities.values()) == pytest.approx(expected, abs=1e-5)
+        assert list(batched["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_answers_each_image_in_order(server: Server) -> None:
+    laptop, phone = archive_photos("laptop", 1)[0], phone_photo()
+    parts = [image_part(laptop), image_part(b"<html>no</html>"), image_part(phone)]
+    response = post(server, "classify_batch", parts)
 
     assert response.status_code == 200, response.text
-    body = response.json()
-    info = json.loads((server.package / "model.json").read_text())
-    assert set(body) == {"label", "confidence", "probabilities", "model_version"}
-    assert body["model_version"] == info["model_version"]
-    probabilities = body["probabilities"]
-    assert list(probabilities) == CLASSES
-    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
-    assert body["label"] in CLASSES
-    assert body["label"] == max(probabilities, key=probabilities.get)
-    assert body["confidence"] == probabilities[body["label"]]
-    expected = in_process_probabilities(server.package, data)
-    assert list(probabilities.values()) == pytest.approx(expected, abs=1e-5)
+    first, bad, last = response.json()["results"]
+    assert bad == {"error": "not_an_image", "detail": "HTML document"}
+    for answer, photo in ((first, laptop), (last, phone)):
+        alone = classify(server, photo).json()
+        assert answer["label"] == alone["label"]
+        # A batch of 2 runs other kernels than a batch of 1: equal up to float rounding.
+        assert answer["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-6)
 
 
+@pytest.mark.slow
+def test_batch_refuses_more_images_than_the_cap(server: Server) -> None:
+    photo = archive_photos("laptop", 1)[0]
+    response = post(server, "classify_batch", [image_part(photo)] * (SERVE.max_batch_images + 1))
+    assert response.status_code == 413
+    assert response.json()["error"] == "too_many_images"
+
+
+@pytest.mark.slow
+def test_check_category_confirms_or_suggests(server: Server) -> None:
+    photo = phone_photo()
+    predicted = classify(server, photo).json()["label"]
+    other = next(c for c in CLASSES if c != predicted)
+
+    same = post(server, "check_category", [image_part(photo)], {"declared_category": predicted})
+    wrong = post(server, "check_category", [image_part(photo)], {"declared_category": other})
+
+    assert same.status_code == wrong.status_code == 200
+    assert same.json()["matches"] is True and same.json()["suggested_category"] == predicted
+    assert wrong.json()["matches"] is False
+    assert wrong.json()["declared"] == other and wrong.json()["predicted"] == predicted
+    assert wrong.json()["suggested_category"] == predicted
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("data", "field", "status", "code"),
-    [
-        (b"just some text, not a photo\n", "image", 422, "not_an_image"),
-        (b"", "image", 422, "empty"),
-        (None, "image", 422, "truncated"),  # None: the first half of a real JPEG
-        (b"\xff\xd8\xff", "photo", 400, "missing_image"),
-        (b"\xff" * 20_000_001, "image", 413, "too_large"),
-    ],
-    ids=["text", "empty", "truncated", "wrong-field", "too-large"],
+    ("declared", "status", "code"),
+    [("car", 422, "unknown_category"), (None, 400, "missing_field")],
+    ids=["unknown", "missing"],
 )
-def test_bad_upload_is_a_4xx_with_a_reason(
-    server: Server, data: bytes | None, field: str, status: int, code: str
+def test_check_category_needs_a_known_category(
+    server: Server, declared: str | None, status: int, code: str
 ) -> None:
-    if data is None:
-        photo = phone_photo()
-        data = photo[: len(photo) // 2]
-    response = classify(server, data, field)
+    data = None if declared is None else {"declared_category": declared}
+    response = post(server, "check_category", [image_part(phone_photo())], data)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code
+    if code == "unknown_category":
+        assert body["known_categories"] == CLASSES
 
+
+HOSTILE = {
+    # name: (parts, status, reason code)
+    "empty": (lambda: [image_part(b"")], 422, "empty"),
+    "text": (lambda: [image_part(b"just some text, not a photo\n")], 422, "not_an_image"),
+    "html": (lambda: [image_part(b"<!doctype html><html></html>")], 422, "not_an_image"),
+    "truncated": (lambda: [image_part(truncated_jpeg())], 422, "truncated"),
+    "bomb": (lambda: [image_part(png_bomb())], 413, "too_many_pixels"),
+    "too-small": (lambda: [image_part(tiny_png())], 422, "too_small"),
+    # Over max_upload_bytes, within max_batch_bytes: a 413, or its own entry in a batch.
+    "oversized": (lambda: [image_part(b"\xff" * 1_500_000)], 413, "too_large"),
+    "misnamed-field": (lambda: [image_part(phone_photo(), "photo")], 400, "missing_image"),
+    "no-file": (lambda: [("declared_category", (None, b"phone"))], 400, "missing_image"),
+}
+ENDPOINTS = ("classify", "classify_batch", "check_category")
+
+
+def tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def assert_json_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert body["error"] == code and isinstance(body["detail"], str)
 
 
-def test_json_request_is_a_4xx(server: Server) -> None:
-    response = httpx.post(f"{server.url}/classify", json={"image": "x"}, timeout=30)
-    assert response.status_code == 400
-    assert response.json()["error"] == "missing_image"
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_upload_is_a_4xx_with_a_reason(server: Server, endpoint: str, case: str) -> None:
+    make_parts, status, code = HOSTILE[case]
+    response = post(server, endpoint, make_parts(), {"declared_category": "phone"})
+    if endpoint == "classify_batch" and code != "missing_image":
+        # A bad image in a batch gets its own error entry (see Classifier.classify_batch).
+        assert response.status_code == 200, response.text
+        [entry] = response.json()["results"]
+        assert entry["error"] == code and isinstance(entry["detail"], str)
+    else:
+        assert_json_error(response, status, code)
 
 
-def test_server_still_answers_after_bad_uploads(server: Server) -> None:
-    classify(server, b"<html>not an image</html>")
-    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+@pytest.mark.slow
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code"),
+    [
+        ({"json": {"image": "x"}}, 400, "missing_image"),
+        (
+            {"content": b"raw bytes", "headers": {"content-type": "image/jpeg"}},
+            400,
+            "missing_image",
+        ),
+        (
+            {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "bad_multipart",
+        ),
+        (
+            {
+                "content": b"\xff" * 2_200_000,
+                "headers": {"content-type": "multipart/form-data; boundary=x"},
+            },
+            413,
+            "too_large",
+        ),
+    ],
+    ids=["json", "not-multipart", "no-boundary", "oversized-body"],
+)
+def test_malformed_request_is_a_4xx(
+    server: Server, endpoint: str, request_kwargs: dict, status: int, code: str
+) -> None:
+    response = httpx.post(f"{server.url}/{endpoint}", timeout=30, **request_kwargs)
+    assert_json_error(response, status, code)
+
+
+@pytest.mark.slow
+def test_server_stays_up_and_ready_after_hostile_input(server: Server) -> None:
+    for make_parts, _, _ in HOSTILE.values():
+        for endpoint in ENDPOINTS:
+            assert post(server, endpoint, make_parts()).status_code < 500
+    for path in ("readyz", "livez", "metrics"):
+        assert httpx.get(f"{server.url}/{path}", timeout=5).status_code == 200
     assert classify(server, phone_photo()).status_code == 200
+
+
+@pytest.mark.slow
+def test_hundreds_of_concurrent_requests_all_succeed(server: Server) -> None:
+    photos = sample_photos()
+
+    async def load() -> list[int]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as client:
+            gate = asyncio.Semaphore(32)
+
+            async def one(i: int) -> int:
+                async with gate:
+                    files = [image_part(photos[i % len(photos)])]
+                    return (await client.post("/classify", files=files)).status_code
+
+            return await asyncio.gather(*(one(i) for i in range(300)))
+
+    statuses = asyncio.run(load())
+    assert statuses == [200] * 300
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'endpoint="/classify"' in metrics
+
+
+# --- The upload page in a real browser ----------------------------------------------------------
+
+
+def chromium_or_skip() -> Path:
+    """Chromium, or a skip with the reason outside CI (CI installs it: .ci/run)."""
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); CI runs this test")
+
+
+@pytest.mark.slow
+def test_upload_page_confirms_or_switches_the_category(server: Server, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_or_skip()
+    photo = tmp_path / "phone.jpg"
+    photo.write_bytes(phone_photo())
+    predicted = classify(server, photo.read_bytes()).json()["label"]
+    other = next(c for c in CLASSES if c != predicted)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / ".gitignore").write_text("*\n")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            assert page.locator("#category option").all_inner_texts() == CLASSES
+            for declared, kind in ((predicted, "success"), (other, "warning")):
+                page.select_option("#category", declared)
+                page.set_input_files("#image", str(photo))
+                page.click("#submit")
+                message = page.locator(f"#message.{kind}")
+                message.wait_for(timeout=15_000)
+                screenshot = ARTIFACTS / f"upload_page_{kind}.png"
+                page.screenshot(path=str(screenshot), full_page=True)
+                print(f"screenshot: {screenshot}")
+                assert predicted in page.inner_text("#prediction")
+                # Matching or not, the category box ends up on the model's class.
+                assert page.input_value("#category") == predicted
+                if kind == "success":
+                    assert "matches" in message.inner_text()
+                else:
+                    assert f"looks like a {predicted}, not a {other}" in message.inner_text()
+        finally:
+            browser.close()

@@ -99,11 +99,16 @@ class Paths:
     validate_report: Path
     dedupe_report: Path
     prepare_report: Path
-    train_report: Path
-    train_history: Path
+    train_reports: Path  # <candidate>.json per candidate
+    train_live: Path  # DVCLive's per-epoch metrics, <candidate>/ per candidate
+    train_resume: Path  # checkpoints of unfinished runs, outside DVC's outputs
     evaluate_report: Path
+    candidates_report: Path  # the candidates table; a .md twin is written beside it
+    evaluation_html: Path
     confusion: Path
+    reliability: Path
     predictions: Path
+    promotion: Path
 
 
 def stage_config(cls: type[T], block: str, params: Mapping[str, Any]) -> T:

@@ -10,9 +10,10 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 SPLITS = ("train", "val", "test")
+IMBALANCE = ("none", "loss_weights", "balanced_sampler")
 
 
 def split_images_path(prepared: Path, split: str) -> Path:
@@ -46,8 +47,26 @@ def build_augment(steps: list[dict[str, Any]], seed: int) -> A.Compose | None:
     for step in steps:
         kwargs = dict(step)
         name = kwargs.pop("name")
+        if not hasattr(A, name):
+            raise ValueError(f"unknown albumentations transform {name!r} in train augment")
         transforms.append(getattr(A, name)(**kwargs))
     return A.Compose(transforms, seed=seed)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
+    """Inverse-frequency loss weights, mean 1 over the photos: n / (k * n_c)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        missing = [i for i in range(num_classes) if counts[i] == 0]
+        raise ValueError(f"class index(es) {missing} have no training photo")
+    return (len(labels) / (num_classes * counts)).tolist()
+
+
+def balanced_sampler(labels: np.ndarray) -> Sampler[int]:
+    """Draws every class equally often (with replacement), one epoch = len(labels) draws."""
+    counts = np.bincount(labels)
+    weights = torch.from_numpy(1.0 / counts[labels])
+    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
 
 
 class PackedImages(Dataset):
@@ -67,6 +86,8 @@ class PackedImages(Dataset):
 
 
 class PackedDataModule(L.LightningDataModule):
+    """Train (augmented, optionally class-balanced) and val loaders over prepare's arrays."""
+
     def __init__(
         self,
         prepared: Path,
@@ -75,13 +96,22 @@ class PackedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: list[dict[str, Any]] | None = None,
         seed: int = 0,
+        imbalance: str = "none",
     ):
         super().__init__()
+        if imbalance not in IMBALANCE:
+            raise ValueError(f"imbalance must be one of {IMBALANCE}, got {imbalance!r}")
         self.prepared = Path(prepared)
         self.classes = classes
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.augment = build_augment(augment or [], seed)
+        self.imbalance = imbalance
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation generator (train calls it each epoch, see EpochSeed)."""
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = PackedImages(
@@ -89,16 +119,21 @@ class PackedDataModule(L.LightningDataModule):
         )
         self.val_set = PackedImages(*load_split(self.prepared, "val", self.classes))
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def train_class_weights(self) -> list[float]:
+        return class_weights(load_split(self.prepared, "train", self.classes)[1], len(self.classes))
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.imbalance == "balanced_sampler":
+            return self._loader(self.train_set, sampler=balanced_sampler(self.train_set.labels))
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

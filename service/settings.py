@@ -1,0 +1,49 @@
+"""What the service needs to know besides the weights, as the package stage writes it.
+
+The Bento carries no params.yaml: package copies the `serve:` block (as ServeConfig) and the
+abstain threshold evaluate chose into the packaged model's model.json, and the service reads
+them back from there, so a served model always runs under the limits it was packaged with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import MODEL_INFO_FILE
+from vitrine.config import from_mapping
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_upload_bytes: int  # one photo; a larger upload is refused with a 413
+    max_pixels: int  # width x height, checked from the header before anything is decoded
+    min_side: int  # shorter side in pixels
+    max_batch_images: int  # image parts in one /classify_batch request
+    max_batch_bytes: int  # the whole /classify_batch request body
+    max_batch_size: int  # adaptive batching: most images in one forward pass
+    max_batch_wait_ms: float  # adaptive batching: how long a lone image waits for company
+    workers: int  # serving processes, each with its own copy of the model
+    torch_threads: int  # intra-op threads of each worker's forward pass
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    classes: tuple[str, ...]
+    image_size: int  # side of the square vitrine.images.load_square produces
+    version: str
+    abstain_threshold: float  # answers below this confidence abstain (0.0: never)
+    serve: ServeConfig
+
+
+def read_package_info(folder: Path) -> PackageInfo:
+    """model.json of a packaged model folder (the DVC output or the stored BentoML model)."""
+    info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    return PackageInfo(
+        classes=tuple(str(c) for c in info["classes"]),
+        image_size=int(info["image_size"]),
+        version=str(info["model_version"]),
+        abstain_threshold=float(info["abstain_threshold"]),
+        serve=from_mapping(ServeConfig, info["serve"], "model.json serve"),
+    )

@@ -1,0 +1,99 @@
+"""Reading an untrusted multipart/form-data request into memory, within limits.
+
+Every failure is a vitrine.images.Rejected with a stable reason code (see service.core.STATUS):
+nothing here raises anything else on bad input, and no upload ever touches the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from vitrine.images import Rejected
+
+IMAGE_FIELD = "image"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around the files
+MAX_TEXT_FIELDS = 8
+
+
+@dataclass(frozen=True)
+class Form:
+    images: tuple[bytes, ...]  # every part named `image`, in request order
+    fields: dict[str, str]  # the other text fields (a repeated name keeps its last value)
+
+
+def _parser(request: Request, body_cap: int, max_images: int) -> MultiPartParser:
+    class InMemoryParser(MultiPartParser):
+        # Starlette spools a file part over spool_max_size to a temporary file; no part can
+        # outgrow the body cap, so every part stays in memory.
+        spool_max_size = body_cap + 1
+
+    return InMemoryParser(
+        request.headers,
+        _capped(request.stream(), body_cap),
+        max_files=max_images,
+        max_fields=MAX_TEXT_FIELDS,
+    )
+
+
+async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
+    """The request body, refused as soon as it outgrows the cap (chunked uploads too)."""
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > cap:
+            raise Rejected("too_large", f"request body exceeds {cap} bytes")
+        yield chunk
+
+
+def _check_headers(request: Request, cap: int) -> None:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        raise Rejected("too_large", f"request of {length} bytes exceeds {cap}")
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise Rejected(
+            "missing_image",
+            f"expected multipart/form-data with a file field {IMAGE_FIELD!r}, "
+            f"got content type {content_type or 'none'!r}",
+        )
+
+
+async def read_form(request: Request, *, max_body_bytes: int, max_images: int) -> Form:
+    """The request's image parts (as bytes) and text fields; Rejected for a bad request.
+
+    A body over `max_body_bytes` (plus multipart overhead) is refused from its Content-Length,
+    or as soon as the stream outgrows it when it has none.
+    """
+    cap = max_body_bytes + MULTIPART_OVERHEAD
+    _check_headers(request, cap)
+    try:
+        form = await _parser(request, cap, max_images).parse()
+    except MultiPartException as err:
+        # Starlette's own wording for a count over max_files; any other failure is malformed.
+        if str(err).startswith("Too many files"):
+            raise Rejected("too_many_images", f"more than {max_images} images") from None
+        raise Rejected("bad_multipart", str(err)) from None
+    except (KeyError, ValueError) as err:  # KeyError: no Content-Type parameters at all
+        raise Rejected("bad_multipart", str(err) or type(err).__name__) from None
+    try:
+        images = []
+        fields = {}
+        for name, value in form.multi_items():
+            if name == IMAGE_FIELD:
+                # A plain (non-file) `image` field is text; let the image check say so.
+                images.append(await value.read() if isinstance(value, UploadFile) else value)
+            elif isinstance(value, str):
+                fields[name] = value
+    finally:
+        await form.close()
+    if not images:
+        got = sorted({name for name, _ in form.multi_items()})
+        raise Rejected("missing_image", f"no field {IMAGE_FIELD!r} in the form (got {got})")
+    return Form(
+        images=tuple(i.encode() if isinstance(i, str) else i for i in images), fields=fields
+    )

@@ -1,0 +1,66 @@
+"""The deployments `python -m pipeline.deploy` serves or registers, built without serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.testing.utilities import prefect_test_harness
+
+from pipeline.deploy import build_deployments, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_backend() -> Iterator[None]:
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    flow = yaml.safe_load((REPO / "params.yaml").read_text())["flow"]
+    flow.update(timezone="America/Sao_Paulo", retrain_cron="15 4 * * 2", check_cron="*/20 * * * *")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": flow}))
+    return tmp_path
+
+
+def schedules(deployment: object) -> list[tuple[str, str]]:
+    return [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules]
+
+
+def test_deployments_take_cron_and_timezone_from_params(project: Path) -> None:
+    scheduled, on_change = build_deployments(project)
+
+    assert (scheduled.flow_name, scheduled.name) == ("retrain", "scheduled")
+    assert schedules(scheduled) == [("15 4 * * 2", "America/Sao_Paulo")]
+    assert (on_change.flow_name, on_change.name) == ("retrain-if-changed", "on-change")
+    assert schedules(on_change) == [("*/20 * * * *", "America/Sao_Paulo")]
+    for deployment in (scheduled, on_change):
+        assert deployment.parameters == {"project_dir": str(project)}
+        assert deployment.entrypoint in {
+            "pipeline.flows.retrain",
+            "pipeline.flows.retrain_if_changed",
+        }
+
+
+def test_register_with_a_work_pool(project: Path, prefect_backend: None) -> None:
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="vitrine-test", type="process"))
+
+    assert main([str(project), "--work-pool", "vitrine-test"]) == 0
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/scheduled")
+    assert deployment.work_pool_name == "vitrine-test"
+    assert deployment.entrypoint == "pipeline.flows.retrain"
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (
+        "15 4 * * 2",
+        "America/Sao_Paulo",
+    )
