@@ -138,7 +138,12 @@ def assign_statuses(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFram
     decided = out["id"].map(by_id["decision"]).astype(object).fillna("")
     note = out["id"].map(by_id["note"]).astype(object).fillna("")
     clustered = out["cluster_id"] != ""
-    dropped = clustered & (decided == "drop")
+    # Dropping a photo drops its copies too: they are the same photo under other ids.
+    dropped_clusters = set(out.loc[clustered & (decided == "drop"), "cluster_id"])
+    dropped = clustered & out["cluster_id"].isin(dropped_clusters) & (decided != "keep")
+    copy_of_dropped = dropped & (decided != "drop")
+    first_drop = out[decided == "drop"].drop_duplicates("cluster_id").set_index("cluster_id")["id"]
+    note[copy_of_dropped] = "copy of " + out.loc[copy_of_dropped, "cluster_id"].map(first_drop)
     eligible = out[clustered & ~dropped]
     out["representative"] = out["cluster_id"].map(pick_representatives(eligible)).fillna("")
     n_labels = eligible.groupby("cluster_id")["label"].nunique()

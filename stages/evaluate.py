@@ -1,20 +1,23 @@
 """evaluate: score every candidate on the validation photos, pick the winner, test it.
 
 The winner is the candidate with the best `evaluate.primary_metric` on val (business-weighted
-accuracy by default); only the winner is scored on the test photos, so the test set never
-influences a choice. On the winner's val predictions evaluate also fits the abstain threshold:
-the confidence below which sending a photo to human review (at `review_cost`) earns more than
-trusting the model. The service reads that threshold from the packaged model.
+accuracy by default; ties: accuracy, then name); only the winner is scored on the test photos,
+so the test set never influences a choice. On the winner's val predictions evaluate also fits
+the abstain threshold: the confidence below which sending a photo to human review (at
+`review_cost`) earns more than trusting the model. The service reads that threshold from the
+packaged model.
 
-Writes <paths.evaluate_report> (winner, its test scores, calibration, abstain), the candidates
-table (<paths.candidates_report> + .md), the winner's test predictions, the confusion and
-reliability plots' data, and <paths.evaluation_html>.
+Writes <paths.evaluate_report> (winner, its val and test scores, calibration, abstain), the
+candidates table (<paths.candidates_report>, as Markdown <paths.candidates_table>), the winner's
+test predictions (<paths.predictions>), the confusion and reliability plots' data and
+<paths.evaluation_html>.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,27 +25,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+from tqdm import tqdm
 
 from stages.train import CHECKPOINT
 from vitrine import metrics
-from vitrine.config import load_params, load_paths, stage_config
+from vitrine.config import Paths, load_params, load_paths, stage_config
 from vitrine.data import load_split, prepared_manifest_path
-from vitrine.evaluation_report import render_report
+from vitrine.evaluation_report import TABLE_COLUMNS, render_report
 from vitrine.models import ImageClassifier, Predictor
-
-
-@dataclass(frozen=True)
-class TaxonomyConfig:
-    separator: str  # between levels of a class path, e.g. Fruit/Apple/Granny-Smith
-    level_weights: tuple[float, ...]  # one per level, coarsest first; flat classes: [1.0]
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     classes: tuple[str, ...]
-    candidates: tuple[str, ...]  # the `candidates` block's names (set by load_config)
     batch_size: int
-    primary_metric: str  # a key of metrics.scores(), larger is better
+    primary_metric: str  # one of metrics.score_names(): picks the winner on val
     business_value: dict[str, float]  # per class; ignored when business_value_csv is set
     business_value_csv: str  # "" or a CSV with columns class,value (thousands of classes)
     cost_matrix: tuple[tuple[str, str, float], ...]  # [actual, predicted, cost] exceptions
@@ -51,54 +49,105 @@ class EvaluateConfig:
     top_k: int
     calibration_bins: int
     promote_margin: float  # package: how much better than the champion a challenger must be
-    taxonomy: TaxonomyConfig
+    taxonomy: metrics.Taxonomy
     mistakes_shown: int  # gallery of the costliest test mistakes in the HTML report
 
 
-def load_config(params: dict[str, Any]) -> EvaluateConfig:
-    block = dict(params["evaluate"], candidates=list(params.get("candidates") or {}))
-    return stage_config(EvaluateConfig, "evaluate", {**params, "evaluate": block})
+def load_config(params: Mapping[str, Any]) -> EvaluateConfig:
+    return stage_config(EvaluateConfig, "evaluate", params)
+
+
+def candidate_names(params: Mapping[str, Any]) -> tuple[str, ...]:
+    names = tuple(params.get("candidates") or {})
+    if not names:
+        raise ValueError("params.yaml `candidates` is empty: there is nothing to evaluate")
+    return names
+
+
+def read_business_values(path: Path) -> dict[str, float]:
+    """A CSV with columns class,value: one row per class."""
+    if not path.is_file():
+        raise ValueError(f"evaluate.business_value_csv: {path} is not a file")
+    table = pd.read_csv(path, dtype={"class": str})
+    if list(table.columns) != ["class", "value"]:
+        raise ValueError(f"{path}: expected the columns class,value, got {list(table.columns)}")
+    repeated = sorted(set(table.loc[table["class"].duplicated(), "class"]))
+    if repeated:
+        raise ValueError(f"{path}: class(es) listed more than once: {repeated[:10]}")
+    value = pd.to_numeric(table["value"], errors="coerce")
+    if value.isna().any():
+        raise ValueError(f"{path}: no numeric value for {list(table.loc[value.isna(), 'class'])}")
+    return dict(zip(table["class"], value.astype(float), strict=True))
 
 
 def business_values(config: EvaluateConfig) -> dict[str, float]:
-    if not config.business_value_csv:
-        return config.business_value
-    table = pd.read_csv(config.business_value_csv)
-    if list(table.columns[:2]) != ["class", "value"]:
-        raise ValueError(f"{config.business_value_csv}: expected columns class,value")
-    return dict(zip(table["class"].astype(str), table["value"].astype(float), strict=True))
+    if config.business_value_csv:
+        return read_business_values(Path(config.business_value_csv))
+    return config.business_value
 
 
-def value_model(config: EvaluateConfig) -> metrics.ValueModel:
-    return metrics.value_model(
+def check_config(config: EvaluateConfig) -> metrics.ValueModel:
+    """Every params mistake as one clear error before any model is loaded; the value model."""
+    values = metrics.value_model(
         config.classes,
         business_values(config),
-        list(config.cost_matrix),
+        config.cost_matrix,
         config.default_mistake_cost,
         config.review_cost,
     )
+    metrics.check_taxonomy(config.classes, config.taxonomy)
+    names = metrics.score_names(len(config.classes), config.top_k)
+    if config.primary_metric not in names:
+        raise ValueError(
+            f"evaluate.primary_metric {config.primary_metric!r} is not a score; one of {names}"
+        )
+    for name in ("batch_size", "top_k", "calibration_bins"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"evaluate.{name} must be at least 1")
+    return values
 
 
-@torch.no_grad()
-def predict_proba(predictor: Predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Class probabilities for uint8 (N, H, W, 3) images: the computation the service runs."""
-    predictor.eval()
+def labelled_split(
+    prepared: Path, split: str, classes: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """load_split, after checking the split has photos and only photos of known classes."""
+    manifest = pd.read_parquet(prepared_manifest_path(prepared), columns=["split", "label"])
+    labels = manifest.loc[manifest["split"] == split, "label"]
+    if labels.empty:
+        raise ValueError(f"{prepared}: the {split} split has no photos")
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"{prepared}: {split} photos labelled {unknown[:10]}, not in `classes`")
+    return load_split(prepared, split, list(classes))
+
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
+    """Class probabilities for uint8 (N, H, W, 3) images: the computation the service runs.
+
+    `model` is a Predictor or the packaged TorchScript model (uint8 NHWC -> logits).
+    """
+    model.eval()
+    starts = range(0, len(images), batch_size)
     out = [
-        torch.softmax(predictor(torch.from_numpy(np.array(images[i : i + batch_size]))), dim=1)
-        for i in range(0, len(images), batch_size)
+        torch.softmax(model(torch.from_numpy(np.array(images[i : i + batch_size]))), dim=1)
+        for i in tqdm(starts, desc=desc, unit="batch", leave=False)
     ]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy()
 
 
 def load_candidate(model_dir: Path, classes: tuple[str, ...]) -> Predictor:
-    module = ImageClassifier.load_from_checkpoint(model_dir / CHECKPOINT, map_location="cpu")
+    checkpoint = model_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        raise ValueError(f"{checkpoint} is missing: run `dvc repro train@{model_dir.name}`")
+    module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
     if tuple(module.hparams.classes) != classes:
-        raise ValueError(f"{model_dir}: model classes {module.hparams.classes} != {classes}")
+        raise ValueError(f"{checkpoint}: model classes {module.hparams.classes} != {classes}")
     return module.predictor
 
 
-def rank_candidates(table: dict[str, dict[str, Any]], primary: str) -> list[str]:
-    """Candidate names, best first: primary metric, then accuracy, then name (stable)."""
+def rank_candidates(table: Mapping[str, Mapping[str, Any]], primary: str) -> list[str]:
+    """Candidate names, best first: primary metric, then accuracy, then name."""
     return sorted(table, key=lambda n: (-table[n][primary], -table[n]["accuracy"], n))
 
 
@@ -118,8 +167,9 @@ def abstain_summary(
         "threshold": threshold,
         "review_cost": values.review_cost,
         "val_expected_value_per_1000": val_ev,
+        "val_abstain_rate": float((p_val.max(axis=1) < threshold).mean()),
         "test_expected_value_per_1000": metrics.expected_value_per_1000(
-            y_test, y_pred, values.gain(), abstained, values.value - values.review_cost
+            y_test, y_pred, values.gain(), abstained, values.review_gain()
         ),
         "test_abstain_rate": float(abstained.mean()),
         "test_accuracy_when_decided": float((y_pred[decided] == y_test[decided]).mean())
@@ -131,61 +181,54 @@ def abstain_summary(
 @dataclass(frozen=True)
 class Evaluation:
     report: dict[str, Any]  # evaluate.json
-    candidates: dict[str, dict[str, Any]]  # val scores per candidate
-    predictions: pd.DataFrame  # the winner's test predictions
+    candidates: dict[str, dict[str, Any]]  # scalar val scores per candidate
+    predictions: pd.DataFrame  # the winner's test predictions, with `index` into test_images
     reliability: list[dict[str, float]]  # the winner's test reliability curve
     test_images: np.ndarray
     values: metrics.ValueModel
 
 
-def evaluate(config: EvaluateConfig, prepared: Path, models: Path) -> Evaluation:
-    values = value_model(config)
-    classes = list(config.classes)
-    x_val, y_val = load_split(prepared, "val", classes)
+def evaluate(
+    config: EvaluateConfig, candidates: tuple[str, ...], prepared: Path, models: Path
+) -> Evaluation:
+    values = check_config(config)
+    x_val, y_val = labelled_split(prepared, "val", config.classes)
+    x_test, y_test = labelled_split(prepared, "test", config.classes)
+    predictors = {name: load_candidate(models / name, config.classes) for name in candidates}
     val_proba, table = {}, {}
-    for name in config.candidates:
-        val_proba[name] = predict_proba(
-            load_candidate(models / name, config.classes), x_val, config.batch_size
-        )
-        table[name] = metrics.scores(y_val, val_proba[name], values, config.top_k)
-    if config.primary_metric not in next(iter(table.values())):
-        raise ValueError(f"evaluate.primary_metric {config.primary_metric!r} is not a score")
+    for name, predictor in predictors.items():
+        val_proba[name] = predict_proba(predictor, x_val, config.batch_size, f"val {name}")
+        table[name] = metrics.scores(y_val, val_proba[name], values, config.top_k, config.taxonomy)
     ranking = rank_candidates(table, config.primary_metric)
     winner = ranking[0]
-    x_test, y_test = load_split(prepared, "test", classes)
-    test_proba = predict_proba(
-        load_candidate(models / winner, config.classes), x_test, config.batch_size
-    )
-    test = metrics.scores(y_test, test_proba, values, config.top_k)
-    tax = config.taxonomy
-    test["taxonomy"] = metrics.taxonomy_scores(
-        y_test, test_proba.argmax(axis=1), config.classes, tax.separator, tax.level_weights
-    )
-    ece_val, _ = metrics.expected_calibration_error(
-        y_val, val_proba[winner], config.calibration_bins
-    )
-    ece_test, curve = metrics.expected_calibration_error(
-        y_test, test_proba, config.calibration_bins
-    )
+    test_proba = predict_proba(predictors[winner], x_test, config.batch_size, f"test {winner}")
+    test = metrics.scores(y_test, test_proba, values, config.top_k, config.taxonomy)
+    bins = config.calibration_bins
+    val_ece, _ = metrics.expected_calibration_error(y_val, val_proba[winner], bins)
+    test_ece, curve = metrics.expected_calibration_error(y_test, test_proba, bins)
+    abstain = abstain_summary(y_val, val_proba[winner], y_test, test_proba, values)
     report = {
         "winner": winner,
         "primary_metric": config.primary_metric,
         "ranking": ranking,
-        "val": {k: v for k, v in table[winner].items() if k != "per_class"},
+        "business_values": config.business_value_csv or "params",
+        "val": metrics.scalar_scores(table[winner]),
         "test": test,
-        "calibration": {"val_ece": ece_val, "test_ece": ece_test, "bins": config.calibration_bins},
-        "abstain": abstain_summary(y_val, val_proba[winner], y_test, test_proba, values),
+        "calibration": {"val_ece": val_ece, "test_ece": test_ece, "bins": bins},
+        "abstain": abstain,
     }
     manifest = pd.read_parquet(prepared_manifest_path(prepared))
-    predictions = predictions_table(manifest, test_proba, config.classes, values)
-    return Evaluation(report, table, predictions, curve, x_test, values)
+    predictions = predictions_table(manifest, test_proba, values, abstain["threshold"])
+    candidates_table = {name: metrics.scalar_scores(s) for name, s in table.items()}
+    return Evaluation(report, candidates_table, predictions, curve, x_test, values)
 
 
 def predictions_table(
-    manifest: pd.DataFrame, proba: np.ndarray, classes: tuple[str, ...], values: metrics.ValueModel
+    manifest: pd.DataFrame, proba: np.ndarray, values: metrics.ValueModel, threshold: float
 ) -> pd.DataFrame:
-    """One row per test photo: truth, prediction, confidence, what the prediction earned, and
-    every class probability (p_<class>)."""
+    """One row per test photo: truth, prediction, confidence, what the prediction earned,
+    whether the service would abstain, and every class probability (p_<class>)."""
+    classes = values.classes
     rows = manifest[manifest["split"] == "test"].sort_values("index").reset_index(drop=True)
     table = rows[["id", "source", "label", "index"]].copy()
     y_true = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -193,14 +236,16 @@ def predictions_table(
     table["predicted"] = [classes[i] for i in y_pred]
     table["confidence"] = proba.max(axis=1)
     table["gain"] = values.gain()[y_true, y_pred]
+    table["abstained"] = table["confidence"] < threshold
     for i, c in enumerate(classes):
         table[f"p_{c}"] = proba[:, i]
     return table
 
 
-def candidates_markdown(table: dict[str, dict[str, Any]], ranking: list[str], primary: str) -> str:
-    columns = [primary, "accuracy", "macro_f1", "expected_value_per_1000"]
-    columns = list(dict.fromkeys(columns))
+def candidates_markdown(
+    table: Mapping[str, Mapping[str, Any]], ranking: list[str], primary: str
+) -> str:
+    columns = list(dict.fromkeys([primary, *TABLE_COLUMNS]))
     lines = [
         "| rank | candidate | " + " | ".join(columns) + " |",
         "|---:|---|" + "---:|" * len(columns),
@@ -213,40 +258,54 @@ def candidates_markdown(table: dict[str, dict[str, Any]], ranking: list[str], pr
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["bin"])
+        writer = csv.DictWriter(f, fieldnames=["bin", "confidence", "accuracy", "count"])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_outputs(result: Evaluation, paths: Paths, mistakes_shown: int) -> None:
+    for path in (
+        paths.evaluate_report,
+        paths.candidates_report,
+        paths.predictions,
+        paths.confusion,
+        paths.reliability,
+        paths.evaluation_html,
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    report, predictions = result.report, result.predictions
+    paths.evaluate_report.write_text(json.dumps(report, indent=2) + "\n")
+    paths.candidates_report.write_text(json.dumps(result.candidates, indent=2) + "\n")
+    markdown = candidates_markdown(result.candidates, report["ranking"], report["primary_metric"])
+    paths.candidates_table.write_text(markdown)
+    predictions.drop(columns=["index"]).to_parquet(paths.predictions, index=False)
+    confusion = predictions.rename(columns={"label": "actual"})[["actual", "predicted"]]
+    confusion.to_csv(paths.confusion, index=False)
+    write_csv(result.reliability, paths.reliability)
+    page = render_report(
+        report,
+        result.candidates,
+        predictions,
+        result.reliability,
+        result.test_images,
+        result.values,
+        mistakes_shown,
+    )
+    paths.evaluation_html.write_text(page)
 
 
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), load_config(params)
-    result = evaluate(config, paths.prepared, paths.model)
-    result.predictions.drop(columns=["index"]).to_parquet(paths.predictions, index=False)
-    result.predictions.rename(columns={"label": "actual"})[["actual", "predicted"]].to_csv(
-        paths.confusion, index=False
-    )
-    write_csv(result.reliability, paths.reliability)
-    scalar = {
-        n: {k: v for k, v in s.items() if k != "per_class"} for n, s in result.candidates.items()
-    }
-    paths.candidates_report.write_text(json.dumps(scalar, indent=2) + "\n")
-    markdown = candidates_markdown(scalar, result.report["ranking"], config.primary_metric)
-    paths.candidates_report.with_suffix(".md").write_text(markdown)
-    paths.evaluate_report.write_text(json.dumps(result.report, indent=2) + "\n")
-    page = render_report(
-        result.report,
-        scalar,
-        result.predictions,
-        result.reliability,
-        result.test_images,
-        result.values,
-        config.mistakes_shown,
-    )
-    paths.evaluation_html.write_text(page)
-    print(markdown)
+    result = evaluate(config, candidate_names(params), paths.prepared, paths.model)
+    write_outputs(result, paths, config.mistakes_shown)
     report = result.report
-    print(f"evaluate: winner {report['winner']}, test accuracy {report['test']['accuracy']:.4f}")
+    print(candidates_markdown(result.candidates, report["ranking"], config.primary_metric))
+    print(
+        f"evaluate: winner {report['winner']}: test {config.primary_metric} "
+        f"{report['test'][config.primary_metric]:.4f}, accuracy {report['test']['accuracy']:.4f}, "
+        f"abstain below {report['abstain']['threshold']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,23 @@
-"""Package: the trained checkpoint as a TorchScript model, in the BentoML store and a Bento.
+"""Package: evaluate's winner as a TorchScript model, promoted to the BentoML store and a Bento
+only when it beats the model deployed now.
 
-Reads  <paths.model>/best.ckpt and model.json (train), <paths.evaluate_report> (evaluate),
-       the serve: block of params.yaml, dvc.lock (the prepared data's md5) and the git revision.
+Reads  <paths.evaluate_report> (evaluate: the winner, its test scores, the abstain threshold),
+       <paths.model>/<winner>/best.ckpt and model.json (train), the prepared test photos, the
+       evaluate: block (primary metric, value model, promote_margin) and serve: block of
+       params.yaml, dvc.lock (the prepared data's md5) and the git revision.
 Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> logits, checked
                                  against the eager one before anything is written;
-       <paths.package>/model.json classes, image_size, model, input_size, model_version, metrics,
+       <paths.package>/model.json classes, image_size, model, candidate, input_size,
+                                 model_version, metrics (the winner's test scores),
                                  abstain_threshold, serve (the service's limits: the Bento has no
                                  params.yaml) and card (params, data version, git revision);
-       <paths.package>/model_card.md the same card for people.
-Then saves that folder to the BentoML model store ($BENTOML_HOME, <repo>/.bentoml when unset) as
-<package.model_name>:<model_version> and, with package.build_bento, builds bentofile.yaml's Bento.
+       <paths.package>/model_card.md the same card for people;
+       <paths.promotion>          the decision (vitrine.promotion), why, and both models' scores.
+The challenger (the winner) and the champion (<package.model_name>:latest in the BentoML model
+store, $BENTOML_HOME, <repo>/.bentoml when unset) are scored on the same test photos. Promoted:
+the package folder goes to the store as <package.model_name>:<model_version> and, with
+package.build_bento, bentofile.yaml's Bento is built. Kept: <paths.package> gets the champion's
+files instead, so the DVC output is always the deployed model, and nothing new is built.
 
 model_version hashes the weights, classes and sizes, so packaging the same model twice gives the
 same version (and makes it :latest again).
@@ -32,16 +40,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bentoml
+import numpy as np
 import torch
 import yaml
 from bentoml.exceptions import NotFound
 from torch import Tensor
 
 from service import MODEL_CARD_FILE, MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE
+from service.scripted import load_scripted
 from service.settings import ServeConfig
+from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, predict_proba
 from stages.train import CHECKPOINT, MODEL_CARD
+from vitrine import metrics
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.models import ImageClassifier, Predictor
+from vitrine.promotion import Contender, decide, not_comparable, promotion_record
 
 if TYPE_CHECKING:
     from bentoml._internal.models import ModelStore
@@ -51,6 +64,7 @@ DVC_LOCK = Path("dvc.lock")
 CARD_PARAMS = ("classes", "prepare", "train", "evaluate")  # what made the model, for its card
 UNKNOWN = "unknown"
 PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
+PACKAGE_FILES = (SCRIPTED_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +167,11 @@ def abstain_threshold(report: dict[str, Any]) -> float:
     return float(report["abstain"]["threshold"]) if "abstain" in report else 0.0
 
 
+def test_metrics(report: dict[str, Any]) -> dict[str, float | int]:
+    """The winner's scalar test scores in evaluate's report ({} when it has none)."""
+    return metrics.scalar_scores(report.get("test", {}))
+
+
 def data_version(lock_file: Path, prepared: Path) -> str | None:
     """The md5 dvc.lock records for the prepared data (None before the first `dvc repro`)."""
     if not lock_file.is_file():
@@ -191,6 +210,7 @@ def provenance(params: dict[str, Any], prepared: Path, repo: Path) -> dict[str, 
 
 def package_info(
     trained: TrainedModel,
+    candidate: str,
     version: str,
     report: dict[str, Any],
     serve: ServeConfig,
@@ -199,11 +219,12 @@ def package_info(
     """model.json of the package: everything the service needs besides the weights."""
     return {
         "model": trained.model,
+        "candidate": candidate,
         "classes": list(trained.classes),
         "image_size": trained.image_size,
         "input_size": trained.input_size,
         "model_version": version,
-        "metrics": report,
+        "metrics": test_metrics(report),
         "abstain_threshold": abstain_threshold(report),
         "serve": dataclasses.asdict(serve),
         "card": card,
@@ -217,7 +238,7 @@ def model_card(info: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {info['model_version']}",
         "",
-        f"- Architecture: {info['model']}",
+        f"- Architecture: {info['model']} (candidate {info['candidate']})",
         f"- Classes (output order): {', '.join(info['classes'])}",
         f"- Input: uint8 RGB (N, {info['image_size']}, {info['image_size']}, 3) from "
         f"vitrine.images.load_square; the model resizes to {info['input_size']} px and "
@@ -256,19 +277,27 @@ def export_package(
     serve: ServeConfig,
     card: dict[str, Any],
 ) -> dict[str, Any]:
-    """Checkpoint -> <out_dir>/model.pt, model.json, model_card.md; returns model.json's content."""
+    """Checkpoint -> <out_dir>/model.pt, model.json, model_card.md; returns model.json's content.
+
+    model_dir is <paths.model>/<candidate>: its name is the candidate's.
+    """
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
     model_bytes = serialize(script_predictor(predictor, trained.image_size))
     report = json.loads(evaluate_report.read_text())
-    info = package_info(trained, model_version(predictor, trained), report, serve, card)
+    version = model_version(predictor, trained)
+    info = package_info(trained, model_dir.name, version, report, serve, card)
     write_package(out_dir, model_bytes, info)
     return info
 
 
 def store_labels(info: dict[str, Any]) -> dict[str, str]:
     """BentoML labels (strings only): the model, its classes and its scalar test metrics."""
-    labels = {"model": info["model"], "classes": ",".join(info["classes"])}
+    labels = {
+        "model": info["model"],
+        "candidate": info["candidate"],
+        "classes": ",".join(info["classes"]),
+    }
     for key, value in info["metrics"].items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             labels[key] = f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -289,9 +318,80 @@ def save_to_store(package_dir: Path, name: str, store: ModelStore | None = None)
     with bentoml.models.create(
         tag, labels=store_labels(info), metadata=copy.deepcopy(info), **where
     ) as model:
-        for filename in (SCRIPTED_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE):
+        for filename in PACKAGE_FILES:
             shutil.copy2(package_dir / filename, model.path_of(filename))
     return model.tag
+
+
+def champion_folder(name: str, store: ModelStore | None = None) -> Path | None:
+    """The folder of <name>:latest in the model store (the deployed model), None if none."""
+    where = {} if store is None else {"_model_store": store}
+    try:
+        return Path(bentoml.models.get(f"{name}:latest", **where).path)
+    except NotFound:
+        return None
+
+
+def describe(folder: Path) -> Contender:
+    """A packaged model folder as a contender, not yet scored."""
+    info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    return Contender(
+        model_version=str(info["model_version"]),
+        model=str(info["model"]),
+        candidate=str(info.get("candidate", UNKNOWN)),  # models packaged before candidates
+        classes=tuple(str(c) for c in info["classes"]),
+        image_size=int(info["image_size"]),
+        scores=None,
+    )
+
+
+def packaged_scores(
+    folder: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: EvaluateConfig,
+    values: metrics.ValueModel,
+    role: str,
+) -> dict[str, float]:
+    """The packaged model.pt's scalar scores on the photos, as the service would compute them."""
+    model = load_scripted(folder, images.shape[1])
+    proba = predict_proba(model, images, config.batch_size, f"test {role}")
+    return metrics.scalar_scores(
+        metrics.scores(labels, proba, values, config.top_k, config.taxonomy)
+    )
+
+
+def challenge(
+    challenger_dir: Path, champion_dir: Path | None, prepared: Path, config: EvaluateConfig
+) -> dict[str, Any]:
+    """promotion.json: the packaged challenger against the champion's folder (None: none yet),
+    both scored on the prepared test photos with evaluate's primary metric and value model."""
+    values = check_config(config)
+    images, labels = labelled_split(prepared, "test", config.classes)
+    challenger = describe(challenger_dir)
+    if challenger.classes != config.classes or challenger.image_size != images.shape[1]:
+        raise ValueError(
+            f"{challenger_dir}: the challenger takes {challenger.image_size} px images of "
+            f"{list(challenger.classes)}, not the prepared ones: rerun train and evaluate"
+        )
+    scored = packaged_scores(challenger_dir, images, labels, config, values, "challenger")
+    challenger = dataclasses.replace(challenger, scores=scored)
+    champion = describe(champion_dir) if champion_dir else None
+    if champion_dir and champion and not_comparable(challenger, champion) is None:
+        scored = packaged_scores(champion_dir, images, labels, config, values, "champion")
+        champion = dataclasses.replace(champion, scores=scored)
+    metric, margin = config.primary_metric, config.promote_margin
+    decision = decide(challenger, champion, metric, margin)
+    return promotion_record(decision, challenger, champion, metric, margin, len(labels))
+
+
+def keep_champion(champion_dir: Path, out_dir: Path) -> None:
+    """The champion's files into the package folder: the DVC output is the deployed model."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    for filename in PACKAGE_FILES:
+        shutil.copy2(champion_dir / filename, out_dir / filename)
 
 
 def build_bento(bentofile: Path, build_ctx: Path) -> bentoml.Tag:
@@ -302,17 +402,27 @@ def build_bento(bentofile: Path, build_ctx: Path) -> bentoml.Tag:
 def main() -> None:
     params = load_params()
     cfg = stage_config(PackageConfig, "package", params)
+    evaluation = load_config(params)
     paths = load_paths(params)
     os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ[MODEL_NAME_ENV] = cfg.model_name  # read by the service when the Bento is built
     serve = stage_config(ServeConfig, "serve", params)
     card = provenance(params, paths.prepared, Path.cwd())
-    info = export_package(paths.model, paths.evaluate_report, paths.package, serve, card)
-    tag = save_to_store(paths.package, cfg.model_name)
-    print(f"package: saved model {tag} ({info['model']}, classes {info['classes']})")
-    if cfg.build_bento:
-        print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
+    winner = json.loads(paths.evaluate_report.read_text())["winner"]
+    info = export_package(paths.model / winner, paths.evaluate_report, paths.package, serve, card)
+    champion = champion_folder(cfg.model_name)
+    promotion = challenge(paths.package, champion, paths.prepared, evaluation)
+    print(f"package: {'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']}")
+    if promotion["promoted"]:
+        tag = save_to_store(paths.package, cfg.model_name)
+        print(f"package: saved model {tag} ({info['model']}, classes {info['classes']})")
+        if cfg.build_bento:
+            print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
+    else:
+        keep_champion(champion, paths.package)
+    paths.promotion.parent.mkdir(parents=True, exist_ok=True)
+    paths.promotion.write_text(json.dumps(promotion, indent=2) + "\n")
 
 
 if __name__ == "__main__":

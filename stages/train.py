@@ -26,12 +26,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from dvclive import Live
 from dvclive.lightning import DVCLiveLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from vitrine.config import from_mapping, load_params, load_paths, stage_config
-from vitrine.data import PackedDataModule, prepared_manifest_path, split_images_path
+from vitrine.data import PackedDataModule, epoch_seed, prepared_manifest_path, split_images_path
 from vitrine.models import ImageClassifier
 
 CHECKPOINT = "best.ckpt"
@@ -91,9 +93,33 @@ class EpochSeed(Callback):
         self.data = data
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        epoch_seed = self.seed + trainer.current_epoch
-        seed_everything(epoch_seed, workers=True, verbose=False)
-        self.data.reseed(epoch_seed)
+        seed = epoch_seed(self.seed, trainer.current_epoch)
+        seed_everything(seed, workers=True, verbose=False)
+        self.data.reseed(seed)
+
+
+class PlotsOnlyLive(Live):
+    """DVCLive writing metrics and plots only, without its own DVC integration.
+
+    The stage's dvc.yaml entry declares the plots, so the integration adds nothing here, and it
+    fails the stage in a Git repository without commits (dvclive 3.49: `scm.get_rev()` raises
+    "Empty git repo" before its own no-commits check) and runs `dvc init` in a Git repository
+    without DVC.
+    """
+
+    def _init_dvc(self) -> None:
+        pass
+
+
+class StageLogger(DVCLiveLogger):
+    """Lightning's DVCLive logger, over PlotsOnlyLive; created on rank zero only, as DVCLive's."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Live:
+        if self._experiment is None:
+            self._experiment = PlotsOnlyLive(**self._kwargs)
+        return self._experiment
 
 
 @dataclass(frozen=True)
@@ -185,7 +211,7 @@ def train(
     trainer = L.Trainer(
         max_epochs=candidate.max_epochs,
         callbacks=[stopper, checkpoints, EpochSeed(config.seed, data)],
-        logger=DVCLiveLogger(
+        logger=StageLogger(
             dir=str(live_dir),
             resume=resume_from is not None,
             save_dvc_exp=False,

@@ -142,12 +142,25 @@ def test_review_decisions_override_and_raw_rows_stay(tmp_path):
         "dropped",
         "accessory not a phone",
     )
-    assert d.loc["rep.jpg", "status"] == "dropped" and d.loc["copy.jpg", "status"] == "kept"
+    # A drop takes the photo's copies with it (same photo, other ids)...
+    assert d.loc["rep.jpg", "status"] == "dropped" and d.loc["copy.jpg", "status"] == "dropped"
+    assert d.loc["copy.jpg", "detail"] == "copy of rep.jpg"
     assert (d.loc["mislabelled.jpg", "label"], d.loc["mislabelled.jpg", "given_label"]) == (
         "laptop",
         "phone",
     )
     assert set(d.loc[["conflict-1.jpg", "conflict-2.jpg"], "status"]) == {"kept", "duplicate"}
+
+
+def test_keep_decision_saves_a_copy_of_a_dropped_photo(tmp_path):
+    path = tmp_path / "decisions.csv"
+    path.write_text("id,decision,new_label,note\nrep.jpg,drop,,blurry\ncopy.jpg,keep,,sharp\n")
+    rows = [
+        manifest_row("rep.jpg", "phone", "a" * 64, 200, 200),
+        manifest_row("copy.jpg", "phone", "a" * 64),
+    ]
+    d = run(rows, read_decisions(path, CLASSES))
+    assert d.loc["rep.jpg", "status"] == "dropped" and d.loc["copy.jpg", "status"] == "kept"
 
 
 def test_keep_decision_overrides_duplicate(tmp_path):

@@ -193,6 +193,6 @@ def test_workspace_runs_the_data_stages_on_the_published_split(grocery_tar, tmp_
     # a second set-up changes nothing DVC tracks
     set_up(REPO, workspace, grocery_tar, tmp_path / "variant.yaml")
     status = subprocess.run(
-        ["dvc", "status"], cwd=workspace, env=env, capture_output=True, text=True
+        ["dvc", "status", "prepare"], cwd=workspace, env=env, capture_output=True, text=True
     )
     assert "up to date" in status.stdout, status.stdout

@@ -29,6 +29,12 @@ from stages.package import (
     save_to_store,
     script_predictor,
 )
+from tests.test_evaluate import (
+    brightness_classifier,
+    constant_classifier,
+    write_checkpoint,
+    write_prepared,
+)
 from vitrine.config import load_params, stage_config
 from vitrine.images import load_square
 from vitrine.models import ImageClassifier
@@ -38,7 +44,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:F
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["laptop", "phone"]
-METRICS = {"accuracy": 0.75, "macro_f1": 0.7, "business_weighted_accuracy": 0.8, "n_test": 40}
+METRICS = {"n": 40, "accuracy": 0.75, "macro_f1": 0.7, "business_weighted_accuracy": 0.8}
+# evaluate.json as evaluate writes it (abridged): package keeps the winner's scalar test scores.
+REPORT = {
+    "winner": "cnn64",
+    "test": {**METRICS, "per_class": {"laptop": {"f1": 0.8}}, "taxonomy": {"levels": []}},
+}
 SERVE = stage_config(ServeConfig, "serve", load_params(REPO / "params.yaml"))
 CARD = {"params": {"train": {"model": "cnn64"}}, "data": {"path": "p", "md5": "abc.dir"}}
 
@@ -60,7 +71,7 @@ def write_trained_model(model_dir: Path, seed: int = 0, classes: list[str] = CLA
     (model_dir / "model.json").write_text(json.dumps(info))
 
 
-def write_report(path: Path, report: dict = METRICS) -> Path:
+def write_report(path: Path, report: dict = REPORT) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report))
     return path
@@ -99,6 +110,7 @@ def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]
     assert json.loads((out_dir / "model.json").read_text()) == info
     assert info["classes"] == CLASSES
     assert info["image_size"] == 128 and info["input_size"] == 64 and info["model"] == "cnn64"
+    assert info["candidate"] == "train"  # the checkpoint's folder: <paths.model>/<candidate>
     assert info["metrics"] == METRICS
     assert info["model_version"].startswith("cnn64-")
     # What the service reads back: the serve limits and "never abstain" without an abstain key.
@@ -109,7 +121,7 @@ def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]
 
 def test_abstain_threshold_comes_from_the_evaluate_report(tmp_path: Path) -> None:
     write_trained_model(tmp_path / "train")
-    report = write_report(tmp_path / "evaluate.json", {**METRICS, "abstain": {"threshold": 0.6}})
+    report = write_report(tmp_path / "evaluate.json", {**REPORT, "abstain": {"threshold": 0.6}})
     info = export(tmp_path / "train", report, tmp_path / "package")
     assert info["abstain_threshold"] == 0.6
     assert read_package_info(tmp_path / "package").abstain_threshold == 0.6
@@ -121,7 +133,7 @@ def test_model_card_records_metrics_params_data_and_code(
     _, out_dir, info = exported
     card = (out_dir / "model_card.md").read_text()
     assert info["model_version"] in card
-    assert "accuracy: 0.7500" in card and "n_test: 40" in card
+    assert "accuracy: 0.7500" in card and "n: 40" in card
     assert "abc.dir" in card and "f00" in card and "model: cnn64" in card
     assert info["card"] == {**CARD, "git_revision": "f00"}
 
@@ -202,29 +214,50 @@ def test_model_lands_in_the_store(exported: tuple[Path, Path, dict], tmp_path: P
 
 
 @pytest.mark.slow
-def test_stage_builds_a_bento(tmp_path: Path) -> None:
-    """`python -m stages.package` end to end, in a scratch copy of the repository."""
-    for folder in ("service", "vitrine"):
-        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__*"))
-        shutil.copy(REPO / folder / "__init__.py", tmp_path / folder)
-    (tmp_path / "stages").mkdir()
-    shutil.copy(REPO / "stages" / "package.py", tmp_path / "stages")
+def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: Path) -> None:
+    """`python -m stages.package` twice in a scratch copy of the repository: the first winner
+    becomes the champion and a Bento; a worse winner then leaves both in place."""
+    for folder in ("service", "vitrine", "stages"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__py*"))
     for name in ("params.yaml", "bentofile.yaml"):
         shutil.copy(REPO / name, tmp_path)
-    params = load_params(tmp_path / "params.yaml")
-    write_trained_model(tmp_path / params["paths"]["model"])
-    write_report(tmp_path / params["paths"]["evaluate_report"])
+    paths = load_params(tmp_path / "params.yaml")["paths"]
+    write_prepared(tmp_path / paths["prepared"])  # 32 px dark laptops and bright phones
+    models = tmp_path / paths["model"]
+    write_checkpoint(brightness_classifier(), models / "bright")  # right on every test photo
+    write_checkpoint(constant_classifier(1), models / "always_phone")
     home = tmp_path / "bentoml-home"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("PYTHONPATH", None)
+    package = tmp_path / paths["package"]
 
-    subprocess.run([sys.executable, "-m", "stages.package"], cwd=tmp_path, env=env, check=True)
+    def run(winner: str) -> dict:
+        report = {**REPORT, "winner": winner, "abstain": {"threshold": 0.6}}
+        write_report(tmp_path / paths["evaluate_report"], report)
+        subprocess.run([sys.executable, "-m", "stages.package"], cwd=tmp_path, env=env, check=True)
+        return json.loads((tmp_path / paths["promotion"]).read_text())
 
-    info = json.loads((tmp_path / params["paths"]["package"] / "model.json").read_text())
-    bento_yaml = next((home / "bentos" / "vitrine").glob("*/bento.yaml")).read_text()
-    model_name = params["package"]["model_name"]
-    assert f"{model_name}:{info['model_version']}" in bento_yaml
-    bento_src = next((home / "bentos" / "vitrine").glob("*/src"))
+    first = run("bright")
+    assert first["promoted"] is True and first["champion"] is None
+    assert first["challenger"]["candidate"] == "bright" and first["challenger"]["score"] == 1.0
+    info = json.loads((package / "model.json").read_text())
+    assert info["candidate"] == "bright" and info["abstain_threshold"] == 0.6
+    bentos = sorted((home / "bentos" / "vitrine").glob("*/bento.yaml"))
+    model_name = load_params(tmp_path / "params.yaml")["package"]["model_name"]
+    assert len(bentos) == 1 and f"{model_name}:{info['model_version']}" in bentos[0].read_text()
+    bento_src = bentos[0].parent / "src"
     assert (bento_src / "service" / "service.py").is_file()
     assert (bento_src / "vitrine" / "images.py").is_file()
     assert (bento_src / "service" / "upload.html").is_file()
+    deployed = {name: (package / name).read_bytes() for name in ("model.pt", "model.json")}
+
+    second = run("always_phone")
+    assert second["promoted"] is False and "champion kept" in second["reason"]
+    assert second["champion"]["model_version"] == info["model_version"]
+    assert second["challenger"]["score"] < second["champion"]["score"]
+    # The package folder is still the deployed model; no new model or Bento.
+    assert {name: (package / name).read_bytes() for name in deployed} == deployed
+    assert sorted((home / "bentos" / "vitrine").glob("*/bento.yaml")) == bentos
+    assert [p.name for p in (home / "models" / model_name).iterdir() if p.is_dir()] == [
+        info["model_version"]
+    ]

@@ -103,7 +103,8 @@ class Paths:
     train_live: Path  # DVCLive's per-epoch metrics, <candidate>/ per candidate
     train_resume: Path  # checkpoints of unfinished runs, outside DVC's outputs
     evaluate_report: Path
-    candidates_report: Path  # the candidates table; a .md twin is written beside it
+    candidates_report: Path  # every candidate's val scores (a DVC metric)
+    candidates_table: Path  # the same as a Markdown table
     evaluation_html: Path
     confusion: Path
     reliability: Path

@@ -10,7 +10,14 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    WeightedRandomSampler,
+    get_worker_info,
+)
 
 SPLITS = ("train", "val", "test")
 IMBALANCE = ("none", "loss_weights", "balanced_sampler")
@@ -62,11 +69,31 @@ def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
     return (len(labels) / (num_classes * counts)).tolist()
 
 
-def balanced_sampler(labels: np.ndarray) -> Sampler[int]:
+def balanced_sampler(labels: np.ndarray, generator: torch.Generator | None = None) -> Sampler[int]:
     """Draws every class equally often (with replacement), one epoch = len(labels) draws."""
     counts = np.bincount(labels)
     weights = torch.from_numpy(1.0 / counts[labels])
-    return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+    return WeightedRandomSampler(
+        weights, num_samples=len(labels), replacement=True, generator=generator
+    )
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's random draws: a resumed run repeats them exactly."""
+    return seed + epoch
+
+
+def seed_worker_augment(worker_id: int) -> None:
+    """Give a loader worker's copy of the augmentation its own seed.
+
+    Every worker starts with a copy of the main process's generator, so without this all workers
+    would draw the same flips and crops. torch's per-worker seed comes from the main process's
+    torch generator when the epoch's workers start, which EpochSeed has just seeded: the
+    augmentations of an epoch are then the same in a resumed run.
+    """
+    info = get_worker_info()
+    if info.dataset.augment is not None:
+        info.dataset.augment.set_random_seed(info.seed % 2**32)
 
 
 class PackedImages(Dataset):
@@ -78,11 +105,22 @@ class PackedImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         image = np.array(self.images[i])  # copy: the memmap is read-only
         if self.augment is not None:
             image = self.augment(image=image)["image"]
-        return torch.from_numpy(np.ascontiguousarray(image)), int(self.labels[i])
+        return image, int(self.labels[i])
+
+
+def collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as uint8 (N, H, W, 3) images and int64 labels, stacked by numpy.
+
+    The default collate's torch.stack runs a multi-threaded copy that took 30-400 ms per batch
+    of 64 photos of 128 px on 2 busy cores (numpy: 2-10 ms); with num_workers 0 it runs in the
+    training process, so it decided the loader's speed (benchmarks/loader.py).
+    """
+    images, labels = zip(*batch, strict=True)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
 
 
 class PackedDataModule(L.LightningDataModule):
@@ -107,9 +145,16 @@ class PackedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.augment = build_augment(augment or [], seed)
         self.imbalance = imbalance
+        self.seed = seed
+        # The loader's own generators, not torch's global one: when Lightning creates the
+        # iterator (before or after the epoch's hooks) then shifts no draw of the network's.
+        self.order_rng = torch.Generator()  # shuffle or balanced draws
+        self.worker_rng = torch.Generator()  # seeds of the loader's worker processes
 
     def reseed(self, seed: int) -> None:
-        """Restart the augmentation generator (train calls it each epoch, see EpochSeed)."""
+        """Restart the train split's draws: order, worker seeds, augmentation (see EpochSeed)."""
+        self.order_rng.manual_seed(seed)
+        self.worker_rng.manual_seed(seed)
         if self.augment is not None:
             self.augment.set_random_seed(seed)
 
@@ -127,14 +172,23 @@ class PackedDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
             **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            # Lightning starts the first epoch's iterator (workers, their first batches) before
+            # the epoch's hooks: seed it here too, for the epoch a resumed run starts at.
+            self.reseed(epoch_seed(self.seed, self.trainer.current_epoch))
         if self.imbalance == "balanced_sampler":
-            return self._loader(self.train_set, sampler=balanced_sampler(self.train_set.labels))
-        return self._loader(self.train_set, shuffle=True)
+            sampler = balanced_sampler(self.train_set.labels, self.order_rng)
+        else:
+            sampler = RandomSampler(self.train_set, generator=self.order_rng)
+        # Fresh workers every epoch (not persistent): each copies the augmentation as reseeded
+        # for this epoch, see seed_worker_augment.
+        workers = {"worker_init_fn": seed_worker_augment} if self.num_workers else {}
+        return self._loader(self.train_set, sampler=sampler, generator=self.worker_rng, **workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, shuffle=False, persistent_workers=self.num_workers > 0)

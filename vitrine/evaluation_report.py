@@ -18,6 +18,9 @@ from PIL import Image
 from vitrine.metrics import ValueModel
 
 MAX_MATRIX_CLASSES = 50
+THUMBNAIL_SIDE = 128
+# The candidates table's columns besides the primary metric (HTML and Markdown alike).
+TABLE_COLUMNS = ("accuracy", "macro_f1", "business_weighted_f1", "expected_value_per_1000")
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#1d2330}
@@ -53,7 +56,7 @@ def _table(header: list[str], rows: list[list[Any]], highlight: int | None = Non
 def candidates_section(
     candidates: dict[str, dict[str, Any]], ranking: list[str], primary: str
 ) -> str:
-    columns = list(dict.fromkeys([primary, "accuracy", "macro_f1", "expected_value_per_1000"]))
+    columns = list(dict.fromkeys([primary, *TABLE_COLUMNS]))
     rows = [[r, name, *(candidates[name][c] for c in columns)] for r, name in enumerate(ranking, 1)]
     return f"<h2>Candidates (validation photos, ranked by {html.escape(primary)})</h2>" + _table(
         ["rank", "candidate", *columns], rows, highlight=0
@@ -77,7 +80,7 @@ def scores_section(test: dict[str, Any]) -> str:
         + _table(["class", "precision", "recall", "F1", "photos"], per_class)
         + "<h2>Per taxonomy level</h2>"
         + _table(["level", "classes", "accuracy", "macro F1"], levels)
-        + f"<p>Depth-weighted accuracy: {test['taxonomy']['depth_weighted_accuracy']:.4f}</p>"
+        + f"<p>Depth-weighted accuracy: {test['depth_weighted_accuracy']:.4f}</p>"
     )
 
 
@@ -128,11 +131,17 @@ def reliability_svg(curve: list[dict[str, float]], size: int = 260) -> str:
     )
     line = "".join(f"{'L' if i else 'M'}{x:.1f},{y:.1f}" for i, (x, y, _) in enumerate(points))
     (x0, y0), (x1, y1) = xy(0, 0), xy(1, 1)
+    ticks = "".join(
+        f'<text x="{xy(t, 0)[0]:.1f}" y="{y0 + 12:.1f}" text-anchor="middle" font-size="9">{t:g}'
+        f'</text><text x="{x0 - 4:.1f}" y="{xy(0, t)[1] + 3:.1f}" text-anchor="end" '
+        f'font-size="9">{t:g}</text>'
+        for t in (0, 0.5, 1)
+    )
     return (
         f'<svg width="{size}" height="{size}" xmlns="http://www.w3.org/2000/svg">'
         f'<rect x="{pad}" y="{pad}" width="{span}" height="{span}" fill="#fafbfd" stroke="#ccd"/>'
         f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y1}" stroke="#999" stroke-dasharray="4"/>'
-        f'<path d="{line}" fill="none" stroke="#3867d6"/>{dots}'
+        f'<path d="{line}" fill="none" stroke="#3867d6"/>{dots}{ticks}'
         f'<text x="{size / 2}" y="{size - 6}" text-anchor="middle" font-size="11">confidence</text>'
         f'<text x="10" y="{size / 2}" font-size="11" transform="rotate(-90 10 {size / 2})" '
         f'text-anchor="middle">accuracy</text></svg>'
@@ -147,26 +156,44 @@ def calibration_section(report: dict[str, Any], curve: list[dict[str, float]]) -
         f"<p>Expected calibration error: val {cal['val_ece']:.4f}, test {cal['test_ece']:.4f} "
         f"({cal['bins']} bins).</p>{reliability_svg(curve)}"
         "<p>Below the threshold (fitted on val to maximise expected value), the service answers "
-        "<code>abstain: true</code> and the photo goes to human review.</p>"
+        f"<code>abstain: true</code> and the photo goes to human review. {abstain_verdict(ab)}</p>"
         + _table(["abstain", "value"], rows)
     )
 
 
+def abstain_verdict(abstain: dict[str, Any]) -> str:
+    """What the threshold means in words, for its two extremes."""
+    if abstain["threshold"] == 0:
+        return "Threshold 0: trusting the model pays at every confidence, so it never abstains."
+    if abstain["threshold"] > 1:
+        return (
+            "The threshold is above any confidence: every photo goes to review, because a review "
+            "earns more than the model's answer at every confidence (a better model or a higher "
+            "<code>evaluate.review_cost</code> changes that)."
+        )
+    return ""
+
+
 def thumbnail(pixels: np.ndarray) -> str:
+    """A JPEG data URI (the page stays one file), at most THUMBNAIL_SIDE pixels a side."""
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     buffer = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    image.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def mistakes_section(predictions: pd.DataFrame, test_images: np.ndarray, shown: int) -> str:
-    """The wrong predictions that cost the most (lowest gain), most confident first on ties."""
+    """The wrong predictions that cost the most (lowest gain), most confident first on ties;
+    those below the abstain threshold are marked: the service would have sent them to review."""
     wrong = predictions[predictions["label"] != predictions["predicted"]]
     worst = wrong.sort_values(["gain", "confidence"], ascending=[True, False]).head(shown)
     cards = [
         f'<div class="card"><img src="{thumbnail(test_images[int(r["index"])])}" alt=""/>'
         f"<div>{html.escape(str(r['id']))}</div><div>true <b>{html.escape(r['label'])}</b></div>"
         f'<div class="bad">predicted <b>{html.escape(r["predicted"])}</b></div>'
-        f"<div>confidence {r['confidence']:.3f}</div><div>cost {-r['gain']:.2f}</div></div>"
+        f"<div>confidence {r['confidence']:.3f}{' (sent to review)' if r['abstained'] else ''}"
+        f"</div><div>cost {-r['gain']:.2f}</div></div>"
         for _, r in worst.iterrows()
     ]
     return (

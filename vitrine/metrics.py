@@ -8,11 +8,15 @@ works on class indices, so tests can check it against hand-computed cases.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+# Confidence threshold that sends every photo to review: above any softmax probability.
+REVIEW_ALL = float(np.nextafter(1.0, 2.0))
 
 
 @dataclass(frozen=True)
@@ -28,29 +32,49 @@ class ValueModel:
         np.fill_diagonal(gain, self.value)
         return gain
 
+    def review_gain(self) -> np.ndarray:
+        """(k,) what an abstained photo of each actual class earns once a person files it."""
+        return self.value - self.review_cost
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """How class names encode a taxonomy path (Fruit/Apple/Granny-Smith) and how to weigh it."""
+
+    separator: str  # between levels of a class path
+    level_weights: tuple[float, ...]  # one per level, coarsest first; flat classes: [1.0]
+
 
 def value_model(
-    classes: tuple[str, ...],
-    business_value: dict[str, float],
-    cost_matrix: list[tuple[str, str, float]],
+    classes: Sequence[str],
+    business_value: Mapping[str, float],
+    cost_matrix: Sequence[tuple[str, str, float]],
     default_mistake_cost: float,
     review_cost: float,
 ) -> ValueModel:
     """Checked construction from params: every class valued, every cost naming known classes."""
-    missing = sorted(set(classes) - set(business_value))
+    missing = [c for c in classes if c not in business_value]
     unknown = sorted(set(business_value) - set(classes))
     if missing or unknown:
-        raise ValueError(f"business values: missing classes {missing}, unknown classes {unknown}")
+        raise ValueError(
+            f"business values must cover exactly the classes: missing {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unknown {unknown[:10]}"
+        )
+    value = np.array([business_value[c] for c in classes], dtype=np.float64)
+    if not np.isfinite(value).all() or value.sum() <= 0 or (value < 0).any():
+        raise ValueError("business values must be finite, non-negative and not all zero")
     index = {c: i for i, c in enumerate(classes)}
     cost = np.full((len(classes), len(classes)), float(default_mistake_cost))
     for actual, predicted, amount in cost_matrix:
         for name in (actual, predicted):
             if name not in index:
-                raise ValueError(f"cost matrix names unknown class {name!r}")
+                raise ValueError(
+                    f"cost matrix entry [{actual}, {predicted}, {amount}] names unknown class "
+                    f"{name!r}; classes: {list(classes)[:10]}"
+                )
         if actual == predicted:
-            raise ValueError(f"cost matrix entry {actual!r} -> {predicted!r} is not a mistake")
+            raise ValueError(f"cost matrix entry [{actual}, {predicted}] is not a mistake")
         cost[index[actual], index[predicted]] = amount
-    value = np.array([business_value[c] for c in classes], dtype=np.float64)
     return ValueModel(tuple(classes), value, cost, float(review_cost))
 
 
@@ -61,15 +85,28 @@ def business_weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray, value: np
 
 
 def per_class_scores(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support of each of the k classes (0 where undefined)."""
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=list(range(k)), zero_division=0
     )
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
-def value_weighted(per_class: np.ndarray, value: np.ndarray) -> float:
-    """Mean of a per-class score weighted by the classes' business values."""
-    return float((per_class * value).sum() / value.sum())
+def seen_classes(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """(k,) bool: classes that occur as truth or prediction, the ones macro averages cover.
+
+    The same rule as scikit-learn's macro average: a class absent from both has no score.
+    """
+    seen = np.zeros(k, dtype=bool)
+    seen[y_true] = True
+    seen[y_pred] = True
+    return seen
+
+
+def value_weighted(per_class: np.ndarray, value: np.ndarray, seen: np.ndarray) -> float:
+    """Mean of a per-class score over the seen classes, weighted by their business values."""
+    weights = value * seen
+    return float((per_class * weights).sum() / weights.sum()) if weights.sum() > 0 else 0.0
 
 
 def expected_value_per_1000(
@@ -87,6 +124,7 @@ def expected_value_per_1000(
 
 
 def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:
+    """Share of photos whose class is among the k most probable (ties: lower index first)."""
     k = min(k, proba.shape[1])
     top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     return float((top == y_true[:, None]).any(axis=1).mean())
@@ -95,7 +133,10 @@ def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:
 def expected_calibration_error(
     y_true: np.ndarray, proba: np.ndarray, bins: int
 ) -> tuple[float, list[dict[str, float]]]:
-    """ECE over equal-width confidence bins, and the reliability curve (non-empty bins)."""
+    """ECE over equal-width confidence bins, and the reliability curve (non-empty bins).
+
+    ECE = sum over bins of (photos in bin / photos) * |accuracy in bin - mean confidence in bin|.
+    """
     confidence = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y_true
     # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 goes to bin 0.
@@ -116,46 +157,59 @@ def best_abstain_threshold(
 ) -> tuple[float, float]:
     """The confidence threshold (abstain below it) that maximises expected value, and that value.
 
-    Tries 0 (never abstain) and every observed confidence; ties go to the lowest threshold, so
-    no photo is sent to review unless it pays.
+    Candidates: 0 (never abstain), the midpoint between each two neighbouring observed
+    confidences (any threshold between them splits these photos alike; the midpoint leaves new
+    photos the most room on either side) and REVIEW_ALL. Ties go to the lowest threshold, so no
+    photo goes to review unless it pays. One sort and two cumulative sums: O(n log n).
     """
-    gain, review = values.gain(), values.value - values.review_cost
-    confidence = proba.max(axis=1)
-    y_pred = proba.argmax(axis=1)
-    best = (0.0, expected_value_per_1000(y_true, y_pred, gain))
-    for t in np.unique(confidence):
-        ev = expected_value_per_1000(y_true, y_pred, gain, confidence < t, review)
-        if ev > best[1] + 1e-12:
-            best = (float(t), ev)
-    return best
+    confidence = proba.max(axis=1).astype(np.float64)
+    order = np.argsort(confidence, kind="stable")
+    trusted = values.gain()[y_true, proba.argmax(axis=1)][order]
+    reviewed = values.review_gain()[y_true][order]
+    levels = np.unique(confidence)
+    thresholds = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2, [REVIEW_ALL]])
+    abstained = np.searchsorted(confidence[order], thresholds, side="left")  # count below each
+    trusted_before = np.concatenate([[0.0], np.cumsum(trusted)])
+    reviewed_before = np.concatenate([[0.0], np.cumsum(reviewed)])
+    total = reviewed_before[abstained] + trusted_before[-1] - trusted_before[abstained]
+    ev = 1000 * total / len(confidence)
+    best = int(np.flatnonzero(ev >= ev.max() - 1e-9)[0])
+    return float(thresholds[best]), float(ev[best])
 
 
-def taxonomy_levels(classes: tuple[str, ...], separator: str) -> int:
+def taxonomy_depth(classes: Sequence[str], separator: str) -> int:
     return max(len(c.split(separator)) for c in classes)
 
 
-def level_labels(classes: tuple[str, ...], separator: str, level: int) -> list[str]:
+def level_labels(classes: Sequence[str], separator: str, level: int) -> list[str]:
     """Each class truncated to its first `level` taxonomy nodes (Fruit/Apple/X -> Fruit/Apple)."""
     return [separator.join(c.split(separator)[:level]) for c in classes]
 
 
-def taxonomy_scores(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    classes: tuple[str, ...],
-    separator: str,
-    level_weights: tuple[float, ...],
-) -> dict[str, Any]:
-    """Accuracy and macro F1 at each taxonomy level, and their depth-weighted accuracy."""
-    depth = taxonomy_levels(classes, separator)
-    if len(level_weights) != depth:
+def check_taxonomy(classes: Sequence[str], taxonomy: Taxonomy) -> None:
+    """A clear error unless there is one non-negative weight per level, not all zero."""
+    if not taxonomy.separator:
+        raise ValueError("evaluate.taxonomy.separator must not be empty")
+    depth = taxonomy_depth(classes, taxonomy.separator)
+    weights = np.array(taxonomy.level_weights, dtype=np.float64)
+    if len(weights) != depth:
         raise ValueError(
-            f"evaluate.taxonomy.level_weights has {len(level_weights)} weights, but the classes "
-            f"have {depth} taxonomy level(s)"
+            f"evaluate.taxonomy.level_weights has {len(weights)} weight(s), but the classes have "
+            f"{depth} taxonomy level(s) (separator {taxonomy.separator!r}, e.g. {classes[0]!r})"
         )
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError("evaluate.taxonomy.level_weights must be non-negative, not all zero")
+
+
+def taxonomy_scores(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str], taxonomy: Taxonomy
+) -> dict[str, Any]:
+    """Accuracy and macro F1 at each taxonomy level (level 1 = coarsest), and the
+    depth-weighted accuracy: sum_l w_l * accuracy_l / sum_l w_l."""
+    check_taxonomy(classes, taxonomy)
     levels = []
-    for level in range(1, depth + 1):
-        names = np.array(level_labels(classes, separator, level))
+    for level in range(1, len(taxonomy.level_weights) + 1):
+        names = np.array(level_labels(classes, taxonomy.separator, level))
         t, p = names[y_true], names[y_pred]
         levels.append(
             {
@@ -165,7 +219,7 @@ def taxonomy_scores(
                 "macro_f1": float(f1_score(t, p, average="macro", zero_division=0)),
             }
         )
-    weights = np.array(level_weights, dtype=np.float64)
+    weights = np.array(taxonomy.level_weights, dtype=np.float64)
     accuracies = np.array([lv["accuracy"] for lv in levels])
     return {
         "levels": levels,
@@ -173,24 +227,59 @@ def taxonomy_scores(
     }
 
 
-def scores(y_true: np.ndarray, proba: np.ndarray, values: ValueModel, top_k: int) -> dict[str, Any]:
-    """Every score of one set of predictions (no abstaining)."""
+def top_k_name(top_k: int, k: int) -> str:
+    return f"top{min(top_k, k)}_accuracy"
+
+
+def score_names(k: int, top_k: int) -> tuple[str, ...]:
+    """The scalar scores scores() returns for k classes; all larger-is-better."""
+    return (
+        "accuracy",
+        "macro_f1",
+        top_k_name(top_k, k),
+        "business_weighted_accuracy",
+        "business_weighted_precision",
+        "business_weighted_recall",
+        "business_weighted_f1",
+        "expected_value_per_1000",
+        "depth_weighted_accuracy",
+    )
+
+
+def scores(
+    y_true: np.ndarray, proba: np.ndarray, values: ValueModel, top_k: int, taxonomy: Taxonomy
+) -> dict[str, Any]:
+    """Every score of one set of predictions (no abstaining): n, the score_names() scalars,
+    per_class {class: precision, recall, f1, support} and taxonomy {levels, ...}."""
     y_pred = proba.argmax(axis=1)
     k = len(values.classes)
     per_class = per_class_scores(y_true, y_pred, k)
+    seen = seen_classes(y_true, y_pred, k)
+    tax = taxonomy_scores(y_true, y_pred, values.classes, taxonomy)
     return {
         "n": len(y_true),
         "accuracy": float((y_true == y_pred).mean()),
-        "macro_f1": float(per_class["f1"].mean()),
-        f"top{min(top_k, k)}_accuracy": top_k_accuracy(y_true, proba, top_k),
+        "macro_f1": float(per_class["f1"][seen].mean()),
+        top_k_name(top_k, k): top_k_accuracy(y_true, proba, top_k),
         "business_weighted_accuracy": business_weighted_accuracy(y_true, y_pred, values.value),
-        "business_weighted_precision": value_weighted(per_class["precision"], values.value),
-        "business_weighted_recall": value_weighted(per_class["recall"], values.value),
-        "business_weighted_f1": value_weighted(per_class["f1"], values.value),
+        "business_weighted_precision": value_weighted(per_class["precision"], values.value, seen),
+        "business_weighted_recall": value_weighted(per_class["recall"], values.value, seen),
+        "business_weighted_f1": value_weighted(per_class["f1"], values.value, seen),
         "expected_value_per_1000": expected_value_per_1000(y_true, y_pred, values.gain()),
+        "depth_weighted_accuracy": tax["depth_weighted_accuracy"],
         "per_class": {
             c: {name: float(per_class[name][i]) for name in ("precision", "recall", "f1")}
             | {"support": int(per_class["support"][i])}
             for i, c in enumerate(values.classes)
         },
+        "taxonomy": {"levels": tax["levels"]},
+    }
+
+
+def scalar_scores(all_scores: Mapping[str, Any]) -> dict[str, float | int]:
+    """The numbers of a scores() result, without per_class and taxonomy."""
+    return {
+        k: v
+        for k, v in all_scores.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
     }

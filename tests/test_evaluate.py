@@ -1,0 +1,455 @@
+"""The evaluate stage: candidates on val, the winner on test, the reports it writes.
+
+The candidates are hand-built checkpoints whose behaviour is known (always laptop, always phone,
+or dark = laptop / bright = phone), on a tiny prepared dataset of dark laptops and bright phones,
+so every score here can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import lightning
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stages.evaluate import (
+    EvaluateConfig,
+    candidate_names,
+    check_config,
+    evaluate,
+    load_config,
+    predict_proba,
+    rank_candidates,
+    write_outputs,
+)
+from vitrine.config import load_params, load_paths
+from vitrine.data import prepared_manifest_path, split_images_path
+from vitrine.evaluation_report import MAX_MATRIX_CLASSES, confusion_section
+from vitrine.metrics import Taxonomy, value_model
+from vitrine.models import ImageClassifier, build_predictor
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("laptop", "phone")
+SIDE = 32  # prepared image side
+# (laptops, phones) per split
+COUNTS = {"train": (4, 4), "val": (4, 4), "test": (6, 2)}
+
+
+def write_prepared(root: Path, counts: dict = COUNTS) -> Path:
+    """A prepared dataset: dark laptops (0-99) and bright phones (156-255), SIDE x SIDE."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, (laptops, phones) in counts.items():
+        labels = [0] * laptops + [1] * phones
+        low = [0 if y == 0 else 156 for y in labels]
+        images = np.stack([rng.integers(lo, lo + 100, (SIDE, SIDE, 3)) for lo in low])
+        np.save(split_images_path(root, split), images.astype(np.uint8))
+        rows += [
+            {
+                "id": f"{split}-{i}",
+                "source": "s",
+                "label": CLASSES[y],
+                "cluster_id": f"{split}{i}",
+                "split": split,
+                "index": i,
+            }
+            for i, y in enumerate(labels)
+        ]
+    pd.DataFrame(rows).to_parquet(prepared_manifest_path(root))
+    return root
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    return write_prepared(tmp_path / "prepared")
+
+
+def constant_classifier(favoured: int, margin: float = 2.0) -> ImageClassifier:
+    """cnn64 answering class `favoured` for every photo (softmax of a `margin` logit gap)."""
+    module = ImageClassifier("cnn64", list(CLASSES), lr=1e-3)
+    head = module.predictor.net[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[favoured] = margin
+    return module
+
+
+def brightness_classifier() -> ImageClassifier:
+    """cnn64 answering phone for bright photos and laptop for dark ones: right on every photo.
+
+    The convolution averages the pixels (scaled to 0..1) minus 0.5, so only bright photos
+    light the ReLU; the head turns their total into the phone logit.
+    """
+    module = ImageClassifier("cnn64", list(CLASSES), lr=1e-3)
+    conv, head = module.predictor.net[0], module.predictor.net[-1]
+    with torch.no_grad():
+        conv.weight.fill_(1 / conv.weight[0].numel())
+        conv.bias.fill_(-0.5)
+        head.weight.zero_()
+        head.weight[1].fill_(10 / head.weight.shape[1])
+        head.bias.copy_(torch.tensor([1.0, 0.0]))
+    return module
+
+
+def write_checkpoint(module: ImageClassifier, model_dir: Path, image_size: int = SIDE) -> Path:
+    """What train leaves in <paths.model>/<candidate>: a Lightning checkpoint and model.json."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        model_dir / "best.ckpt",
+    )
+    info = {
+        "model": module.hparams.model,
+        "classes": list(module.hparams.classes),
+        "image_size": image_size,
+        "input_size": module.predictor.input_size,
+    }
+    (model_dir / "model.json").write_text(json.dumps(info))
+    return model_dir
+
+
+def config(**overrides) -> EvaluateConfig:
+    base = {
+        "classes": CLASSES,
+        "batch_size": 3,
+        "primary_metric": "business_weighted_accuracy",
+        "business_value": {"laptop": 1.0, "phone": 1.5},
+        "business_value_csv": "",
+        "cost_matrix": (("phone", "laptop", 1.0),),
+        "default_mistake_cost": 0.5,
+        "review_cost": 0.3,
+        "top_k": 2,
+        "calibration_bins": 10,
+        "promote_margin": 0.005,
+        "taxonomy": Taxonomy("/", (1.0,)),
+        "mistakes_shown": 4,
+    }
+    return EvaluateConfig(**{**base, **overrides})
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    write_checkpoint(constant_classifier(0), root / "always_laptop")
+    write_checkpoint(constant_classifier(1), root / "always_phone")
+    write_checkpoint(brightness_classifier(), root / "bright")
+    return root
+
+
+def test_repository_params_load_and_check() -> None:
+    params = load_params(REPO / "params.yaml")
+    cfg = load_config(params)
+    values = check_config(cfg)
+    assert values.classes == tuple(params["classes"])
+    assert set(candidate_names(params)) == set(params["candidates"])
+
+
+def test_business_value_csv_replaces_the_params_values(tmp_path: Path) -> None:
+    path = tmp_path / "values.csv"
+    path.write_text("class,value\nphone,4\nlaptop,0.5\n")
+    values = check_config(config(business_value_csv=str(path)))
+    assert values.value.tolist() == [0.5, 4.0]  # in class order, not file order
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name,value\nlaptop,1\nphone,2\n", "expected the columns class,value"),
+        ("class,value\nlaptop,1\nphone,2\nphone,3\n", r"more than once: \['phone'\]"),
+        ("class,value\nlaptop,1\nphone,lots\n", r"no numeric value for \['phone'\]"),
+        ("class,value\nlaptop,1\n", r"missing \['phone'\]"),
+    ],
+)
+def test_bad_business_value_csv_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "values.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        check_config(config(business_value_csv=str(path)))
+
+
+def test_missing_business_value_csv_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a file"):
+        check_config(config(business_value_csv=str(tmp_path / "nope.csv")))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cost_matrix": (("phone", "tablet", 1.0),)}, "names unknown class 'tablet'"),
+        ({"business_value": {"laptop": 1.0}}, r"missing \['phone'\]"),
+        ({"taxonomy": Taxonomy("/", (1.0, 0.5))}, "has 2 weight"),
+        ({"primary_metric": "profit"}, "primary_metric 'profit' is not a score"),
+        ({"primary_metric": "top5_accuracy"}, "is not a score"),  # 2 classes: top2_accuracy
+        ({"calibration_bins": 0}, "calibration_bins must be at least 1"),
+    ],
+)
+def test_bad_params_are_clear_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_config(config(**overrides))
+
+
+def test_bad_params_fail_before_any_model_is_read(prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a score"):
+        evaluate(config(primary_metric="f2"), ("absent",), prepared, tmp_path / "no-models")
+
+
+def test_a_missing_checkpoint_names_its_train_stage(prepared: Path, models: Path) -> None:
+    with pytest.raises(ValueError, match=r"run `dvc repro train@absent`"):
+        evaluate(config(), ("bright", "absent"), prepared, models)
+
+
+def test_predict_proba_is_a_distribution_in_input_order() -> None:
+    torch.manual_seed(0)
+    predictor = build_predictor("cnn64", 2)
+    images = np.random.default_rng(1).integers(0, 256, (5, 40, 40, 3)).astype(np.uint8)
+    proba = predict_proba(predictor, images, batch_size=2, desc="t")
+    assert proba.shape == (5, 2) and np.allclose(proba.sum(axis=1), 1, atol=1e-6)
+    single = predict_proba(predictor, images[3:4], batch_size=1, desc="t")
+    assert np.allclose(single[0], proba[3], atol=1e-6)
+
+
+def test_ranking_breaks_ties_by_accuracy_then_name() -> None:
+    table = {
+        "b": {"bwa": 0.5, "accuracy": 0.7},
+        "a": {"bwa": 0.5, "accuracy": 0.7},
+        "c": {"bwa": 0.5, "accuracy": 0.9},
+        "d": {"bwa": 0.6, "accuracy": 0.1},
+    }
+    assert rank_candidates(table, "bwa") == ["d", "c", "a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("laptop", "phone", "winner"), [(3.0, 1.0, "always_laptop"), (1.0, 3.0, "always_phone")]
+)
+def test_the_winner_follows_the_business_values(
+    prepared: Path, models: Path, laptop: float, phone: float, winner: str
+) -> None:
+    """Both are right on half the val photos (4 laptops, 4 phones): the values decide."""
+    cfg = config(business_value={"laptop": laptop, "phone": phone}, cost_matrix=())
+    result = evaluate(cfg, ("always_laptop", "always_phone"), prepared, models)
+    assert result.report["winner"] == winner
+    table = result.candidates
+    assert table["always_laptop"]["accuracy"] == table["always_phone"]["accuracy"] == 0.5
+    expected = {
+        "always_laptop": laptop / (laptop + phone),
+        "always_phone": phone / (laptop + phone),
+    }
+    for name, bwa in expected.items():
+        assert table[name]["business_weighted_accuracy"] == pytest.approx(bwa)
+
+
+def test_the_primary_metric_picks_the_winner(prepared: Path, models: Path) -> None:
+    # On val, always_laptop and always_phone are equally accurate; the values favour phones,
+    # while a laptop-heavy value of the mistakes (expected value) favours always_laptop.
+    cfg = config(
+        business_value={"laptop": 1.0, "phone": 1.2},
+        cost_matrix=(("laptop", "phone", 5.0),),
+        primary_metric="expected_value_per_1000",
+    )
+    result = evaluate(cfg, ("always_laptop", "always_phone"), prepared, models)
+    assert result.report["winner"] == "always_laptop"
+    assert result.report["ranking"] == ["always_laptop", "always_phone"]
+    bwa = config(
+        primary_metric="business_weighted_accuracy",
+        **{k: getattr(cfg, k) for k in ("business_value", "cost_matrix")},
+    )
+    assert (
+        evaluate(bwa, ("always_laptop", "always_phone"), prepared, models).report["winner"]
+        == "always_phone"
+    )
+
+
+def test_only_the_winner_is_tested(prepared: Path, models: Path) -> None:
+    result = evaluate(config(), ("always_laptop", "bright", "always_phone"), prepared, models)
+    report = result.report
+    assert report["winner"] == "bright" and report["ranking"][0] == "bright"
+    assert report["val"]["accuracy"] == 1.0 and report["test"]["accuracy"] == 1.0
+    assert report["test"]["n"] == 8 and report["test"]["per_class"]["phone"]["support"] == 2
+    # always_laptop on the 6 + 2 test photos would score 6/8; the report has the winner's.
+    assert report["test"]["expected_value_per_1000"] == pytest.approx(1000 * (6 + 2 * 1.5) / 8)
+
+
+def test_test_scores_of_the_winner_by_hand(prepared: Path, models: Path) -> None:
+    """always_laptop alone: test has 6 laptops (right) and 2 phones (wrong, cost 1 each)."""
+    result = evaluate(config(), ("always_laptop",), prepared, models)
+    test = result.report["test"]
+    assert test["accuracy"] == 0.75
+    assert test["business_weighted_accuracy"] == pytest.approx(6 / (6 + 2 * 1.5))
+    assert test["expected_value_per_1000"] == pytest.approx(1000 * (6 - 2 * 1.0) / 8)
+    assert test["top2_accuracy"] == 1.0
+    assert test["per_class"]["phone"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    # Every confidence is softmax(2, 0) = 0.881: one calibration bin, 75% right.
+    confidence = float(torch.softmax(torch.tensor([2.0, 0.0]), 0)[0])
+    assert result.report["calibration"]["test_ece"] == pytest.approx(abs(0.75 - confidence))
+    assert result.reliability == [
+        {"bin": 8, "confidence": pytest.approx(confidence), "accuracy": 0.75, "count": 8}
+    ]
+    # On val (4 + 4) trusting earns 4 - 4 = 0, reviewing everything 4 * 0.7 + 4 * 1.2 = 7.6.
+    abstain = result.report["abstain"]
+    assert abstain["threshold"] > 1.0 and abstain["val_abstain_rate"] == 1.0
+    assert abstain["val_expected_value_per_1000"] == pytest.approx(1000 * 7.6 / 8)
+    assert abstain["test_expected_value_per_1000"] == pytest.approx(1000 * (6 * 0.7 + 2 * 1.2) / 8)
+    assert abstain["test_accuracy_when_decided"] is None
+
+
+def test_predictions_table_lines_up_with_the_test_photos(prepared: Path, models: Path) -> None:
+    table = evaluate(config(), ("always_laptop",), prepared, models).predictions
+    assert list(table["id"]) == [f"test-{i}" for i in range(8)]
+    assert list(table["label"]) == ["laptop"] * 6 + ["phone"] * 2
+    assert set(table["predicted"]) == {"laptop"}
+    assert list(table["gain"]) == [1.0] * 6 + [-1.0] * 2
+    assert np.allclose(table[["p_laptop", "p_phone"]].sum(axis=1), 1, atol=1e-6)
+
+
+def test_unknown_labels_in_the_prepared_split_are_a_clear_error(prepared: Path, models: Path):
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    manifest.loc[manifest["split"] == "test", "label"] = "tablet"
+    manifest.to_parquet(prepared_manifest_path(prepared))
+    with pytest.raises(ValueError, match=r"test photos labelled \['tablet'\]"):
+        evaluate(config(), ("bright",), prepared, models)
+
+
+class PageParser(HTMLParser):
+    """Headings, table rows (cell texts), images and svg elements of the report page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self.images: list[str] = []
+        self.svg: list[str] = []
+        self.cards: list[str] = []
+        self._text: list[str] | None = None
+        self._card_depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag in ("h2", "td", "th"):
+            self._text = []
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag in ("svg", "circle", "path", "line"):
+            self.svg.append(tag)
+        if tag == "div" and attrs.get("class") == "card":
+            self._card_depth = 1
+            self.cards.append("")
+        elif tag == "div" and self._card_depth:
+            self._card_depth += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h2":
+            self.headings.append("".join(self._text or []))
+        elif tag in ("td", "th"):
+            self.tables[-1][-1].append("".join(self._text or []))
+        if tag in ("h2", "td", "th"):
+            self._text = None
+        if tag == "div" and self._card_depth:
+            self._card_depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
+        if self._card_depth:
+            self.cards[-1] += data + " "
+
+
+def stage_paths(tmp_path: Path):
+    params = load_params(REPO / "params.yaml")
+    rooted = {k: str(tmp_path / v) for k, v in params["paths"].items()}
+    return load_paths({"paths": rooted})
+
+
+def test_stage_writes_every_report(prepared: Path, models: Path, tmp_path: Path) -> None:
+    cfg = config(mistakes_shown=1)
+    names = ("always_laptop", "always_phone", "bright")
+    result = evaluate(cfg, names, prepared, models)
+    paths = stage_paths(tmp_path / "out")
+    write_outputs(result, paths, cfg.mistakes_shown)
+
+    report = json.loads(paths.evaluate_report.read_text())
+    assert report["winner"] == "bright" and report["primary_metric"] == cfg.primary_metric
+    assert {"val", "test", "calibration", "abstain", "ranking"} <= set(report)
+    candidates = json.loads(paths.candidates_report.read_text())
+    assert set(candidates) == set(names)
+    assert "per_class" not in candidates["bright"] and candidates["bright"]["accuracy"] == 1.0
+    markdown = paths.candidates_table.read_text().splitlines()
+    assert markdown[0].startswith("| rank | candidate | business_weighted_accuracy |")
+    assert markdown[2].startswith("| 1 | bright | 1.0000 |")
+    predictions = pd.read_parquet(paths.predictions)
+    assert {"id", "source", "label", "predicted", "confidence", "gain", "p_phone"} <= set(
+        predictions.columns
+    )
+    confusion = pd.read_csv(paths.confusion)
+    assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 8
+    reliability = pd.read_csv(paths.reliability)
+    assert list(reliability.columns) == ["bin", "confidence", "accuracy", "count"]
+    assert reliability["count"].sum() == 8
+
+
+def test_html_report_shows_candidates_confusion_reliability_and_mistakes(
+    prepared: Path, models: Path, tmp_path: Path
+) -> None:
+    # phone is worth more than laptop: the matrix lists phone first.
+    cfg = config(mistakes_shown=1)
+    result = evaluate(cfg, ("always_laptop", "always_phone"), prepared, models)
+    paths = stage_paths(tmp_path / "out")
+    write_outputs(result, paths, cfg.mistakes_shown)
+    page = PageParser()
+    page.feed(paths.evaluation_html.read_text())
+
+    assert page.headings[0].startswith("Candidates")
+    candidates = page.tables[0]
+    assert candidates[0][:3] == ["rank", "candidate", "business_weighted_accuracy"]
+    assert [row[1] for row in candidates[1:]] == ["always_phone", "always_laptop"]
+    assert candidates[1][2] == "0.6000"  # 4 phones x 1.5 of 4 x 1 + 4 x 1.5
+
+    matrix_at = next(i for i, h in enumerate(page.headings) if h.startswith("Confusion matrix"))
+    assert "by business value" in page.headings[matrix_at]
+    matrix = next(t for t in page.tables if t[0] == ["", "phone", "laptop"])
+    # always_phone on test: all 6 laptops and 2 phones predicted phone
+    assert matrix[1:] == [["phone", "2", ""], ["laptop", "6", ""]]
+
+    assert any(h.startswith("Calibration") for h in page.headings)
+    assert {"svg", "circle", "line"} <= set(page.svg)
+
+    mistakes = next(h for h in page.headings if h.startswith("Costliest mistakes"))
+    assert "1 of 6 wrong test predictions" in mistakes
+    assert len(page.cards) == 1 and len(page.images) == 1
+    assert page.images[0].startswith("data:image/jpeg;base64,")
+    card = " ".join(page.cards[0].split())
+    assert "true laptop" in card and "predicted phone" in card and "cost 0.50" in card
+    assert "test-0" in card
+    # On val always_phone earns 4 x 1.5 - 4 x 0.5 = 4 trusted, 4 x 0.7 + 4 x 1.2 = 7.6 reviewed.
+    assert "(sent to review)" in card
+    assert "every photo goes to review" in paths.evaluation_html.read_text()
+
+
+def test_confusion_matrix_keeps_the_most_valuable_classes() -> None:
+    classes = tuple(f"c{i:02d}" for i in range(60))
+    values = value_model(classes, {c: float(i) for i, c in enumerate(classes)}, [], 1.0, 0.0)
+    predictions = pd.DataFrame({"label": ["c59", "c00"], "predicted": ["c58", "c00"]})
+    html = confusion_section(predictions, values)
+    assert f"the {MAX_MATRIX_CLASSES} most valuable of 60" in html
+    assert html.index(">c59<") < html.index(">c58<") and ">c09<" not in html
+
+
+def test_config_fields_are_the_params_block() -> None:
+    params = load_params(REPO / "params.yaml")
+    fields = {f.name for f in dataclasses.fields(EvaluateConfig)}
+    assert fields == set(params["evaluate"]) | {"classes"}

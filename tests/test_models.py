@@ -1,0 +1,85 @@
+"""Candidate networks: every one builds, takes uint8 photos of any size, and scripts."""
+
+import warnings
+
+import pytest
+import torch
+
+from stages.train import CandidateConfig, EarlyStoppingConfig, TrainConfig, train
+from tests.tiny_prepared import CLASSES, trainer_args, write_prepared
+from vitrine.embeddings import load_backbone
+from vitrine.models import MODELS, build_predictor
+
+# A small input size per model keeps the tests fast; a new entry in MODELS must be added here.
+SMALL = {"cnn64": ({}, 32), "lenet5": ({}, 32), "effnet_lite0": ({"mode": "probe"}, 32)}
+
+
+def test_every_model_is_covered():
+    assert set(SMALL) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_model_takes_uint8_photos_of_any_size_and_scripts(name):
+    options, size = SMALL[name]
+    torch.manual_seed(0)
+    predictor = build_predictor(name, len(CLASSES), size, options).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        scripted = torch.jit.script(predictor)
+    for shape in [(2, 45, 30, 3), (1, size, size, 3), (3, 128, 128, 3)]:
+        images = torch.randint(0, 256, shape, dtype=torch.uint8)
+        with torch.no_grad():
+            logits = predictor(images)
+            assert logits.shape == (shape[0], len(CLASSES))
+            assert torch.allclose(scripted(images), logits, atol=1e-5)
+
+
+def test_unknown_model_and_mode_are_named():
+    with pytest.raises(KeyError, match="unknown model 'resnet50'"):
+        build_predictor("resnet50", 2)
+    with pytest.raises(ValueError, match="mode must be 'probe' or 'finetune'"):
+        build_predictor("effnet_lite0", 2, 32, {"mode": "frozen"})
+    with pytest.raises(TypeError, match="width"):
+        build_predictor("cnn64", 2, options={"width": 64})
+
+
+def test_probe_freezes_the_backbone_even_in_train_mode():
+    net = build_predictor("effnet_lite0", 2, 32, {"mode": "probe"}).train().net
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+    assert not any(m.training for m in net.backbone.modules())
+    finetune = build_predictor("effnet_lite0", 2, 32, {"mode": "finetune"}).train().net
+    assert all(p.requires_grad for p in finetune.parameters())
+    assert all(m.training for m in finetune.backbone.modules())
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    sizes = {"train": 16, "val": 8, "test": 8}  # one training step of 16 photos
+    return write_prepared(tmp_path_factory.mktemp("prepared"), split_sizes=sizes)
+
+
+def fit_effnet(prepared, workdir, mode: str) -> dict[str, torch.Tensor]:
+    """One epoch of effnet_lite0 at 32 px; the trained backbone's tensors."""
+    config = TrainConfig(
+        CLASSES, 0, 0, "none", EarlyStoppingConfig("val_loss", "min", 3, 0.0), trainer_args()
+    )
+    candidate = CandidateConfig(
+        "effnet_lite0", {"mode": mode}, 32, 16, 0.01, 0.0, 0.0, False, 1, ()
+    )
+    result = train(config, candidate, prepared, workdir / "ckpt", workdir / "live")
+    state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    prefix = "predictor.net.backbone."
+    return {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+
+
+def test_probe_trains_the_head_only_and_finetune_every_layer(prepared, tmp_path):
+    imagenet = load_backbone(0).state_dict()
+    probed = fit_effnet(prepared, tmp_path / "probe", "probe")
+    assert probed.keys() == imagenet.keys()
+    # Weights and batch-norm statistics alike: a frozen backbone stays in eval mode.
+    assert all(torch.equal(probed[k], imagenet[k]) for k in imagenet)
+    tuned = fit_effnet(prepared, tmp_path / "finetune", "finetune")
+    changed = {k for k in imagenet if not torch.equal(tuned[k], imagenet[k])}
+    assert "conv_stem.weight" in changed and "bn1.running_mean" in changed
+    assert "conv_head.weight" in changed

@@ -1,0 +1,151 @@
+"""Promotion: evaluate's winner (challenger) against the deployed model (champion)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bentoml._internal.models import ModelStore
+
+from service.settings import read_package_info
+from stages.package import challenge, champion_folder, export_package, keep_champion, save_to_store
+from tests.test_evaluate import (
+    CLASSES,
+    brightness_classifier,
+    config,
+    constant_classifier,
+    write_checkpoint,
+    write_prepared,
+)
+from tests.test_package import SERVE
+from vitrine.promotion import Contender, decide
+
+# Loading the exported model is the point here, deprecated or not.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
+METRIC = "business_weighted_accuracy"
+CARD = {"params": {}, "data": {"path": "p", "md5": "m"}, "git_revision": "g"}
+
+
+def contender(version: str, score: float | None, classes=CLASSES, image_size=32) -> Contender:
+    scores = None if score is None else {METRIC: score, "accuracy": 0.5}
+    return Contender(version, "cnn64", "c", tuple(classes), image_size, scores)
+
+
+def test_keeps_the_champion_when_the_challenger_is_worse() -> None:
+    decision = decide(contender("new", 0.70), contender("old", 0.80), METRIC, 0.005)
+    assert not decision.promoted
+    assert "challenger business_weighted_accuracy 0.7000, champion 0.8000" in decision.reason
+    assert "champion kept" in decision.reason
+
+
+def test_keeps_the_champion_when_the_challenger_wins_by_less_than_the_margin() -> None:
+    decision = decide(contender("new", 0.804), contender("old", 0.80), METRIC, 0.005)
+    assert not decision.promoted and "margin 0.005" in decision.reason
+
+
+@pytest.mark.parametrize("new", [0.805, 0.9])
+def test_promotes_when_the_challenger_wins_by_at_least_the_margin(new: float) -> None:
+    decision = decide(contender("new", new), contender("old", 0.80), METRIC, 0.005)
+    assert decision.promoted and "wins by at least the margin" in decision.reason
+
+
+def test_promotes_when_there_is_no_champion() -> None:
+    decision = decide(contender("new", 0.1), None, METRIC, 0.005)
+    assert decision.promoted and "no champion" in decision.reason
+
+
+def test_promotes_over_a_champion_that_cannot_be_compared() -> None:
+    other = contender("old", None, classes=("laptop", "phone", "tablet"))
+    decision = decide(contender("new", 0.1), other, METRIC, 0.005)
+    assert decision.promoted and "other classes" in decision.reason
+    smaller = contender("old", None, image_size=64)
+    assert "64 px" in decide(contender("new", 0.1), smaller, METRIC, 0.005).reason
+
+
+def test_the_same_weights_are_repackaged() -> None:
+    decision = decide(contender("same", 0.8), contender("same", 0.8), METRIC, 0.005)
+    assert decision.promoted and "same weights" in decision.reason
+
+
+@pytest.fixture
+def packaged(tmp_path: Path) -> dict[str, Path]:
+    """Three packaged models; on the test photos (6 laptops, 2 phones; laptop 1, phone 1.5)
+    business-weighted accuracy: always_laptop 6/9, always_phone 3/9, bright 1."""
+    report = tmp_path / "evaluate.json"
+    report.write_text(json.dumps({"winner": "x", "test": {"accuracy": 0.5}}))
+    folders = {}
+    models = {
+        "always_laptop": constant_classifier(0),
+        "always_phone": constant_classifier(1),
+        "bright": brightness_classifier(),
+    }
+    for name, module in models.items():
+        model_dir = write_checkpoint(module, tmp_path / "train" / name)
+        folders[name] = tmp_path / "package" / name
+        export_package(model_dir, report, folders[name], SERVE, CARD)
+    return folders
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    return write_prepared(tmp_path / "prepared")
+
+
+def test_challenge_scores_both_on_the_test_photos(packaged: dict, prepared: Path) -> None:
+    record = challenge(packaged["always_laptop"], packaged["always_phone"], prepared, config())
+    assert record["promoted"] is True
+    assert record["metric"] == METRIC and record["margin"] == 0.005
+    assert record["test_photos"] == 8
+    challenger, champion = record["challenger"], record["champion"]
+    assert challenger["score"] == pytest.approx(6 / 9)
+    assert champion["score"] == pytest.approx(3 / 9)
+    assert challenger["candidate"] == "always_laptop" and champion["candidate"] == "always_phone"
+    assert challenger["scores"]["accuracy"] == 0.75 and champion["scores"]["accuracy"] == 0.25
+    info = read_package_info(packaged["always_phone"])
+    assert champion["model_version"] == info.version
+    assert json.loads(json.dumps(record)) == record  # promotion.json as written
+
+
+def test_challenge_keeps_a_better_champion(packaged: dict, prepared: Path) -> None:
+    record = challenge(packaged["always_laptop"], packaged["bright"], prepared, config())
+    assert record["promoted"] is False
+    assert record["champion"]["score"] == 1.0 and "champion kept" in record["reason"]
+
+
+def test_challenge_honours_the_margin(packaged: dict, prepared: Path) -> None:
+    # always_laptop beats always_phone by 1/3
+    wide = config(promote_margin=0.34)
+    assert not challenge(packaged["always_laptop"], packaged["always_phone"], prepared, wide)[
+        "promoted"
+    ]
+    narrow = config(promote_margin=0.33)
+    assert challenge(packaged["always_laptop"], packaged["always_phone"], prepared, narrow)[
+        "promoted"
+    ]
+
+
+def test_challenge_without_a_champion(packaged: dict, prepared: Path) -> None:
+    record = challenge(packaged["always_phone"], None, prepared, config())
+    assert record["promoted"] is True and record["champion"] is None
+    assert record["challenger"]["score"] == pytest.approx(3 / 9)
+
+
+def test_the_champion_is_the_latest_stored_model(packaged: dict, tmp_path: Path) -> None:
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    store = ModelStore(models)
+    assert champion_folder("vitrine-test", store) is None
+    save_to_store(packaged["always_phone"], "vitrine-test", store=store)
+    tag = save_to_store(packaged["bright"], "vitrine-test", store=store)
+    champion = champion_folder("vitrine-test", store)
+    assert read_package_info(champion).version == tag.version
+
+    out = tmp_path / "models" / "package"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("x")
+    keep_champion(champion, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "model_card.md"]
+    for name in ("model.pt", "model.json"):
+        assert (out / name).read_bytes() == (packaged["bright"] / name).read_bytes()
