@@ -159,10 +159,20 @@ def test_a_killed_run_resumes_and_selects_the_same_best_model(baseline, tmp_path
     resumed = run_main(killed)
     assert f"train: resuming cnn64 at epoch {saved + 1} from" in capsys.readouterr().out
     assert resumed["resumed_at_epoch"] == saved + 1
-    for key in ("best_epoch", "best_val_loss", "epochs", "stopped_by", "final"):
+    for key in ("best_epoch", "epochs", "stopped_by"):
         assert resumed[key] == report[key], key
-    # The curves continue the killed run's (DVCLive resumes too).
-    assert set(curve(killed, "val/loss")) == set(curve(project, "val/loss"))
+    assert resumed["best_val_loss"] == pytest.approx(report["best_val_loss"], rel=1e-5)
+    assert resumed["final"] == pytest.approx(report["final"], rel=1e-5)
+    # The curves continue the killed run's (DVCLive resumes too). The epochs before the kill
+    # ran in another process, whose float sums may differ in the last bits.
+    resumed_curve, baseline_curve = (
+        dict(curve(killed, "val/loss")),
+        dict(curve(project, "val/loss")),
+    )
+    assert sorted(resumed_curve) == sorted(baseline_curve)
+    assert [resumed_curve[s] for s in sorted(resumed_curve)] == pytest.approx(
+        [baseline_curve[s] for s in sorted(baseline_curve)], rel=1e-5
+    )
     assert (killed / "models/train" / NAME / "best.ckpt").exists()
 
 
