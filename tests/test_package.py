@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning
 import numpy as np
 import pytest
 import torch
@@ -57,18 +56,7 @@ CARD = {"params": {"train": {"model": "cnn64"}}, "data": {"path": "p", "md5": "a
 def write_trained_model(model_dir: Path, seed: int = 0, classes: list[str] = CLASSES) -> None:
     """What train leaves behind: an (untrained) ImageClassifier checkpoint plus model.json."""
     torch.manual_seed(seed)
-    module = ImageClassifier("cnn64", list(classes), lr=1e-3)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        model_dir / "best.ckpt",
-    )
-    info = {"model": "cnn64", "classes": list(classes), "image_size": 128, "input_size": 64}
-    (model_dir / "model.json").write_text(json.dumps(info))
+    write_checkpoint(ImageClassifier("cnn64", list(classes), lr=1e-3), model_dir, image_size=128)
 
 
 def write_report(path: Path, report: dict = REPORT) -> Path:
