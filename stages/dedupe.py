@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.collect import MANIFEST, SHARDS, THUMBS
+from stages.collect import MANIFEST
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.embeddings import DEDUPE_SIZE, dedupe_embed, embed
 from vitrine.images import load_square
@@ -256,13 +256,13 @@ def dedupe_report(deduped: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, 
 
 
 def accepted_squares(
-    manifest: pd.DataFrame, shards_dir: Path, sides: tuple[int, ...]
+    manifest: pd.DataFrame, collected: Path, sides: tuple[int, ...]
 ) -> list[np.ndarray]:
     """Every accepted photo as a side x side square for each of `sides`, through the one shared
     decode path; each photo's bytes are read from its shard once."""
     acc = manifest[manifest["status"] == "accepted"]
     out = [np.empty((len(acc), side, side, 3), dtype=np.uint8) for side in sides]
-    with ShardReader(shards_dir) as shards:
+    with ShardReader(collected) as shards:
         for i, row in enumerate(
             tqdm(acc.itertuples(), total=len(acc), desc="dedupe decode", unit="img")
         ):
@@ -282,7 +282,7 @@ def write_review_page(
     multi = deduped.groupby("cluster_id")["id"].transform("size").gt(1) & (
         deduped["cluster_id"] != ""
     )
-    with ShardReader(collected / THUMBS) as thumbs:
+    with ShardReader(collected) as thumbs:
 
         def thumb(row: pd.Series) -> bytes:
             return thumbs.read(row["thumb_shard"], row["thumb_offset"], row["thumb_length"])
@@ -301,8 +301,8 @@ def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
     manifest = pd.read_parquet(paths.collected / MANIFEST)
-    shards, batch = paths.collected / SHARDS, config.embedding_batch_size
-    small, large = accepted_squares(manifest, shards, (DEDUPE_SIZE, EMBED_SIDE))
+    batch = config.embedding_batch_size
+    small, large = accepted_squares(manifest, paths.collected, (DEDUPE_SIZE, EMBED_SIDE))
     descriptors, embeddings = dedupe_embed(small, batch), embed(large, batch)
     decisions = read_decisions(paths.decisions, config.classes)
     deduped = dedupe(manifest, descriptors, embeddings, decisions, config)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.collect import MANIFEST, SHARDS
+from stages.collect import MANIFEST
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.data import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.images import load_square
@@ -175,7 +175,7 @@ def main() -> None:
     except SplitError as err:
         raise SystemExit(f"prepare: {err}") from None
     paths.prepared.mkdir(parents=True, exist_ok=True)
-    with ShardReader(paths.collected / SHARDS) as shards:
+    with ShardReader(paths.collected) as shards:
         for split in SPLITS:
             rows = prepared[prepared["split"] == split]
             pack_split(rows, shards, config.image_size, split_images_path(paths.prepared, split))

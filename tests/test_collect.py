@@ -1,5 +1,7 @@
+import contextlib
 import io
 import json
+import os
 import tarfile
 import threading
 import zipfile
@@ -11,9 +13,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stages.collect import CollectConfig, Source, collect, collect_report
+from stages.collect import (
+    CollectConfig,
+    Source,
+    _read_capped,
+    collect,
+    collect_report,
+    quarantine_list,
+)
 from vitrine.config import ConfigError, from_mapping
 from vitrine.download import DownloadConfig
+from vitrine.images import Rejected
 from vitrine.shards import ShardReader
 
 
@@ -42,7 +52,7 @@ def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_pa
     # 24 images, 5 per shard: few files, not one per image.
     assert len(list((tmp_path / "out" / "shards").glob("*.tar"))) == 5
     row = m.loc["phone/001.jpg"]
-    with ShardReader(tmp_path / "out" / "thumbs") as thumbs:
+    with ShardReader(tmp_path / "out") as thumbs:
         thumb = Image.open(
             io.BytesIO(thumbs.read(row["thumb_shard"], row["thumb_offset"], row["thumb_length"]))
         )
@@ -53,9 +63,16 @@ def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_pa
 def test_shard_refs_give_back_the_original_bytes(class_folder, tmp_path):
     m = run(config(Source("folder", "photos")), class_folder.parent, tmp_path)
     row = m.loc["phone/007.jpg"]
-    with ShardReader(tmp_path / "out" / "shards") as shards:
+    with ShardReader(tmp_path / "out") as shards:
         data = shards.read(row["shard"], row["offset"], row["length"])
     assert data == (class_folder / "phone" / "007.jpg").read_bytes()
+
+
+def test_a_photo_within_thumb_size_is_its_own_thumbnail_stored_once(class_folder, tmp_path):
+    m = run(config(Source("folder", "photos"), thumb_size=4096), class_folder.parent, tmp_path)
+    refs = ["shard", "offset", "length"]
+    assert (m[refs].to_numpy() == m[[f"thumb_{c}" for c in refs]].to_numpy()).all()
+    assert not list((tmp_path / "out" / "thumbs").glob("*.tar"))
 
 
 def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(
@@ -81,6 +98,9 @@ def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(
     report = collect_report(m.reset_index())
     assert report["accepted"] + report["quarantined"] == report["records"] == 30
     assert report["by_reason"]["unknown_label"] == 2
+    listed = quarantine_list(m.reset_index())
+    assert sorted(listed["id"]) == sorted(m.index[m["status"] == "quarantined"])
+    assert listed.loc[listed["id"] == "phone/empty.jpg", "reason"].item() == "empty"
 
 
 def test_symlink_escaping_the_source_root_is_refused(class_folder, make_photo, tmp_path):
@@ -94,6 +114,41 @@ def test_symlink_escaping_the_source_root_is_refused(class_folder, make_photo, t
 def test_oversized_file_is_refused(class_folder, make_photo, tmp_path):
     m = run(config(Source("folder", "photos"), max_bytes=1000), class_folder.parent, tmp_path)
     assert set(m["reason"]) == {"too_large"}
+
+
+def test_read_capped_accepts_exactly_the_cap_and_refuses_one_byte_more(tmp_path):
+    photo = tmp_path / "p.jpg"
+    photo.write_bytes(b"x" * 1000)
+    assert _read_capped(photo, 1000) == b"x" * 1000
+    with pytest.raises(Rejected, match="over 999 bytes"):
+        _read_capped(photo, 999)
+    with pytest.raises(Rejected) as err:
+        _read_capped(tmp_path, 1000)  # a directory
+    assert err.value.code == "unreadable"
+
+
+def _feed(fifo: Path, payload: bytes) -> threading.Thread:
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError):  # the reader stops at its cap
+            fifo.write_bytes(payload)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    return writer
+
+
+def test_read_capped_reads_past_a_size_fstat_does_not_know(tmp_path):
+    # A pipe reports size 0, as a file still being written reports too little.
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    payload = bytes(range(256)) * 5000
+    writer = _feed(fifo, payload)
+    assert _read_capped(fifo, 10**7) == payload
+    writer.join()
+    writer = _feed(fifo, payload)
+    with pytest.raises(Rejected, match="over 1000 bytes"):
+        _read_capped(fifo, 1000)
+    writer.join()
 
 
 def test_exact_copies_are_stored_once(class_folder, tmp_path):

@@ -238,7 +238,7 @@ def test_prepare_packs_each_split_from_the_shards(class_folder, tmp_path):
     prepared = split_manifest(deduped, PREP)
     assert len(prepared) == 24 and set(prepared["split"]) <= {"train", "val", "test"}
     train = prepared[prepared["split"] == "train"]
-    with ShardReader(tmp_path / "c" / "shards") as shards:
+    with ShardReader(tmp_path / "c") as shards:
         pack_split(train, shards, 32, tmp_path / "train.npy")
     arr = np.load(tmp_path / "train.npy")
     assert arr.shape == (len(train), 32, 32, 3) and arr.dtype == np.uint8

@@ -149,6 +149,6 @@ def test_taxonomy_catalog_through_collect_dedupe_and_prepare(class_folder, tmp_p
         == prepared["id"].astype(int).map(lambda n: ("train", "val", "test")[n % 3])
     ).all()
     test = prepared[prepared["split"] == "test"]
-    with ShardReader(tmp_path / "c" / "shards") as shards:
+    with ShardReader(tmp_path / "c") as shards:
         pack_split(test, shards, 32, tmp_path / "test.npy")
     assert np.load(tmp_path / "test.npy").shape == (8, 32, 32, 3)

@@ -96,6 +96,7 @@ class Paths:
     package: Path
     validation_docs: Path
     collect_report: Path
+    quarantine: Path  # every quarantined input and why, as CSV
     validate_report: Path
     dedupe_report: Path
     prepare_report: Path

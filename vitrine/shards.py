@@ -2,7 +2,9 @@
 
 DVC hashes every output file, so 100,000 loose images make `dvc status` crawl; a tar shard is
 one file to hash and still opens with standard tools. The manifest stores (shard, offset,
-length) so a reader seeks straight to an image's bytes.
+length) so a reader seeks straight to an image's bytes; shard names are relative to one root
+folder, so a ref may point into any of its shard folders (a photo small enough to be its own
+thumbnail is stored once, and its thumbnail ref points at the photo).
 """
 
 from __future__ import annotations
@@ -24,35 +26,46 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # tar's default blocking: archives end on a 10 KiB boundary
 
 
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte POSIX ustar header of a regular file (mode 0644, uid 0, mtime 0).
-
-    Written by hand: tarfile builds each header field by field in Python, which made it the
-    slowest part of collect at thousands of images per second.
-    """
-    raw = name.encode()
-    if len(raw) > 100:
-        raise ValueError(f"shard member name over 100 bytes: {name!r}")
+def _ustar_template() -> tuple[bytes, int]:
+    """The fields every member header shares, and their byte sum (for the checksum)."""
     head = bytearray(BLOCK)
-    head[: len(raw)] = raw
     head[100:108] = b"0000644\0"  # mode
     head[108:116] = b"0000000\0"  # uid
     head[116:124] = b"0000000\0"  # gid
-    head[124:136] = b"%011o\0" % size
     head[136:148] = b"00000000000\0"  # mtime: fixed, so equal inputs give equal shards
     head[148:156] = b" " * 8  # the checksum is computed with its own field as spaces
     head[156:157] = b"0"  # regular file
     head[257:265] = b"ustar\x0000"
-    head[148:156] = b"%06o\0 " % sum(head)
-    return bytes(head)
+    return bytes(head), sum(head)
+
+
+_TEMPLATE, _TEMPLATE_SUM = _ustar_template()
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte POSIX ustar header of a regular file (mode 0644, uid 0, mtime 0).
+
+    Written by hand from a template: tarfile builds each header field by field in Python,
+    and even summing 512 bytes per member was a tenth of collect's own CPU time at 20,000
+    images; the checksum is the template's sum plus that of the two fields that vary.
+    """
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"shard member name over 100 bytes: {name!r}")
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
+    return b"".join(
+        (raw, _TEMPLATE[len(raw) : 124], size_field, _TEMPLATE[136:148], checksum, _TEMPLATE[156:])
+    )
 
 
 class ShardWriter:
-    """Appends blobs to `shard-00000.tar`, `shard-00001.tar`, ... with `per_shard` blobs each."""
+    """Appends blobs to `root/folder/shard-00000.tar`, `shard-00001.tar`, ... with `per_shard`
+    blobs each; refs name the shard relative to root (`folder/shard-00000.tar`)."""
 
-    def __init__(self, directory: Path, per_shard: int):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, folder: str, per_shard: int):
+        self.root, self.folder = Path(root), folder
+        (self.root / folder).mkdir(parents=True, exist_ok=True)
         self.per_shard = per_shard
         self._file: io.BufferedWriter | None = None
         self._name = ""
@@ -70,17 +83,15 @@ class ShardWriter:
     def _roll(self) -> io.BufferedWriter:
         if self._file is None or self._count >= self.per_shard:
             self._finish()
-            self._name = f"shard-{self._shards:05d}.tar"
-            self._file = open(self.directory / self._name, "wb")  # noqa: SIM115 (see _finish)
+            self._name = f"{self.folder}/shard-{self._shards:05d}.tar"
+            self._file = open(self.root / self._name, "wb")  # noqa: SIM115 (see _finish)
             self._shards += 1
             self._offset = self._count = 0
         return self._file
 
     def add(self, member_name: str, data: bytes) -> BlobRef:
         f = self._roll()
-        f.write(ustar_header(member_name, len(data)))
-        f.write(data)
-        f.write(bytes(-len(data) % BLOCK))
+        f.write(b"".join((ustar_header(member_name, len(data)), data, bytes(-len(data) % BLOCK))))
         ref = BlobRef(self._name, self._offset + BLOCK, len(data))
         self._offset += BLOCK + len(data) + (-len(data) % BLOCK)
         self._count += 1
@@ -97,16 +108,17 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Random access to blobs by BlobRef; keeps shard files open while in use."""
+    """Random access to blobs by BlobRef (shard names relative to `root`); keeps shard files
+    open while in use."""
 
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
+    def __init__(self, root: Path):
+        self.root = Path(root)
         self._files: dict[str, io.BufferedReader] = {}
 
     def read(self, shard: str, offset: int, length: int) -> bytes:
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(self.directory / shard, "rb")  # noqa: SIM115
+            f = self._files[shard] = open(self.root / shard, "rb")  # noqa: SIM115
         f.seek(offset)
         return f.read(length)
 
