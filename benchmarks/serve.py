@@ -2,14 +2,17 @@
 
     python benchmarks/serve.py [MODEL_FOLDER ...] [--requests 600] [--photos 64]
 
-MODEL_FOLDER: packaged model folders (model.pt + model.json, as the package stage writes them;
-default: params.yaml paths.package). For each, on loopback and one after the other:
+MODEL_FOLDER: packaged model folders (model.pt, model.onnx + model.json, as the package stage
+writes them; default: params.yaml paths.package). For each, on loopback and one after the other:
   - bento: `bentoml serve service.service:Classifier` on that model (a throwaway model store),
-    POST /classify;
-  - flask: what the seed article's app does, with the same TorchScript model: Flask reads the
-    upload, decodes and resizes it (vitrine.images.load_square) and runs one forward pass per
-    request, under Flask's own threaded development server (werkzeug, one process, a thread per
-    request), as `app.run()` serves it in the article.
+    POST /classify: ONNX Runtime behind the micro-batcher, serve.workers processes;
+  - flask: what the seed article's app does, with the same model as the framework exported it
+    (model.pt, TorchScript): Flask reads the upload, decodes and resizes it
+    (vitrine.images.load_square) and runs one forward pass per request, under Flask's own
+    threaded development server (werkzeug, one process, a thread per request), as `app.run()`
+    serves it in the article;
+  - flask-onnx: the same Flask app running the service's model.onnx through ONNX Runtime, to
+    show how much of the difference is the runtime and how much the serving.
 Both get the same real photos (the first --photos of the bundled Avito archive, cycled) at
 concurrency 1, 8 and 32, --requests requests per level after a warm-up, from an aiohttp client
 on the same machine (which competes with the servers for its cores). Prints throughput,
@@ -29,6 +32,8 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +44,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service import MODEL_INFO_FILE, MODEL_NAME_ENV  # noqa: E402
+from service import MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE  # noqa: E402
+from service.runtime import load_onnx  # noqa: E402
 from stages.package import save_to_store  # noqa: E402
 from vitrine.config import load_params, load_paths  # noqa: E402
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 MODEL_NAME = "vitrine-bench"
 CONCURRENCY = (1, 8, 32)
-SERVERS = ("bento", "flask")
+SERVERS = ("bento", "flask", "flask-onnx")
 WARMUP = 32
 START_TIMEOUT_S = 180
 
@@ -99,8 +105,9 @@ def start_bento(folder: Path, home: Path, port: int, log: Path) -> subprocess.Po
     return launch([sys.executable, "-m", *command, "--host", "127.0.0.1"], env, log)
 
 
-def start_flask(folder: Path, port: int, log: Path) -> subprocess.Popen:
+def start_flask(folder: Path, runtime: str, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, __file__, "--flask-baseline", str(folder), "--port", str(port)]
+    command += ["--runtime", runtime]
     return launch(command, dict(os.environ), log)
 
 
@@ -187,7 +194,8 @@ def bench_model(
             process = start_bento(folder, scratch / f"{model}-home", port, log)
             ready = f"http://127.0.0.1:{port}/readyz"
         else:
-            process = start_flask(folder, port, log)
+            runtime = "onnx" if server == "flask-onnx" else "torchscript"
+            process = start_flask(folder, runtime, port, log)
             ready = f"http://127.0.0.1:{port}/ready"
         try:
             wait_ready(ready, process, log)
@@ -197,16 +205,26 @@ def bench_model(
             stop(process)
 
 
-def flask_baseline(folder: Path, port: int) -> None:
+def load_model(folder: Path, info: dict, runtime: str) -> Callable:
+    """uint8 (N, H, W, 3) tensor -> logits: model.pt under TorchScript or model.onnx under ORT."""
+    import torch
+
+    if runtime == "onnx":
+        return load_onnx(folder, info["image_size"], info["input_size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        return torch.jit.load(str(folder / SCRIPTED_MODEL_FILE), map_location="cpu").eval()
+
+
+def flask_baseline(folder: Path, port: int, runtime: str) -> None:
     """The seed article's app: decode, resize, one predict per request, Flask's own server."""
     import torch
     from flask import Flask, jsonify, request
 
-    from service.scripted import load_scripted
     from vitrine.images import load_square
 
     info = json.loads((folder / MODEL_INFO_FILE).read_text())
-    module = load_scripted(folder, info["image_size"])
+    module = load_model(folder, info, runtime)
     app = Flask(__name__)
 
     @app.get("/ready")
@@ -237,9 +255,10 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--flask-baseline", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", choices=["torchscript", "onnx"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.flask_baseline:
-        flask_baseline(args.flask_baseline, args.port)
+        flask_baseline(args.flask_baseline, args.port, args.runtime)
         return
     folders = args.folders or [load_paths(load_params(REPO / "params.yaml")).package]
     photos = archive_photos(args.photos)

@@ -10,7 +10,7 @@
 One class-based service, one copy of the model per worker process (serve.workers). Uploads
 are checked and decoded with vitrine.images, the code that built the evaluated arrays, then go
 through an adaptive micro-batcher (service/batching.py, which says why BentoML's own batching
-is not used) into the TorchScript model the package stage exported.
+is not used) into the model the package stage exported, run by ONNX Runtime (service/runtime.py).
 
 The public endpoints are FastAPI routes mounted with @bentoml.asgi_app rather than
 @bentoml.api: a BentoML api cannot hand over a multipart file as in-memory bytes (a bytes field
@@ -43,7 +43,7 @@ from service.core import (
     prepare_all,
     status_of,
 )
-from service.scripted import load_scripted
+from service.runtime import load_onnx
 from service.settings import PackageInfo, read_package_info
 from service.uploads import read_form
 from vitrine.images import Rejected
@@ -82,7 +82,9 @@ class Classifier:
         self.info = INFO
         self.page = upload_page(INFO)
         torch.set_num_threads(INFO.serve.torch_threads)
-        self.module = load_scripted(Path(self.model_ref.path), INFO.image_size)
+        self.module = load_onnx(
+            Path(self.model_ref.path), INFO.image_size, INFO.input_size, INFO.serve.torch_threads
+        )
         self.decoders = anyio.CapacityLimiter(DECODE_THREADS)
         self.batcher = MicroBatcher(
             self._forward, INFO.serve.max_batch_size, INFO.serve.max_batch_wait_ms

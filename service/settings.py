@@ -25,13 +25,14 @@ class ServeConfig:
     max_batch_size: int  # adaptive batching: most images in one forward pass
     max_batch_wait_ms: float  # adaptive batching: how long a lone image waits for company
     workers: int  # serving processes, each with its own copy of the model
-    torch_threads: int  # intra-op threads of each worker's forward pass
+    torch_threads: int  # intra-op threads of each worker's forward pass (ONNX Runtime's too)
 
 
 @dataclass(frozen=True)
 class PackageInfo:
     classes: tuple[str, ...]
     image_size: int  # side of the square vitrine.images.load_square produces
+    input_size: int  # the network's input side (vitrine.network_input resizes to it)
     version: str
     abstain_threshold: float  # answers below this confidence abstain (0.0: never)
     serve: ServeConfig
@@ -43,6 +44,7 @@ def read_package_info(folder: Path) -> PackageInfo:
     return PackageInfo(
         classes=tuple(str(c) for c in info["classes"]),
         image_size=int(info["image_size"]),
+        input_size=int(info["input_size"]),
         version=str(info["model_version"]),
         abstain_threshold=float(info["abstain_threshold"]),
         serve=from_mapping(ServeConfig, info["serve"], "model.json serve"),

@@ -7,6 +7,8 @@ Reads  <paths.evaluate_report> (evaluate: the winner, its test scores, the absta
        params.yaml, dvc.lock (the prepared data's md5) and the git revision.
 Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> logits, checked
                                  against the eager one before anything is written;
+       <paths.package>/model.onnx the Predictor after its resize, for ONNX Runtime (what the
+                                 service runs, behind the same resize), checked the same way;
        <paths.package>/model.json classes, image_size, model, candidate, input_size,
                                  model_version, metrics (the winner's test scores),
                                  abstain_threshold, serve (the service's limits: the Bento has no
@@ -46,14 +48,20 @@ import yaml
 from bentoml.exceptions import NotFound
 from torch import Tensor
 
-from service import MODEL_CARD_FILE, MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE
-from service.scripted import load_scripted
+from service import (
+    MODEL_CARD_FILE,
+    MODEL_INFO_FILE,
+    MODEL_NAME_ENV,
+    ONNX_MODEL_FILE,
+    SCRIPTED_MODEL_FILE,
+)
+from service.runtime import OnnxPredictor, load_onnx
 from service.settings import ServeConfig
 from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, predict_proba
 from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine import metrics
 from vitrine.config import load_params, load_paths, stage_config
-from vitrine.models import ImageClassifier, Predictor
+from vitrine.models import AfterResize, ImageClassifier, Predictor
 from vitrine.promotion import Contender, decide, not_comparable, promotion_record
 
 if TYPE_CHECKING:
@@ -64,7 +72,11 @@ DVC_LOCK = Path("dvc.lock")
 CARD_PARAMS = ("classes", "prepare", "train", "evaluate")  # what made the model, for its card
 UNKNOWN = "unknown"
 PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
-PACKAGE_FILES = (SCRIPTED_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE)
+# ONNX Runtime fuses and reorders float operations: its logits drift from eager ones by a few
+# 1e-6 (probabilities by less), still well inside the service's 1e-5 promise on probabilities.
+ONNX_PARITY_ATOL = 5e-5
+ONNX_OPSET = 17
+PACKAGE_FILES = (SCRIPTED_MODEL_FILE, ONNX_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +149,31 @@ def script_predictor(
     if not diff <= atol:
         raise ValueError(f"scripted model differs from eager by {diff:.3g} (> {atol:g})")
     return scripted
+
+
+def export_onnx(predictor: Predictor, image_size: int, atol: float = ONNX_PARITY_ATOL) -> bytes:
+    """The Predictor after its resize as ONNX (any batch size); refused unless ONNX Runtime,
+    behind the shared resize, computes what the eager Predictor does."""
+    batch = parity_batch(image_size)
+    size = predictor.input_size
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracing exporter's deprecation notice
+        torch.onnx.export(
+            AfterResize(predictor).eval(),
+            (torch.zeros(1, 3, size, size),),
+            buffer,
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,  # traced: plain convolutions, no control flow to keep
+        )
+    model = buffer.getvalue()
+    diff = max_output_diff(OnnxPredictor(model, size), predictor, batch)
+    if not diff <= atol:
+        raise ValueError(f"ONNX model differs from eager by {diff:.3g} (> {atol:g})")
+    return model
 
 
 def serialize(scripted: torch.jit.ScriptModule) -> bytes:
@@ -261,11 +298,14 @@ def model_card(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_package(out_dir: Path, model_bytes: bytes, info: dict[str, Any]) -> None:
+def write_package(
+    out_dir: Path, model_bytes: bytes, onnx_bytes: bytes, info: dict[str, Any]
+) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     (out_dir / SCRIPTED_MODEL_FILE).write_bytes(model_bytes)
+    (out_dir / ONNX_MODEL_FILE).write_bytes(onnx_bytes)
     (out_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     (out_dir / MODEL_CARD_FILE).write_text(model_card(info))
 
@@ -277,17 +317,20 @@ def export_package(
     serve: ServeConfig,
     card: dict[str, Any],
 ) -> dict[str, Any]:
-    """Checkpoint -> <out_dir>/model.pt, model.json, model_card.md; returns model.json's content.
+    """Checkpoint -> <out_dir>/model.pt, model.onnx, model.json, model_card.md; returns
+    model.json's content.
 
     model_dir is <paths.model>/<candidate>: its name is the candidate's.
     """
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
-    model_bytes = serialize(script_predictor(predictor, trained.image_size))
+    scripted = script_predictor(predictor, trained.image_size)
+    model_bytes = serialize(scripted)
+    onnx_bytes = export_onnx(predictor, trained.image_size)
     report = json.loads(evaluate_report.read_text())
     version = model_version(predictor, trained)
     info = package_info(trained, model_dir.name, version, report, serve, card)
-    write_package(out_dir, model_bytes, info)
+    write_package(out_dir, model_bytes, onnx_bytes, info)
     return info
 
 
@@ -342,6 +385,7 @@ def describe(folder: Path) -> Contender:
         classes=tuple(str(c) for c in info["classes"]),
         image_size=int(info["image_size"]),
         scores=None,
+        servable=(folder / ONNX_MODEL_FILE).is_file(),
     )
 
 
@@ -353,8 +397,9 @@ def packaged_scores(
     values: metrics.ValueModel,
     role: str,
 ) -> dict[str, float]:
-    """The packaged model.pt's scalar scores on the photos, as the service would compute them."""
-    model = load_scripted(folder, images.shape[1])
+    """The packaged model's scalar scores on the photos, computed as the service computes them."""
+    info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    model = load_onnx(folder, images.shape[1], int(info["input_size"]))
     proba = predict_proba(model, images, config.batch_size, f"test {role}")
     return metrics.scalar_scores(
         metrics.scores(labels, proba, values, config.top_k, config.taxonomy)

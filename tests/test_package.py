@@ -16,10 +16,13 @@ import torch
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
+from service.runtime import load_onnx
 from service.settings import ServeConfig, read_package_info
 from stages.package import (
+    ONNX_PARITY_ATOL,
     PackageConfig,
     data_version,
+    export_onnx,
     export_package,
     load_predictor,
     parity_batch,
@@ -94,7 +97,8 @@ def test_config_fields_are_the_params_block() -> None:
 
 def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]) -> None:
     _, out_dir, info = exported
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.json", "model.pt", "model_card.md"]
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == ["model.json", "model.onnx", "model.pt", "model_card.md"]
     assert json.loads((out_dir / "model.json").read_text()) == info
     assert info["classes"] == CLASSES
     assert info["image_size"] == 128 and info["input_size"] == 64 and info["model"] == "cnn64"
@@ -151,6 +155,22 @@ def test_scripted_model_equals_eager(exported: tuple[Path, Path, dict]) -> None:
             expected, actual = eager(batch), scripted(batch)
         assert actual.shape == (len(batch), len(CLASSES))
         assert torch.allclose(actual, expected, rtol=0.0, atol=1e-6)
+
+
+def test_onnx_model_behind_the_shared_resize_equals_eager(
+    exported: tuple[Path, Path, dict],
+) -> None:
+    model_dir, out_dir, info = exported
+    eager = load_predictor(model_dir / "best.ckpt", read_trained(model_dir))
+    served = load_onnx(out_dir, 128, info["input_size"])
+    photo = torch.from_numpy(load_square(jpeg_bytes(), 128).copy()).unsqueeze(0)
+    for batch in (parity_batch(128, n=8, seed=1), photo):
+        with torch.inference_mode():
+            expected, actual = eager(batch), served(batch)
+        assert actual.shape == (len(batch), len(CLASSES))
+        assert torch.allclose(actual, expected, rtol=0.0, atol=ONNX_PARITY_ATOL)
+    with pytest.raises(ValueError, match="ONNX model differs from eager"):
+        export_onnx(eager, 128, atol=-1.0)
 
 
 def test_scripting_is_refused_when_outputs_differ(exported: tuple[Path, Path, dict]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,17 @@ def test_challenge_honours_the_margin(packaged: dict, prepared: Path) -> None:
     ]
 
 
+def test_challenge_replaces_a_champion_packaged_before_model_onnx(
+    packaged: dict, prepared: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(packaged["bright"], old)
+    (old / "model.onnx").unlink()  # as packaged before the service ran ONNX Runtime
+    record = challenge(packaged["always_laptop"], old, prepared, config())
+    assert record["promoted"] is True and record["champion"]["score"] is None
+    assert "packaged before model.onnx" in record["reason"]
+
+
 def test_challenge_without_a_champion(packaged: dict, prepared: Path) -> None:
     record = challenge(packaged["always_phone"], None, prepared, config())
     assert record["promoted"] is True and record["champion"] is None
@@ -146,6 +158,7 @@ def test_the_champion_is_the_latest_stored_model(packaged: dict, tmp_path: Path)
     out.mkdir(parents=True)
     (out / "stale.txt").write_text("x")
     keep_champion(champion, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "model_card.md"]
-    for name in ("model.pt", "model.json"):
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["model.json", "model.onnx", "model.pt", "model_card.md"]
+    for name in ("model.pt", "model.onnx", "model.json"):
         assert (out / name).read_bytes() == (packaged["bright"] / name).read_bytes()

@@ -216,7 +216,7 @@ def truncated_jpeg() -> bytes:
 
 
 def package_info(threshold: float) -> PackageInfo:
-    return PackageInfo(("laptop", "phone"), 128, "cnn64-x", threshold, SERVE)
+    return PackageInfo(("laptop", "phone"), 128, 64, "cnn64-x", threshold, SERVE)
 
 
 def test_answers_abstain_below_the_threshold() -> None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitrine.embeddings import FEATURE_DIM, PIXEL_MEAN, PIXEL_STD, load_backbone
+from vitrine.network_input import network_input
 
 
 @dataclass(frozen=True)
@@ -117,16 +118,22 @@ class Predictor(nn.Module):
         self.std = std
 
     def forward(self, images: Tensor) -> Tensor:
-        x = images.permute(0, 3, 1, 2).float()
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(
-                x,
-                size=(self.input_size, self.input_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
+        return self.normalised(network_input(images, self.input_size))
+
+    def normalised(self, x: Tensor) -> Tensor:
+        """Everything after the resize: float (N, 3, input_size, input_size) -> logits."""
         return self.net((x - self.mean) / self.std)
+
+
+class AfterResize(nn.Module):
+    """A Predictor's `normalised` as a module's forward: what package exports as model.onnx."""
+
+    def __init__(self, predictor: Predictor):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predictor.normalised(x)
 
 
 def build_predictor(

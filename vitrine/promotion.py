@@ -26,6 +26,7 @@ class Contender:
     classes: tuple[str, ...]
     image_size: int  # side of the square uint8 images it takes
     scores: dict[str, float] | None
+    servable: bool = True  # packaged with model.onnx, which the service runs
 
     def summary(self, metric: str) -> dict[str, Any]:
         return {
@@ -45,6 +46,11 @@ class Decision:
 
 def not_comparable(challenger: Contender, champion: Contender) -> str | None:
     """Why the champion cannot be scored on the challenger's test photos, if it cannot."""
+    if not champion.servable:
+        return (
+            f"the champion {champion.model_version} was packaged before model.onnx, which the "
+            "service runs, so it can be neither scored nor served"
+        )
     if champion.classes != challenger.classes:
         return (
             f"the champion {champion.model_version} predicts other classes "
