@@ -1,5 +1,5 @@
-"""Package: evaluate's winner as a TorchScript model, promoted to the BentoML store and a Bento
-only when it beats the model deployed now.
+"""Package: evaluate's winner as TorchScript and ONNX models, promoted to the BentoML store and
+a Bento only when it beats the model deployed now.
 
 Reads  <paths.evaluate_report> (evaluate: the winner, its test scores, the abstain threshold),
        <paths.model>/<winner>/best.ckpt and model.json (train), the prepared test photos, the
