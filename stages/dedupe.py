@@ -13,6 +13,7 @@ the automatic choices.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,22 @@ def accepted_squares(
     return out
 
 
+def in_batches(
+    embedder: Callable[[np.ndarray, int], np.ndarray],
+    images: np.ndarray,
+    batch_size: int,
+    desc: str,
+) -> np.ndarray:
+    """embedder(images, batch_size), one batch per call under a progress bar: the network runs
+    for minutes on a CPU. Batches are computed as embedder computes them, so nothing changes."""
+    starts = range(0, len(images), batch_size)
+    parts = [
+        embedder(images[start : start + batch_size], batch_size)
+        for start in tqdm(starts, desc=desc, unit="batch")
+    ]
+    return np.concatenate(parts) if parts else embedder(images, batch_size)
+
+
 def write_review_page(
     deduped: pd.DataFrame,
     candidates: pd.DataFrame,
@@ -303,7 +320,8 @@ def main() -> None:
     manifest = pd.read_parquet(paths.collected / MANIFEST)
     batch = config.embedding_batch_size
     small, large = accepted_squares(manifest, paths.collected, (DEDUPE_SIZE, EMBED_SIDE))
-    descriptors, embeddings = dedupe_embed(small, batch), embed(large, batch)
+    descriptors = in_batches(dedupe_embed, small, batch, "dedupe descriptors")
+    embeddings = in_batches(embed, large, batch, "dedupe embeddings")
     decisions = read_decisions(paths.decisions, config.classes)
     deduped = dedupe(manifest, descriptors, embeddings, decisions, config)
     candidates = review_candidates(deduped, config)

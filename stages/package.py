@@ -461,7 +461,7 @@ def main() -> None:
     print(f"package: {'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']}")
     if promotion["promoted"]:
         tag = save_to_store(paths.package, cfg.model_name)
-        print(f"package: saved model {tag} ({info['model']}, classes {info['classes']})")
+        print(f"package: saved model {tag} ({info['model']}, {len(info['classes'])} classes)")
         if cfg.build_bento:
             print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
     else:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from stages.collect import CollectConfig, Source, collect
-from stages.dedupe import DedupeConfig, NoiseConfig, dedupe, read_decisions
+from stages.dedupe import DedupeConfig, NoiseConfig, dedupe, in_batches, read_decisions
 from stages.prepare import (
     PrepareConfig,
     assign_split,
@@ -68,6 +68,19 @@ def run(rows, decisions=NO_DECISIONS, embeddings=None):
     n_acc = int((m["status"] == "accepted").sum())
     emb = distinct_embeddings(n_acc) if embeddings is None else embeddings
     return dedupe(m, emb, emb, decisions, CONFIG).set_index("id")
+
+
+def test_in_batches_gives_what_one_call_gives_and_handles_no_images():
+    calls = []
+
+    def embedder(images: np.ndarray, batch_size: int) -> np.ndarray:
+        calls.append(len(images))
+        return images.reshape(len(images), 12).sum(axis=1, keepdims=True).astype(np.float32)
+
+    images = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
+    np.testing.assert_array_equal(in_batches(embedder, images, 3, "test"), embedder(images, 3))
+    assert calls[:3] == [3, 3, 1]  # one batch per call
+    assert in_batches(embedder, images[:0], 3, "test").shape == (0, 1)
 
 
 def test_exact_copies_form_one_cluster_keeping_the_largest():
