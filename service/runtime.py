@@ -40,7 +40,7 @@ class OnnxPredictor(nn.Module):
         self.input_size = input_size
 
     def forward(self, images: Tensor) -> Tensor:
-        x = network_input(images, self.input_size).contiguous().numpy()
+        x = network_input(images, self.input_size).numpy()
         return torch.from_numpy(self.session.run(None, {self.input: x})[0])
 
 

