@@ -10,16 +10,23 @@ from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from stages.collect import (
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    REPORT_COLUMNS,
     CollectConfig,
+    ManifestWriter,
     Source,
     _read_capped,
     collect,
     collect_report,
     quarantine_list,
+    read_quarantined,
 )
 from vitrine.config import ConfigError, from_mapping
 from vitrine.download import DownloadConfig
@@ -42,7 +49,9 @@ def config(*sources: Source, **overrides) -> CollectConfig:
 
 
 def run(cfg: CollectConfig, raw: Path, tmp_path: Path) -> pd.DataFrame:
-    return collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache").set_index("id")
+    return pd.read_parquet(collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache")).set_index(
+        "id"
+    )
 
 
 def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_path):
@@ -95,12 +104,33 @@ def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(
     assert m.loc["tablet/t.jpg", "reason"] == "unknown_label"
     assert m.loc["loose.jpg", "reason"] == "unknown_label"
     assert (m[m["status"] == "quarantined"]["shard"] == "").all()
-    report = collect_report(m.reset_index())
+    # main() reads back only these columns, and only the quarantined rows for the list.
+    report = collect_report(m.reset_index()[REPORT_COLUMNS])
     assert report["accepted"] + report["quarantined"] == report["records"] == 30
     assert report["by_reason"]["unknown_label"] == 2
-    listed = quarantine_list(m.reset_index())
+    listed = quarantine_list(read_quarantined(tmp_path / "out" / MANIFEST))
+    assert listed.equals(quarantine_list(m.reset_index()))
     assert sorted(listed["id"]) == sorted(m.index[m["status"] == "quarantined"])
     assert listed.loc[listed["id"] == "phone/empty.jpg", "reason"].item() == "empty"
+
+
+def test_manifest_is_written_a_row_group_at_a_time_and_reads_back_whole(tmp_path):
+    blank = {f.name: 0 if f.type == "int64" else "" for f in MANIFEST_SCHEMA}
+    rows = [blank | {"id": f"r{i}", "offset": i} for i in range(5)]
+    with ManifestWriter(tmp_path / "m.parquet", group_rows=2) as writer:
+        for row in rows:
+            writer.add(row)
+    assert pq.ParquetFile(tmp_path / "m.parquet").num_row_groups == 3  # 2 + 2 + 1
+    back = pd.read_parquet(tmp_path / "m.parquet")
+    assert back["id"].tolist() == [f"r{i}" for i in range(5)]
+    assert back["width"].dtype == "int64" and back["offset"].tolist() == list(range(5))
+
+
+def test_an_empty_run_still_writes_a_manifest_with_every_column(tmp_path):
+    with ManifestWriter(tmp_path / "m.parquet"):
+        pass
+    back = pd.read_parquet(tmp_path / "m.parquet")
+    assert len(back) == 0 and tuple(back.columns) == MANIFEST_COLUMNS
 
 
 def test_symlink_escaping_the_source_root_is_refused(class_folder, make_photo, tmp_path):
@@ -237,8 +267,10 @@ def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
         "ad-5,laptop,,../../etc/passwd,0\n"
         "ad-6,laptop,file:///etc/passwd,,0\n"
     )
-    m = collect(
-        config(Source("catalog", "catalog.csv")), raw, tmp_path / "out", cache=tmp_path / "c"
+    m = pd.read_parquet(
+        collect(
+            config(Source("catalog", "catalog.csv")), raw, tmp_path / "out", cache=tmp_path / "c"
+        )
     )
     assert len(m) == 7
     by = {(r.id, r.label): r for r in m.itertuples()}
@@ -253,8 +285,10 @@ def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
     assert by["ad-1", "phone"].url.endswith("/a.jpg")
     # A re-run answers from the download cache: no request for what succeeded or 404'd.
     before = len(_Photos.requests)
-    again = collect(
-        config(Source("catalog", "catalog.csv")), raw, tmp_path / "o2", cache=tmp_path / "c"
+    again = pd.read_parquet(
+        collect(
+            config(Source("catalog", "catalog.csv")), raw, tmp_path / "o2", cache=tmp_path / "c"
+        )
     )
     assert len(_Photos.requests) == before
     assert again.drop(columns="meta").equals(m.drop(columns="meta"))
@@ -265,7 +299,7 @@ def test_jsonl_catalog_and_several_sources(class_folder, tmp_path):
     lines = [json.dumps({"id": "j1", "label": "phone", "path": "photos/phone/000.jpg"}), "{broken"]
     (raw / "catalog.jsonl").write_text("\n".join(lines) + "\n")
     cfg = config(Source("folder", "photos"), Source("catalog", "catalog.jsonl"))
-    m = collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache")
+    m = pd.read_parquet(collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache"))
     assert len(m) == 24 + 2
     assert set(m["source"]) == {"folder:photos", "catalog:catalog.jsonl"}
     assert m.set_index("id").loc["line-2", "reason"] == "bad_row"

@@ -245,7 +245,9 @@ def test_prepare_packs_each_split_from_the_shards(class_folder, tmp_path):
         48,
         DownloadConfig(),
     )
-    collected = collect(cfg, class_folder.parent, tmp_path / "c", cache=tmp_path / "cache")
+    collected = pd.read_parquet(
+        collect(cfg, class_folder.parent, tmp_path / "c", cache=tmp_path / "cache")
+    )
     emb = distinct_embeddings(len(collected))
     deduped = dedupe(collected, emb, emb, NO_DECISIONS, CONFIG)
     prepared = split_manifest(deduped, PREP)

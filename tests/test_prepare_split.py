@@ -136,7 +136,7 @@ def test_taxonomy_catalog_through_collect_dedupe_and_prepare(class_folder, tmp_p
     cfg = CollectConfig(
         CLASSES, (Source("catalog", "catalog.csv"),), 32, 10**7, 10**6, 10, 48, DownloadConfig()
     )
-    collected = collect(cfg, raw, tmp_path / "c", cache=tmp_path / "cache")
+    collected = pd.read_parquet(collect(cfg, raw, tmp_path / "c", cache=tmp_path / "cache"))
     emb = np.random.default_rng(0).normal(size=(len(collected), 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     no_decisions = pd.DataFrame(columns=["id", "decision", "new_label", "note"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: collect keeps two per distinct photo until it ends
 class BlobRef:
     shard: str
     offset: int
