@@ -19,6 +19,9 @@ os.environ.update(
 )
 
 REPO = Path(__file__).resolve().parents[1]
+# The temporary Prefect API server (prefect_test_harness) creates and migrates its SQLite DB on
+# start; Prefect's 30 s default ran out on a slower 2-core CI machine under load.
+PREFECT_START_TIMEOUT_S = 180
 
 
 def photo_bytes(

@@ -12,13 +12,14 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.deploy import build_deployments, main
+from tests.conftest import PREFECT_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def prefect_backend() -> Iterator[None]:
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=PREFECT_START_TIMEOUT_S):
         yield
 
 

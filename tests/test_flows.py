@@ -32,6 +32,7 @@ from pipeline.flows import (
 )
 from pipeline.project import read_pipeline
 from pipeline.workspace import OverrideError, WorkspaceBusy, release_dead_dvc_locks
+from tests.conftest import PREFECT_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ FLOW = {
 def prefect_backend() -> Iterator[None]:
     # One temporary Prefect API + SQLite DB for the whole session: a fresh one per test
     # would pay the server start-up each time.
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=PREFECT_START_TIMEOUT_S):
         yield
 
 
