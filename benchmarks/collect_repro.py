@@ -52,8 +52,9 @@ def photo_folder(root: Path, n: int) -> None:
 
 def _role(p: psutil.Process) -> str:
     """dvc, stage (the stage's own process) or dask (its forked worker processes and the rest)."""
-    if "stages.collect" not in " ".join(p.cmdline()):
-        return "dvc" if "dvc" in " ".join(p.cmdline()) else "dask"
+    command = " ".join(p.cmdline())
+    if "stages.collect" not in command:
+        return "dvc" if "dvc" in command else "dask"
     parent = p.parent()
     return "dask" if parent and "stages.collect" in " ".join(parent.cmdline()) else "stage"
 
@@ -65,7 +66,7 @@ def peak_rss(proc: psutil.Process, stop: threading.Event, out: dict[str, int]) -
         try:
             roles: dict[str, int] = {}
             for p in [proc, *proc.children(recursive=True)]:
-                role = "dvc" if p.pid == proc.pid else _role(p)
+                role = _role(p)  # the tree's root is `dvc repro collect` itself
                 roles[role] = roles.get(role, 0) + p.memory_info().rss
             roles["tree"] = sum(roles.values())
             for role, rss in roles.items():

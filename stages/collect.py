@@ -412,43 +412,33 @@ def collect(
     return out / MANIFEST
 
 
-MANIFEST_COLUMNS = (
-    "id",
-    "label",
-    "source",
-    "url",
-    "status",
-    "reason",
-    "detail",
-    "sha256",
-    "width",
-    "height",
-    "format",
-    "bytes",
-    "phash",  # 64-bit pHash stored as int64 (vitrine.ingest.phash_from_int64 reads it back)
-    "shard",
-    "offset",
-    "length",
-    "thumb_shard",
-    "thumb_offset",
-    "thumb_length",
-    "meta",
-)
-
-
-_INT_COLUMNS = {
-    "width",
-    "height",
-    "bytes",
-    "phash",
-    "offset",
-    "length",
-    "thumb_offset",
-    "thumb_length",
-}
+# The manifest's columns and their parquet types, written once: ManifestWriter writes this schema.
 MANIFEST_SCHEMA = pa.schema(
-    [(c, pa.int64() if c in _INT_COLUMNS else pa.string()) for c in MANIFEST_COLUMNS]
+    [
+        ("id", pa.string()),
+        ("label", pa.string()),
+        ("source", pa.string()),
+        ("url", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("format", pa.string()),
+        ("bytes", pa.int64()),
+        # 64-bit pHash stored as int64 (vitrine.ingest.phash_from_int64 reads it back)
+        ("phash", pa.int64()),
+        ("shard", pa.string()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("thumb_shard", pa.string()),
+        ("thumb_offset", pa.int64()),
+        ("thumb_length", pa.int64()),
+        ("meta", pa.string()),
+    ]
 )
+MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
 class ManifestWriter:
