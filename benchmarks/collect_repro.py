@@ -1,11 +1,12 @@
-"""End-to-end ingest rate of `dvc repro collect` on a folder of small JPEGs, DVC's hashing included.
+"""End-to-end ingest rate of `dvc repro collect` on N small JPEGs, DVC's hashing included.
 
-    python benchmarks/collect_repro.py [--n 20000] [--n-small 5000]
+    python benchmarks/collect_repro.py [--n 20000] [--n-small 5000] [--source folder]
 
-Builds a throwaway copy of the project whose only source is a folder of N distinct 120x90
-JPEGs (random crops of the bundled Avito photos), times `dvc repro collect` (Dask start-up,
-decode, checks, hashing, shards, manifest and DVC's hashing and caching of the outputs), and
-reports images/s. It repeats with n-small images to show how peak memory (RSS, sampled) grows
+Builds a throwaway copy of the project whose only source holds N distinct 120x90 JPEGs (random
+crops of the bundled Avito photos): a folder (default), an uncompressed tar archive of that
+folder, or a CSV catalog of their paths. Times `dvc repro collect` (Dask start-up, decode,
+checks, hashing, shards, manifest and DVC's hashing and caching of the outputs), and reports
+images/s. It repeats with n-small images to show how peak memory (RSS, sampled) grows
 with the catalog: of the whole process tree, and of its parts (DVC, the stage's own process,
 its Dask processes).
 """
@@ -17,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -76,13 +78,32 @@ def peak_rss(proc: psutil.Process, stop: threading.Event, out: dict[str, int]) -
         time.sleep(0.05)
 
 
-def run(n: int) -> tuple[float, dict[str, int]]:
+def photo_source(raw: Path, n: int, kind: str) -> dict[str, str]:
+    """N photos under raw as a source of this kind; its collect.sources entry."""
+    photo_folder(raw / "photos", n)
+    if kind == "archive":
+        with tarfile.open(raw / "photos.tar", "w") as tar:
+            tar.add(raw / "photos", arcname="photos")
+        shutil.rmtree(raw / "photos")
+        return {"kind": "archive", "path": "photos.tar"}
+    if kind == "catalog":
+        with open(raw / "photos.csv", "w") as f:
+            f.write("id,label,path\n")
+            for path in sorted((raw / "photos").glob("*/*.jpg")):
+                f.write(
+                    f"{path.parent.name}/{path.name},{path.parent.name},{path.relative_to(raw)}\n"
+                )
+        return {"kind": "catalog", "path": "photos.csv"}
+    return {"kind": "folder", "path": "photos"}
+
+
+def run(n: int, kind: str) -> tuple[float, dict[str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         project_copy(project)
-        photo_folder(project / "data/raw/photos", n)
+        source = photo_source(project / "data/raw", n, kind)
         params = yaml.safe_load((project / "params.yaml").read_text())
-        params["collect"]["sources"] = [{"kind": "folder", "path": "photos"}]
+        params["collect"]["sources"] = [source]
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         env = {
             **os.environ,
@@ -114,12 +135,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--n-small", type=int, default=5000)
+    parser.add_argument("--source", choices=("folder", "archive", "catalog"), default="folder")
     args = parser.parse_args()
+    where = {"folder": "in a folder", "archive": "in a tar", "catalog": "listed in a CSV"}
     for n in (args.n_small, args.n):
-        seconds, rss = run(n)
+        seconds, rss = run(n, args.source)
         roles = ", ".join(f"{r} {rss.get(r, 0) / 2**20:.0f}" for r in ("dvc", "stage", "dask"))
         print(
-            f"dvc repro collect, {n:>6} JPEGs 120x90 in a folder: {seconds:6.1f} s "
+            f"dvc repro collect, {n:>6} JPEGs 120x90 {where[args.source]}: {seconds:6.1f} s "
             f"= {n / seconds:6.0f} images/s, peak RSS of the process tree "
             f"{rss['tree'] / 2**20:6.0f} MiB ({roles} MiB)"
         )

@@ -16,7 +16,7 @@ import shutil
 import tarfile
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -145,14 +145,16 @@ def folder_records(root: Path, source: str, max_bytes: int) -> Iterator[InputRec
             yield InputRecord(rel, label, source, lambda p=entry.path: _read_capped(p, max_bytes))
 
 
-def _tree_prefix(names: list[str], classes: tuple[str, ...]) -> str:
+def _tree_prefix(names: Iterable[str], classes: tuple[str, ...]) -> str:
     """An archive often wraps the class tree in one top folder (raw_data/laptop/...): strip it."""
-    tops = {n.split("/", 1)[0] for n in names if "/" in n}
-    if len(tops) == 1 and not any("/" not in n for n in names):
-        top = tops.pop()
-        if top not in classes:
-            return top + "/"
-    return ""
+    tops: set[str] = set()
+    for name in names:
+        top, slash, _ = name.partition("/")
+        if not slash or (tops and top not in tops):  # a file at the top, or a second top
+            return ""
+        tops.add(top)
+    top = tops.pop() if tops else ""
+    return top + "/" if top and top not in classes else ""
 
 
 def _safe_member(name: str) -> bool:
@@ -183,13 +185,22 @@ def _member_record(
     return InputRecord(rel, label, source, _eager(data))
 
 
+def _tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's members but directories, header by header. TarFile's own iteration keeps
+    every member it has read (about 1 kB each); this keeps none, so memory stays flat."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()
+        if not member.isdir():
+            yield member
+
+
 def _tar_records(
     path: Path, source: str, classes: tuple[str, ...], max_bytes: int
 ) -> Iterator[InputRecord]:
+    with tarfile.open(path) as tar:  # a first pass over the headers, for the prefix
+        prefix = _tree_prefix((m.name for m in _tar_members(tar)), classes)
     with tarfile.open(path) as tar:
-        members = [m for m in tar.getmembers() if not m.isdir()]
-        prefix = _tree_prefix([m.name for m in members], classes)
-        for m in members:
+        for m in _tar_members(tar):
             bad = None
             if m.issym() or m.islnk():
                 bad = f"link member ({m.linkname})"

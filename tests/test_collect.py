@@ -23,6 +23,8 @@ from stages.collect import (
     ManifestWriter,
     Source,
     _read_capped,
+    _tar_members,
+    _tree_prefix,
     collect,
     collect_report,
     quarantine_list,
@@ -208,6 +210,45 @@ def test_archive_with_a_wrapping_folder(class_folder, tmp_path, kind):
     assert (
         "phone/003.jpg" in m.index and m.loc["phone/003.jpg", "source"] == f"archive:photos.{kind}"
     )
+
+
+@pytest.mark.parametrize(
+    ("names", "prefix"),
+    [
+        (["raw_data/laptop/a.jpg", "raw_data/phone/b.jpg"], "raw_data/"),
+        (["laptop/a.jpg", "phone/b.jpg"], ""),  # the class tree itself
+        (["phone/a.jpg", "phone/b.jpg"], ""),  # one top folder, but it is a class
+        (["raw_data/laptop/a.jpg", "README.txt"], ""),  # a file beside the top folder
+        (["a/laptop/x.jpg", "b/phone/y.jpg"], ""),  # two top folders
+        ([], ""),
+    ],
+)
+def test_tree_prefix_strips_only_a_single_wrapping_folder(names, prefix):
+    assert _tree_prefix(iter(names), ("laptop", "phone")) == prefix
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_tar_members_are_streamed_not_kept(make_photo, tmp_path):
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as tf:
+        tf.addfile(_dir("laptop"))
+        for i in range(50):
+            data = make_photo(i)
+            info = tarfile.TarInfo(f"laptop/{i:03d}.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        names = []
+        for member in _tar_members(tar):
+            names.append(member.name)
+            assert len(tar.members) <= 1  # TarFile would otherwise hold every header read
+            assert tar.extractfile(member).read() == make_photo(len(names) - 1)
+    assert names == [f"laptop/{i:03d}.jpg" for i in range(50)]  # the directory is skipped
 
 
 def test_archive_member_escaping_the_root_is_refused(make_photo, tmp_path):
