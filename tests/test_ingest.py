@@ -39,18 +39,32 @@ def test_facts_of_a_good_jpeg(make_photo):
     assert (thumb.format, thumb.mode, thumb.size) == ("JPEG", "RGB", (96, 72))
 
 
-def test_the_thumbnail_is_the_upright_rgb_decode_made_small(make_photo):
-    data = make_photo(2, (640, 480))
+# 640x480 decodes at 1/4 scale, then takes a nearest-neighbour step (160 -> 128 px); 2400x1800
+# decodes at 1/8 (300 px), too far from 128 px for that: area averaging (BOX) finishes it.
+@pytest.mark.parametrize("size", [(640, 480), (2400, 1800)])
+def test_the_thumbnail_is_the_upright_rgb_decode_made_small(make_photo, size):
+    data = make_photo(2, size)
     thumb = Image.open(io.BytesIO(ingest_image(data, SYNC).thumbnail))
     reference = decode_rgb(data).resize(thumb.size, Image.Resampling.BOX)
     diff = np.abs(np.asarray(thumb, np.int16) - np.asarray(reference, np.int16))
     assert diff.mean() < 4
 
 
+def test_a_thumbnail_far_below_the_dct_scaled_decode_is_area_averaged():
+    # 2400 px stripes 24 px apart decode at 1/8 scale (300 px), 2.3x the thumbnail's 128 px:
+    # nearest neighbour would alias them (mean error 73 against BOX of the full decode).
+    row = (np.arange(2400) // 12 % 2 * 255).astype(np.uint8)
+    stripes = Image.fromarray(np.repeat(np.repeat(row[None, :, None], 1800, 0), 3, 2))
+    data = encode(stripes, "JPEG", quality=95)
+    thumb = Image.open(io.BytesIO(ingest_image(data, SYNC).thumbnail))
+    reference = decode_rgb(data).resize(thumb.size, Image.Resampling.BOX)
+    assert np.abs(np.asarray(thumb, np.int16) - np.asarray(reference, np.int16)).mean() < 40
+
+
 def test_the_thumbnail_encoder_matches_image_save(make_photo):
     # ingest encodes with Image.tobytes("jpeg", ...): a Pillow upgrade must not change it.
     img = decode_rgb(make_photo(3, (96, 72)))
-    assert ingest._encode_thumbnail(img, img.size, 80) == encode(img, "JPEG", quality=80)
+    assert ingest._encode_thumbnail(img, img.size, 80, False) == encode(img, "JPEG", quality=80)
 
 
 def test_a_small_plain_jpeg_is_its_own_thumbnail(make_photo):
