@@ -50,6 +50,7 @@ from vitrine.ingest import (
     ingest_batch,
     ingest_stream,
     local_cluster,
+    thumb_resample,
 )
 
 AVITO = Path(__file__).resolve().parents[1] / "data" / "raw" / "avito-raw.tar.gz"
@@ -151,14 +152,16 @@ def steps(name: str, blobs: list[bytes], config: IngestConfig, repeat: int) -> N
             t = [time.perf_counter_ns()]
             img = _open(data)
             t.append(time.perf_counter_ns())
-            size = _thumb_dims(*img.size, config.thumb_size)
+            header_size = img.size
+            size = _thumb_dims(*header_size, config.thumb_size)
             img.draft("RGB", (max(size[0], HASH_SIDE), max(size[1], HASH_SIDE)))
             img.load()
+            dct_scaled = img.size != header_size
             t.append(time.perf_counter_ns())
             img.getexif()
             rgb = _upright_rgb(img)
             t.append(time.perf_counter_ns())
-            small = rgb.resize(size, Image.Resampling.BOX)
+            small = rgb.resize(size, thumb_resample(rgb.size, size, dct_scaled))
             t.append(time.perf_counter_ns())
             small.tobytes("jpeg", "RGB", config.thumb_quality)
             t.append(time.perf_counter_ns())
@@ -180,7 +183,7 @@ STEPS = (
     "open (parse the header, in Python)",
     "decode (JPEG at reduced DCT scale)",
     "EXIF orientation, upright RGB",
-    "thumbnail resize (BOX)",
+    "thumbnail resize (nearest or BOX)",
     "thumbnail JPEG encode",
     "greyscale 32x32 for the pHash",
     "sha256",

@@ -138,17 +138,23 @@ def _examine(data: bytes, config: IngestConfig) -> tuple[Image.Image, bytes, int
     return rgb, hashlib.sha256(data).digest(), width, height, fmt, thumb
 
 
+def thumb_resample(
+    decoded: tuple[int, int], size: tuple[int, int], dct_scaled: bool
+) -> Image.Resampling:
+    """The filter from the decoded pixels to the thumbnail. BOX is area averaging: antialiased
+    like BILINEAR at these ratios, at 2/3 the cost (Pillow's resampling, not the decoder, is
+    the largest cost of a small image). After the decoder's DCT scaling, itself an area
+    average, a step under 2x is left (640x480: 160x120 -> 128x96): nearest neighbour then looks
+    the same and costs 9 us, not 137."""
+    small_step = decoded[0] < 2 * size[0] and decoded[1] < 2 * size[1]
+    return Image.Resampling.NEAREST if dct_scaled and small_step else Image.Resampling.BOX
+
+
 def _encode_thumbnail(
     rgb: Image.Image, size: tuple[int, int], quality: int, dct_scaled: bool
 ) -> bytes:
     if rgb.size != size:
-        # BOX is area averaging: antialiased like BILINEAR at these ratios, at 2/3 the cost
-        # (Pillow's resampling, not the decoder, is the largest cost of a small image). After
-        # the decoder's DCT scaling, itself an area average, a step under 2x is left (640x480:
-        # 160x120 -> 128x96): nearest neighbour then looks the same and costs 9 us, not 137.
-        small_step = rgb.width < 2 * size[0] and rgb.height < 2 * size[1]
-        nearest = dct_scaled and small_step
-        rgb = rgb.resize(size, Image.Resampling.NEAREST if nearest else Image.Resampling.BOX)
+        rgb = rgb.resize(size, thumb_resample(rgb.size, size, dct_scaled))
     # The JPEG encoder without Image.save's plugin machinery: the same bytes as
     # save(buf, "JPEG", quality=quality) (a test checks it), in half the time at this size.
     return rgb.tobytes("jpeg", "RGB", quality)
