@@ -78,6 +78,10 @@ def peak_rss(proc: psutil.Process, stop: threading.Event, out: dict[str, int]) -
         time.sleep(0.05)
 
 
+# The source kinds this benchmark can build, and how its report names each.
+SOURCES = {"folder": "in a folder", "archive": "in a tar", "catalog": "listed in a CSV"}
+
+
 def photo_source(raw: Path, n: int, kind: str) -> dict[str, str]:
     """N photos under raw as a source of this kind; its collect.sources entry."""
     photo_folder(raw / "photos", n)
@@ -135,14 +139,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--n-small", type=int, default=5000)
-    parser.add_argument("--source", choices=("folder", "archive", "catalog"), default="folder")
+    parser.add_argument("--source", choices=list(SOURCES), default="folder")
     args = parser.parse_args()
-    where = {"folder": "in a folder", "archive": "in a tar", "catalog": "listed in a CSV"}
     for n in (args.n_small, args.n):
         seconds, rss = run(n, args.source)
         roles = ", ".join(f"{r} {rss.get(r, 0) / 2**20:.0f}" for r in ("dvc", "stage", "dask"))
         print(
-            f"dvc repro collect, {n:>6} JPEGs 120x90 {where[args.source]}: {seconds:6.1f} s "
+            f"dvc repro collect, {n:>6} JPEGs 120x90 {SOURCES[args.source]}: {seconds:6.1f} s "
             f"= {n / seconds:6.0f} images/s, peak RSS of the process tree "
             f"{rss['tree'] / 2**20:6.0f} MiB ({roles} MiB)"
         )
