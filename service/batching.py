@@ -12,6 +12,13 @@ So the batching happens here, in the same process, with the same two limits: whi
 is busy, arriving images queue; when it is free, everything queued (up to max_batch_size
 images) goes into the next forward pass. The batch size follows the load: 1 when requests are
 rare (no added latency beyond max_wait_ms), up to max_batch_size under load.
+
+Several forward passes may run at once (max_concurrent), each in its own thread: ONNX Runtime
+releases the GIL, so one process keeps every core busy, and requests from all connections wait
+in this one FIFO queue. With a process per core instead, a keep-alive connection stays with the
+process that accepted it, and one process can end up with most of the connections (BentoML
+issue #5426). Big batches buy nothing here either: ONNX Runtime's time per image on the CPU does
+not fall with the batch size, and every image of a batch waits for the whole batch.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ class _Job:
 class MicroBatcher:
     """`await batcher(images)` -> forward(images), computed together with concurrent calls.
 
-    forward: (N, ...) array -> (N, ...) array, row i answering input i; it runs in a worker
-    thread, one call at a time. A request larger than max_batch_size is never split: it makes
-    a batch of its own.
+    forward: (N, ...) array -> (N, ...) array, row i answering input i; it runs in worker
+    threads, at most max_concurrent calls at a time (so it must be thread-safe, as an ONNX
+    Runtime session is). A request larger than max_batch_size is never split: it makes a batch
+    of its own.
     """
 
     def __init__(
@@ -45,10 +53,13 @@ class MicroBatcher:
         forward: Callable[[np.ndarray], np.ndarray],
         max_batch_size: int,
         max_wait_ms: float,
+        max_concurrent: int = 1,
     ) -> None:
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self._free_slots = asyncio.Semaphore(max_concurrent)  # forward passes that may start
+        self._running: set[asyncio.Task[None]] = set()  # held, or the loop may drop them
         self._queue: deque[_Job] = deque()
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -67,11 +78,18 @@ class MicroBatcher:
             await self._arrived.wait()
             self._arrived.clear()
             while self._queue:
+                await self._free_slots.acquire()  # images keep queueing while every slot is busy
                 await self._gather_company()
-                await self._run(self._take_batch())
+                task = asyncio.get_running_loop().create_task(self._run(self._take_batch()))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._free_slots.release()
 
     async def _gather_company(self) -> None:
-        """Let a lone image wait up to max_wait_s for others (the model is idle meanwhile)."""
+        """Let a lone image wait up to max_wait_s for others (a forward slot is idle meanwhile)."""
         deadline = time.monotonic() + self.max_wait_s
         while self._queued_images() < self.max_batch_size and time.monotonic() < deadline:
             self._arrived.clear()

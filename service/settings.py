@@ -26,6 +26,9 @@ class ServeConfig:
     max_batch_wait_ms: float  # adaptive batching: how long a lone image waits for company
     workers: int  # serving processes, each with its own copy of the model
     torch_threads: int  # intra-op threads of each worker's forward pass (ONNX Runtime's too)
+    # Forward passes running at once in a worker, a thread each. A default, unlike the others:
+    # a model packaged before it existed (a kept champion) runs one at a time, as it did then.
+    concurrent_batches: int = 1
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from PIL import Image
 
 from service import MODEL_NAME_ENV
 from service.batching import MicroBatcher
-from service.core import check_answer, classify_answer
+from service.core import INLINE_DECODE_PIXELS, cheap_to_decode, check_answer, classify_answer
 from service.settings import PackageInfo, ServeConfig
 from stages.package import export_package, save_to_store
 from vitrine.images import load_square
@@ -57,8 +58,9 @@ SERVE = ServeConfig(
     max_batch_bytes=2_000_000,
     max_batch_size=8,
     max_batch_wait_ms=2.0,
-    workers=2,
+    workers=1,
     torch_threads=1,
+    concurrent_batches=2,
 )
 
 
@@ -236,6 +238,22 @@ def test_answers_abstain_below_the_threshold() -> None:
     }
 
 
+def jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_only_small_or_unreadable_uploads_are_cheap_to_decode() -> None:
+    side = int(INLINE_DECODE_PIXELS**0.5)
+    assert cheap_to_decode(jpeg(120, 90))
+    assert cheap_to_decode(jpeg(side, side))
+    assert not cheap_to_decode(jpeg(side + 1, side + 1))
+    assert cheap_to_decode(jpeg(4000, 30))  # decided by pixels, not by the longer side
+    assert cheap_to_decode(b"<html>not a photo</html>")  # refused before any decoding
+    assert cheap_to_decode(b"")
+
+
 def test_batcher_groups_concurrent_calls_and_keeps_them_apart() -> None:
     calls: list[int] = []
 
@@ -254,6 +272,34 @@ def test_batcher_groups_concurrent_calls_and_keeps_them_apart() -> None:
         np.testing.assert_array_equal(y, x * 10)
     assert sum(calls) == 30 and max(calls) <= 8
     assert len(calls) < 20  # grouped
+
+
+@pytest.mark.parametrize("max_concurrent", [1, 2, 3])
+def test_batcher_runs_up_to_max_concurrent_forward_passes_at_once(max_concurrent: int) -> None:
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.03)  # long enough for the other slots to fill
+        with lock:
+            running -= 1
+        return images + 1
+
+    async def scenario() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        batcher = MicroBatcher(
+            forward, max_batch_size=2, max_wait_ms=0, max_concurrent=max_concurrent
+        )
+        inputs = [np.full((1, 1), i) for i in range(12)]
+        return inputs, await asyncio.gather(*(batcher(x) for x in inputs))
+
+    inputs, outputs = asyncio.run(scenario())
+    for x, y in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(y, x + 1)
+    assert most == max_concurrent
 
 
 def test_batcher_hands_the_model_error_to_every_caller() -> None:
