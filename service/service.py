@@ -107,9 +107,6 @@ class Classifier:
             logits = self.module(torch.from_numpy(images))
         return torch.softmax(logits.float(), dim=1).numpy()
 
-    async def _probabilities(self, images: np.ndarray) -> np.ndarray:
-        return await self.batcher(images)
-
     async def _prepare(self, images: tuple[bytes, ...]) -> list[np.ndarray | Rejected]:
         # A small photo (every Avito photo is 120x90) decodes in well under a millisecond: on
         # the event loop, since waiting for a decode thread cost up to 50 ms at 32 concurrent
