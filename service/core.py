@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from service.settings import PackageInfo
-from vitrine.images import Rejected, _open, inspect_image, load_square
+from vitrine.images import Rejected, _open, load_checked_square
 
 # Reason code -> HTTP status; any other reason (vitrine.images' codes) is a 422.
 STATUS = {
@@ -53,12 +53,14 @@ def prepare_image(data: bytes, info: PackageInfo) -> np.ndarray:
 
     The header is checked first, so a decompression bomb is refused before it is decoded.
     """
-    limit = info.serve.max_upload_bytes
-    if len(data) > limit:
-        raise Rejected("too_large", f"image of {len(data)} bytes exceeds {limit}")
-    inspect_image(data, min_side=info.serve.min_side, max_pixels=info.serve.max_pixels)
+    serve = info.serve
+    if len(data) > serve.max_upload_bytes:
+        raise Rejected("too_large", f"image of {len(data)} bytes exceeds {serve.max_upload_bytes}")
     try:
-        return load_square(data, info.image_size)
+        # The same pixels as load_square, which prepare used for the evaluated arrays.
+        return load_checked_square(
+            data, info.image_size, min_side=serve.min_side, max_pixels=serve.max_pixels
+        )
     except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of failing on a bad file
         raise Rejected("undecodable", str(err)) from None
 

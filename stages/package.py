@@ -19,7 +19,9 @@ The challenger (the winner) and the champion (<package.model_name>:latest in the
 store, $BENTOML_HOME, <repo>/.bentoml when unset) are scored on the same test photos. Promoted:
 the package folder goes to the store as <package.model_name>:<model_version> and, with
 package.build_bento, bentofile.yaml's Bento is built. Kept: <paths.package> gets the champion's
-files instead, so the DVC output is always the deployed model, and nothing new is built.
+files instead, so the DVC output is always the deployed model; its model.json takes the current
+serve: block (re-saved to the store under the same version when that changed), and the Bento is
+built again around it, since the service code or its settings may be what changed.
 
 model_version hashes the weights, classes and sizes, so packaging the same model twice gives the
 same version (and makes it :latest again).
@@ -430,13 +432,23 @@ def challenge(
     return promotion_record(decision, challenger, champion, metric, margin, len(labels))
 
 
-def keep_champion(champion_dir: Path, out_dir: Path) -> None:
-    """The champion's files into the package folder: the DVC output is the deployed model."""
+def keep_champion(champion_dir: Path, out_dir: Path, serve: ServeConfig) -> bool:
+    """The champion's files into the package folder (the DVC output is the deployed model), its
+    model.json under the current serve: block: serving limits are deployment settings, and a
+    change to them must reach the deployed model even when no new model wins. Returns whether
+    the block changed, i.e. whether the stored champion must be saved again."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     for filename in PACKAGE_FILES:
         shutil.copy2(champion_dir / filename, out_dir / filename)
+    info = json.loads((out_dir / MODEL_INFO_FILE).read_text())
+    current = dataclasses.asdict(serve)
+    if info.get("serve") == current:
+        return False
+    info["serve"] = current
+    (out_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return True
 
 
 def build_bento(bentofile: Path, build_ctx: Path) -> bentoml.Tag:
@@ -462,10 +474,11 @@ def main() -> None:
     if promotion["promoted"]:
         tag = save_to_store(paths.package, cfg.model_name)
         print(f"package: saved model {tag} ({info['model']}, {len(info['classes'])} classes)")
-        if cfg.build_bento:
-            print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
-    else:
-        keep_champion(champion, paths.package)
+    elif keep_champion(champion, paths.package, serve):
+        tag = save_to_store(paths.package, cfg.model_name)  # the same version, replaced
+        print(f"package: saved model {tag} again under the current serve: settings")
+    if cfg.build_bento:  # also when kept: the service code may be what changed
+        print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
     paths.promotion.parent.mkdir(parents=True, exist_ok=True)
     paths.promotion.write_text(json.dumps(promotion, indent=2) + "\n")
 

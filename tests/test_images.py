@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitrine.images import Rejected, decode_rgb, inspect_image, load_square
+from vitrine.images import Rejected, decode_rgb, inspect_image, load_checked_square, load_square
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -25,6 +25,17 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def checked_square_128(data: bytes, **limits) -> np.ndarray:
+    return load_checked_square(data, 128, **limits)
+
+
+# The service's single-decode path must refuse exactly what inspect_image refuses, with the same
+# codes, even though it decodes JPEGs at a reduced DCT scale.
+BOTH_CHECKS = pytest.mark.parametrize(
+    "check", [inspect_image, checked_square_128], ids=["inspect_image", "load_checked_square"]
+)
+
+
 def test_accepts_a_jpeg_and_reports_its_size(make_photo):
     info = inspect_image(make_photo(1, (96, 72)), min_side=32, max_pixels=10**6)
     assert (info.width, info.height, info.format) == (96, 72, "JPEG")
@@ -38,35 +49,41 @@ def test_accepts_a_jpeg_and_reports_its_size(make_photo):
         (b"<!DOCTYPE html><html><body>Login</body></html>", "not_an_image"),
     ],
 )
-def test_refuses_non_images(data, code):
+@BOTH_CHECKS
+def test_refuses_non_images(data, code, check):
     with pytest.raises(Rejected) as err:
-        inspect_image(data, min_side=1, max_pixels=10**6)
+        check(data, min_side=1, max_pixels=10**6)
     assert err.value.code == code
 
 
-def test_html_is_described_as_html():
+@BOTH_CHECKS
+def test_html_is_described_as_html(check):
     with pytest.raises(Rejected) as err:
-        inspect_image(b"<html><body>home page</body></html>", min_side=1, max_pixels=10**6)
+        check(b"<html><body>home page</body></html>", min_side=1, max_pixels=10**6)
     assert err.value.detail == "HTML document"
 
 
-def test_truncated_jpeg_is_refused(make_photo):
-    data = make_photo(2, (200, 150))
+@BOTH_CHECKS
+@pytest.mark.parametrize("size", [(200, 150), (640, 480)])  # 640x480 decodes at 1/2 DCT scale
+def test_truncated_jpeg_is_refused(make_photo, check, size):
+    data = make_photo(2, size)
     with pytest.raises(Rejected) as err:
-        inspect_image(data[: len(data) // 2], min_side=1, max_pixels=10**6)
+        check(data[: len(data) // 2], min_side=1, max_pixels=10**6)
     assert err.value.code == "truncated"
 
 
-def test_decompression_bomb_is_refused_from_its_header():
+@BOTH_CHECKS
+def test_decompression_bomb_is_refused_from_its_header(check):
     # 30000 x 30000 claimed, no pixel data: if decoding were attempted this would be "truncated".
     with pytest.raises(Rejected) as err:
-        inspect_image(png_header_only(30000, 30000), min_side=1, max_pixels=40_000_000)
+        check(png_header_only(30000, 30000), min_side=1, max_pixels=40_000_000)
     assert err.value.code == "too_many_pixels"
 
 
-def test_too_small_is_refused(make_photo):
+@BOTH_CHECKS
+def test_too_small_is_refused(make_photo, check):
     with pytest.raises(Rejected) as err:
-        inspect_image(make_photo(3, (40, 20)), min_side=32, max_pixels=10**6)
+        check(make_photo(3, (40, 20)), min_side=32, max_pixels=10**6)
     assert err.value.code == "too_small"
 
 
@@ -117,3 +134,32 @@ def test_webp_is_accepted():
 def test_load_square_shape_and_dtype(make_photo):
     arr = load_square(make_photo(4, (120, 90)), 64)
     assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+
+
+def exif_rotated_jpeg() -> bytes:
+    arr = np.zeros((300, 400, 3), np.uint8)
+    arr[:, :200] = (255, 0, 0)  # left half red: after the rotation, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.fromarray(arr), "JPEG", exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("kind", ["jpeg_120x90", "jpeg_640x480", "jpeg_exif_rotated", "png"])
+def test_load_checked_square_gives_load_squares_pixels(make_photo, kind):
+    data = {
+        "jpeg_120x90": lambda: make_photo(5, (120, 90)),
+        "jpeg_640x480": lambda: make_photo(6, (640, 480)),
+        "jpeg_exif_rotated": exif_rotated_jpeg,
+        "png": lambda: encode(decode_rgb(make_photo(7, (150, 100))), "PNG"),
+    }[kind]()
+    checked = load_checked_square(data, 128, min_side=32, max_pixels=10**6)
+    np.testing.assert_array_equal(checked, load_square(data, 128))
+
+
+def test_load_checked_square_judges_size_on_the_original_not_the_dct_scaled_decode(make_photo):
+    # 1024x256 decodes at 1/2 scale for a 128 px square (512x128): 256 px is the shorter side.
+    data = make_photo(8, (1024, 256))
+    assert load_checked_square(data, 128, min_side=200, max_pixels=10**6).shape == (128, 128, 3)
+    with pytest.raises(Rejected) as err:
+        load_checked_square(data, 128, min_side=257, max_pixels=10**6)
+    assert err.value.detail.startswith("1024x256")

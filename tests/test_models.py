@@ -11,7 +11,12 @@ from vitrine.embeddings import load_backbone
 from vitrine.models import MODELS, build_predictor
 
 # A small input size per model keeps the tests fast; a new entry in MODELS must be added here.
-SMALL = {"cnn64": ({}, 32), "lenet5": ({}, 32), "effnet_lite0": ({"mode": "probe"}, 32)}
+SMALL = {
+    "cnn64": ({}, 32),
+    "lenet5": ({}, 32),
+    "effnet_lite0": ({"mode": "probe"}, 32),
+    "effnet_lite1": ({"mode": "probe"}, 32),
+}
 
 
 def test_every_model_is_covered():

@@ -266,10 +266,11 @@ def avito_laptops(count: int) -> list[bytes]:
 
 
 @pytest.mark.skipif(not AVITO.exists(), reason="bundled Avito archive not present")
-def test_weights_map_onto_timm_with_a_sensible_imagenet_head():
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite1"])
+def test_weights_map_onto_timm_with_a_sensible_imagenet_head(arch):
     """A wrong positional mapping would give junk classes: real laptop photos must come out as
     laptop or notebook in the ImageNet top 5 (10 of 10 do today; allow a little slack)."""
-    net = load_backbone(num_classes=1000)
+    net = load_backbone(num_classes=1000, arch=arch)
     pixels = np.stack([load_square(b, 224) for b in avito_laptops(10)])
     with torch.inference_mode():
         top5 = net(preprocess(torch.from_numpy(pixels))).topk(5, dim=1).indices

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -157,8 +158,28 @@ def test_the_champion_is_the_latest_stored_model(packaged: dict, tmp_path: Path)
     out = tmp_path / "models" / "package"
     out.mkdir(parents=True)
     (out / "stale.txt").write_text("x")
-    keep_champion(champion, out)
+    assert keep_champion(champion, out, SERVE) is False  # packaged with these serve settings
     files = sorted(p.name for p in out.iterdir())
     assert files == ["model.json", "model.onnx", "model.pt", "model_card.md"]
     for name in ("model.pt", "model.onnx", "model.json"):
         assert (out / name).read_bytes() == (packaged["bright"] / name).read_bytes()
+
+
+def test_a_kept_champion_takes_the_current_serve_settings(packaged: dict, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "home" / "models")
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    old_serve = dataclasses.replace(SERVE, max_batch_size=32, workers=2)
+    old = tmp_path / "old"
+    shutil.copytree(packaged["bright"], old)
+    info = json.loads((old / "model.json").read_text())
+    info["serve"] = dataclasses.asdict(old_serve)  # as packaged before the settings changed
+    (old / "model.json").write_text(json.dumps(info))
+    version = save_to_store(old, "vitrine-test", store=store).version
+
+    out = tmp_path / "package"
+    assert keep_champion(champion_folder("vitrine-test", store), out, SERVE) is True
+    assert read_package_info(out).serve == SERVE and read_package_info(out).version == version
+    for name in ("model.pt", "model.onnx"):  # the same model
+        assert (out / name).read_bytes() == (old / name).read_bytes()
+    assert save_to_store(out, "vitrine-test", store=store).version == version
+    assert read_package_info(champion_folder("vitrine-test", store)).serve == SERVE

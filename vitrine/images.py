@@ -53,11 +53,29 @@ def _open(data: bytes) -> Image.Image:
         raise Rejected("not_an_image", _describe_non_image(data)) from None
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    # EXIF orientations 5-8 rotate by 90 degrees, swapping width and height.
-    orientation = img.getexif().get(0x0112, 1)
-    w, h = img.size
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+def _open_capped(data: bytes, max_pixels: int) -> Image.Image:
+    img = _open(data)
+    w, h = img.size  # from the header; PNG's getexif() would decode every pixel
+    if w * h > max_pixels:
+        raise Rejected("too_many_pixels", f"{w}x{h} exceeds {max_pixels} pixels")
+    return img
+
+
+def _load_checked(img: Image.Image, header_size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """Decode every pixel (at the draft scale, if one was set) and return the upright size of
+    the original, given by `header_size` (draft() shrinks img.size to the decoded scale). The
+    entropy decoder reads every byte at any DCT scale, so a truncated JPEG fails either way."""
+    try:
+        img.load()
+        orientation = img.getexif().get(0x0112, 1)  # PNG keeps EXIF after the pixels
+    except (OSError, SyntaxError, ValueError) as err:
+        raise Rejected("truncated", str(err)) from None
+    w, h = header_size
+    if orientation in (5, 6, 7, 8):  # these EXIF orientations rotate by 90 degrees
+        w, h = h, w
+    if min(w, h) < min_side:
+        raise Rejected("too_small", f"{w}x{h}, shorter side below {min_side}")
+    return w, h
 
 
 def inspect_image(data: bytes, *, min_side: int, max_pixels: int) -> ImageInfo:
@@ -66,17 +84,8 @@ def inspect_image(data: bytes, *, min_side: int, max_pixels: int) -> ImageInfo:
     The pixel cap is applied from the header alone, so a decompression bomb is refused before a
     single pixel is decoded.
     """
-    img = _open(data)
-    w, h = img.size  # from the header; PNG's getexif() would decode every pixel
-    if w * h > max_pixels:
-        raise Rejected("too_many_pixels", f"{w}x{h} exceeds {max_pixels} pixels")
-    try:
-        img.load()
-        w, h = _oriented_size(img)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise Rejected("truncated", str(err)) from None
-    if min(w, h) < min_side:
-        raise Rejected("too_small", f"{w}x{h}, shorter side below {min_side}")
+    img = _open_capped(data, max_pixels)
+    w, h = _load_checked(img, img.size, min_side)
     return ImageInfo(width=w, height=h, format=(img.format or "unknown").upper())
 
 
@@ -93,16 +102,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _first_frame(img: Image.Image, draft_size: int | None) -> Image.Image:
+    img.seek(0)
+    if draft_size and img.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 DCT scale when only a small image is needed.
+        img.draft("RGB", (draft_size, draft_size))
+    return img
+
+
 def decode_rgb(data: bytes, *, draft_size: int | None = None) -> Image.Image:
     """Decode to an upright RGB image (first frame of an animation, EXIF orientation applied).
 
     `draft_size` lets JPEG decoding run at a reduced DCT scale when only a small image is needed.
     """
-    img = _open(data)
-    img.seek(0)
-    if draft_size and img.format == "JPEG":
-        img.draft("RGB", (draft_size, draft_size))
-    return _upright_rgb(img)
+    return _upright_rgb(_first_frame(_open(data), draft_size))
 
 
 def _upright_rgb(img: Image.Image) -> Image.Image:
@@ -124,3 +137,12 @@ def resize_square(img: Image.Image, size: int) -> np.ndarray:
 def load_square(data: bytes, size: int) -> np.ndarray:
     """Encoded bytes to a (size, size, 3) uint8 array: what training and serving both see."""
     return resize_square(decode_rgb(data, draft_size=size), size)
+
+
+def load_checked_square(data: bytes, size: int, *, min_side: int, max_pixels: int) -> np.ndarray:
+    """inspect_image's checks, then load_square's pixels, from a single decode: the service's
+    path for untrusted uploads (a bomb is still refused from its header)."""
+    img = _open_capped(data, max_pixels)
+    header_size = img.size
+    _load_checked(_first_frame(img, size), header_size, min_side)
+    return resize_square(_upright_rgb(img), size)
