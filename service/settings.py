@@ -1,8 +1,9 @@
 """What the service needs to know besides the weights, as the package stage writes it.
 
 The Bento carries no params.yaml: package copies the `serve:` block (as ServeConfig) and the
-abstain threshold evaluate chose into the packaged model's model.json, and the service reads
-them back from there, so a served model always runs under the limits it was packaged with.
+abstain threshold evaluate chose into the packaged model's model.json (the `serve:` block also
+into a champion it keeps), and the service reads them back from there: the deployed model runs
+under the limits of the last `dvc repro package`.
 """
 
 from __future__ import annotations
