@@ -24,12 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from vitrine.hashing import HASH_SIDE, phash64, phash64_grays
-from vitrine.images import Rejected, _open, _upright_rgb
+from vitrine.images import Rejected, _load_checked, _open_capped, _upright_rgb
 
 K = TypeVar("K")
-
-_ORIENTATION = 0x0112
-_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
 
 
 @dataclass(frozen=True)
@@ -99,28 +96,16 @@ def _examine(data: bytes, config: IngestConfig) -> tuple[Image.Image, bytes, int
     """The upright RGB pixels (at reduced DCT scale when the outputs are small), sha256 digest,
     upright size and format of the original, and thumbnail; raises Rejected in inspect_image's
     order of checks."""
-    img = _open(data)
-    header_size = img.size  # header only: the bomb cap comes before any decoding
-    width, height = header_size
-    if width * height > config.max_pixels:
-        raise Rejected("too_many_pixels", f"{width}x{height} exceeds {config.max_pixels} pixels")
+    img = _open_capped(data, config.max_pixels)  # header only: no decoding before the bomb cap
+    header_size = img.size
     img.seek(0)
-    thumb_size = _thumb_dims(width, height, config.thumb_size)  # EXIF rotation keeps the scale
+    thumb_size = _thumb_dims(*header_size, config.thumb_size)  # EXIF rotation keeps the scale
     if img.format == "JPEG":
-        # Decode at 1/2, 1/4 or 1/8 scale when the thumbnail and the 32x32 hash input allow:
-        # the entropy decoding still reads every byte, so truncation is still detected.
+        # Decode at 1/2, 1/4 or 1/8 scale when the thumbnail and the 32x32 hash input allow.
         img.draft("RGB", (max(thumb_size[0], HASH_SIDE), max(thumb_size[1], HASH_SIDE)))
-    try:
-        img.load()
-        # PNG keeps EXIF after the pixels, so orientation is read after decoding.
-        orientation = img.getexif().get(_ORIENTATION, 1)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise Rejected("truncated", str(err)) from None
-    if orientation in _SWAPS_SIDES:
-        width, height = height, width
+    width, height = _load_checked(img, header_size, config.min_side)
+    if (width, height) != header_size:  # turned by its EXIF orientation
         thumb_size = thumb_size[::-1]
-    if min(width, height) < config.min_side:
-        raise Rejected("too_small", f"{width}x{height}, shorter side below {config.min_side}")
     fmt = (img.format or "unknown").upper()
     # A small, upright, metadata-free colour JPEG is its own thumbnail: no resize, no encode,
     # no generation loss (most Avito photos are 90 px or less on their longest side).
