@@ -28,7 +28,8 @@ class ServeConfig:
     workers: int  # serving processes, each with its own copy of the model
     torch_threads: int  # intra-op threads of each worker's forward pass (ONNX Runtime's too)
     # Forward passes running at once in a worker, a thread each. A default, unlike the others:
-    # a model packaged before it existed (a kept champion) runs one at a time, as it did then.
+    # a stored model packaged before it existed still loads (and runs one pass at a time) until
+    # the next `dvc repro package` writes the current serve: block into it.
     concurrent_batches: int = 1
 
 

@@ -166,8 +166,9 @@ def test_the_champion_is_the_latest_stored_model(packaged: dict, tmp_path: Path)
 
 
 def test_a_kept_champion_takes_the_current_serve_settings(packaged: dict, tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "home" / "models")
-    (tmp_path / "home" / "models").mkdir(parents=True)
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    store = ModelStore(models)
     old_serve = dataclasses.replace(SERVE, max_batch_size=32, workers=2)
     old = tmp_path / "old"
     shutil.copytree(packaged["bright"], old)
