@@ -1,9 +1,12 @@
 """Serving throughput and latency: the BentoML service against the seed article's Flask app.
 
     python benchmarks/serve.py [MODEL_FOLDER ...] [--requests 600] [--photos 64]
+    python benchmarks/serve.py models/package models/train/cnn64 --requests 1000
 
 MODEL_FOLDER: packaged model folders (model.pt, model.onnx + model.json, as the package stage
-writes them; default: params.yaml paths.package). For each, on loopback and one after the other:
+writes them; default: params.yaml paths.package), or a trained candidate's folder
+(<paths.model>/<candidate>), which is packaged here as the package stage would ship it, with
+that candidate's serve: settings. For each, on loopback and one after the other:
   - bento: `bentoml serve service.service:Classifier` on that model (a throwaway model store),
     POST /classify: ONNX Runtime behind the micro-batcher, serve.workers processes;
   - flask: what the seed article's app does, with the same model as the framework exported it
@@ -45,9 +48,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service import MODEL_INFO_FILE, MODEL_NAME_ENV, SCRIPTED_MODEL_FILE  # noqa: E402
+from service import MODEL_INFO_FILE, MODEL_NAME_ENV, ONNX_MODEL_FILE, SCRIPTED_MODEL_FILE  # noqa: E402
 from service.runtime import load_onnx  # noqa: E402
-from stages.package import save_to_store  # noqa: E402
+from stages.package import export_package, save_to_store, serve_settings  # noqa: E402
 from vitrine.config import load_params, load_paths  # noqa: E402
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
@@ -209,6 +212,18 @@ def measure(base: str, photos: list[bytes], requests: int) -> list[Level]:
     return [asyncio.run(run_level(url, uploads, c, requests)) for c in CONCURRENCY]
 
 
+def packaged(folder: Path, scratch: Path) -> Path:
+    """A packaged model folder as it is, or a trained candidate's folder packaged into scratch."""
+    if (folder / ONNX_MODEL_FILE).is_file():
+        return folder
+    params = load_params(REPO / "params.yaml")
+    out = scratch / f"{folder.name}-package"
+    card = {"params": {}, "data": {"path": "", "md5": "benchmark"}, "git_revision": "benchmark"}
+    report = load_paths(params).evaluate_report
+    export_package(folder, report, out, serve_settings(params, folder.name), card)
+    return out
+
+
 def bench_model(
     folder: Path, photos: list[bytes], requests: int, servers: list[str], scratch: Path
 ) -> None:
@@ -292,7 +307,8 @@ def main() -> None:
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as scratch:
         for folder in folders:
-            bench_model(folder.resolve(), photos, args.requests, args.servers, Path(scratch))
+            model = packaged(folder.resolve(), Path(scratch))
+            bench_model(model, photos, args.requests, args.servers, Path(scratch))
 
 
 if __name__ == "__main__":

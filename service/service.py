@@ -7,7 +7,8 @@
     curl -F image=@photo.jpg -F declared_category=laptop http://127.0.0.1:3000/check_category
     GET /  the seller's upload page; /readyz, /livez, /metrics: BentoML's own.
 
-One class-based service, one copy of the model per worker process (serve.workers). Uploads
+One class-based service, one copy of the model per worker process (serve.workers; with more
+than one, service/rebalance.py keeps their keep-alive connections evenly spread). Uploads
 are checked and decoded with vitrine.images, the code that built the evaluated arrays, then go
 through an adaptive micro-batcher (service/batching.py, which says why BentoML's own batching
 is not used, and why one process runs several forward passes at once rather than a process per
@@ -46,6 +47,7 @@ from service.core import (
     prepare_all,
     status_of,
 )
+from service.rebalance import KeepAliveRebalancer
 from service.runtime import load_onnx
 from service.settings import PackageInfo, read_package_info
 from service.uploads import read_form
@@ -71,6 +73,8 @@ async def _current_service() -> Any:
 # runs in its thread pool: a thread hop per request, 9% of the GIL's time at 32 concurrent
 # uploads (py-spy). The same lookup as a coroutine runs on the event loop.
 app.dependency_overrides[bentoml.get_current_service] = _current_service
+if INFO.serve.workers > 1 and INFO.serve.rebalance_every:
+    app.add_middleware(KeepAliveRebalancer, every=INFO.serve.rebalance_every)
 
 
 def error_response(err: Rejected) -> JSONResponse:

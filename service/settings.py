@@ -31,6 +31,10 @@ class ServeConfig:
     # a stored model packaged before it existed still loads (and runs one pass at a time) until
     # the next `dvc repro package` writes the current serve: block into it.
     concurrent_batches: int = 1
+    # With workers > 1: each worker ends one keep-alive connection in this many responses, so
+    # that clients reconnect to the least busy worker (service/rebalance.py); 0: never. A
+    # default for the same reason as concurrent_batches.
+    rebalance_every: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ a Bento only when it beats the model deployed now.
 Reads  <paths.evaluate_report> (evaluate: the winner, its test scores, the abstain threshold),
        <paths.model>/<winner>/best.ckpt and model.json (train), the prepared test photos, the
        evaluate: block (primary metric, value model, promote_margin) and serve: block of
-       params.yaml, dvc.lock (the prepared data's md5) and the git revision.
+       params.yaml (with the shipped candidate's serve.by_candidate entry over it), dvc.lock
+       (the prepared data's md5) and the git revision.
 Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> logits, checked
                                  against the eager one before anything is written;
        <paths.package>/model.onnx the Predictor after its resize, for ONNX Runtime (what the
@@ -20,8 +21,9 @@ store, $BENTOML_HOME, <repo>/.bentoml when unset) are scored on the same test ph
 the package folder goes to the store as <package.model_name>:<model_version> and, with
 package.build_bento, bentofile.yaml's Bento is built. Kept: <paths.package> gets the champion's
 files instead, so the DVC output is always the deployed model; its model.json takes the current
-serve: block (re-saved to the store under the same version when that changed), and the Bento is
-built again around it, since the service code or its settings may be what changed.
+serve: block for its candidate (re-saved to the store under the same version when that
+changed), and the Bento is built again around it, since the service code or its settings may
+be what changed.
 
 model_version hashes the weights, classes and sizes, so packaging the same model twice gives the
 same version (and makes it :latest again).
@@ -62,7 +64,7 @@ from service.settings import ServeConfig
 from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, predict_proba
 from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine import metrics
-from vitrine.config import load_params, load_paths, stage_config
+from vitrine.config import ConfigError, from_mapping, load_params, load_paths, stage_config
 from vitrine.models import AfterResize, ImageClassifier, Predictor
 from vitrine.promotion import Contender, decide, not_comparable, promotion_record
 
@@ -432,11 +434,27 @@ def challenge(
     return promotion_record(decision, challenger, champion, metric, margin, len(labels))
 
 
+def serve_settings(params: dict[str, Any], candidate: str) -> ServeConfig:
+    """The serve: block as `candidate` is served: its by_candidate entry over the shared keys.
+
+    Serving settings follow the network: a compute-bound one serves best from one process with a
+    fair queue, a small one from a process per core (README "Serving").
+    """
+    block = dict(params["serve"])
+    by_candidate = block.pop("by_candidate", None) or {}
+    unknown = sorted(set(by_candidate) - set(params["candidates"]))
+    if unknown:
+        raise ConfigError(f"serve.by_candidate: unknown candidate(s) {unknown}")
+    overrides = by_candidate.get(candidate) or {}
+    return from_mapping(ServeConfig, {**block, **overrides}, f"serve (for {candidate})")
+
+
 def keep_champion(champion_dir: Path, out_dir: Path, serve: ServeConfig) -> bool:
     """The champion's files into the package folder (the DVC output is the deployed model), its
-    model.json under the current serve: block: serving limits are deployment settings, and a
-    change to them must reach the deployed model even when no new model wins. Returns whether
-    the block changed, i.e. whether the stored champion must be saved again."""
+    model.json under `serve` (the current serve: block for its candidate): serving limits are
+    deployment settings, and a change to them must reach the deployed model even when no new
+    model wins. Returns whether the block changed, i.e. whether the stored champion must be
+    saved again."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -464,9 +482,9 @@ def main() -> None:
     os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.environ[MODEL_NAME_ENV] = cfg.model_name  # read by the service when the Bento is built
-    serve = stage_config(ServeConfig, "serve", params)
     card = provenance(params, paths.prepared, Path.cwd())
     winner = json.loads(paths.evaluate_report.read_text())["winner"]
+    serve = serve_settings(params, winner)
     info = export_package(paths.model / winner, paths.evaluate_report, paths.package, serve, card)
     champion = champion_folder(cfg.model_name)
     promotion = challenge(paths.package, champion, paths.prepared, evaluation)
@@ -474,9 +492,11 @@ def main() -> None:
     if promotion["promoted"]:
         tag = save_to_store(paths.package, cfg.model_name)
         print(f"package: saved model {tag} ({info['model']}, {len(info['classes'])} classes)")
-    elif keep_champion(champion, paths.package, serve):
-        tag = save_to_store(paths.package, cfg.model_name)  # the same version, replaced
-        print(f"package: saved model {tag} again under the current serve: settings")
+    else:  # a champion is kept: there was one
+        kept = serve_settings(params, describe(champion).candidate)
+        if keep_champion(champion, paths.package, kept):
+            tag = save_to_store(paths.package, cfg.model_name)  # the same version, replaced
+            print(f"package: saved model {tag} again under the current serve: settings")
     if cfg.build_bento:  # also when kept: the service code may be what changed
         print(f"package: built Bento {build_bento(BENTOFILE, Path.cwd())}")
     paths.promotion.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from bentoml._internal.models import ModelStore
 from PIL import Image
 
 from service.runtime import load_onnx
-from service.settings import ServeConfig, read_package_info
+from service.settings import read_package_info
 from stages.package import (
     ONNX_PARITY_ATOL,
     PackageConfig,
@@ -30,6 +30,7 @@ from stages.package import (
     read_trained,
     save_to_store,
     script_predictor,
+    serve_settings,
 )
 from tests.test_evaluate import (
     brightness_classifier,
@@ -37,7 +38,7 @@ from tests.test_evaluate import (
     write_checkpoint,
     write_prepared,
 )
-from vitrine.config import load_params, stage_config
+from vitrine.config import ConfigError, load_params, stage_config
 from vitrine.images import load_square
 from vitrine.models import ImageClassifier
 
@@ -52,7 +53,7 @@ REPORT = {
     "winner": "cnn64",
     "test": {**METRICS, "per_class": {"laptop": {"f1": 0.8}}, "taxonomy": {"levels": []}},
 }
-SERVE = stage_config(ServeConfig, "serve", load_params(REPO / "params.yaml"))
+SERVE = serve_settings(load_params(REPO / "params.yaml"), "cnn64")
 CARD = {"params": {"train": {"model": "cnn64"}}, "data": {"path": "p", "md5": "abc.dir"}}
 
 
@@ -93,6 +94,34 @@ def test_config_fields_are_the_params_block() -> None:
     cfg = stage_config(PackageConfig, "package", load_params(REPO / "params.yaml"))
     assert isinstance(cfg.model_name, str) and cfg.model_name
     assert isinstance(cfg.build_bento, bool)
+
+
+def serve_params(by_candidate: dict) -> dict:
+    params = load_params(REPO / "params.yaml")
+    return {**params, "serve": {**params["serve"], "by_candidate": by_candidate}}
+
+
+def test_a_candidate_is_served_with_its_own_entry_over_the_shared_serve_block() -> None:
+    params = serve_params({"cnn64": {"workers": 3, "max_batch_size": 16}})
+    own, shared = serve_settings(params, "cnn64"), serve_settings(params, "effnet_probe")
+    assert (own.workers, own.max_batch_size) == (3, 16)
+    assert (shared.workers, shared.max_batch_size) == (
+        params["serve"]["workers"],
+        params["serve"]["max_batch_size"],
+    )
+    assert own.max_upload_bytes == shared.max_upload_bytes == params["serve"]["max_upload_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("by_candidate", "message"),
+    [
+        ({"cnn65": {"workers": 2}}, "unknown candidate"),
+        ({"cnn64": {"wrokers": 2}}, "unknown key"),
+    ],
+)
+def test_a_misspelt_serve_override_is_an_error(by_candidate: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        serve_settings(serve_params(by_candidate), "cnn64")
 
 
 def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]) -> None:

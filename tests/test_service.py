@@ -1,8 +1,8 @@
 """The service: its pure parts in-process, then the real BentoML server on loopback.
 
 The server (`bentoml serve service.service:Classifier`, as `make serve` runs it) serves a tiny
-untrained model packaged by the package stage with small serve limits, and gets real photos
-from the bundled Avito archive.
+untrained model packaged by the package stage with small serve limits, from two worker
+processes, and gets real photos from the bundled Avito archive.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from PIL import Image
 from service import MODEL_NAME_ENV
 from service.batching import MicroBatcher
 from service.core import INLINE_DECODE_PIXELS, cheap_to_decode, check_answer, classify_answer
+from service.rebalance import KeepAliveRebalancer
 from service.settings import PackageInfo, ServeConfig
 from stages.package import export_package, save_to_store
 from vitrine.images import load_square
@@ -58,9 +59,10 @@ SERVE = ServeConfig(
     max_batch_bytes=2_000_000,
     max_batch_size=8,
     max_batch_wait_ms=2.0,
-    workers=1,
+    workers=2,  # two processes, as a small model is served: every test also crosses both
     torch_threads=1,
     concurrent_batches=2,
+    rebalance_every=4,
 )
 
 
@@ -315,6 +317,34 @@ def test_batcher_hands_the_model_error_to_every_caller() -> None:
     assert [str(r) for r in asyncio.run(scenario())] == ["model broke"] * 3
 
 
+def closing_responses(every: int, requests: int) -> list[bool]:
+    """Whether each of `requests` responses through KeepAliveRebalancer asks to close."""
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x", b"1")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def scenario() -> list[bool]:
+        middleware, closing = KeepAliveRebalancer(app, every), []
+        for _ in range(requests):
+            sent: list[dict] = []
+
+            async def send(message: dict, sent: list[dict] = sent) -> None:
+                sent.append(message)
+
+            await middleware({"type": "http"}, None, send)
+            assert sent[0]["headers"][0] == (b"x", b"1") and sent[1]["body"] == b"{}"
+            closing.append((b"connection", b"close") in sent[0]["headers"])
+        return closing
+
+    return asyncio.run(scenario())
+
+
+def test_rebalancer_closes_every_nth_connection_and_leaves_the_rest_alone() -> None:
+    assert closing_responses(every=3, requests=9) == [False, False, True] * 3
+    assert closing_responses(every=1, requests=2) == [True, True]
+
+
 # --- The real server ----------------------------------------------------------------------------
 
 
@@ -495,6 +525,18 @@ def test_server_stays_up_and_ready_after_hostile_input(server: Server) -> None:
     for path in ("readyz", "livez", "metrics"):
         assert httpx.get(f"{server.url}/{path}", timeout=5).status_code == 200
     assert classify(server, phone_photo()).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_keep_alive_connection_is_closed_within_every_rebalance_interval(server: Server) -> None:
+    # Each worker counts its own responses; a connection it closes reopens on either worker.
+    # Either way, no SERVE.rebalance_every responses in a row can all keep the connection.
+    photo, every = phone_photo(), SERVE.rebalance_every
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answers = [client.post("/classify", files=[image_part(photo)]) for _ in range(3 * every)]
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    closing = [a.headers.get("connection") == "close" for a in answers]
+    assert all(any(closing[i : i + every]) for i in range(len(closing) - every + 1)), closing
 
 
 @pytest.mark.slow
