@@ -227,7 +227,10 @@ def packaged(folder: Path, scratch: Path) -> Path:
 def bench_model(
     folder: Path, photos: list[bytes], requests: int, servers: list[str], scratch: Path
 ) -> None:
-    model = json.loads((folder / MODEL_INFO_FILE).read_text())["model_version"]
+    info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    model, serve = info["model_version"], info["serve"]
+    settings = ("workers", "max_batch_size", "concurrent_batches", "rebalance_every")
+    print(f"# {model} bento: " + ", ".join(f"{k} {serve.get(k)}" for k in settings), flush=True)
     for server in servers:
         port = free_port()
         log = scratch / f"{model}-{server}.log"
