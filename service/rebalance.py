@@ -9,7 +9,7 @@ cnn64.
 So each worker ends one connection in `every` responses (`Connection: close`, which HTTP
 clients and pools handle by reconnecting). The reconnection goes to whichever worker's event
 loop gets to accept() first, which is mostly the less busy one: connections drift from the
-loaded worker to the idle one until both are equally busy (0.85 and 0.86 cores, 840-950 req/s).
+loaded worker to the idle one until both are equally busy (0.78-0.95 cores each, 700-990 req/s).
 This is what nginx's keepalive_requests and Envoy's max_requests_per_connection are for.
 """
 
