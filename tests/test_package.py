@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
@@ -258,7 +259,11 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__py*"))
     for name in ("params.yaml", "bentofile.yaml"):
         shutil.copy(REPO / name, tmp_path)
-    paths = load_params(tmp_path / "params.yaml")["paths"]
+    params = load_params(tmp_path / "params.yaml")
+    params["candidates"]["bright"] = params["candidates"]["cnn64"]
+    params["serve"]["by_candidate"] = {"bright": {"workers": 3}}  # its own, kept or promoted
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paths = params["paths"]
     write_prepared(tmp_path / paths["prepared"])  # 32 px dark laptops and bright phones
     models = tmp_path / paths["model"]
     write_checkpoint(brightness_classifier(), models / "bright")  # right on every test photo
@@ -279,6 +284,7 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     assert first["challenger"]["candidate"] == "bright" and first["challenger"]["score"] == 1.0
     info = json.loads((package / "model.json").read_text())
     assert info["candidate"] == "bright" and info["abstain_threshold"] == 0.6
+    assert info["serve"]["workers"] == 3
     bentos = sorted((home / "bentos" / "vitrine").glob("*/bento.yaml"))
     model_name = load_params(tmp_path / "params.yaml")["package"]["model_name"]
     assert len(bentos) == 1 and f"{model_name}:{info['model_version']}" in bentos[0].read_text()
@@ -294,7 +300,7 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     assert second["challenger"]["score"] < second["champion"]["score"]
     # The package folder is still the deployed model and the store holds no new model; the
     # Bento is built again around the champion (the service code may be what changed).
-    assert {name: (package / name).read_bytes() for name in deployed} == deployed
+    assert {name: (package / name).read_bytes() for name in deployed} == deployed  # workers 3
     rebuilt = sorted(set((home / "bentos" / "vitrine").glob("*/bento.yaml")) - set(bentos))
     assert len(rebuilt) == 1
     assert f"{model_name}:{info['model_version']}" in rebuilt[0].read_text()
