@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from service.settings import PackageInfo
-from vitrine.images import Rejected, _open, load_checked_square
+from vitrine.images import Rejected, checked_square, open_capped
 
 # Reason code -> HTTP status; any other reason (vitrine.images' codes) is a 422.
 STATUS = {
@@ -27,6 +28,7 @@ UNPROCESSABLE = 422
 # Photos up to this many pixels decode on the event loop (service.service.Classifier._prepare):
 # a JPEG decodes at reduced DCT scale to about the 128 px square, so even 500x500 takes ~1 ms.
 INLINE_DECODE_PIXELS = 250_000
+Upload = Image.Image | Rejected  # an upload opened from its header, or why it was refused
 
 
 class UnknownCategory(Rejected):
@@ -48,39 +50,50 @@ def error_body(err: Rejected) -> dict[str, Any]:
     return body
 
 
-def prepare_image(data: bytes, info: PackageInfo) -> np.ndarray:
-    """Upload bytes -> the (size, size, 3) uint8 array the model takes; Rejected otherwise.
-
-    The header is checked first, so a decompression bomb is refused before it is decoded.
-    """
+def open_upload(data: bytes, info: PackageInfo) -> Image.Image:
+    """Upload bytes -> the opened image, judged from its size and header alone (nothing is
+    decoded yet, so a decompression bomb is refused here); Rejected otherwise."""
     serve = info.serve
     if len(data) > serve.max_upload_bytes:
         raise Rejected("too_large", f"image of {len(data)} bytes exceeds {serve.max_upload_bytes}")
     try:
-        # The same pixels as load_square, which prepare used for the evaluated arrays.
-        return load_checked_square(
-            data, info.image_size, min_side=serve.min_side, max_pixels=serve.max_pixels
-        )
+        return open_capped(data, serve.max_pixels)
     except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of failing on a bad file
         raise Rejected("undecodable", str(err)) from None
 
 
-def cheap_to_decode(data: bytes) -> bool:
-    """Is this upload quick to prepare? From its header alone: at most INLINE_DECODE_PIXELS, or
-    not an image at all (prepare_image then refuses it without decoding)."""
-    try:
-        width, height = _open(data).size
-    except (Rejected, OSError, SyntaxError, ValueError):  # nothing PIL could decode either
-        return True
-    return width * height <= INLINE_DECODE_PIXELS
-
-
-def prepare_all(images: Sequence[bytes], info: PackageInfo) -> list[np.ndarray | Rejected]:
-    """prepare_image for each upload, a bad one giving its Rejected in its place."""
-    prepared: list[np.ndarray | Rejected] = []
+def open_all(images: Sequence[bytes], info: PackageInfo) -> list[Upload]:
+    """open_upload for each upload, a bad one giving its Rejected in its place."""
+    opened: list[Upload] = []
     for data in images:
         try:
-            prepared.append(prepare_image(data, info))
+            opened.append(open_upload(data, info))
+        except Rejected as err:
+            opened.append(err)
+    return opened
+
+
+def cheap_to_decode(upload: Upload) -> bool:
+    """Is this upload quick to prepare? At most INLINE_DECODE_PIXELS, or already refused."""
+    return isinstance(upload, Rejected) or upload.width * upload.height <= INLINE_DECODE_PIXELS
+
+
+def prepare_image(img: Image.Image, info: PackageInfo) -> np.ndarray:
+    """An opened upload -> the (size, size, 3) uint8 array the model takes; Rejected otherwise.
+    The same pixels as load_square, which prepare used for the evaluated arrays."""
+    try:
+        return checked_square(img, info.image_size, min_side=info.serve.min_side)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise Rejected("undecodable", str(err)) from None
+
+
+def prepare_all(uploads: Sequence[Upload], info: PackageInfo) -> list[np.ndarray | Rejected]:
+    """prepare_image for each opened upload; a refused one keeps its Rejected, and one that
+    fails to decode gets its own."""
+    prepared: list[np.ndarray | Rejected] = []
+    for upload in uploads:
+        try:
+            prepared.append(upload if isinstance(upload, Rejected) else prepare_image(upload, info))
         except Rejected as err:
             prepared.append(err)
     return prepared

@@ -44,6 +44,7 @@ from service.core import (
     classify_answer,
     declared_category,
     error_body,
+    open_all,
     prepare_all,
     status_of,
 )
@@ -133,9 +134,12 @@ class Classifier:
         # uploads (the p99's largest share after the model queue). Larger ones go to worker
         # threads, a few at a time: with a thread per request, 32 concurrent decodes of big
         # photos would starve the forward passes of CPU.
-        if all(cheap_to_decode(data) for data in images):
-            return prepare_all(images, self.info)
-        return await anyio.to_thread.run_sync(prepare_all, images, self.info, limiter=self.decoders)
+        uploads = open_all(images, self.info)  # headers only: sizes checked, bombs refused
+        if all(cheap_to_decode(upload) for upload in uploads):
+            return prepare_all(uploads, self.info)
+        return await anyio.to_thread.run_sync(
+            prepare_all, uploads, self.info, limiter=self.decoders
+        )
 
     async def _classify(self, data: bytes) -> dict[str, Any]:
         [pixels] = await self._prepare((data,))

@@ -34,11 +34,18 @@ from PIL import Image
 
 from service import MODEL_NAME_ENV
 from service.batching import MicroBatcher
-from service.core import INLINE_DECODE_PIXELS, cheap_to_decode, check_answer, classify_answer
+from service.core import (
+    INLINE_DECODE_PIXELS,
+    cheap_to_decode,
+    check_answer,
+    classify_answer,
+    open_all,
+    prepare_all,
+)
 from service.rebalance import KeepAliveRebalancer
 from service.settings import PackageInfo, ServeConfig
 from stages.package import export_package, save_to_store
-from vitrine.images import load_square
+from vitrine.images import Rejected, load_square
 from vitrine.models import ImageClassifier
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -246,14 +253,33 @@ def jpeg(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-def test_only_small_or_unreadable_uploads_are_cheap_to_decode() -> None:
+def test_only_small_or_refused_uploads_are_cheap_to_decode() -> None:
     side = int(INLINE_DECODE_PIXELS**0.5)
-    assert cheap_to_decode(jpeg(120, 90))
-    assert cheap_to_decode(jpeg(side, side))
-    assert not cheap_to_decode(jpeg(side + 1, side + 1))
-    assert cheap_to_decode(jpeg(4000, 30))  # decided by pixels, not by the longer side
-    assert cheap_to_decode(b"<html>not a photo</html>")  # refused before any decoding
-    assert cheap_to_decode(b"")
+    photos = [jpeg(120, 90), jpeg(side, side), jpeg(side + 1, side + 1), jpeg(4000, 30)]
+    refused = [b"<html>not a photo</html>", b""]  # refused from their headers, never decoded
+    opened = open_all(photos + refused, package_info(0.5))
+    # Decided by pixels, not by the longer side (4000x30).
+    assert [cheap_to_decode(upload) for upload in opened] == [True, True, False, True, True, True]
+
+
+def test_uploads_are_judged_from_their_headers_then_decoded_once() -> None:
+    info = package_info(0.5)
+    photo = jpeg(120, 90)
+    uploads = [
+        photo,
+        b"<html></html>",
+        jpeg(2100, 2000),  # over SERVE.max_pixels
+        b"\xff" * (SERVE.max_upload_bytes + 1),
+        truncated_jpeg(),  # a sound header: only the decode finds it cut short
+        jpeg(200, 20),
+    ]
+    opened = open_all(uploads, info)
+    refused_unread = [o.code for o in opened if isinstance(o, Rejected)]
+    assert refused_unread == ["not_an_image", "too_many_pixels", "too_large"]
+    prepared = prepare_all(opened, info)
+    np.testing.assert_array_equal(prepared[0], load_square(photo, info.image_size))
+    codes = [p.code for p in prepared[1:]]
+    assert codes == ["not_an_image", "too_many_pixels", "too_large", "truncated", "too_small"]
 
 
 def test_batcher_groups_concurrent_calls_and_keeps_them_apart() -> None:

@@ -53,7 +53,8 @@ def _open(data: bytes) -> Image.Image:
         raise Rejected("not_an_image", _describe_non_image(data)) from None
 
 
-def _open_capped(data: bytes, max_pixels: int) -> Image.Image:
+def open_capped(data: bytes, max_pixels: int) -> Image.Image:
+    """Open `data` (header only, nothing decoded) and refuse more than `max_pixels` pixels."""
     img = _open(data)
     w, h = img.size  # from the header; PNG's getexif() would decode every pixel
     if w * h > max_pixels:
@@ -84,7 +85,7 @@ def inspect_image(data: bytes, *, min_side: int, max_pixels: int) -> ImageInfo:
     The pixel cap is applied from the header alone, so a decompression bomb is refused before a
     single pixel is decoded.
     """
-    img = _open_capped(data, max_pixels)
+    img = open_capped(data, max_pixels)
     w, h = _load_checked(img, img.size, min_side)
     return ImageInfo(width=w, height=h, format=(img.format or "unknown").upper())
 
@@ -139,10 +140,10 @@ def load_square(data: bytes, size: int) -> np.ndarray:
     return resize_square(decode_rgb(data, draft_size=size), size)
 
 
-def load_checked_square(data: bytes, size: int, *, min_side: int, max_pixels: int) -> np.ndarray:
-    """inspect_image's checks, then load_square's pixels, from a single decode: the service's
-    path for untrusted uploads (a bomb is still refused from its header)."""
-    img = _open_capped(data, max_pixels)
+def checked_square(img: Image.Image, size: int, *, min_side: int) -> np.ndarray:
+    """The rest of inspect_image's checks, then load_square's pixels, from a single decode of an
+    image open_capped returned: the service's path for untrusted uploads, which decides from the
+    opened header where to decode (a bomb was refused by open_capped)."""
     header_size = img.size
     _load_checked(_first_frame(img, size), header_size, min_side)
     return resize_square(_upright_rgb(img), size)

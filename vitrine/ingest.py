@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vitrine.hashing import HASH_SIDE, phash64, phash64_grays
-from vitrine.images import Rejected, _load_checked, _open_capped, _upright_rgb
+from vitrine.images import Rejected, _load_checked, _upright_rgb, open_capped
 
 K = TypeVar("K")
 
@@ -96,7 +96,7 @@ def _examine(data: bytes, config: IngestConfig) -> tuple[Image.Image, bytes, int
     """The upright RGB pixels (at reduced DCT scale when the outputs are small), sha256 digest,
     upright size and format of the original, and thumbnail; raises Rejected in inspect_image's
     order of checks."""
-    img = _open_capped(data, config.max_pixels)  # header only: no decoding before the bomb cap
+    img = open_capped(data, config.max_pixels)  # header only: no decoding before the bomb cap
     header_size = img.size
     img.seek(0)
     thumb_size = _thumb_dims(*header_size, config.thumb_size)  # EXIF rotation keeps the scale
