@@ -41,7 +41,7 @@ import psutil
 from PIL import Image
 
 from vitrine.hashing import HASH_SIDE
-from vitrine.images import _open, _upright_rgb
+from vitrine.images import _open, upright_rgb
 from vitrine.ingest import (
     ImageFacts,
     IngestConfig,
@@ -159,7 +159,7 @@ def steps(name: str, blobs: list[bytes], config: IngestConfig, repeat: int) -> N
             dct_scaled = img.size != header_size
             t.append(time.perf_counter_ns())
             img.getexif()
-            rgb = _upright_rgb(img)
+            rgb = upright_rgb(img)
             t.append(time.perf_counter_ns())
             small = rgb.resize(size, thumb_resample(rgb.size, size, dct_scaled))
             t.append(time.perf_counter_ns())

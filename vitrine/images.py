@@ -62,7 +62,7 @@ def open_capped(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
-def _load_checked(img: Image.Image, header_size: tuple[int, int], min_side: int) -> tuple[int, int]:
+def load_checked(img: Image.Image, header_size: tuple[int, int], min_side: int) -> tuple[int, int]:
     """Decode every pixel (at the draft scale, if one was set) and return the upright size of
     the original, given by `header_size` (draft() shrinks img.size to the decoded scale). The
     entropy decoder reads every byte at any DCT scale, so a truncated JPEG fails either way."""
@@ -86,7 +86,7 @@ def inspect_image(data: bytes, *, min_side: int, max_pixels: int) -> ImageInfo:
     single pixel is decoded.
     """
     img = open_capped(data, max_pixels)
-    w, h = _load_checked(img, img.size, min_side)
+    w, h = load_checked(img, img.size, min_side)
     return ImageInfo(width=w, height=h, format=(img.format or "unknown").upper())
 
 
@@ -103,11 +103,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _first_frame(img: Image.Image, draft_size: int | None) -> Image.Image:
+def first_frame(img: Image.Image, draft: tuple[int, int] | None) -> Image.Image:
+    """An opened image's first frame, to be decoded at the smallest JPEG DCT scale (1/2, 1/4 or
+    1/8) that still covers `draft` (width, height), when only a small image is needed."""
     img.seek(0)
-    if draft_size and img.format == "JPEG":
-        # Decode at 1/2, 1/4 or 1/8 DCT scale when only a small image is needed.
-        img.draft("RGB", (draft_size, draft_size))
+    if draft and img.format == "JPEG":
+        img.draft("RGB", draft)
     return img
 
 
@@ -116,10 +117,11 @@ def decode_rgb(data: bytes, *, draft_size: int | None = None) -> Image.Image:
 
     `draft_size` lets JPEG decoding run at a reduced DCT scale when only a small image is needed.
     """
-    return _upright_rgb(_first_frame(_open(data), draft_size))
+    draft = (draft_size, draft_size) if draft_size else None
+    return upright_rgb(first_frame(_open(data), draft))
 
 
-def _upright_rgb(img: Image.Image) -> Image.Image:
+def upright_rgb(img: Image.Image) -> Image.Image:
     """Decode an opened image, apply its EXIF orientation, then the RGB rules of _to_rgb."""
     img.load()
     # exif_transpose and convert("RGB") each copy every pixel even when there is nothing to
@@ -145,5 +147,5 @@ def checked_square(img: Image.Image, size: int, *, min_side: int) -> np.ndarray:
     image open_capped returned: the service's path for untrusted uploads, which decides from the
     opened header where to decode (a bomb was refused by open_capped)."""
     header_size = img.size
-    _load_checked(_first_frame(img, size), header_size, min_side)
-    return resize_square(_upright_rgb(img), size)
+    load_checked(first_frame(img, (size, size)), header_size, min_side)
+    return resize_square(upright_rgb(img), size)

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vitrine.hashing import HASH_SIDE, phash64, phash64_grays
-from vitrine.images import Rejected, _load_checked, _upright_rgb, open_capped
+from vitrine.images import Rejected, first_frame, load_checked, open_capped, upright_rgb
 
 K = TypeVar("K")
 
@@ -98,12 +98,10 @@ def _examine(data: bytes, config: IngestConfig) -> tuple[Image.Image, bytes, int
     order of checks."""
     img = open_capped(data, config.max_pixels)  # header only: no decoding before the bomb cap
     header_size = img.size
-    img.seek(0)
     thumb_size = _thumb_dims(*header_size, config.thumb_size)  # EXIF rotation keeps the scale
-    if img.format == "JPEG":
-        # Decode at 1/2, 1/4 or 1/8 scale when the thumbnail and the 32x32 hash input allow.
-        img.draft("RGB", (max(thumb_size[0], HASH_SIDE), max(thumb_size[1], HASH_SIDE)))
-    width, height = _load_checked(img, header_size, config.min_side)
+    # As small a decode as the thumbnail and the 32x32 hash input allow.
+    first_frame(img, (max(thumb_size[0], HASH_SIDE), max(thumb_size[1], HASH_SIDE)))
+    width, height = load_checked(img, header_size, config.min_side)
     if (width, height) != header_size:  # turned by its EXIF orientation
         thumb_size = thumb_size[::-1]
     fmt = (img.format or "unknown").upper()
@@ -118,7 +116,7 @@ def _examine(data: bytes, config: IngestConfig) -> tuple[Image.Image, bytes, int
     )
     dct_scaled = img.size != header_size  # draft() decoded it at 1/2, 1/4 or 1/8 scale
     # The rest of vitrine.images.decode_rgb's path: EXIF orientation, then the RGB rules.
-    rgb = _upright_rgb(img)
+    rgb = upright_rgb(img)
     thumb = data if as_is else _encode_thumbnail(rgb, thumb_size, config.thumb_quality, dct_scaled)
     return rgb, hashlib.sha256(data).digest(), width, height, fmt, thumb
 
