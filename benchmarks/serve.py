@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from service import MODEL_INFO_FILE, MODEL_NAME_ENV, ONNX_MODEL_FILE, SCRIPTED_MODEL_FILE  # noqa: E402
 from service.runtime import load_onnx  # noqa: E402
+from stages.evaluate import check_config, load_config  # noqa: E402
 from stages.package import export_package, save_to_store, serve_settings  # noqa: E402
 from vitrine.config import load_params, load_paths  # noqa: E402
 
@@ -220,7 +221,8 @@ def packaged(folder: Path, scratch: Path) -> Path:
     out = scratch / f"{folder.name}-package"
     card = {"params": {}, "data": {"path": "", "md5": "benchmark"}, "git_revision": "benchmark"}
     report = load_paths(params).evaluate_report
-    export_package(folder, report, out, serve_settings(params, folder.name), card)
+    gain = check_config(load_config(params)).decision_gain()
+    export_package(folder, report, out, serve_settings(params, folder.name), card, gain)
     return out
 
 

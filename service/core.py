@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from service.settings import PackageInfo
+from vitrine.decisions import decide
 from vitrine.images import Rejected, checked_square, open_capped
 
 # Reason code -> HTTP status; any other reason (vitrine.images' codes) is a 422.
@@ -100,9 +101,10 @@ def prepare_all(uploads: Sequence[Upload], info: PackageInfo) -> list[np.ndarray
 
 
 def classify_answer(probabilities: Sequence[float], info: PackageInfo) -> dict[str, Any]:
-    """The /classify answer for one image's class probabilities (in info.classes order)."""
+    """The /classify answer for one image's class probabilities (in info.classes order): the
+    class evaluate's decision rule answers, and its probability as the confidence."""
     values = [float(p) for p in probabilities]
-    best = max(range(len(values)), key=values.__getitem__)
+    best = int(decide(np.array([values]), info.decision_gain)[0])
     return {
         "label": info.classes[best],
         "confidence": values[best],

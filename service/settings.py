@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from service import MODEL_INFO_FILE
 from vitrine.config import from_mapping
 
@@ -45,11 +47,15 @@ class PackageInfo:
     version: str
     abstain_threshold: float  # answers below this confidence abstain (0.0: never)
     serve: ServeConfig
+    # vitrine.decisions.decide's gain matrix, as evaluate scored the model; None: the most
+    # probable class (also for models packaged before decisions existed, as they were scored).
+    decision_gain: np.ndarray | None = None
 
 
 def read_package_info(folder: Path) -> PackageInfo:
     """model.json of a packaged model folder (the DVC output or the stored BentoML model)."""
     info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    gain = info.get("decision_gain")
     return PackageInfo(
         classes=tuple(str(c) for c in info["classes"]),
         image_size=int(info["image_size"]),
@@ -57,4 +63,5 @@ def read_package_info(folder: Path) -> PackageInfo:
         version=str(info["model_version"]),
         abstain_threshold=float(info["abstain_threshold"]),
         serve=from_mapping(ServeConfig, info["serve"], "model.json serve"),
+        decision_gain=None if gain is None else np.array(gain, dtype=np.float64),
     )

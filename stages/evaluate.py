@@ -32,6 +32,7 @@ from stages.train import CHECKPOINT
 from vitrine import metrics
 from vitrine.config import Paths, load_params, load_paths, stage_config
 from vitrine.data import load_split, prepared_manifest_path
+from vitrine.decisions import chosen
 from vitrine.evaluation_report import TABLE_COLUMNS, render_report
 from vitrine.models import ImageClassifier, Predictor
 
@@ -46,6 +47,7 @@ class EvaluateConfig:
     cost_matrix: tuple[tuple[str, str, float], ...]  # [actual, predicted, cost] exceptions
     default_mistake_cost: float  # what any other wrong prediction costs
     review_cost: float  # what one human review of an abstained photo costs
+    decision: str  # argmax | expected_value: how probabilities become an answer
     top_k: int
     calibration_bins: int
     promote_margin: float  # package: how much better than the champion a challenger must be
@@ -94,6 +96,7 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
         config.cost_matrix,
         config.default_mistake_cost,
         config.review_cost,
+        config.decision,
     )
     metrics.check_taxonomy(config.classes, config.taxonomy)
     names = metrics.score_names(len(config.classes), config.top_k)
@@ -160,14 +163,14 @@ def abstain_summary(
 ) -> dict[str, Any]:
     """The threshold fitted on val, and what it does on test."""
     threshold, val_ev = metrics.best_abstain_threshold(y_val, p_val, values)
-    abstained = p_test.max(axis=1) < threshold
-    y_pred = p_test.argmax(axis=1)
+    y_pred = values.decide(p_test)
+    abstained = chosen(p_test, y_pred) < threshold
     decided = ~abstained
     return {
         "threshold": threshold,
         "review_cost": values.review_cost,
         "val_expected_value_per_1000": val_ev,
-        "val_abstain_rate": float((p_val.max(axis=1) < threshold).mean()),
+        "val_abstain_rate": float((chosen(p_val, values.decide(p_val)) < threshold).mean()),
         "test_expected_value_per_1000": metrics.expected_value_per_1000(
             y_test, y_pred, values.gain(), abstained, values.review_gain()
         ),
@@ -232,9 +235,9 @@ def predictions_table(
     rows = manifest[manifest["split"] == "test"].sort_values("index").reset_index(drop=True)
     table = rows[["id", "source", "label", "index"]].copy()
     y_true = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    y_pred = proba.argmax(axis=1)
+    y_pred = values.decide(proba)
     table["predicted"] = [classes[i] for i in y_pred]
-    table["confidence"] = proba.max(axis=1)
+    table["confidence"] = chosen(proba, y_pred)
     table["gain"] = values.gain()[y_true, y_pred]
     table["abstained"] = table["confidence"] < threshold
     for i, c in enumerate(classes):

@@ -256,9 +256,10 @@ def package_info(
     report: dict[str, Any],
     serve: ServeConfig,
     card: dict[str, Any],
+    decision_gain: np.ndarray | None,
 ) -> dict[str, Any]:
     """model.json of the package: everything the service needs besides the weights."""
-    return {
+    info = {
         "model": trained.model,
         "candidate": candidate,
         "classes": list(trained.classes),
@@ -270,6 +271,11 @@ def package_info(
         "serve": dataclasses.asdict(serve),
         "card": card,
     }
+    if decision_gain is not None:  # else the most probable class (BentoML metadata has no null)
+        # How the service turns probabilities into an answer, as evaluate scored it:
+        # vitrine.decisions.decide's gain matrix, rows and columns in the classes' order.
+        info["decision_gain"] = decision_gain.tolist()
+    return info
 
 
 def model_card(info: dict[str, Any]) -> str:
@@ -320,11 +326,13 @@ def export_package(
     out_dir: Path,
     serve: ServeConfig,
     card: dict[str, Any],
+    decision_gain: np.ndarray | None,
 ) -> dict[str, Any]:
     """Checkpoint -> <out_dir>/model.pt, model.onnx, model.json, model_card.md; returns
     model.json's content.
 
-    model_dir is <paths.model>/<candidate>: its name is the candidate's.
+    model_dir is <paths.model>/<candidate>: its name is the candidate's. decision_gain: the
+    value model's ValueModel.decision_gain(), which the service decides with.
     """
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
@@ -333,7 +341,7 @@ def export_package(
     onnx_bytes = export_onnx(predictor, trained.image_size)
     report = json.loads(evaluate_report.read_text())
     version = model_version(predictor, trained)
-    info = package_info(trained, model_dir.name, version, report, serve, card)
+    info = package_info(trained, model_dir.name, version, report, serve, card, decision_gain)
     write_package(out_dir, model_bytes, onnx_bytes, info)
     return info
 
@@ -485,7 +493,10 @@ def main() -> None:
     card = provenance(params, paths.prepared, Path.cwd())
     winner = json.loads(paths.evaluate_report.read_text())["winner"]
     serve = serve_settings(params, winner)
-    info = export_package(paths.model / winner, paths.evaluate_report, paths.package, serve, card)
+    gain = check_config(evaluation).decision_gain()
+    info = export_package(
+        paths.model / winner, paths.evaluate_report, paths.package, serve, card, gain
+    )
     champion = champion_folder(cfg.model_name)
     promotion = challenge(paths.package, champion, paths.prepared, evaluation)
     print(f"package: {'promoted' if promotion['promoted'] else 'kept'}: {promotion['reason']}")

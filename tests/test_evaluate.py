@@ -25,6 +25,7 @@ from stages.evaluate import (
     evaluate,
     load_config,
     predict_proba,
+    predictions_table,
     rank_candidates,
     write_outputs,
 )
@@ -130,6 +131,7 @@ def config(**overrides) -> EvaluateConfig:
         "cost_matrix": (("phone", "laptop", 1.0),),
         "default_mistake_cost": 0.5,
         "review_cost": 0.3,
+        "decision": "argmax",
         "top_k": 2,
         "calibration_bins": 10,
         "promote_margin": 0.005,
@@ -193,6 +195,7 @@ def test_missing_business_value_csv_is_a_clear_error(tmp_path: Path) -> None:
         ({"primary_metric": "profit"}, "primary_metric 'profit' is not a score"),
         ({"primary_metric": "top5_accuracy"}, "is not a score"),  # 2 classes: top2_accuracy
         ({"calibration_bins": 0}, "calibration_bins must be at least 1"),
+        ({"decision": "mode"}, "evaluate.decision 'mode' is not one of"),
     ],
 )
 def test_bad_params_are_clear_errors(overrides: dict, message: str) -> None:
@@ -311,6 +314,20 @@ def test_predictions_table_lines_up_with_the_test_photos(prepared: Path, models:
     assert set(table["predicted"]) == {"laptop"}
     assert list(table["gain"]) == [1.0] * 6 + [-1.0] * 2
     assert np.allclose(table[["p_laptop", "p_phone"]].sum(axis=1), 1, atol=1e-6)
+
+
+def test_predictions_table_answers_by_expected_value(prepared: Path) -> None:
+    """p(phone) 0.4 everywhere: the likeliest class is laptop, but a phone is worth 1.5 and
+    missing one costs 1.0 against 0.5, so the expected-value answer is phone, at confidence 0.4."""
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    proba = np.tile([0.6, 0.4], (8, 1))
+    values = check_config(config(decision="expected_value"))
+    table = predictions_table(manifest, proba, values, threshold=0.5)
+    assert set(table["predicted"]) == {"phone"}
+    assert list(table["confidence"]) == [0.4] * 8 and table["abstained"].all()
+    assert list(table["gain"]) == [-0.5] * 6 + [1.5] * 2
+    likeliest = predictions_table(manifest, proba, check_config(config()), threshold=0.5)
+    assert set(likeliest["predicted"]) == {"laptop"} and not likeliest["abstained"].any()
 
 
 def test_unknown_labels_in_the_prepared_split_are_a_clear_error(prepared: Path, models: Path):

@@ -124,6 +124,52 @@ def test_abstaining_everything_when_the_model_is_always_wrong():
     assert ev == pytest.approx(500.0)
 
 
+# The bundled value model: phone worth 1.5, a missed phone costs 1.0, a false one 0.5.
+BY_VALUE = metrics.value_model(
+    ("laptop", "phone"),
+    {"laptop": 1.0, "phone": 1.5},
+    [("phone", "laptop", 1.0)],
+    0.5,
+    0.3,
+    "expected_value",
+)
+
+
+def test_expected_value_answers_phone_from_three_eighths():
+    # gain(phone) = 1.5 p - 0.5 (1 - p) > gain(laptop) = (1 - p) - p  <=>  p > 0.375
+    proba = np.array([[0.7, 0.3], [0.63, 0.37], [0.62, 0.38], [0.4, 0.6]])
+    assert BY_VALUE.decide(proba).tolist() == [0, 0, 1, 1]
+    assert VALUES.decide(proba).tolist() == [0, 0, 0, 1]  # decision "argmax": the likeliest
+
+
+def test_with_equal_values_and_costs_expected_value_is_the_likeliest_class():
+    classes = tuple("abcde")
+    values = metrics.value_model(
+        classes, dict.fromkeys(classes, 2.0), [], 1.0, 0.0, "expected_value"
+    )
+    proba = np.random.default_rng(0).dirichlet(np.ones(5), size=200)
+    assert (values.decide(proba) == proba.argmax(axis=1)).all()
+
+
+def test_scores_and_abstaining_follow_the_decision_rule():
+    proba = np.array([[0.62, 0.38], [0.62, 0.38], [0.9, 0.1]])
+    y_true = np.array([1, 0, 0])
+    s = metrics.scores(y_true, proba, BY_VALUE, 2, FLAT)
+    assert s["accuracy"] == pytest.approx(2 / 3)  # phone, phone, laptop answered
+    assert s["expected_value_per_1000"] == pytest.approx(1000 * (1.5 - 0.5 + 1.0) / 3)
+    # Confidence is the answered class's probability (0.38 for the two phones): reviewing
+    # them (1.2 and 0.7 at review cost 0.3) beats trusting (1.5 - 0.5), so the threshold
+    # falls between 0.38 and 0.9.
+    threshold, ev = metrics.best_abstain_threshold(y_true, proba, BY_VALUE)
+    assert threshold == pytest.approx((0.38 + 0.9) / 2)
+    assert ev == pytest.approx(1000 * (1.2 + 0.7 + 1.0) / 3)
+
+
+def test_an_unknown_decision_rule_is_refused():
+    with pytest.raises(ValueError, match=r"evaluate\.decision 'vote'"):
+        metrics.value_model(("a", "b"), {"a": 1.0, "b": 1.0}, [], 1.0, 0.0, "vote")
+
+
 TREE = ("Fruit/Apple/Granny", "Fruit/Apple/Gala", "Fruit/Pear/Conference", "Veg/Carrot/Carrot")
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from service.runtime import load_onnx
 from service.settings import read_package_info
+from stages.evaluate import check_config, load_config
 from stages.package import (
     ONNX_PARITY_ATOL,
     PackageConfig,
@@ -70,8 +71,9 @@ def write_report(path: Path, report: dict = REPORT) -> Path:
     return path
 
 
-def export(model_dir: Path, report: Path, out_dir: Path) -> dict:
-    return export_package(model_dir, report, out_dir, SERVE, {**CARD, "git_revision": "f00"})
+def export(model_dir: Path, report: Path, out_dir: Path, gain: np.ndarray | None = None) -> dict:
+    card = {**CARD, "git_revision": "f00"}
+    return export_package(model_dir, report, out_dir, SERVE, card, gain)
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (300, 200)) -> bytes:
@@ -138,6 +140,7 @@ def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]
     # What the service reads back: the serve limits and "never abstain" without an abstain key.
     served = read_package_info(out_dir)
     assert served.serve == SERVE and served.abstain_threshold == 0.0
+    assert "decision_gain" not in info and served.decision_gain is None  # the likeliest class
     assert served.classes == tuple(CLASSES) and served.version == info["model_version"]
 
 
@@ -147,6 +150,14 @@ def test_abstain_threshold_comes_from_the_evaluate_report(tmp_path: Path) -> Non
     info = export(tmp_path / "train", report, tmp_path / "package")
     assert info["abstain_threshold"] == 0.6
     assert read_package_info(tmp_path / "package").abstain_threshold == 0.6
+
+
+def test_the_decision_rule_travels_to_the_service(tmp_path: Path) -> None:
+    write_trained_model(tmp_path / "train")
+    gain = np.array([[1.0, -0.5], [-1.0, 1.5]])
+    info = export(tmp_path / "train", write_report(tmp_path / "e.json"), tmp_path / "pkg", gain)
+    assert info["decision_gain"] == gain.tolist()
+    np.testing.assert_array_equal(read_package_info(tmp_path / "pkg").decision_gain, gain)
 
 
 def test_model_card_records_metrics_params_data_and_code(
@@ -285,6 +296,8 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     info = json.loads((package / "model.json").read_text())
     assert info["candidate"] == "bright" and info["abstain_threshold"] == 0.6
     assert info["serve"]["workers"] == 3
+    # The decision rule evaluate scores with (params evaluate.decision: expected_value).
+    assert info["decision_gain"] == check_config(load_config(params)).gain().tolist()
     bentos = sorted((home / "bentos" / "vitrine").glob("*/bento.yaml"))
     model_name = load_params(tmp_path / "params.yaml")["package"]["model_name"]
     assert len(bentos) == 1 and f"{model_name}:{info['model_version']}" in bentos[0].read_text()

@@ -86,7 +86,7 @@ def packaged(tmp_path: Path) -> dict[str, Path]:
     for name, module in models.items():
         model_dir = write_checkpoint(module, tmp_path / "train" / name)
         folders[name] = tmp_path / "package" / name
-        export_package(model_dir, report, folders[name], SERVE, CARD)
+        export_package(model_dir, report, folders[name], SERVE, CARD, None)
     return folders
 
 

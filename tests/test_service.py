@@ -21,7 +21,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -45,6 +45,7 @@ from service.core import (
 from service.rebalance import KeepAliveRebalancer
 from service.settings import PackageInfo, ServeConfig
 from stages.package import export_package, save_to_store
+from vitrine.decisions import decide
 from vitrine.images import Rejected, load_square
 from vitrine.models import ImageClassifier
 
@@ -57,6 +58,9 @@ MODEL_NAME = "vitrine-test-classifier"
 START_TIMEOUT_S = 120
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
 CHROMIUM = Path("/usr/bin/chromium")
+# The served model's decision rule (vitrine.decisions): a phone photo earns 3, any mistake costs
+# 1, so a photo is answered "phone" from p(phone) = 1/3 on, not from 1/2.
+DECISION_GAIN = np.array([[1.0, -1.0], [-1.0, 3.0]])
 # Small limits, so that the hostile cases stay cheap (and prove the limits come from params).
 SERVE = ServeConfig(
     max_upload_bytes=1_000_000,
@@ -103,7 +107,7 @@ def package_tiny_model(root: Path) -> Path:
     (train / "model.json").write_text(json.dumps(info))
     (root / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "n_test": 2}))
     card = {"params": {}, "data": {"path": "data/prepared", "md5": "unknown"}, "git_revision": "t"}
-    export_package(train, root / "evaluate.json", root / "package", SERVE, card)
+    export_package(train, root / "evaluate.json", root / "package", SERVE, card, DECISION_GAIN)
     models = root / "home" / "models"
     models.mkdir(parents=True)
     save_to_store(root / "package", MODEL_NAME, store=ModelStore(models))
@@ -228,6 +232,14 @@ def truncated_jpeg() -> bytes:
 
 def package_info(threshold: float) -> PackageInfo:
     return PackageInfo(("laptop", "phone"), 128, 64, "cnn64-x", threshold, SERVE)
+
+
+def test_answers_follow_the_packaged_decision_rule() -> None:
+    likeliest = classify_answer([0.6, 0.4], package_info(0.0))
+    decided = classify_answer([0.6, 0.4], replace(package_info(0.0), decision_gain=DECISION_GAIN))
+    assert likeliest["label"] == "laptop" and likeliest["confidence"] == 0.6
+    assert decided["label"] == "phone" and decided["confidence"] == 0.4
+    assert decided["probabilities"] == {"laptop": 0.6, "phone": 0.4}
 
 
 def test_answers_abstain_below_the_threshold() -> None:
@@ -388,9 +400,11 @@ def classify(server: Server, data: bytes, field: str = "image") -> httpx.Respons
 
 @pytest.mark.slow
 def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
-    """Served probabilities equal evaluate's (load_square -> exported model -> softmax)."""
+    """Served probabilities equal evaluate's (load_square -> exported model -> softmax), and so
+    do the answers (evaluate's decision rule, not the most probable class)."""
     info = json.loads((server.package / "model.json").read_text())
     photos = sample_photos()
+    labels = []
     batch = post(server, "classify_batch", [image_part(p) for p in photos])
     assert batch.status_code == 200, batch.text
     for photo, batched in zip(photos, batch.json()["results"], strict=True):
@@ -399,12 +413,17 @@ def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
         assert body["model_version"] == info["model_version"]
         probabilities = body["probabilities"]
         assert list(probabilities) == CLASSES
-        assert body["label"] == max(probabilities, key=probabilities.get)
+        decided = decide(np.array([list(probabilities.values())]), DECISION_GAIN)[0]
+        assert body["label"] == CLASSES[decided]
         assert body["confidence"] == probabilities[body["label"]]
+        labels.append((body["label"], max(probabilities, key=probabilities.get)))
         assert body["abstain"] is False  # the report has no abstain threshold: never abstain
         expected = in_process_probabilities(server.package, photo)
         assert list(probabilities.values()) == pytest.approx(expected, abs=1e-5)
         assert list(batched["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+        assert batched["label"] == body["label"]
+    # The photos include some the two rules answer differently, so the rule was exercised.
+    assert any(decided != likeliest for decided, likeliest in labels)
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
+from vitrine.decisions import DECISIONS, chosen, decide
+
 # Confidence threshold that sends every photo to review: above any softmax probability.
 REVIEW_ALL = float(np.nextafter(1.0, 2.0))
 
@@ -25,6 +27,7 @@ class ValueModel:
     value: np.ndarray  # (k,) worth of a correct prediction, per actual class
     cost: np.ndarray  # (k, k) cost of predicting column p for actual row a (diagonal unused)
     review_cost: float  # cost of one human review
+    decision: str = "argmax"  # how probabilities become an answer: one of decisions.DECISIONS
 
     def gain(self) -> np.ndarray:
         """(k, k) what predicting p for actual a earns: value on the diagonal, -cost elsewhere."""
@@ -35,6 +38,14 @@ class ValueModel:
     def review_gain(self) -> np.ndarray:
         """(k,) what an abstained photo of each actual class earns once a person files it."""
         return self.value - self.review_cost
+
+    def decision_gain(self) -> np.ndarray | None:
+        """What decisions.decide weighs the probabilities with (None: the most probable class)."""
+        return self.gain() if self.decision == "expected_value" else None
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """(n, k) probabilities -> (n,) the answered class of each photo, by `decision`."""
+        return decide(proba, self.decision_gain())
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,11 @@ def value_model(
     cost_matrix: Sequence[tuple[str, str, float]],
     default_mistake_cost: float,
     review_cost: float,
+    decision: str = "argmax",
 ) -> ValueModel:
     """Checked construction from params: every class valued, every cost naming known classes."""
+    if decision not in DECISIONS:
+        raise ValueError(f"evaluate.decision {decision!r} is not one of {list(DECISIONS)}")
     missing = [c for c in classes if c not in business_value]
     unknown = sorted(set(business_value) - set(classes))
     if missing or unknown:
@@ -75,7 +89,7 @@ def value_model(
         if actual == predicted:
             raise ValueError(f"cost matrix entry [{actual}, {predicted}] is not a mistake")
         cost[index[actual], index[predicted]] = amount
-    return ValueModel(tuple(classes), value, cost, float(review_cost))
+    return ValueModel(tuple(classes), value, cost, float(review_cost), decision)
 
 
 def business_weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray, value: np.ndarray) -> float:
@@ -156,15 +170,17 @@ def best_abstain_threshold(
     y_true: np.ndarray, proba: np.ndarray, values: ValueModel
 ) -> tuple[float, float]:
     """The confidence threshold (abstain below it) that maximises expected value, and that value.
+    A photo's confidence is the probability of the class it is answered with (values.decide).
 
     Candidates: 0 (never abstain), the midpoint between each two neighbouring observed
     confidences (any threshold between them splits these photos alike; the midpoint leaves new
     photos the most room on either side) and REVIEW_ALL. Ties go to the lowest threshold, so no
     photo goes to review unless it pays. One sort and two cumulative sums: O(n log n).
     """
-    confidence = proba.max(axis=1).astype(np.float64)
+    decided = values.decide(proba)
+    confidence = chosen(proba, decided).astype(np.float64)
     order = np.argsort(confidence, kind="stable")
-    trusted = values.gain()[y_true, proba.argmax(axis=1)][order]
+    trusted = values.gain()[y_true, decided][order]
     reviewed = values.review_gain()[y_true][order]
     levels = np.unique(confidence)
     thresholds = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2, [REVIEW_ALL]])
@@ -249,9 +265,10 @@ def score_names(k: int, top_k: int) -> tuple[str, ...]:
 def scores(
     y_true: np.ndarray, proba: np.ndarray, values: ValueModel, top_k: int, taxonomy: Taxonomy
 ) -> dict[str, Any]:
-    """Every score of one set of predictions (no abstaining): n, the score_names() scalars,
-    per_class {class: precision, recall, f1, support} and taxonomy {levels, ...}."""
-    y_pred = proba.argmax(axis=1)
+    """Every score of one set of predictions (no abstaining), each photo answered by
+    values.decide: n, the score_names() scalars, per_class {class: precision, recall, f1,
+    support} and taxonomy {levels, ...}."""
+    y_pred = values.decide(proba)
     k = len(values.classes)
     per_class = per_class_scores(y_true, y_pred, k)
     seen = seen_classes(y_true, y_pred, k)
