@@ -213,6 +213,7 @@ def evaluate(
     report = {
         "winner": winner,
         "primary_metric": config.primary_metric,
+        "decision": config.decision,
         "ranking": ranking,
         "business_values": config.business_value_csv or "params",
         "val": metrics.scalar_scores(table[winner]),

@@ -455,6 +455,7 @@ def test_html_report_shows_candidates_confusion_reliability_and_mistakes(
     # On val always_phone earns 4 x 1.5 - 4 x 0.5 = 4 trusted, 4 x 0.7 + 4 x 1.2 = 7.6 reviewed.
     assert "(sent to review)" in card
     assert "every photo goes to review" in paths.evaluation_html.read_text()
+    assert "answered with its most probable class" in paths.evaluation_html.read_text()
 
 
 def test_confusion_matrix_keeps_the_most_valuable_classes() -> None:

@@ -202,6 +202,14 @@ def mistakes_section(predictions: pd.DataFrame, test_images: np.ndarray, shown: 
     )
 
 
+# What a prediction is, by evaluate.decision (vitrine/decisions.py).
+ANSWERS = {
+    "argmax": "Each photo is answered with its most probable class.",
+    "expected_value": "Each photo is answered with the class whose expected gain under the "
+    "business values and mistake costs is highest (evaluate.decision: expected_value).",
+}
+
+
 def render_report(
     report: dict[str, Any],
     candidates: dict[str, dict[str, Any]],
@@ -217,7 +225,7 @@ def render_report(
         f"{html.escape(report['primary_metric'])}. On {test['n']} test photos: accuracy "
         f"{test['accuracy']:.4f}, business-weighted accuracy "
         f"{test['business_weighted_accuracy']:.4f}, expected value per 1,000 predictions "
-        f"{test['expected_value_per_1000']:.1f}.</p>"
+        f"{test['expected_value_per_1000']:.1f}. {ANSWERS[report['decision']]}</p>"
     )
     sections = [
         candidates_section(candidates, report["ranking"], report["primary_metric"]),
