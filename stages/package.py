@@ -278,6 +278,14 @@ def package_info(
     return info
 
 
+def answers(info: dict[str, Any]) -> str:
+    """How the packaged model turns probabilities into an answer, in words."""
+    if "decision_gain" not in info:
+        return "the most probable class"
+    gain = ", ".join(f"[{', '.join(f'{g:g}' for g in row)}]" for row in info["decision_gain"])
+    return f"the class of highest expected gain (rows actual, columns answered: {gain})"
+
+
 def model_card(info: dict[str, Any]) -> str:
     """model_card.md: the model, how to feed it, how well it did and what made it."""
     scalars = {k: v for k, v in info["metrics"].items() if isinstance(v, int | float)}
@@ -290,7 +298,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"- Input: uint8 RGB (N, {info['image_size']}, {info['image_size']}, 3) from "
         f"vitrine.images.load_square; the model resizes to {info['input_size']} px and "
         "normalises inside",
-        f"- Abstains below confidence {info['abstain_threshold']:g}",
+        f"- Answers with {answers(info)}; abstains below confidence {info['abstain_threshold']:g}",
         f"- Data: {card['data']['path']} (md5 {card['data']['md5']} in dvc.lock)",
         f"- Code: git revision {card['git_revision']}",
         "",

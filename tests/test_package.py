@@ -158,6 +158,9 @@ def test_the_decision_rule_travels_to_the_service(tmp_path: Path) -> None:
     info = export(tmp_path / "train", write_report(tmp_path / "e.json"), tmp_path / "pkg", gain)
     assert info["decision_gain"] == gain.tolist()
     np.testing.assert_array_equal(read_package_info(tmp_path / "pkg").decision_gain, gain)
+    card = (tmp_path / "pkg" / "model_card.md").read_text()
+    assert "Answers with the class of highest expected gain" in card
+    assert "[1, -0.5], [-1, 1.5]" in card
 
 
 def test_model_card_records_metrics_params_data_and_code(
@@ -168,6 +171,7 @@ def test_model_card_records_metrics_params_data_and_code(
     assert info["model_version"] in card
     assert "accuracy: 0.7500" in card and "n: 40" in card
     assert "abc.dir" in card and "f00" in card and "model: cnn64" in card
+    assert "Answers with the most probable class; abstains below confidence 0" in card
     assert info["card"] == {**CARD, "git_revision": "f00"}
 
 
