@@ -60,11 +60,12 @@ from service import (
     SCRIPTED_MODEL_FILE,
 )
 from service.runtime import OnnxPredictor, load_onnx
-from service.settings import ServeConfig
+from service.settings import ServeConfig, read_package_info
 from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, predict_proba
 from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine import metrics
 from vitrine.config import ConfigError, from_mapping, load_params, load_paths, stage_config
+from vitrine.decisions import decide as decide_answers
 from vitrine.models import AfterResize, ImageClassifier, Predictor
 from vitrine.promotion import Contender, decide, not_comparable, promotion_record
 
@@ -417,12 +418,15 @@ def packaged_scores(
     values: metrics.ValueModel,
     role: str,
 ) -> dict[str, float]:
-    """The packaged model's scalar scores on the photos, computed as the service computes them."""
-    info = json.loads((folder / MODEL_INFO_FILE).read_text())
-    model = load_onnx(folder, images.shape[1], int(info["input_size"]))
+    """The packaged model's scalar scores on the photos, computed as the service computes them:
+    its probabilities under ONNX Runtime, answered by the decision rule in its own model.json
+    (a champion packaged before another rule keeps its own), valued by the current value model."""
+    served = read_package_info(folder)
+    model = load_onnx(folder, images.shape[1], served.input_size)
     proba = predict_proba(model, images, config.batch_size, f"test {role}")
+    answers = decide_answers(proba, served.decision_gain)
     return metrics.scalar_scores(
-        metrics.scores(labels, proba, values, config.top_k, config.taxonomy)
+        metrics.scores(labels, proba, values, config.top_k, config.taxonomy, answers)
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 from bentoml._internal.models import ModelStore
 
 from service.settings import read_package_info
+from stages.evaluate import check_config
 from stages.package import challenge, champion_folder, export_package, keep_champion, save_to_store
 from tests.test_evaluate import (
     CLASSES,
@@ -143,6 +144,25 @@ def test_challenge_without_a_champion(packaged: dict, prepared: Path) -> None:
     record = challenge(packaged["always_phone"], None, prepared, config())
     assert record["promoted"] is True and record["champion"] is None
     assert record["challenger"]["score"] == pytest.approx(3 / 9)
+
+
+def test_each_packaged_model_is_scored_by_its_own_decision_rule(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """p(phone) 0.43 on every photo: the most probable class is laptop, the expected-value
+    answer (phone worth 1.5, a missed phone costing 1.0) phone. A champion packaged with the
+    most probable class as its answer is scored as it is served, whatever evaluate.decision."""
+    report = tmp_path / "evaluate.json"
+    report.write_text(json.dumps({"winner": "x", "test": {"accuracy": 0.5}}))
+    by_value = config(decision="expected_value")
+    gain = check_config(by_value).decision_gain()
+    model_dir = write_checkpoint(constant_classifier(0, margin=0.3), tmp_path / "train" / "unsure")
+    for name, rule in (("likeliest", None), ("by_value", gain)):
+        export_package(model_dir, report, tmp_path / name, SERVE, CARD, rule)
+    record = challenge(tmp_path / "by_value", tmp_path / "likeliest", prepared, by_value)
+    assert record["challenger"]["scores"]["accuracy"] == 0.25  # 2 phones of 8 test photos
+    assert record["champion"]["scores"]["accuracy"] == 0.75
+    assert record["champion"]["model_version"] == record["challenger"]["model_version"]
 
 
 def test_the_champion_is_the_latest_stored_model(packaged: dict, tmp_path: Path) -> None:

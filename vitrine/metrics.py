@@ -263,12 +263,17 @@ def score_names(k: int, top_k: int) -> tuple[str, ...]:
 
 
 def scores(
-    y_true: np.ndarray, proba: np.ndarray, values: ValueModel, top_k: int, taxonomy: Taxonomy
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    values: ValueModel,
+    top_k: int,
+    taxonomy: Taxonomy,
+    y_pred: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Every score of one set of predictions (no abstaining), each photo answered by
-    values.decide: n, the score_names() scalars, per_class {class: precision, recall, f1,
-    support} and taxonomy {levels, ...}."""
-    y_pred = values.decide(proba)
+    """Every score of one set of predictions (no abstaining): n, the score_names() scalars,
+    per_class {class: precision, recall, f1, support} and taxonomy {levels, ...}. The answers
+    are y_pred when given (a packaged model's own), else values.decide(proba)."""
+    y_pred = values.decide(proba) if y_pred is None else y_pred
     k = len(values.classes)
     per_class = per_class_scores(y_true, y_pred, k)
     seen = seen_classes(y_true, y_pred, k)
