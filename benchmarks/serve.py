@@ -6,7 +6,8 @@
 MODEL_FOLDER: packaged model folders (model.pt, model.onnx + model.json, as the package stage
 writes them; default: params.yaml paths.package), or a trained candidate's folder
 (<paths.model>/<candidate>), which is packaged here as the package stage would ship it, with
-that candidate's serve: settings. For each, on loopback and one after the other:
+that candidate's serve: settings and the model.onnx evaluate scored (<paths.served>/<candidate>,
+float or int8). For each, on loopback and one after the other:
   - bento: `bentoml serve service.service:Classifier` on that model (a throwaway model store),
     POST /classify: ONNX Runtime behind the micro-batcher, serve.workers processes;
   - flask: what the seed article's app does, with the same model as the framework exported it
@@ -220,9 +221,11 @@ def packaged(folder: Path, scratch: Path) -> Path:
     params = load_params(REPO / "params.yaml")
     out = scratch / f"{folder.name}-package"
     card = {"params": {}, "data": {"path": "", "md5": "benchmark"}, "git_revision": "benchmark"}
-    report = load_paths(params).evaluate_report
+    paths = load_paths(params)
     gain = check_config(load_config(params)).decision_gain()
-    export_package(folder, report, out, serve_settings(params, folder.name), card, gain)
+    served = REPO / paths.served / folder.name  # evaluate's model.onnx for the candidate
+    serve = serve_settings(params, folder.name)
+    export_package(folder, served, REPO / paths.evaluate_report, out, serve, card, gain)
     return out
 
 

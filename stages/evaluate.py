@@ -1,5 +1,12 @@
 """evaluate: score every candidate on the validation photos, pick the winner, test it.
 
+Every candidate is scored as the service would run it: its checkpoint exported to ONNX
+(service/export.py) and run by ONNX Runtime behind the shared resize. A candidate listed in
+`evaluate.int8` is also quantized to int8 and served so when its val primary metric loses at
+most `int8_max_loss` against the float model; each served model.onnx is written to
+<paths.served>/<candidate>/ with served.json (its precision and both val scores), and package
+ships the winner's file as it is.
+
 The winner is the candidate with the best `evaluate.primary_metric` on val (business-weighted
 accuracy by default; ties: accuracy, then name); only the winner is scored on the test photos,
 so the test set never influences a choice. On the winner's val predictions evaluate also fits
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service.export import (
+    PRECISIONS,
+    calibration_photos,
+    checkpoint_digest,
+    export_onnx,
+    quantize_int8,
+    write_served,
+)
+from service.runtime import OnnxPredictor
 from stages.train import CHECKPOINT
 from vitrine import metrics
 from vitrine.config import Paths, load_params, load_paths, stage_config
@@ -35,6 +52,9 @@ from vitrine.data import load_split, prepared_manifest_path
 from vitrine.decisions import chosen
 from vitrine.evaluation_report import TABLE_COLUMNS, render_report
 from vitrine.models import ImageClassifier, Predictor
+
+CALIBRATION_SEED = 0  # which train photos calibrate int8: the same ones every run
+SCORE_TOLERANCE = 1e-12  # score differences below this are float noise
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,9 @@ class EvaluateConfig:
     promote_margin: float  # package: how much better than the champion a challenger must be
     taxonomy: metrics.Taxonomy
     mistakes_shown: int  # gallery of the costliest test mistakes in the HTML report
+    int8: tuple[str, ...]  # candidates served, and so scored, as int8 ONNX when int8 holds up
+    int8_calibration_photos: int  # train photos that set the int8 activation ranges
+    int8_max_loss: float  # how far below the float model's val primary metric int8 may score
 
 
 def load_config(params: Mapping[str, Any]) -> EvaluateConfig:
@@ -104,10 +127,18 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
         raise ValueError(
             f"evaluate.primary_metric {config.primary_metric!r} is not a score; one of {names}"
         )
-    for name in ("batch_size", "top_k", "calibration_bins"):
+    for name in ("batch_size", "top_k", "calibration_bins", "int8_calibration_photos"):
         if getattr(config, name) < 1:
             raise ValueError(f"evaluate.{name} must be at least 1")
+    if config.int8_max_loss < 0:
+        raise ValueError(f"evaluate.int8_max_loss must be >= 0, got {config.int8_max_loss}")
     return values
+
+
+def check_int8(config: EvaluateConfig, candidates: tuple[str, ...]) -> None:
+    unknown = sorted(set(config.int8) - set(candidates))
+    if unknown:
+        raise ValueError(f"evaluate.int8 names unknown candidate(s) {unknown}")
 
 
 def labelled_split(
@@ -149,6 +180,66 @@ def load_candidate(model_dir: Path, classes: tuple[str, ...]) -> Predictor:
     return module.predictor
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A candidate as the service would run it."""
+
+    onnx: bytes  # model.onnx
+    input_size: int
+    val_proba: np.ndarray  # its val probabilities: what the candidate is ranked on
+    record: dict[str, Any]  # served.json: precision, and for int8 candidates both val scores
+
+
+def onnx_proba(
+    model: bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
+) -> np.ndarray:
+    predictor = OnnxPredictor(model, input_size, threads=torch.get_num_threads())
+    return predict_proba(predictor, images, batch_size, desc)
+
+
+def served_model(
+    name: str,
+    predictor: Predictor,
+    checkpoint: Path,
+    val: tuple[np.ndarray, np.ndarray],
+    train_images: np.ndarray,
+    config: EvaluateConfig,
+    values: metrics.ValueModel,
+) -> ServedModel:
+    """The candidate exported to ONNX, quantized when listed in evaluate.int8 and int8 loses
+    at most int8_max_loss of the val primary metric (else the float model is served)."""
+    source = {"checkpoint_sha256": checkpoint_digest(checkpoint)}
+    x_val, y_val = val
+    size = predictor.input_size
+    fp32 = export_onnx(predictor, x_val.shape[1])
+    fp32_proba = onnx_proba(fp32, size, x_val, config.batch_size, f"val {name}")
+    if name not in config.int8:
+        return ServedModel(fp32, size, fp32_proba, {"precision": PRECISIONS[0], **source})
+    photos = calibration_photos(train_images, config.int8_calibration_photos, CALIBRATION_SEED)
+    int8 = quantize_int8(fp32, photos, size)
+    int8_proba = onnx_proba(int8, size, x_val, config.batch_size, f"val {name} int8")
+    metric = config.primary_metric
+
+    def score(proba: np.ndarray) -> float:
+        return metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)[metric]
+
+    fp32_score, int8_score = score(fp32_proba), score(int8_proba)
+    holds = int8_score >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
+    record = {
+        "precision": PRECISIONS[1] if holds else PRECISIONS[0],
+        f"val_{metric}_fp32": fp32_score,
+        f"val_{metric}_int8": int8_score,
+        "val_answers_changed_by_int8": int(
+            (values.decide(fp32_proba) != values.decide(int8_proba)).sum()
+        ),
+        "calibration_photos": len(photos),
+        **source,
+    }
+    if holds:
+        return ServedModel(int8, size, int8_proba, record)
+    return ServedModel(fp32, size, fp32_proba, record)
+
+
 def rank_candidates(table: Mapping[str, Mapping[str, Any]], primary: str) -> list[str]:
     """Candidate names, best first: primary metric, then accuracy, then name."""
     return sorted(table, key=lambda n: (-table[n][primary], -table[n]["accuracy"], n))
@@ -185,6 +276,7 @@ def abstain_summary(
 class Evaluation:
     report: dict[str, Any]  # evaluate.json
     candidates: dict[str, dict[str, Any]]  # scalar val scores per candidate
+    served: dict[str, ServedModel]  # per candidate, what the service would run
     predictions: pd.DataFrame  # the winner's test predictions, with `index` into test_images
     reliability: list[dict[str, float]]  # the winner's test reliability curve
     test_images: np.ndarray
@@ -195,16 +287,29 @@ def evaluate(
     config: EvaluateConfig, candidates: tuple[str, ...], prepared: Path, models: Path
 ) -> Evaluation:
     values = check_config(config)
-    x_val, y_val = labelled_split(prepared, "val", config.classes)
+    check_int8(config, candidates)
+    val = labelled_split(prepared, "val", config.classes)
+    y_val = val[1]
     x_test, y_test = labelled_split(prepared, "test", config.classes)
+    x_train, _ = labelled_split(prepared, "train", config.classes)
     predictors = {name: load_candidate(models / name, config.classes) for name in candidates}
-    val_proba, table = {}, {}
-    for name, predictor in predictors.items():
-        val_proba[name] = predict_proba(predictor, x_val, config.batch_size, f"val {name}")
-        table[name] = metrics.scores(y_val, val_proba[name], values, config.top_k, config.taxonomy)
+    served = {
+        name: served_model(
+            name, predictor, models / name / CHECKPOINT, val, x_train, config, values
+        )
+        for name, predictor in predictors.items()
+    }
+    val_proba = {name: model.val_proba for name, model in served.items()}
+    table = {
+        name: metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)
+        for name, proba in val_proba.items()
+    }
     ranking = rank_candidates(table, config.primary_metric)
     winner = ranking[0]
-    test_proba = predict_proba(predictors[winner], x_test, config.batch_size, f"test {winner}")
+    shipped = served[winner]
+    test_proba = onnx_proba(
+        shipped.onnx, shipped.input_size, x_test, config.batch_size, f"test {winner}"
+    )
     test = metrics.scores(y_test, test_proba, values, config.top_k, config.taxonomy)
     bins = config.calibration_bins
     val_ece, _ = metrics.expected_calibration_error(y_val, val_proba[winner], bins)
@@ -220,11 +325,12 @@ def evaluate(
         "test": test,
         "calibration": {"val_ece": val_ece, "test_ece": test_ece, "bins": bins},
         "abstain": abstain,
+        "served": {name: model.record for name, model in served.items()},
     }
     manifest = pd.read_parquet(prepared_manifest_path(prepared))
     predictions = predictions_table(manifest, test_proba, values, abstain["threshold"])
     candidates_table = {name: metrics.scalar_scores(s) for name, s in table.items()}
-    return Evaluation(report, candidates_table, predictions, curve, x_test, values)
+    return Evaluation(report, candidates_table, served, predictions, curve, x_test, values)
 
 
 def predictions_table(
@@ -268,6 +374,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_outputs(result: Evaluation, paths: Paths, mistakes_shown: int) -> None:
+    shutil.rmtree(paths.served, ignore_errors=True)  # no candidate left over from earlier params
+    for name, model in result.served.items():
+        write_served(paths.served / name, model.onnx, model.record)
     for path in (
         paths.evaluate_report,
         paths.candidates_report,

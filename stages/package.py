@@ -2,16 +2,19 @@
 a Bento only when it beats the model deployed now.
 
 Reads  <paths.evaluate_report> (evaluate: the winner, its test scores, the abstain threshold),
-       <paths.model>/<winner>/best.ckpt and model.json (train), the prepared test photos, the
+       <paths.model>/<winner>/best.ckpt and model.json (train), <paths.served>/<winner>/
+       (evaluate: model.onnx as it scored it, and its precision), the prepared test photos, the
        evaluate: block (primary metric, value model, promote_margin) and serve: block of
        params.yaml (with the shipped candidate's serve.by_candidate entry over it), dvc.lock
        (the prepared data's md5) and the git revision.
 Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> logits, checked
                                  against the eager one before anything is written;
-       <paths.package>/model.onnx the Predictor after its resize, for ONNX Runtime (what the
-                                 service runs, behind the same resize), checked the same way;
+       <paths.package>/model.onnx evaluate's served model, as it is: the Predictor after its
+                                 resize for ONNX Runtime (what the service runs, behind the
+                                 same resize), in float or int8 (service/export.py);
        <paths.package>/model.json classes, image_size, model, candidate, input_size,
-                                 model_version, metrics (the winner's test scores),
+                                 model_version, weights_version, precision, metrics (the
+                                 winner's test scores),
                                  abstain_threshold, serve (the service's limits: the Bento has no
                                  params.yaml) and card (params, data version, git revision);
        <paths.package>/model_card.md the same card for people;
@@ -25,8 +28,9 @@ serve: block for its candidate (re-saved to the store under the same version whe
 changed), and the Bento is built again around it, since the service code or its settings may
 be what changed.
 
-model_version hashes the weights, classes and sizes, so packaging the same model twice gives the
-same version (and makes it :latest again).
+weights_version hashes the weights, classes and sizes, so packaging the same model twice gives
+the same version (and makes it :latest again); model_version is it for a float model.onnx, and
+for a quantized one effnet-lite0-int8-<hash of model.onnx> (calibration shapes it too).
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ import numpy as np
 import torch
 import yaml
 from bentoml.exceptions import NotFound
-from torch import Tensor
 
 from service import (
     MODEL_CARD_FILE,
@@ -59,14 +62,15 @@ from service import (
     ONNX_MODEL_FILE,
     SCRIPTED_MODEL_FILE,
 )
-from service.runtime import OnnxPredictor, load_onnx
+from service.export import max_output_diff, parity_batch, read_served
+from service.runtime import load_onnx
 from service.settings import ServeConfig, read_package_info
 from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, predict_proba
 from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine import metrics
 from vitrine.config import ConfigError, from_mapping, load_params, load_paths, stage_config
 from vitrine.decisions import decide as decide_answers
-from vitrine.models import AfterResize, ImageClassifier, Predictor
+from vitrine.models import ImageClassifier, Predictor
 from vitrine.promotion import Contender, decide, not_comparable, promotion_record
 
 if TYPE_CHECKING:
@@ -77,10 +81,6 @@ DVC_LOCK = Path("dvc.lock")
 CARD_PARAMS = ("classes", "prepare", "train", "evaluate")  # what made the model, for its card
 UNKNOWN = "unknown"
 PARITY_ATOL = 1e-6  # max |scripted - eager| on the logits
-# ONNX Runtime fuses and reorders float operations: its logits drift from eager ones by a few
-# 1e-6 (probabilities by less), still well inside the service's 1e-5 promise on probabilities.
-ONNX_PARITY_ATOL = 5e-5
-ONNX_OPSET = 17
 PACKAGE_FILES = (SCRIPTED_MODEL_FILE, ONNX_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE)
 
 
@@ -131,18 +131,6 @@ def load_predictor(checkpoint: Path, trained: TrainedModel) -> Predictor:
     return predictor
 
 
-def parity_batch(image_size: int, n: int = 4, seed: int = 0) -> Tensor:
-    """Fixed uint8 (n, size, size, 3) inputs on which scripted and eager outputs are compared."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = (n, image_size, image_size, 3)
-    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
-
-
-def max_output_diff(a: torch.nn.Module, b: torch.nn.Module, batch: Tensor) -> float:
-    with torch.inference_mode():
-        return (a(batch) - b(batch)).abs().max().item()
-
-
 def script_predictor(
     predictor: Predictor, image_size: int, atol: float = PARITY_ATOL
 ) -> torch.jit.ScriptModule:
@@ -156,31 +144,6 @@ def script_predictor(
     return scripted
 
 
-def export_onnx(predictor: Predictor, image_size: int, atol: float = ONNX_PARITY_ATOL) -> bytes:
-    """The Predictor after its resize as ONNX (any batch size); refused unless ONNX Runtime,
-    behind the shared resize, computes what the eager Predictor does."""
-    batch = parity_batch(image_size)
-    size = predictor.input_size
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracing exporter's deprecation notice
-        torch.onnx.export(
-            AfterResize(predictor).eval(),
-            (torch.zeros(1, 3, size, size),),
-            buffer,
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,  # traced: plain convolutions, no control flow to keep
-        )
-    model = buffer.getvalue()
-    diff = max_output_diff(OnnxPredictor(model, size), predictor, batch)
-    if not diff <= atol:
-        raise ValueError(f"ONNX model differs from eager by {diff:.3g} (> {atol:g})")
-    return model
-
-
 def serialize(scripted: torch.jit.ScriptModule) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -189,7 +152,7 @@ def serialize(scripted: torch.jit.ScriptModule) -> bytes:
     return buffer.getvalue()
 
 
-def model_version(predictor: torch.nn.Module, trained: TrainedModel) -> str:
+def weights_version(predictor: torch.nn.Module, trained: TrainedModel) -> str:
     """`<model>-<12 hex>`: a hash of the weights and of how the outputs are read.
 
     Not a hash of model.pt: TorchScript archives differ from run to run (a random serialization
@@ -202,6 +165,16 @@ def model_version(predictor: torch.nn.Module, trained: TrainedModel) -> str:
     digest.update(json.dumps(dataclasses.asdict(trained), sort_keys=True).encode())
     prefix = re.sub(r"[^a-z0-9]+", "-", trained.model.lower()).strip("-") or "model"
     return f"{prefix}-{digest.hexdigest()[:12]}"
+
+
+def model_version(weights: str, precision: str, served: bytes) -> str:
+    """The served model's version: the weights' own in float; when quantized, marked so and
+    a hash of model.onnx itself, since the calibration shapes it too
+    (effnet-lite0-int8-<hash> runs the weights of effnet-lite0-<other hash>)."""
+    if precision == "fp32":
+        return weights
+    prefix = weights.rsplit("-", 1)[0]
+    return f"{prefix}-{precision}-{hashlib.sha256(served).hexdigest()[:12]}"
 
 
 def abstain_threshold(report: dict[str, Any]) -> float:
@@ -253,7 +226,9 @@ def provenance(params: dict[str, Any], prepared: Path, repo: Path) -> dict[str, 
 def package_info(
     trained: TrainedModel,
     candidate: str,
-    version: str,
+    weights: str,
+    precision: str,
+    served: bytes,
     report: dict[str, Any],
     serve: ServeConfig,
     card: dict[str, Any],
@@ -266,7 +241,9 @@ def package_info(
         "classes": list(trained.classes),
         "image_size": trained.image_size,
         "input_size": trained.input_size,
-        "model_version": version,
+        "model_version": model_version(weights, precision, served),
+        "weights_version": weights,
+        "precision": precision,  # of model.onnx; model.pt is always the float network
         "metrics": test_metrics(report),
         "abstain_threshold": abstain_threshold(report),
         "serve": dataclasses.asdict(serve),
@@ -287,6 +264,16 @@ def answers(info: dict[str, Any]) -> str:
     return f"the class of highest expected gain (rows actual, columns answered: {gain})"
 
 
+def runs_as(info: dict[str, Any]) -> str:
+    """model.onnx's precision, in words (models packaged before int8 were all float)."""
+    if info.get("precision", "fp32") == "fp32":
+        return "model.onnx in float (fp32), as model.pt"
+    return (
+        f"model.onnx quantized to {info['precision']} (weights {info['weights_version']}; "
+        "model.pt holds them in float); its scores are the quantized model's"
+    )
+
+
 def model_card(info: dict[str, Any]) -> str:
     """model_card.md: the model, how to feed it, how well it did and what made it."""
     scalars = {k: v for k, v in info["metrics"].items() if isinstance(v, int | float)}
@@ -299,6 +286,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"- Input: uint8 RGB (N, {info['image_size']}, {info['image_size']}, 3) from "
         f"vitrine.images.load_square; the model resizes to {info['input_size']} px and "
         "normalises inside",
+        f"- Runs as: {runs_as(info)}",
         f"- Answers with {answers(info)}; abstains below confidence {info['abstain_threshold']:g}",
         f"- Data: {card['data']['path']} (md5 {card['data']['md5']} in dvc.lock)",
         f"- Code: git revision {card['git_revision']}",
@@ -331,26 +319,31 @@ def write_package(
 
 def export_package(
     model_dir: Path,
+    served_dir: Path,
     evaluate_report: Path,
     out_dir: Path,
     serve: ServeConfig,
     card: dict[str, Any],
     decision_gain: np.ndarray | None,
 ) -> dict[str, Any]:
-    """Checkpoint -> <out_dir>/model.pt, model.onnx, model.json, model_card.md; returns
-    model.json's content.
+    """Checkpoint and served model -> <out_dir>/model.pt, model.onnx, model.json,
+    model_card.md; returns model.json's content.
 
-    model_dir is <paths.model>/<candidate>: its name is the candidate's. decision_gain: the
-    value model's ValueModel.decision_gain(), which the service decides with.
+    model_dir is <paths.model>/<candidate>: its name is the candidate's. served_dir is
+    <paths.served>/<candidate>, the model.onnx evaluate scored (service.export.write_served),
+    shipped as it is. decision_gain: the value model's ValueModel.decision_gain(), which the
+    service decides with.
     """
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
     scripted = script_predictor(predictor, trained.image_size)
     model_bytes = serialize(scripted)
-    onnx_bytes = export_onnx(predictor, trained.image_size)
+    onnx_bytes, precision = read_served(served_dir, model_dir / CHECKPOINT)
     report = json.loads(evaluate_report.read_text())
-    version = model_version(predictor, trained)
-    info = package_info(trained, model_dir.name, version, report, serve, card, decision_gain)
+    weights = weights_version(predictor, trained)
+    info = package_info(
+        trained, model_dir.name, weights, precision, onnx_bytes, report, serve, card, decision_gain
+    )
     write_package(out_dir, model_bytes, onnx_bytes, info)
     return info
 
@@ -401,6 +394,7 @@ def describe(folder: Path) -> Contender:
     info = json.loads((folder / MODEL_INFO_FILE).read_text())
     return Contender(
         model_version=str(info["model_version"]),
+        weights=str(info.get("weights_version", info["model_version"])),  # before int8: equal
         model=str(info["model"]),
         candidate=str(info.get("candidate", UNKNOWN)),  # models packaged before candidates
         classes=tuple(str(c) for c in info["classes"]),
@@ -507,7 +501,13 @@ def main() -> None:
     serve = serve_settings(params, winner)
     gain = check_config(evaluation).decision_gain()
     info = export_package(
-        paths.model / winner, paths.evaluate_report, paths.package, serve, card, gain
+        paths.model / winner,
+        paths.served / winner,
+        paths.evaluate_report,
+        paths.package,
+        serve,
+        card,
+        gain,
     )
     champion = champion_folder(cfg.model_name)
     promotion = challenge(paths.package, champion, paths.prepared, evaluation)

@@ -14,23 +14,26 @@ from pathlib import Path
 
 import lightning
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import torch
 
+from service.export import checkpoint_digest
 from stages.evaluate import (
     EvaluateConfig,
     candidate_names,
     check_config,
     evaluate,
     load_config,
+    onnx_proba,
     predict_proba,
     predictions_table,
     rank_candidates,
     write_outputs,
 )
 from vitrine.config import load_params, load_paths
-from vitrine.data import prepared_manifest_path, split_images_path
+from vitrine.data import load_split, prepared_manifest_path, split_images_path
 from vitrine.evaluation_report import MAX_MATRIX_CLASSES, confusion_section
 from vitrine.metrics import Taxonomy, value_model
 from vitrine.models import ImageClassifier, build_predictor
@@ -137,6 +140,9 @@ def config(**overrides) -> EvaluateConfig:
         "promote_margin": 0.005,
         "taxonomy": Taxonomy("/", (1.0,)),
         "mistakes_shown": 4,
+        "int8": (),
+        "int8_calibration_photos": 4,
+        "int8_max_loss": 0.005,
     }
     return EvaluateConfig(**{**base, **overrides})
 
@@ -456,6 +462,7 @@ def test_html_report_shows_candidates_confusion_reliability_and_mistakes(
     assert "(sent to review)" in card
     assert "every photo goes to review" in paths.evaluation_html.read_text()
     assert "answered with its most probable class" in paths.evaluation_html.read_text()
+    assert "Scored as the service runs it: model.onnx in fp32." in paths.evaluation_html.read_text()
 
 
 def test_confusion_matrix_keeps_the_most_valuable_classes() -> None:
@@ -471,3 +478,76 @@ def test_config_fields_are_the_params_block() -> None:
     params = load_params(REPO / "params.yaml")
     fields = {f.name for f in dataclasses.fields(EvaluateConfig)}
     assert fields == set(params["evaluate"]) | {"classes"}
+
+
+def op_types(model: bytes) -> set[str]:
+    return {node.op_type for node in onnx.load_from_string(model).graph.node}
+
+
+def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
+    prepared: Path, models: Path, tmp_path: Path
+) -> None:
+    cfg = config(int8=("bright",), int8_calibration_photos=8, mistakes_shown=1)
+    result = evaluate(cfg, ("always_laptop", "bright"), prepared, models)
+    served = result.report["served"]
+    digest = checkpoint_digest(models / "always_laptop" / "best.ckpt")
+    assert served["always_laptop"] == {"precision": "fp32", "checkpoint_sha256": digest}
+    assert served["bright"] == {
+        "checkpoint_sha256": checkpoint_digest(models / "bright" / "best.ckpt"),
+        "precision": "int8",
+        "val_business_weighted_accuracy_fp32": 1.0,
+        "val_business_weighted_accuracy_int8": 1.0,
+        "val_answers_changed_by_int8": 0,
+        "calibration_photos": 8,
+    }
+    paths = stage_paths(tmp_path / "out")
+    (paths.served / "retired").mkdir(parents=True)  # a candidate of earlier params
+    write_outputs(result, paths, cfg.mistakes_shown)
+    assert sorted(p.name for p in paths.served.iterdir()) == ["always_laptop", "bright"]
+    folder = paths.served / "bright"
+    assert json.loads((folder / "served.json").read_text()) == served["bright"]
+    page = paths.evaluation_html.read_text()
+    assert "Scored as the service runs it: model.onnx in int8 (validation" in page
+    assert "int8 changed 0 answers" in page
+    assert "QuantizeLinear" in op_types((folder / "model.onnx").read_bytes())
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    # The convolution that reads the pixels keeps float weights: no DequantizeLinear feeds it.
+    dequantized = {
+        out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output
+    }
+    first = next(node for node in graph.node if node.op_type == "Conv")
+    assert first.input[1] not in dequantized
+    # The val probabilities evaluate ranked on are the written file's, bit for bit.
+    x_val, _ = load_split(prepared, "val", list(CLASSES))
+    again = onnx_proba((folder / "model.onnx").read_bytes(), 64, x_val, 3, "t")
+    assert np.array_equal(again, result.served["bright"].val_proba)
+
+
+def test_int8_that_loses_on_val_is_not_served(prepared: Path, models: Path) -> None:
+    """Calibrated on one dark laptop photo, int8 clips every bright photo's activations, so
+    the quantized model answers laptop for the phones too: the float model is served."""
+    cfg = config(int8=("bright",), int8_calibration_photos=1)
+    result = evaluate(cfg, ("bright",), prepared, models)
+    record = result.report["served"]["bright"]
+    assert record["precision"] == "fp32"
+    assert record["val_business_weighted_accuracy_int8"] < 1.0 - cfg.int8_max_loss
+    assert record["val_business_weighted_accuracy_fp32"] == 1.0
+    assert result.candidates["bright"]["business_weighted_accuracy"] == 1.0
+    assert "QuantizeLinear" not in {
+        n.op_type for n in onnx.load_from_string(result.served["bright"].onnx).graph.node
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"int8": ("absent",)}, r"evaluate.int8 names unknown candidate\(s\) \['absent'\]"),
+        ({"int8_calibration_photos": 0}, "int8_calibration_photos must be at least 1"),
+        ({"int8_max_loss": -0.1}, "int8_max_loss must be >= 0"),
+    ],
+)
+def test_bad_int8_params_are_clear_errors(
+    prepared: Path, models: Path, overrides: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluate(config(**overrides), ("bright",), prepared, models)

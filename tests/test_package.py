@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -17,17 +18,22 @@ import yaml
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
+from service.export import (
+    ONNX_PARITY_ATOL,
+    checkpoint_digest,
+    export_onnx,
+    parity_batch,
+    quantize_int8,
+    write_served,
+)
 from service.runtime import load_onnx
 from service.settings import read_package_info
 from stages.evaluate import check_config, load_config
 from stages.package import (
-    ONNX_PARITY_ATOL,
     PackageConfig,
     data_version,
-    export_onnx,
     export_package,
     load_predictor,
-    parity_batch,
     provenance,
     read_trained,
     save_to_store,
@@ -71,9 +77,33 @@ def write_report(path: Path, report: dict = REPORT) -> Path:
     return path
 
 
-def export(model_dir: Path, report: Path, out_dir: Path, gain: np.ndarray | None = None) -> dict:
+def serve_checkpoint(model_dir: Path, served: Path, photos: np.ndarray | None = None) -> Path:
+    """What evaluate writes for a candidate: its model.onnx in float, or in int8 calibrated on
+    `photos` (uint8 NHWC)."""
+    trained = read_trained(model_dir)
+    model = export_onnx(load_predictor(model_dir / "best.ckpt", trained), trained.image_size)
+    precision = "fp32"
+    if photos is not None:
+        model, precision = quantize_int8(model, photos, trained.input_size), "int8"
+    record = {
+        "precision": precision,
+        "checkpoint_sha256": checkpoint_digest(model_dir / "best.ckpt"),
+    }
+    write_served(served, model, record)
+    return served
+
+
+def export(
+    model_dir: Path,
+    report: Path,
+    out_dir: Path,
+    gain: np.ndarray | None = None,
+    photos: np.ndarray | None = None,
+) -> dict:
+    """The package stage's export of a checkpoint, served as evaluate would (int8 with photos)."""
     card = {**CARD, "git_revision": "f00"}
-    return export_package(model_dir, report, out_dir, SERVE, card, gain)
+    served = serve_checkpoint(model_dir, out_dir.with_name(out_dir.name + "-served"), photos)
+    return export_package(model_dir, served, report, out_dir, SERVE, card, gain)
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (300, 200)) -> bytes:
@@ -283,6 +313,8 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     models = tmp_path / paths["model"]
     write_checkpoint(brightness_classifier(), models / "bright")  # right on every test photo
     write_checkpoint(constant_classifier(1), models / "always_phone")
+    for name in ("bright", "always_phone"):  # evaluate's served models, in float
+        serve_checkpoint(models / name, tmp_path / paths["served"] / name)
     home = tmp_path / "bentoml-home"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     env.pop("PYTHONPATH", None)
@@ -324,3 +356,34 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     assert [p.name for p in (home / "models" / model_name).iterdir() if p.is_dir()] == [
         info["model_version"]
     ]
+
+
+def test_an_int8_package_ships_evaluates_model_under_its_weights_version(tmp_path: Path) -> None:
+    model_dir = tmp_path / "train"
+    write_trained_model(model_dir)
+    report = write_report(tmp_path / "evaluate.json")
+    fp32 = export(model_dir, report, tmp_path / "fp32")
+    int8 = export(model_dir, report, tmp_path / "int8", photos=parity_batch(128, 8, 2).numpy())
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    assert fp32["model_version"] == fp32["weights_version"] == int8["weights_version"]
+    shipped = (tmp_path / "int8" / "model.onnx").read_bytes()
+    assert shipped == (tmp_path / "int8-served" / "model.onnx").read_bytes()
+    prefix = fp32["model_version"].rsplit("-", 1)[0]
+    assert int8["model_version"] == f"{prefix}-int8-{hashlib.sha256(shipped).hexdigest()[:12]}"
+    assert "quantized to int8" in (tmp_path / "int8" / "model_card.md").read_text()
+    assert "in float (fp32)" in (tmp_path / "fp32" / "model_card.md").read_text()
+    batch = parity_batch(128, n=4, seed=3)
+    with torch.inference_mode():
+        logits = [load_onnx(tmp_path / p, 128, 64)(batch) for p in ("fp32", "int8")]
+    assert not torch.equal(*logits)  # quantized: near the float logits, not equal
+    assert torch.allclose(*logits, atol=0.05)
+
+
+def test_a_served_model_of_another_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Retrained since evaluate ran: package would ship a model.onnx of the old weights."""
+    for seed in (0, 1):
+        write_trained_model(tmp_path / f"train{seed}", seed=seed)
+    served = serve_checkpoint(tmp_path / "train0", tmp_path / "served")
+    report = write_report(tmp_path / "evaluate.json")
+    with pytest.raises(ValueError, match=r"another checkpoint .* run `dvc repro evaluate`"):
+        export_package(tmp_path / "train1", served, report, tmp_path / "package", SERVE, CARD, None)

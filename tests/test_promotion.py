@@ -21,7 +21,7 @@ from tests.test_evaluate import (
     write_checkpoint,
     write_prepared,
 )
-from tests.test_package import SERVE
+from tests.test_package import SERVE, serve_checkpoint
 from vitrine.promotion import Contender, decide
 
 # Loading the exported model is the point here, deprecated or not.
@@ -33,7 +33,7 @@ CARD = {"params": {}, "data": {"path": "p", "md5": "m"}, "git_revision": "g"}
 
 def contender(version: str, score: float | None, classes=CLASSES, image_size=32) -> Contender:
     scores = None if score is None else {METRIC: score, "accuracy": 0.5}
-    return Contender(version, "cnn64", "c", tuple(classes), image_size, scores)
+    return Contender(version, version, "cnn64", "c", tuple(classes), image_size, scores)
 
 
 def test_keeps_the_champion_when_the_challenger_is_worse() -> None:
@@ -87,7 +87,8 @@ def packaged(tmp_path: Path) -> dict[str, Path]:
     for name, module in models.items():
         model_dir = write_checkpoint(module, tmp_path / "train" / name)
         folders[name] = tmp_path / "package" / name
-        export_package(model_dir, report, folders[name], SERVE, CARD, None)
+        served = serve_checkpoint(model_dir, tmp_path / "served" / name)
+        export_package(model_dir, served, report, folders[name], SERVE, CARD, None)
     return folders
 
 
@@ -157,8 +158,9 @@ def test_each_packaged_model_is_scored_by_its_own_decision_rule(
     by_value = config(decision="expected_value")
     gain = check_config(by_value).decision_gain()
     model_dir = write_checkpoint(constant_classifier(0, margin=0.3), tmp_path / "train" / "unsure")
+    served = serve_checkpoint(model_dir, tmp_path / "served")
     for name, rule in (("likeliest", None), ("by_value", gain)):
-        export_package(model_dir, report, tmp_path / name, SERVE, CARD, rule)
+        export_package(model_dir, served, report, tmp_path / name, SERVE, CARD, rule)
     record = challenge(tmp_path / "by_value", tmp_path / "likeliest", prepared, by_value)
     assert record["challenger"]["scores"]["accuracy"] == 0.25  # 2 phones of 8 test photos
     assert record["champion"]["scores"]["accuracy"] == 0.75
@@ -204,3 +206,12 @@ def test_a_kept_champion_takes_the_current_serve_settings(packaged: dict, tmp_pa
         assert (out / name).read_bytes() == (old / name).read_bytes()
     assert save_to_store(out, "vitrine-test", store=store).version == version
     assert read_package_info(champion_folder("vitrine-test", store)).serve == SERVE
+
+
+def test_the_same_weights_at_another_precision_are_promoted() -> None:
+    champion = contender("cnn64-abc", 0.90)
+    challenger = dataclasses.replace(contender("cnn64-int8-abc", 0.89), weights="cnn64-abc")
+    decision = decide(challenger, champion, METRIC, 0.005)
+    assert decision.promoted and "runs the champion's weights (cnn64-abc" in decision.reason
+    other = dataclasses.replace(challenger, weights="cnn64-def")  # a retrain must win by margin
+    assert not decide(other, champion, METRIC, 0.005).promoted

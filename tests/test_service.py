@@ -44,7 +44,9 @@ from service.core import (
 )
 from service.rebalance import KeepAliveRebalancer
 from service.settings import PackageInfo, ServeConfig
+from stages.evaluate import onnx_proba
 from stages.package import export_package, save_to_store
+from tests.test_package import serve_checkpoint
 from vitrine.decisions import decide
 from vitrine.images import Rejected, load_square
 from vitrine.models import ImageClassifier
@@ -107,7 +109,10 @@ def package_tiny_model(root: Path) -> Path:
     (train / "model.json").write_text(json.dumps(info))
     (root / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "n_test": 2}))
     card = {"params": {}, "data": {"path": "data/prepared", "md5": "unknown"}, "git_revision": "t"}
-    export_package(train, root / "evaluate.json", root / "package", SERVE, card, DECISION_GAIN)
+    served = serve_checkpoint(train, root / "served")
+    export_package(
+        train, served, root / "evaluate.json", root / "package", SERVE, card, DECISION_GAIN
+    )
     models = root / "home" / "models"
     models.mkdir(parents=True)
     save_to_store(root / "package", MODEL_NAME, store=ModelStore(models))
@@ -214,12 +219,11 @@ def png_bomb(side: int = 100_000) -> bytes:
 
 
 def in_process_probabilities(package: Path, data: bytes) -> list[float]:
-    """What evaluation computes: load_square -> the packaged model -> softmax."""
+    """What evaluate computes: load_square -> the served model.onnx (ONNX Runtime) -> softmax."""
     info = json.loads((package / "model.json").read_text())
-    model = torch.jit.load(str(package / "model.pt"))
-    batch = torch.from_numpy(load_square(data, info["image_size"]).copy()).unsqueeze(0)
-    with torch.inference_mode():
-        return torch.softmax(model(batch), dim=1)[0].tolist()
+    photo = load_square(data, info["image_size"])[np.newaxis]
+    model = (package / "model.onnx").read_bytes()
+    return onnx_proba(model, info["input_size"], photo, batch_size=1, desc="t")[0].tolist()
 
 
 def truncated_jpeg() -> bytes:

@@ -93,6 +93,7 @@ class Paths:
     review: Path
     prepared: Path
     model: Path
+    served: Path  # evaluate: each candidate's model.onnx as the service would run it
     package: Path
     validation_docs: Path
     collect_report: Path

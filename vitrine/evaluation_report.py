@@ -210,6 +210,20 @@ ANSWERS = {
 }
 
 
+def served_as(report: dict[str, Any]) -> str:
+    """How the winner is scored and served: its model.onnx's precision, and int8's val cost."""
+    served = report["served"][report["winner"]]
+    text = f"Scored as the service runs it: model.onnx in {served['precision']}"
+    if "val_answers_changed_by_int8" not in served:
+        return text + "."
+    metric = report["primary_metric"]
+    return (
+        f"{text} (validation {metric}: int8 {served[f'val_{metric}_int8']:.4f}, float "
+        f"{served[f'val_{metric}_fp32']:.4f}; int8 changed "
+        f"{served['val_answers_changed_by_int8']} answers)."
+    )
+
+
 def render_report(
     report: dict[str, Any],
     candidates: dict[str, dict[str, Any]],
@@ -225,7 +239,8 @@ def render_report(
         f"{html.escape(report['primary_metric'])}. On {test['n']} test photos: accuracy "
         f"{test['accuracy']:.4f}, business-weighted accuracy "
         f"{test['business_weighted_accuracy']:.4f}, expected value per 1,000 predictions "
-        f"{test['expected_value_per_1000']:.1f}. {ANSWERS[report['decision']]}</p>"
+        f"{test['expected_value_per_1000']:.1f}. {ANSWERS[report['decision']]} "
+        f"{html.escape(served_as(report))}</p>"
     )
     sections = [
         candidates_section(candidates, report["ranking"], report["primary_metric"]),

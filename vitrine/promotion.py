@@ -21,6 +21,7 @@ class Contender:
     """A packaged model and its scalar test scores (None: not comparable, so not scored)."""
 
     model_version: str
+    weights: str  # its weights' version: equal for the same network, whatever its precision
     model: str  # the architecture, e.g. cnn64
     candidate: str  # the params `candidates` entry it was trained as
     classes: tuple[str, ...]
@@ -31,6 +32,7 @@ class Contender:
     def summary(self, metric: str) -> dict[str, Any]:
         return {
             "model_version": self.model_version,
+            "weights": self.weights,
             "model": self.model,
             "candidate": self.candidate,
             "score": self.scores[metric] if self.scores else None,
@@ -76,6 +78,16 @@ def decide(
             True,
             f"the challenger is the champion's model ({champion.model_version}, same weights): "
             "packaged again so the current serve settings and abstain threshold apply",
+        )
+    if champion.weights == challenger.weights:
+        # The same network served otherwise (int8, recalibrated, or back to float): not a
+        # retrain that needs the margin to prove itself; evaluate ships int8 only when it holds
+        # up on val.
+        return Decision(
+            True,
+            f"the challenger {challenger.model_version} runs the champion's weights "
+            f"({champion.weights}, deployed as {champion.model_version}), exported as evaluate "
+            "scored it (precision, int8 calibration)",
         )
     if champion.scores is None or challenger.scores is None:
         reason = not_comparable(challenger, champion) or "the champion was not scored"

@@ -1,0 +1,56 @@
+"""service/export.py: what evaluate scores and package ships, in float or int8."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import Tensor, nn
+
+from service.export import calibration_photos, export_onnx, float_convs, quantize_int8, read_served
+from vitrine.models import Predictor
+
+
+def test_calibration_photos_are_a_seeded_sample_in_order() -> None:
+    photos = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    picked = calibration_photos(photos, 4, seed=0)
+    assert picked.ravel().tolist() == sorted(set(picked.ravel().tolist()))  # no repeats, sorted
+    assert len(picked) == 4
+    assert np.array_equal(picked, calibration_photos(photos, 4, seed=0))
+    assert not np.array_equal(picked, calibration_photos(photos, 4, seed=1))
+    assert len(calibration_photos(photos, 50, seed=0)) == 10  # all of a smaller split
+    with pytest.raises(ValueError, match="at least one photo"):
+        calibration_photos(photos, 0, seed=0)
+
+
+class Depthwise(nn.Module):
+    """conv 3x3, depthwise 3x3, pointwise 1x1: only the last is quantized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+        self.pointwise = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pointwise(torch.relu(self.depthwise(torch.relu(self.stem(x)))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_int8_keeps_the_first_and_the_depthwise_convolutions_in_float() -> None:
+    torch.manual_seed(0)
+    model = export_onnx(Predictor(Depthwise(), 32, 127.5, 127.5).eval(), 32)
+    photos = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    graph = onnx.load_from_string(quantize_int8(model, photos, 32)).graph
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    weights_quantized = [conv.input[1] in dequantized for conv in convs]
+    assert weights_quantized == [False, False, True]
+    assert len(float_convs(onnx.load_from_string(model))) == 2
+
+
+def test_a_missing_served_model_names_the_stage_to_run(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"served.json is missing: run `dvc repro evaluate`"):
+        read_served(tmp_path, tmp_path / "best.ckpt")
