@@ -46,7 +46,8 @@ INPUT_NAME = "pixels"  # the float (N, 3, S, S) input after the shared resize
 # 1e-6 (probabilities by less), still well inside the service's 1e-5 promise on probabilities.
 ONNX_PARITY_ATOL = 5e-5
 ONNX_OPSET = 17
-PRECISIONS = ("fp32", "int8")
+FP32, INT8 = "fp32", "int8"
+PRECISIONS = (FP32, INT8)
 CALIBRATION_BATCH = 1  # equal shapes: ORT's percentile calibrator stacks every batch's outputs
 SERVED_INFO_FILE = "served.json"  # beside model.onnx: its precision and how it was chosen
 

@@ -37,7 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 from service.export import (
-    PRECISIONS,
+    FP32,
+    INT8,
     calibration_photos,
     checkpoint_digest,
     export_onnx,
@@ -157,9 +158,10 @@ def labelled_split(
 
 @torch.inference_mode()
 def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
-    """Class probabilities for uint8 (N, H, W, 3) images: the computation the service runs.
+    """Class probabilities for uint8 (N, H, W, 3) images.
 
-    `model` is a Predictor or the packaged TorchScript model (uint8 NHWC -> logits).
+    `model` maps uint8 NHWC to logits: an OnnxPredictor (onnx_proba: the computation the service
+    runs), or a Predictor or TorchScript model.
     """
     model.eval()
     starts = range(0, len(images), batch_size)
@@ -186,13 +188,16 @@ class ServedModel:
 
     onnx: bytes  # model.onnx
     input_size: int
-    val_proba: np.ndarray  # its val probabilities: what the candidate is ranked on
+    val_proba: np.ndarray  # its val probabilities
+    val_scores: dict[str, Any]  # metrics.scores of them: what the candidate is ranked on
     record: dict[str, Any]  # served.json: precision, and for int8 candidates both val scores
 
 
 def onnx_proba(
-    model: bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
+    model: Path | bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
 ) -> np.ndarray:
+    """Class probabilities under ONNX Runtime (model.onnx, as a file or its bytes) behind the
+    shared resize, on every core: the same bits as the service's single thread."""
     predictor = OnnxPredictor(model, input_size, threads=torch.get_num_threads())
     return predict_proba(predictor, images, batch_size, desc)
 
@@ -211,22 +216,23 @@ def served_model(
     source = {"checkpoint_sha256": checkpoint_digest(checkpoint)}
     x_val, y_val = val
     size = predictor.input_size
+
+    def scored(model: bytes, desc: str) -> tuple[np.ndarray, dict[str, Any]]:
+        proba = onnx_proba(model, size, x_val, config.batch_size, desc)
+        return proba, metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)
+
     fp32 = export_onnx(predictor, x_val.shape[1])
-    fp32_proba = onnx_proba(fp32, size, x_val, config.batch_size, f"val {name}")
+    fp32_proba, fp32_scores = scored(fp32, f"val {name}")
     if name not in config.int8:
-        return ServedModel(fp32, size, fp32_proba, {"precision": PRECISIONS[0], **source})
+        return ServedModel(fp32, size, fp32_proba, fp32_scores, {"precision": FP32, **source})
     photos = calibration_photos(train_images, config.int8_calibration_photos, CALIBRATION_SEED)
     int8 = quantize_int8(fp32, photos, size)
-    int8_proba = onnx_proba(int8, size, x_val, config.batch_size, f"val {name} int8")
+    int8_proba, int8_scores = scored(int8, f"val {name} int8")
     metric = config.primary_metric
-
-    def score(proba: np.ndarray) -> float:
-        return metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)[metric]
-
-    fp32_score, int8_score = score(fp32_proba), score(int8_proba)
+    fp32_score, int8_score = fp32_scores[metric], int8_scores[metric]
     holds = int8_score >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
     record = {
-        "precision": PRECISIONS[1] if holds else PRECISIONS[0],
+        "precision": INT8 if holds else FP32,
         f"val_{metric}_fp32": fp32_score,
         f"val_{metric}_int8": int8_score,
         "val_answers_changed_by_int8": int(
@@ -236,8 +242,8 @@ def served_model(
         **source,
     }
     if holds:
-        return ServedModel(int8, size, int8_proba, record)
-    return ServedModel(fp32, size, fp32_proba, record)
+        return ServedModel(int8, size, int8_proba, int8_scores, record)
+    return ServedModel(fp32, size, fp32_proba, fp32_scores, record)
 
 
 def rank_candidates(table: Mapping[str, Mapping[str, Any]], primary: str) -> list[str]:
@@ -300,10 +306,7 @@ def evaluate(
         for name, predictor in predictors.items()
     }
     val_proba = {name: model.val_proba for name, model in served.items()}
-    table = {
-        name: metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)
-        for name, proba in val_proba.items()
-    }
+    table = {name: model.val_scores for name, model in served.items()}
     ranking = rank_candidates(table, config.primary_metric)
     winner = ranking[0]
     shipped = served[winner]

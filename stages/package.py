@@ -62,10 +62,9 @@ from service import (
     ONNX_MODEL_FILE,
     SCRIPTED_MODEL_FILE,
 )
-from service.export import max_output_diff, parity_batch, read_served
-from service.runtime import load_onnx
+from service.export import FP32, max_output_diff, parity_batch, read_served
 from service.settings import ServeConfig, read_package_info
-from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, predict_proba
+from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, onnx_proba
 from stages.train import CHECKPOINT, MODEL_CARD
 from vitrine import metrics
 from vitrine.config import ConfigError, from_mapping, load_params, load_paths, stage_config
@@ -171,7 +170,7 @@ def model_version(weights: str, precision: str, served: bytes) -> str:
     """The served model's version: the weights' own in float; when quantized, marked so and
     a hash of model.onnx itself, since the calibration shapes it too
     (effnet-lite0-int8-<hash> runs the weights of effnet-lite0-<other hash>)."""
-    if precision == "fp32":
+    if precision == FP32:
         return weights
     prefix = weights.rsplit("-", 1)[0]
     return f"{prefix}-{precision}-{hashlib.sha256(served).hexdigest()[:12]}"
@@ -266,7 +265,7 @@ def answers(info: dict[str, Any]) -> str:
 
 def runs_as(info: dict[str, Any]) -> str:
     """model.onnx's precision, in words (models packaged before int8 were all float)."""
-    if info.get("precision", "fp32") == "fp32":
+    if info.get("precision", FP32) == FP32:
         return "model.onnx in float (fp32), as model.pt"
     return (
         f"model.onnx quantized to {info['precision']} (weights {info['weights_version']}; "
@@ -416,8 +415,8 @@ def packaged_scores(
     its probabilities under ONNX Runtime, answered by the decision rule in its own model.json
     (a champion packaged before another rule keeps its own), valued by the current value model."""
     served = read_package_info(folder)
-    model = load_onnx(folder, images.shape[1], served.input_size)
-    proba = predict_proba(model, images, config.batch_size, f"test {role}")
+    model = folder / ONNX_MODEL_FILE
+    proba = onnx_proba(model, served.input_size, images, config.batch_size, f"test {role}")
     answers = decide_answers(proba, served.decision_gain)
     return metrics.scalar_scores(
         metrics.scores(labels, proba, values, config.top_k, config.taxonomy, answers)

@@ -32,6 +32,7 @@ from stages.evaluate import (
     rank_candidates,
     write_outputs,
 )
+from tests.test_export import quantized_weights
 from vitrine.config import load_params, load_paths
 from vitrine.data import load_split, prepared_manifest_path, split_images_path
 from vitrine.evaluation_report import MAX_MATRIX_CLASSES, confusion_section
@@ -510,13 +511,8 @@ def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
     assert "Scored as the service runs it: model.onnx in int8 (validation" in page
     assert "int8 changed 0 answers" in page
     assert "QuantizeLinear" in op_types((folder / "model.onnx").read_bytes())
-    graph = onnx.load(str(folder / "model.onnx")).graph
     # The convolution that reads the pixels keeps float weights: no DequantizeLinear feeds it.
-    dequantized = {
-        out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output
-    }
-    first = next(node for node in graph.node if node.op_type == "Conv")
-    assert first.input[1] not in dequantized
+    assert quantized_weights((folder / "model.onnx").read_bytes())[0] is False
     # The val probabilities evaluate ranked on are the written file's, bit for bit.
     x_val, _ = load_split(prepared, "val", list(CLASSES))
     again = onnx_proba((folder / "model.onnx").read_bytes(), 64, x_val, 3, "t")
@@ -533,9 +529,7 @@ def test_int8_that_loses_on_val_is_not_served(prepared: Path, models: Path) -> N
     assert record["val_business_weighted_accuracy_int8"] < 1.0 - cfg.int8_max_loss
     assert record["val_business_weighted_accuracy_fp32"] == 1.0
     assert result.candidates["bright"]["business_weighted_accuracy"] == 1.0
-    assert "QuantizeLinear" not in {
-        n.op_type for n in onnx.load_from_string(result.served["bright"].onnx).graph.node
-    }
+    assert "QuantizeLinear" not in op_types(result.served["bright"].onnx)
 
 
 @pytest.mark.parametrize(

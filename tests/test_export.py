@@ -12,6 +12,13 @@ from service.export import calibration_photos, export_onnx, float_convs, quantiz
 from vitrine.models import Predictor
 
 
+def quantized_weights(model: bytes) -> list[bool]:
+    """Per convolution, in graph order: are its weights int8 (fed by a DequantizeLinear)?"""
+    graph = onnx.load_from_string(model).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [node.input[1] in dequantized for node in graph.node if node.op_type == "Conv"]
+
+
 def test_calibration_photos_are_a_seeded_sample_in_order() -> None:
     photos = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
     picked = calibration_photos(photos, 4, seed=0)
@@ -43,11 +50,7 @@ def test_int8_keeps_the_first_and_the_depthwise_convolutions_in_float() -> None:
     torch.manual_seed(0)
     model = export_onnx(Predictor(Depthwise(), 32, 127.5, 127.5).eval(), 32)
     photos = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    graph = onnx.load_from_string(quantize_int8(model, photos, 32)).graph
-    convs = [node for node in graph.node if node.op_type == "Conv"]
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    weights_quantized = [conv.input[1] in dequantized for conv in convs]
-    assert weights_quantized == [False, False, True]
+    assert quantized_weights(quantize_int8(model, photos, 32)) == [False, False, True]
     assert len(float_convs(onnx.load_from_string(model))) == 2
 
 
