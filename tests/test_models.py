@@ -58,6 +58,23 @@ def test_probe_freezes_the_backbone_even_in_train_mode():
     assert all(m.training for m in finetune.backbone.modules())
 
 
+def test_dropout_and_stochastic_depth_act_in_training_only():
+    photos = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    torch.manual_seed(0)
+    plain = build_predictor("effnet_lite0", 2, 32, {"mode": "finetune"})
+    torch.manual_seed(0)
+    options = {"mode": "finetune", "drop_rate": 0.5, "drop_path_rate": 0.2}
+    regularised = build_predictor("effnet_lite0", 2, 32, options)
+    with torch.no_grad():
+        # Same weights, so in eval mode the options change nothing the service computes...
+        assert torch.equal(plain.eval()(photos), regularised.eval()(photos))
+        regularised.train()
+        # ...while in training each pass drops different features and blocks.
+        assert not torch.allclose(regularised(photos), regularised(photos))
+        plain.train()
+        assert torch.equal(plain(photos), plain(photos))
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     sizes = {"train": 16, "val": 8, "test": 8}  # one training step of 16 photos

