@@ -75,6 +75,14 @@ class CandidateConfig:
     cosine_schedule: bool  # anneal the learning rate to 0 over max_epochs
     max_epochs: int
     augment: tuple[dict[str, Any], ...]  # albumentations transforms, train split only
+    cutmix_p: float = 0.0  # probability that a training batch is CutMix-ed (0 = never)
+    cutmix_alpha: float = 1.0  # the pasted box's area is 1 - Beta(alpha, alpha)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cutmix_p <= 1:
+            raise ValueError(f"cutmix_p must be in [0, 1], got {self.cutmix_p}")
+        if self.cutmix_alpha <= 0:
+            raise ValueError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
 
 
 def candidate_config(params: dict[str, Any], name: str) -> CandidateConfig:
@@ -171,6 +179,8 @@ def build_module(
         class_weights=weights,
         label_smoothing=candidate.label_smoothing,
         cosine_epochs=candidate.max_epochs if candidate.cosine_schedule else 0,
+        cutmix_p=candidate.cutmix_p,
+        cutmix_alpha=candidate.cutmix_alpha,
     )
 
 

@@ -31,27 +31,36 @@ def test_calibration_photos_are_a_seeded_sample_in_order() -> None:
         calibration_photos(photos, 0, seed=0)
 
 
-class Depthwise(nn.Module):
-    """conv 3x3, depthwise 3x3, pointwise 1x1: only the last is quantized."""
+class Strided(nn.Module):
+    """A MobileNet-like stack on 32 px: convolutions at output strides 2, 4, 4, 8, 8, 8."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3)
-        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
-        self.pointwise = nn.Conv2d(8, 4, 1)
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(3, 8, 3, stride=2, padding=1),  # stem, stride 2: float
+                nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),  # depthwise, stride 4: float
+                nn.Conv2d(8, 16, 1),  # pointwise, stride 4: float (high resolution)
+                nn.Conv2d(16, 16, 3, stride=2, padding=1),  # full, stride 8: int8
+                nn.Conv2d(16, 16, 3, padding=1, groups=16),  # depthwise, stride 8: float
+                nn.Conv2d(16, 4, 1),  # pointwise, stride 8: int8
+            ]
+        )
         self.head = nn.Linear(4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.pointwise(torch.relu(self.depthwise(torch.relu(self.stem(x)))))
+        for conv in self.convs:
+            x = torch.relu(conv(x))
         return self.head(x.mean(dim=(2, 3)))
 
 
-def test_int8_keeps_the_first_and_the_depthwise_convolutions_in_float() -> None:
+def test_int8_keeps_high_resolution_and_depthwise_convolutions_in_float() -> None:
     torch.manual_seed(0)
-    model = export_onnx(Predictor(Depthwise(), 32, 127.5, 127.5).eval(), 32)
+    model = export_onnx(Predictor(Strided(), 32, 127.5, 127.5).eval(), 32)
     photos = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    assert quantized_weights(quantize_int8(model, photos, 32)) == [False, False, True]
-    assert len(float_convs(onnx.load_from_string(model))) == 2
+    expected = [False, False, False, True, False, True]
+    assert quantized_weights(quantize_int8(model, photos, 32)) == expected
+    assert len(float_convs(onnx.load_from_string(model))) == expected.count(False)
 
 
 def test_a_missing_served_model_names_the_stage_to_run(tmp_path) -> None:

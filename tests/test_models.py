@@ -8,7 +8,7 @@ import torch
 from stages.train import CandidateConfig, EarlyStoppingConfig, TrainConfig, train
 from tests.tiny_prepared import CLASSES, trainer_args, write_prepared
 from vitrine.embeddings import load_backbone
-from vitrine.models import MODELS, build_predictor
+from vitrine.models import MODELS, ImageClassifier, build_predictor, cutmix
 
 # A small input size per model keeps the tests fast; a new entry in MODELS must be added here.
 SMALL = {
@@ -105,3 +105,47 @@ def test_probe_trains_the_head_only_and_finetune_every_layer(prepared, tmp_path)
     changed = {k for k in imagenet if not torch.equal(tuned[k], imagenet[k])}
     assert "conv_stem.weight" in changed and "bn1.running_mean" in changed
     assert "conv_head.weight" in changed
+
+
+def test_cutmix_pastes_one_box_from_each_images_partner():
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16)  # image i is all i
+    torch.manual_seed(0)
+    mixed, partner, kept = cutmix(images, alpha=1.0)
+    assert sorted(partner.tolist()) == [0, 1, 2, 3]
+    own = mixed == images
+    from_partner = mixed == images[partner]
+    moved = partner != torch.arange(4)
+    # Every pixel is the image's own or its partner's; the partner's form one box, whose
+    # area is the fraction `kept` leaves, the same for every image that got a new partner.
+    assert bool((own | from_partner).all())
+    assert 0 < kept < 1
+    for i in torch.nonzero(moved).ravel().tolist():
+        assert own[i].float().mean().item() == pytest.approx(kept)
+        rows, cols = torch.nonzero(~own[i, 0], as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert box.item() == len(rows)  # a rectangle
+    torch.manual_seed(0)
+    again, same_partner, same_kept = cutmix(images, alpha=1.0)
+    assert torch.equal(again, mixed) and torch.equal(same_partner, partner)
+    assert same_kept == kept
+
+
+def cutmix_loss(cutmix_p: float) -> tuple[float, bool]:
+    """One training step of cnn64 on eight different photos: its loss, and whether it drew
+    from torch's generator."""
+    torch.manual_seed(0)
+    module = ImageClassifier("cnn64", list(CLASSES), 0.01, input_size=32, cutmix_p=cutmix_p)
+    photos = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    batch = (photos, torch.tensor([0, 1] * 4))
+    state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step(batch, 0).item()
+    return loss, not torch.equal(state, torch.get_rng_state())
+
+
+def test_cutmix_p_decides_whether_a_batch_is_mixed():
+    plain, drew = cutmix_loss(0.0)
+    assert not drew  # without CutMix, dropout and the rest see the same random stream
+    mixed, drew = cutmix_loss(1.0)
+    assert drew and mixed != pytest.approx(plain)

@@ -220,6 +220,14 @@ def test_unknown_candidates_and_keys_are_named():
         candidate_config(params, NAME)
 
 
+def test_cutmix_settings_out_of_range_are_refused():
+    assert candidate_config({"candidates": {NAME: candidate_params()}}, NAME).cutmix_p == 0.0
+    for key, value in (("cutmix_p", 1.5), ("cutmix_p", -0.1), ("cutmix_alpha", 0.0)):
+        params = {"candidates": {NAME: candidate_params(**{key: value})}}
+        with pytest.raises(ValueError, match=f"{key} must be"):
+            candidate_config(params, NAME)
+
+
 def test_model_card_names_classes_and_sizes(tmp_path):
     prepared = write_prepared(tmp_path, size=40)
     config = stage_config(TrainConfig, "train", {"classes": list(CLASSES), "train": train_params()})

@@ -10,6 +10,7 @@ in MODELS; params.yaml's `candidates` block then names it (and its options).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -173,11 +174,30 @@ def build_predictor(
     return predictor.train()
 
 
+def cutmix(images: Tensor, alpha: float) -> tuple[Tensor, Tensor, float]:
+    """CutMix (Yun et al., 2019) on a batch of network inputs (N, C, H, W): one box, of area
+    1 - lam with lam ~ Beta(alpha, alpha), is copied into every image from its partner (a
+    random permutation of the batch). Returns the mixed batch, each image's partner and `kept`,
+    the fraction of every image left its own (after clipping the box to the image), which
+    weights its own label in the loss. Draws from torch's generator, which training seeds."""
+    n, _, h, w = images.shape
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(n)
+    box_h, box_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y0, y1 = max(cy - box_h // 2, 0), min(cy + box_h // 2, h)
+    x0, x1 = max(cx - box_w // 2, 0), min(cx + box_w // 2, w)
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[partner, :, y0:y1, x0:x1]
+    return mixed, partner, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
 class ImageClassifier(L.LightningModule):
     """Cross-entropy training of a Predictor; logs loss and accuracy per epoch.
 
     class_weights: per-class loss weights (imbalance handling), None for plain cross-entropy.
     cosine_epochs: anneal the learning rate to 0 over this many epochs (0 = constant rate).
+    cutmix_p: the probability that a training batch is CutMix-ed (`cutmix`, with cutmix_alpha).
     """
 
     def __init__(
@@ -191,6 +211,8 @@ class ImageClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         cosine_epochs: int = 0,
+        cutmix_p: float = 0.0,
+        cutmix_alpha: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -201,22 +223,41 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.predictor(images)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(
-            logits,
-            labels,
-            weight=self.class_weights,
-            label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0,
-        )
+    def _loss(self, logits: Tensor, labels: Tensor, stage: str) -> Tensor:
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=smoothing)
+
+    def _log(self, stage: str, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
         acc = (logits.argmax(dim=1) == labels).float().mean()
         # sync_dist: every DDP rank sees (and early-stops on) the same all-reduced value.
         self.log(f"{stage}_loss", loss, on_epoch=True, on_step=False, prog_bar=True, sync_dist=True)
         self.log(f"{stage}_acc", acc, on_epoch=True, on_step=False, prog_bar=True, sync_dist=True)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self._loss(logits, labels, stage)
+        self._log(stage, loss, logits, labels)
+        return loss
+
+    def _cutmix_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """A CutMix-ed batch: each image's loss weighs its own label by the area it kept and
+        its partner's by the box's (train_acc counts the image's own label)."""
+        images, labels = batch
+        mixed, partner, kept = cutmix(
+            network_input(images, self.predictor.input_size), self.hparams.cutmix_alpha
+        )
+        logits = self.predictor.normalised(mixed)
+        loss = kept * self._loss(logits, labels, "train") + (1 - kept) * self._loss(
+            logits, labels[partner], "train"
+        )
+        self._log("train", loss, logits, labels)
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        # No draw at all without CutMix, so other candidates' random streams are unchanged.
+        if self.hparams.cutmix_p > 0 and float(torch.rand(())) < self.hparams.cutmix_p:
+            return self._cutmix_step(batch)
         return self._step(batch, "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

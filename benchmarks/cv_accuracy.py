@@ -1,0 +1,155 @@
+"""How accurate is a candidate's recipe, beyond what one test split can tell? Cluster-aware
+k-fold cross-validation on the prepared photos, on this machine's CPU.
+
+    python benchmarks/cv_accuracy.py [--candidate effnet_finetune] [--folds 5] [--seed 0]
+                                     [--prepared data/prepared] [--out .cache/cv_accuracy]
+
+The train and test photos of `prepare` are pooled and dealt into --folds folds by cluster (a
+hash of the cluster key, as prepare splits), so copies of a photo never straddle a fold's train
+and test. Each fold is the test set once; the candidate (params.yaml, recipe unchanged) trains
+on the other folds with prepare's val photos for early stopping and checkpoint choice, exactly
+as `dvc repro train@<candidate>` does, and is scored in float with evaluate's decision rule.
+A fold holds about as many photos as prepare's test split and trains on about as many as its
+train split, so each fold's figure is a sample of what the pipeline's one test figure measures.
+
+Prints each fold's accuracy and business-weighted accuracy, then the pooled accuracy over every
+pooled photo with its 95% Wilson interval. A fold's result is saved under --out as it finishes,
+and a re-run skips finished folds (a fold takes as long as the candidate's training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stages.evaluate import check_config, load_candidate, load_config, predict_proba
+from stages.train import (
+    TrainConfig,
+    candidate_config,
+    model_card,
+    publish,
+    run_fingerprint,
+    train,
+)
+from vitrine import metrics
+from vitrine.config import load_params, stage_config
+from vitrine.data import load_split, prepared_manifest_path, split_images_path
+
+REPO = Path(__file__).resolve().parents[1]
+POOLED = ("train", "test")  # dealt into folds; val stays the early-stopping set of every fold
+
+
+def fold_of(cluster_id: str, folds: int, seed: int) -> int:
+    """A cluster's fold from its key alone, as prepare.assign_split picks its split."""
+    digest = hashlib.sha256(f"cv:{seed}:{cluster_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % folds
+
+
+def pooled_photos(prepared: Path, folds: int, seed: int) -> pd.DataFrame:
+    """prepare's train and test rows, each with its fold."""
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    rows = manifest[manifest["split"].isin(POOLED)].reset_index(drop=True)
+    rows["fold"] = rows["cluster_id"].map(lambda c: fold_of(c, folds, seed))
+    return rows
+
+
+def write_fold(prepared: Path, rows: pd.DataFrame, fold: int, out: Path) -> None:
+    """A prepared folder for one fold: its test photos, the other folds as train, val as is."""
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {s: np.load(split_images_path(prepared, s), mmap_mode="r") for s in POOLED}
+    parts = []
+    for split, chosen in (("train", rows["fold"] != fold), ("test", rows["fold"] == fold)):
+        part = rows[chosen].copy()
+        images = np.stack([arrays[s][i] for s, i in zip(part["split"], part["index"], strict=True)])
+        np.save(split_images_path(out, split), images)
+        part["split"], part["index"] = split, np.arange(len(part))
+        parts.append(part)
+    shutil.copyfile(split_images_path(prepared, "val"), split_images_path(out, "val"))
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    val = manifest[manifest["split"] == "val"]
+    pd.concat([*parts, val]).drop(columns="fold").to_parquet(
+        prepared_manifest_path(out), index=False
+    )
+
+
+def run_fold(params: dict, candidate: str, folder: Path) -> dict:
+    """Train the candidate on one fold's folder and score its test photos in float."""
+    config = stage_config(TrainConfig, "train", params)
+    recipe = candidate_config(params, candidate)
+    data = folder / "prepared"
+    started = time.perf_counter()
+    # Unfinished checkpoints resume only under the same params and photos, as in the stage.
+    workdir = folder / "work" / run_fingerprint(config, recipe, data)
+    result = train(config, recipe, data, workdir, folder / "live")
+    publish(result, model_card(config, recipe, data), folder / "model", folder / "train.json")
+    classes = tuple(config.classes)
+    images, labels = load_split(data, "test", list(classes))
+    proba = predict_proba(load_candidate(folder / "model", classes), images, 256, "test")
+    evaluate = load_config(params)
+    values = check_config(evaluate)
+    scores = metrics.scores(labels, proba, values, evaluate.top_k, evaluate.taxonomy)
+    return {
+        "n": len(labels),
+        "correct": int((values.decide(proba) == labels).sum()),
+        "accuracy": scores["accuracy"],
+        "business_weighted_accuracy": scores["business_weighted_accuracy"],
+        "best_epoch": result.metrics["best_epoch"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidate", default="effnet_finetune")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
+    parser.add_argument("--out", type=Path, default=REPO / ".cache" / "cv_accuracy")
+    args = parser.parse_args()
+    params = load_params(REPO / "params.yaml")
+    rows = pooled_photos(args.prepared, args.folds, args.seed)
+    sizes = rows["fold"].value_counts().sort_index().tolist()
+    print(f"{len(rows)} pooled photos in {args.folds} folds of {sizes}")
+    results = []
+    for fold in range(args.folds):
+        folder = args.out / f"{args.candidate}-k{args.folds}-s{args.seed}" / f"fold{fold}"
+        done = folder / "result.json"
+        if not done.exists():
+            write_fold(args.prepared, rows, fold, folder / "prepared")
+            done.write_text(json.dumps(run_fold(params, args.candidate, folder), indent=2))
+            shutil.rmtree(folder / "prepared")  # the arrays are rebuilt cheaply; keep the result
+        result = json.loads(done.read_text())
+        results.append(result)
+        print(
+            f"fold {fold}: {result['n']} test photos, accuracy {result['accuracy']:.2%}, "
+            f"business-weighted {result['business_weighted_accuracy']:.2%} "
+            f"(best epoch {result['best_epoch']}, {result['seconds']:.0f} s)",
+            flush=True,
+        )
+    correct, n = sum(r["correct"] for r in results), sum(r["n"] for r in results)
+    low, high = wilson(correct, n)
+    accuracies = [r["accuracy"] for r in results]
+    print(
+        f"pooled: {correct}/{n} = {correct / n:.2%} (95% interval {low:.2%}-{high:.2%}); "
+        f"folds {min(accuracies):.2%}-{max(accuracies):.2%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
