@@ -24,7 +24,7 @@ import io
 import json
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,24 +132,42 @@ def output_strides(model: onnx.ModelProto) -> dict[str, int]:
     return {n.name: side // sides[n.output[0]] for n in model.graph.node if sides.get(n.output[0])}
 
 
-def float_convs(model: onnx.ModelProto) -> list[str]:
+def _groups(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def float_convs(model: onnx.ModelProto, float_strides: Collection[int] = ()) -> list[str]:
     """The convolutions kept in float, each measured (module docstring) to cost val accuracy in
     int8: the high-resolution ones, whose output stride is at most HIGH_RES_STRIDE (with it the
-    first, which reads the pixels), and every depthwise one (groups > 1)."""
+    first, which reads the pixels), every depthwise one (groups > 1), and every one whose output
+    stride is in float_strides (`quantize_int8`)."""
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     if not convs:
         raise ValueError("the model has no convolution: nothing to quantize")
     strides = output_strides(model)
-
-    def groups(node: onnx.NodeProto) -> int:
-        return next((a.i for a in node.attribute if a.name == "group"), 1)
-
     return [
-        node.name for node in convs if strides[node.name] <= HIGH_RES_STRIDE or groups(node) > 1
+        node.name
+        for node in convs
+        if strides[node.name] <= HIGH_RES_STRIDE
+        or strides[node.name] in float_strides
+        or _groups(node) > 1
     ]
 
 
-def quantize_int8(model: bytes, photos: np.ndarray, input_size: int) -> bytes:
+def quantizable_strides(model: bytes) -> list[int]:
+    """The output strides of the convolutions int8 would quantize, coarsest first: the stages
+    evaluate may keep in float, one at a time, when the int8 model loses on val."""
+    graph = onnx.load_from_string(model)
+    strides = output_strides(graph)
+    convs = [n for n in graph.graph.node if n.op_type == "Conv" and _groups(n) == 1]
+    return sorted(
+        {strides[n.name] for n in convs if strides[n.name] > HIGH_RES_STRIDE}, reverse=True
+    )
+
+
+def quantize_int8(
+    model: bytes, photos: np.ndarray, input_size: int, float_strides: Collection[int] = ()
+) -> bytes:
     """model (export_onnx's) with int8 weights (per channel) and activations, the activation
     ranges calibrated on `photos` (uint8 NHWC) at their 99.999th percentile, so that a few
     extreme values do not coarsen every other step; float_convs stay float."""
@@ -166,7 +184,7 @@ def quantize_int8(model: bytes, photos: np.ndarray, input_size: int) -> bytes:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.Percentile,
-            nodes_to_exclude=float_convs(onnx.load(prepared)),
+            nodes_to_exclude=float_convs(onnx.load(prepared), float_strides),
         )
         return out.read_bytes()
 

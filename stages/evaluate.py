@@ -42,6 +42,7 @@ from service.export import (
     calibration_photos,
     checkpoint_digest,
     export_onnx,
+    quantizable_strides,
     quantize_int8,
     write_served,
 )
@@ -212,7 +213,8 @@ def served_model(
     values: metrics.ValueModel,
 ) -> ServedModel:
     """The candidate exported to ONNX, quantized when listed in evaluate.int8 and int8 loses
-    at most int8_max_loss of the val primary metric (else the float model is served)."""
+    at most int8_max_loss of the val primary metric, with one more stage in float if need be
+    (else the float model is served; the record gives the last int8 model tried)."""
     source = {"checkpoint_sha256": checkpoint_digest(checkpoint)}
     x_val, y_val = val
     size = predictor.input_size
@@ -226,18 +228,24 @@ def served_model(
     if name not in config.int8:
         return ServedModel(fp32, size, fp32_proba, fp32_scores, {"precision": FP32, **source})
     photos = calibration_photos(train_images, config.int8_calibration_photos, CALIBRATION_SEED)
-    int8 = quantize_int8(fp32, photos, size)
-    int8_proba, int8_scores = scored(int8, f"val {name} int8")
     metric = config.primary_metric
-    fp32_score, int8_score = fp32_scores[metric], int8_scores[metric]
-    holds = int8_score >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
+    fp32_score = fp32_scores[metric]
+    # Int8 as planned first; if it loses, each coarser stage in float in turn (a network's
+    # most rounding-sensitive stage differs from one training run to the next).
+    for float_strides in [(), *((s,) for s in quantizable_strides(fp32))]:
+        int8 = quantize_int8(fp32, photos, size, float_strides)
+        int8_proba, int8_scores = scored(int8, f"val {name} int8")
+        holds = int8_scores[metric] >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
+        if holds:
+            break
     record = {
         "precision": INT8 if holds else FP32,
         f"val_{metric}_fp32": fp32_score,
-        f"val_{metric}_int8": int8_score,
+        f"val_{metric}_int8": int8_scores[metric],
         "val_answers_changed_by_int8": int(
             (values.decide(fp32_proba) != values.decide(int8_proba)).sum()
         ),
+        "int8_float_strides": list(float_strides),
         "calibration_photos": len(photos),
         **source,
     }

@@ -499,6 +499,7 @@ def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
         "val_business_weighted_accuracy_fp32": 1.0,
         "val_business_weighted_accuracy_int8": 1.0,
         "val_answers_changed_by_int8": 0,
+        "int8_float_strides": [],
         "calibration_photos": 8,
     }
     paths = stage_paths(tmp_path / "out")

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.export import calibration_photos, export_onnx, float_convs, quantize_int8, read_served
+from service.export import (
+    calibration_photos,
+    export_onnx,
+    float_convs,
+    quantizable_strides,
+    quantize_int8,
+    read_served,
+)
 from vitrine.models import Predictor
 
 
@@ -61,6 +68,10 @@ def test_int8_keeps_high_resolution_and_depthwise_convolutions_in_float() -> Non
     expected = [False, False, False, True, False, True]
     assert quantized_weights(quantize_int8(model, photos, 32)) == expected
     assert len(float_convs(onnx.load_from_string(model))) == expected.count(False)
+    # evaluate's fallback when int8 loses: the coarser stages, one at a time, in float too.
+    assert quantizable_strides(model) == [8]
+    all_float = quantized_weights(quantize_int8(model, photos, 32, float_strides=(8,)))
+    assert all_float == [False] * 6
 
 
 def test_a_missing_served_model_names_the_stage_to_run(tmp_path) -> None:
