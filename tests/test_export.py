@@ -74,6 +74,13 @@ def test_int8_keeps_high_resolution_and_depthwise_convolutions_in_float() -> Non
     assert all_float == [False] * 6
 
 
+def test_quantizable_strides_are_listed_coarsest_first() -> None:
+    deeper = Strided()
+    deeper.convs.append(nn.Conv2d(4, 4, 3, stride=2, padding=1))  # stride 16
+    model = export_onnx(Predictor(deeper, 32, 127.5, 127.5).eval(), 32)
+    assert quantizable_strides(model) == [16, 8]
+
+
 def test_a_missing_served_model_names_the_stage_to_run(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"served.json is missing: run `dvc repro evaluate`"):
         read_served(tmp_path, tmp_path / "best.ckpt")
