@@ -132,10 +132,6 @@ def output_strides(model: onnx.ModelProto) -> dict[str, int]:
     return {n.name: side // sides[n.output[0]] for n in model.graph.node if sides.get(n.output[0])}
 
 
-def _groups(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
-
-
 def float_convs(model: onnx.ModelProto, float_strides: Collection[int] = ()) -> list[str]:
     """The convolutions kept in float, each measured (module docstring) to cost val accuracy in
     int8: the high-resolution ones, whose output stride is at most HIGH_RES_STRIDE (with it the
@@ -145,24 +141,27 @@ def float_convs(model: onnx.ModelProto, float_strides: Collection[int] = ()) -> 
     if not convs:
         raise ValueError("the model has no convolution: nothing to quantize")
     strides = output_strides(model)
+
+    def groups(node: onnx.NodeProto) -> int:
+        return next((a.i for a in node.attribute if a.name == "group"), 1)
+
     return [
         node.name
         for node in convs
         if strides[node.name] <= HIGH_RES_STRIDE
         or strides[node.name] in float_strides
-        or _groups(node) > 1
+        or groups(node) > 1
     ]
 
 
 def quantizable_strides(model: bytes) -> list[int]:
-    """The output strides of the convolutions int8 would quantize, coarsest first: the stages
-    evaluate may keep in float, one at a time, when the int8 model loses on val."""
+    """The output strides of the convolutions int8 would quantize (all but float_convs),
+    coarsest first: the stages evaluate may keep in float, one at a time, when the int8 model
+    loses on val."""
     graph = onnx.load_from_string(model)
-    strides = output_strides(graph)
-    convs = [n for n in graph.graph.node if n.op_type == "Conv" and _groups(n) == 1]
-    return sorted(
-        {strides[n.name] for n in convs if strides[n.name] > HIGH_RES_STRIDE}, reverse=True
-    )
+    strides, kept = output_strides(graph), set(float_convs(graph))
+    quantized = [n for n in graph.graph.node if n.op_type == "Conv" and n.name not in kept]
+    return sorted({strides[n.name] for n in quantized}, reverse=True)
 
 
 def quantize_int8(
