@@ -15,6 +15,8 @@ the fine-tuned network's val photos:
   them (3.9 and 4.4 ms per image);
 - the depthwise ones: quantized, val 94.9% (2.9 ms per image); in float, 96.2% (6 changed).
 evaluate decides whether a quantized model is good enough to serve (evaluate.int8_max_loss).
+calibrated_onnx: a model whose logits leave through evaluate's fitted probability calibration
+(vitrine/calibration.py), so every reader of model.onnx gets calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from service import ONNX_MODEL_FILE
 from service.runtime import OnnxPredictor
+from vitrine.calibration import Calibration
 from vitrine.models import AfterResize, Predictor
 from vitrine.network_input import network_input
 
@@ -188,6 +191,32 @@ def quantize_int8(
         return out.read_bytes()
 
 
+def calibrated_onnx(model: bytes, calibration: Calibration) -> bytes:
+    """model with its logits output replaced by logits / temperature + bias (same name, so
+    readers of model.onnx need not know)."""
+    graph = onnx.load_from_string(model)
+    [output] = graph.graph.output
+    raw, scaled = f"{output.name}_uncalibrated", f"{output.name}_scaled"
+    for node in graph.graph.node:
+        node.output[:] = [raw if name == output.name else name for name in node.output]
+    temperature = np.array(calibration.temperature, dtype=np.float32)
+    bias = np.array(calibration.bias, dtype=np.float32)
+    graph.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(temperature, "calibration_temperature"),
+            onnx.numpy_helper.from_array(bias, "calibration_bias"),
+        ]
+    )
+    graph.graph.node.extend(
+        [
+            onnx.helper.make_node("Div", [raw, "calibration_temperature"], [scaled]),
+            onnx.helper.make_node("Add", [scaled, "calibration_bias"], [output.name]),
+        ]
+    )
+    onnx.checker.check_model(graph)
+    return graph.SerializeToString()
+
+
 def checkpoint_digest(checkpoint: Path) -> str:
     """sha256 of the checkpoint a served model was exported from (served.json records it)."""
     with open(checkpoint, "rb") as f:
@@ -204,8 +233,8 @@ def write_served(folder: Path, model: bytes, record: dict[str, Any]) -> None:
     (folder / SERVED_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def read_served(folder: Path, checkpoint: Path) -> tuple[bytes, str]:
-    """model.onnx and its precision, as write_served left them, after checking they were
+def read_served(folder: Path, checkpoint: Path) -> tuple[bytes, dict[str, Any]]:
+    """model.onnx and served.json, as write_served left them, after checking they were
     exported from `checkpoint` (a retrained candidate needs evaluate again)."""
     if not (folder / SERVED_INFO_FILE).is_file():
         raise ValueError(f"{folder / SERVED_INFO_FILE} is missing: run `dvc repro evaluate`")
@@ -215,4 +244,4 @@ def read_served(folder: Path, checkpoint: Path) -> tuple[bytes, str]:
             f"{folder / ONNX_MODEL_FILE} was exported from another checkpoint than {checkpoint}: "
             "run `dvc repro evaluate`"
         )
-    return (folder / ONNX_MODEL_FILE).read_bytes(), str(record["precision"])
+    return (folder / ONNX_MODEL_FILE).read_bytes(), record

@@ -9,7 +9,9 @@ ships the winner's file as it is.
 
 The winner is the candidate with the best `evaluate.primary_metric` on val (business-weighted
 accuracy by default; ties: accuracy, then name); only the winner is scored on the test photos,
-so the test set never influences a choice. On the winner's val predictions evaluate also fits
+so the test set never influences a choice. Each served model's probabilities are calibrated on
+val first (`evaluate.calibration`, vitrine/calibration.py), the fitted map baked into its
+model.onnx. On the winner's val predictions evaluate also fits
 the abstain threshold: the confidence below which sending a photo to human review (at
 `review_cost`) earns more than trusting the model. The service reads that threshold from the
 packaged model.
@@ -39,6 +41,7 @@ from tqdm import tqdm
 from service.export import (
     FP32,
     INT8,
+    calibrated_onnx,
     calibration_photos,
     checkpoint_digest,
     export_onnx,
@@ -49,6 +52,7 @@ from service.export import (
 from service.runtime import OnnxPredictor
 from stages.train import CHECKPOINT
 from vitrine import metrics
+from vitrine.calibration import Calibration, check_method, fit_calibration
 from vitrine.config import Paths, load_params, load_paths, stage_config
 from vitrine.data import load_split, prepared_manifest_path
 from vitrine.decisions import chosen
@@ -70,6 +74,7 @@ class EvaluateConfig:
     default_mistake_cost: float  # what any other wrong prediction costs
     review_cost: float  # what one human review of an abstained photo costs
     decision: str  # argmax | expected_value: how probabilities become an answer
+    calibration: str  # none | temperature | temperature_bias, fitted on val (calibration.py)
     top_k: int
     calibration_bins: int
     promote_margin: float  # package: how much better than the champion a challenger must be
@@ -124,6 +129,7 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
         config.decision,
     )
     metrics.check_taxonomy(config.classes, config.taxonomy)
+    check_method(config.calibration)
     names = metrics.score_names(len(config.classes), config.top_k)
     if config.primary_metric not in names:
         raise ValueError(
@@ -158,8 +164,8 @@ def labelled_split(
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
-    """Class probabilities for uint8 (N, H, W, 3) images.
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
+    """Logits for uint8 (N, H, W, 3) images.
 
     `model` maps uint8 NHWC to logits: an OnnxPredictor (onnx_proba: the computation the service
     runs), or a Predictor or TorchScript model.
@@ -167,10 +173,20 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int, desc: s
     model.eval()
     starts = range(0, len(images), batch_size)
     out = [
-        torch.softmax(model(torch.from_numpy(np.array(images[i : i + batch_size]))), dim=1)
+        model(torch.from_numpy(np.array(images[i : i + batch_size])))
         for i in tqdm(starts, desc=desc, unit="batch", leave=False)
     ]
     return torch.cat(out).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, as the service computes it (torch, float32)."""
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
+    """Class probabilities for uint8 (N, H, W, 3) images (predict_logits, softmaxed)."""
+    return softmax(predict_logits(model, images, batch_size, desc))
 
 
 def load_candidate(model_dir: Path, classes: tuple[str, ...]) -> Predictor:
@@ -194,13 +210,76 @@ class ServedModel:
     record: dict[str, Any]  # served.json: precision, and for int8 candidates both val scores
 
 
+def onnx_logits(
+    model: Path | bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
+) -> np.ndarray:
+    """Logits under ONNX Runtime (model.onnx, as a file or its bytes) behind the shared resize,
+    on every core: the same bits as the service's single thread."""
+    predictor = OnnxPredictor(model, input_size, threads=torch.get_num_threads())
+    return predict_logits(predictor, images, batch_size, desc)
+
+
 def onnx_proba(
     model: Path | bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
 ) -> np.ndarray:
-    """Class probabilities under ONNX Runtime (model.onnx, as a file or its bytes) behind the
-    shared resize, on every core: the same bits as the service's single thread."""
-    predictor = OnnxPredictor(model, input_size, threads=torch.get_num_threads())
-    return predict_proba(predictor, images, batch_size, desc)
+    """onnx_logits, softmaxed: the probabilities the service answers from."""
+    return softmax(onnx_logits(model, input_size, images, batch_size, desc))
+
+
+def served_precision(
+    name: str,
+    predictor: Predictor,
+    val: tuple[np.ndarray, np.ndarray],
+    train_images: np.ndarray,
+    config: EvaluateConfig,
+    values: metrics.ValueModel,
+) -> tuple[bytes, np.ndarray, dict[str, Any]]:
+    """The candidate exported to ONNX, quantized when listed in evaluate.int8 and int8 loses
+    at most int8_max_loss of the val primary metric, with one more stage in float if need be
+    (else the float model is served; the record gives the last int8 model tried); its val
+    logits, and served.json's record of the choice."""
+    x_val, y_val = val
+    size = predictor.input_size
+
+    def scored(model: bytes, desc: str) -> tuple[np.ndarray, dict[str, Any]]:
+        logits = onnx_logits(model, size, x_val, config.batch_size, desc)
+        return logits, metrics.scores(y_val, softmax(logits), values, config.top_k, config.taxonomy)
+
+    fp32 = export_onnx(predictor, x_val.shape[1])
+    fp32_logits, fp32_scores = scored(fp32, f"val {name}")
+    if name not in config.int8:
+        return fp32, fp32_logits, {"precision": FP32}
+    photos = calibration_photos(train_images, config.int8_calibration_photos, CALIBRATION_SEED)
+    metric = config.primary_metric
+    fp32_score = fp32_scores[metric]
+    # Int8 as planned first; if it loses, each coarser stage in float in turn (a network's
+    # most rounding-sensitive stage differs from one training run to the next).
+    for float_strides in [(), *((s,) for s in quantizable_strides(fp32))]:
+        int8 = quantize_int8(fp32, photos, size, float_strides)
+        int8_logits, int8_scores = scored(int8, f"val {name} int8")
+        holds = int8_scores[metric] >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
+        if holds:
+            break
+    changed = values.decide(softmax(fp32_logits)) != values.decide(softmax(int8_logits))
+    record = {
+        "precision": INT8 if holds else FP32,
+        f"val_{metric}_fp32": fp32_score,
+        f"val_{metric}_int8": int8_scores[metric],
+        "val_answers_changed_by_int8": int(changed.sum()),
+        "int8_float_strides": list(float_strides),
+        "calibration_photos": len(photos),
+    }
+    return (int8, int8_logits, record) if holds else (fp32, fp32_logits, record)
+
+
+def calibrated(
+    model: bytes, val_logits: np.ndarray, y_val: np.ndarray, config: EvaluateConfig
+) -> tuple[bytes, Calibration | None]:
+    """model with evaluate.calibration, fitted on its val logits, baked in."""
+    calibration = fit_calibration(val_logits, y_val, config.calibration)
+    if calibration is None:
+        return model, None
+    return calibrated_onnx(model, calibration), calibration
 
 
 def served_model(
@@ -212,46 +291,29 @@ def served_model(
     config: EvaluateConfig,
     values: metrics.ValueModel,
 ) -> ServedModel:
-    """The candidate exported to ONNX, quantized when listed in evaluate.int8 and int8 loses
-    at most int8_max_loss of the val primary metric, with one more stage in float if need be
-    (else the float model is served; the record gives the last int8 model tried)."""
-    source = {"checkpoint_sha256": checkpoint_digest(checkpoint)}
+    """The candidate as the service would run it: served_precision's model, its probabilities
+    calibrated on val, and scored on val so."""
     x_val, y_val = val
     size = predictor.input_size
-
-    def scored(model: bytes, desc: str) -> tuple[np.ndarray, dict[str, Any]]:
-        proba = onnx_proba(model, size, x_val, config.batch_size, desc)
-        return proba, metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)
-
-    fp32 = export_onnx(predictor, x_val.shape[1])
-    fp32_proba, fp32_scores = scored(fp32, f"val {name}")
-    if name not in config.int8:
-        return ServedModel(fp32, size, fp32_proba, fp32_scores, {"precision": FP32, **source})
-    photos = calibration_photos(train_images, config.int8_calibration_photos, CALIBRATION_SEED)
-    metric = config.primary_metric
-    fp32_score = fp32_scores[metric]
-    # Int8 as planned first; if it loses, each coarser stage in float in turn (a network's
-    # most rounding-sensitive stage differs from one training run to the next).
-    for float_strides in [(), *((s,) for s in quantizable_strides(fp32))]:
-        int8 = quantize_int8(fp32, photos, size, float_strides)
-        int8_proba, int8_scores = scored(int8, f"val {name} int8")
-        holds = int8_scores[metric] >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
-        if holds:
-            break
-    record = {
-        "precision": INT8 if holds else FP32,
-        f"val_{metric}_fp32": fp32_score,
-        f"val_{metric}_int8": int8_scores[metric],
-        "val_answers_changed_by_int8": int(
-            (values.decide(fp32_proba) != values.decide(int8_proba)).sum()
-        ),
-        "int8_float_strides": list(float_strides),
-        "calibration_photos": len(photos),
-        **source,
+    model, logits, record = served_precision(name, predictor, val, train_images, config, values)
+    model, calibration = calibrated(model, logits, y_val, config)
+    fitted: dict[str, Any] = {
+        "method": config.calibration,
+        "val_log_loss_uncalibrated": metrics.log_loss(y_val, softmax(logits)),
     }
-    if holds:
-        return ServedModel(int8, size, int8_proba, int8_scores, record)
-    return ServedModel(fp32, size, fp32_proba, fp32_scores, record)
+    if calibration is not None:
+        logits = onnx_logits(model, size, x_val, config.batch_size, f"val {name} calibrated")
+        fitted["temperature"] = calibration.temperature
+        fitted["bias"] = dict(zip(config.classes, calibration.bias, strict=True))
+    proba = softmax(logits)
+    fitted["val_log_loss"] = metrics.log_loss(y_val, proba)
+    scores = metrics.scores(y_val, proba, values, config.top_k, config.taxonomy)
+    record = {
+        **record,
+        "calibration": fitted,
+        "checkpoint_sha256": checkpoint_digest(checkpoint),
+    }
+    return ServedModel(model, size, proba, scores, record)
 
 
 def rank_candidates(table: Mapping[str, Mapping[str, Any]], primary: str) -> list[str]:

@@ -166,11 +166,12 @@ def weights_version(predictor: torch.nn.Module, trained: TrainedModel) -> str:
     return f"{prefix}-{digest.hexdigest()[:12]}"
 
 
-def model_version(weights: str, precision: str, served: bytes) -> str:
-    """The served model's version: the weights' own in float; when quantized, marked so and
-    a hash of model.onnx itself, since the calibration shapes it too
-    (effnet-lite0-int8-<hash> runs the weights of effnet-lite0-<other hash>)."""
-    if precision == FP32:
+def model_version(weights: str, precision: str, calibrated: bool, served: bytes) -> str:
+    """The served model's version: the weights' own for the plain float export; when quantized
+    or calibrated, marked with the precision and a hash of model.onnx itself, since int8's and
+    the probabilities' calibration shape it too (effnet-lite0-int8-<hash> runs the weights of
+    effnet-lite0-<other hash>)."""
+    if precision == FP32 and not calibrated:
         return weights
     prefix = weights.rsplit("-", 1)[0]
     return f"{prefix}-{precision}-{hashlib.sha256(served).hexdigest()[:12]}"
@@ -226,23 +227,28 @@ def package_info(
     trained: TrainedModel,
     candidate: str,
     weights: str,
-    precision: str,
+    record: dict[str, Any],
     served: bytes,
     report: dict[str, Any],
     serve: ServeConfig,
     card: dict[str, Any],
     decision_gain: np.ndarray | None,
 ) -> dict[str, Any]:
-    """model.json of the package: everything the service needs besides the weights."""
+    """model.json of the package: everything the service needs besides the weights. record:
+    served.json, how evaluate served the model (precision, probability calibration)."""
+    precision = str(record["precision"])
+    calibration = record.get("calibration", {"method": "none"})
+    calibrated = calibration["method"] != "none"
     info = {
         "model": trained.model,
         "candidate": candidate,
         "classes": list(trained.classes),
         "image_size": trained.image_size,
         "input_size": trained.input_size,
-        "model_version": model_version(weights, precision, served),
+        "model_version": model_version(weights, precision, calibrated, served),
         "weights_version": weights,
         "precision": precision,  # of model.onnx; model.pt is always the float network
+        "calibration": calibration,  # baked into model.onnx; model.pt gives raw logits
         "metrics": test_metrics(report),
         "abstain_threshold": abstain_threshold(report),
         "serve": dataclasses.asdict(serve),
@@ -273,6 +279,18 @@ def runs_as(info: dict[str, Any]) -> str:
     )
 
 
+def calibrated_as(info: dict[str, Any]) -> str:
+    """How model.onnx's probabilities were calibrated (vitrine.calibration), in words."""
+    calibration = info.get("calibration", {"method": "none"})  # none before calibration existed
+    if calibration["method"] == "none":
+        return "the network's softmax, uncalibrated"
+    bias = ", ".join(f"{c} {b:+.3f}" for c, b in calibration["bias"].items())
+    return (
+        f"calibrated on val ({calibration['method']}): softmax(logits / "
+        f"{calibration['temperature']:.3f} + bias), bias {bias}"
+    )
+
+
 def model_card(info: dict[str, Any]) -> str:
     """model_card.md: the model, how to feed it, how well it did and what made it."""
     scalars = {k: v for k, v in info["metrics"].items() if isinstance(v, int | float)}
@@ -286,6 +304,7 @@ def model_card(info: dict[str, Any]) -> str:
         f"vitrine.images.load_square; the model resizes to {info['input_size']} px and "
         "normalises inside",
         f"- Runs as: {runs_as(info)}",
+        f"- Probabilities: {calibrated_as(info)}",
         f"- Answers with {answers(info)}; abstains below confidence {info['abstain_threshold']:g}",
         f"- Data: {card['data']['path']} (md5 {card['data']['md5']} in dvc.lock)",
         f"- Code: git revision {card['git_revision']}",
@@ -337,11 +356,11 @@ def export_package(
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
     scripted = script_predictor(predictor, trained.image_size)
     model_bytes = serialize(scripted)
-    onnx_bytes, precision = read_served(served_dir, model_dir / CHECKPOINT)
+    onnx_bytes, record = read_served(served_dir, model_dir / CHECKPOINT)
     report = json.loads(evaluate_report.read_text())
     weights = weights_version(predictor, trained)
     info = package_info(
-        trained, model_dir.name, weights, precision, onnx_bytes, report, serve, card, decision_gain
+        trained, model_dir.name, weights, record, onnx_bytes, report, serve, card, decision_gain
     )
     write_package(out_dir, model_bytes, onnx_bytes, info)
     return info

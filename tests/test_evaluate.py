@@ -136,6 +136,7 @@ def config(**overrides) -> EvaluateConfig:
         "default_mistake_cost": 0.5,
         "review_cost": 0.3,
         "decision": "argmax",
+        "calibration": "none",
         "top_k": 2,
         "calibration_bins": 10,
         "promote_margin": 0.005,
@@ -490,7 +491,14 @@ def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
 ) -> None:
     cfg = config(int8=("bright",), int8_calibration_photos=8, mistakes_shown=1)
     result = evaluate(cfg, ("always_laptop", "bright"), prepared, models)
-    served = result.report["served"]
+    # evaluate.calibration none: the network's own softmax
+    fitted = {name: r["calibration"] for name, r in result.report["served"].items()}
+    assert {f["method"] for f in fitted.values()} == {"none"}
+    assert all(f["val_log_loss"] == f["val_log_loss_uncalibrated"] for f in fitted.values())
+    served = {
+        name: {k: v for k, v in r.items() if k != "calibration"}
+        for name, r in result.report["served"].items()
+    }
     digest = checkpoint_digest(models / "always_laptop" / "best.ckpt")
     assert served["always_laptop"] == {"precision": "fp32", "checkpoint_sha256": digest}
     assert served["bright"] == {
@@ -507,7 +515,7 @@ def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
     write_outputs(result, paths, cfg.mistakes_shown)
     assert sorted(p.name for p in paths.served.iterdir()) == ["always_laptop", "bright"]
     folder = paths.served / "bright"
-    assert json.loads((folder / "served.json").read_text()) == served["bright"]
+    assert json.loads((folder / "served.json").read_text()) == result.report["served"]["bright"]
     page = paths.evaluation_html.read_text()
     assert "Scored as the service runs it: model.onnx in int8 (validation" in page
     assert "int8 changed 0 answers" in page
@@ -518,6 +526,32 @@ def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
     x_val, _ = load_split(prepared, "val", list(CLASSES))
     again = onnx_proba((folder / "model.onnx").read_bytes(), 64, x_val, 3, "t")
     assert np.array_equal(again, result.served["bright"].val_proba)
+
+
+def test_calibration_is_fitted_on_val_and_served_in_the_model(
+    prepared: Path, models: Path, tmp_path: Path
+) -> None:
+    """always_laptop says laptop at 0.88 for every photo; half the val photos are phones.
+    temperature_bias learns that its answer carries no information: 0.5 for both classes."""
+    cfg = config(calibration="temperature_bias")
+    result = evaluate(cfg, ("always_laptop",), prepared, models)
+    fitted = result.report["served"]["always_laptop"]["calibration"]
+    assert fitted["method"] == "temperature_bias"
+    p = 1 / (1 + np.exp(-2.0))  # softmax of the 2-logit gap
+    assert fitted["val_log_loss_uncalibrated"] == pytest.approx(-np.log(p * (1 - p)) / 2)
+    assert fitted["val_log_loss"] == pytest.approx(np.log(2), abs=1e-3)
+    assert set(fitted["bias"]) == set(CLASSES) and fitted["temperature"] > 0
+    served = result.served["always_laptop"]
+    assert np.allclose(served.val_proba, 0.5, atol=1e-3)
+    assert {"Div", "Add"} <= op_types(served.onnx)
+    x_val, _ = load_split(prepared, "val", list(CLASSES))
+    assert np.array_equal(onnx_proba(served.onnx, 64, x_val, 3, "t"), served.val_proba)
+    # The test scores and the abstain threshold read the calibrated probabilities too.
+    assert result.predictions["p_laptop"].to_numpy() == pytest.approx(0.5, abs=1e-3)
+    paths = stage_paths(tmp_path / "out")
+    write_outputs(result, paths, cfg.mistakes_shown)
+    page = paths.evaluation_html.read_text()
+    assert "calibrated on val (<code>temperature_bias</code>" in page
 
 
 def test_int8_that_loses_on_val_is_not_served(prepared: Path, models: Path) -> None:

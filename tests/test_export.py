@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from service.export import (
+    calibrated_onnx,
     calibration_photos,
     export_onnx,
     float_convs,
@@ -16,6 +17,8 @@ from service.export import (
     quantize_int8,
     read_served,
 )
+from service.runtime import OnnxPredictor
+from vitrine.calibration import Calibration
 from vitrine.models import Predictor
 
 
@@ -84,3 +87,20 @@ def test_quantizable_strides_are_listed_coarsest_first() -> None:
 def test_a_missing_served_model_names_the_stage_to_run(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"served.json is missing: run `dvc repro evaluate`"):
         read_served(tmp_path, tmp_path / "best.ckpt")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_calibrated_model_divides_its_logits_and_adds_the_bias(int8: bool) -> None:
+    torch.manual_seed(0)
+    model = export_onnx(Predictor(Strided(), 32, 127.5, 127.5).eval(), 32)
+    photos = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    if int8:
+        model = quantize_int8(model, photos, 32)
+    calibrated = calibrated_onnx(model, Calibration(2.0, (0.25, -0.25)))
+    batch = torch.from_numpy(photos)
+    with torch.inference_mode():
+        raw, scaled = (OnnxPredictor(m, 32)(batch) for m in (model, calibrated))
+    assert torch.allclose(scaled, raw / 2.0 + torch.tensor([0.25, -0.25]), atol=1e-6)
+    # Readers find the output under its old name.
+    names = [o.name for o in onnx.load_from_string(calibrated).graph.output]
+    assert names == [o.name for o in onnx.load_from_string(model).graph.output]

@@ -20,6 +20,7 @@ from PIL import Image
 
 from service.export import (
     ONNX_PARITY_ATOL,
+    calibrated_onnx,
     checkpoint_digest,
     export_onnx,
     parity_batch,
@@ -46,6 +47,7 @@ from tests.test_evaluate import (
     write_checkpoint,
     write_prepared,
 )
+from vitrine.calibration import Calibration
 from vitrine.config import ConfigError, load_params, stage_config
 from vitrine.images import load_square
 from vitrine.models import ImageClassifier
@@ -77,9 +79,14 @@ def write_report(path: Path, report: dict = REPORT) -> Path:
     return path
 
 
-def serve_checkpoint(model_dir: Path, served: Path, photos: np.ndarray | None = None) -> Path:
+def serve_checkpoint(
+    model_dir: Path,
+    served: Path,
+    photos: np.ndarray | None = None,
+    calibration: Calibration | None = None,
+) -> Path:
     """What evaluate writes for a candidate: its model.onnx in float, or in int8 calibrated on
-    `photos` (uint8 NHWC)."""
+    `photos` (uint8 NHWC), its probabilities calibrated when `calibration` is given."""
     trained = read_trained(model_dir)
     model = export_onnx(load_predictor(model_dir / "best.ckpt", trained), trained.image_size)
     precision = "fp32"
@@ -89,6 +96,13 @@ def serve_checkpoint(model_dir: Path, served: Path, photos: np.ndarray | None = 
         "precision": precision,
         "checkpoint_sha256": checkpoint_digest(model_dir / "best.ckpt"),
     }
+    if calibration is not None:
+        model = calibrated_onnx(model, calibration)
+        record["calibration"] = {
+            "method": "temperature_bias",
+            "temperature": calibration.temperature,
+            "bias": dict(zip(CLASSES, calibration.bias, strict=True)),
+        }
     write_served(served, model, record)
     return served
 
@@ -99,10 +113,12 @@ def export(
     out_dir: Path,
     gain: np.ndarray | None = None,
     photos: np.ndarray | None = None,
+    calibration: Calibration | None = None,
 ) -> dict:
     """The package stage's export of a checkpoint, served as evaluate would (int8 with photos)."""
     card = {**CARD, "git_revision": "f00"}
-    served = serve_checkpoint(model_dir, out_dir.with_name(out_dir.name + "-served"), photos)
+    served_dir = out_dir.with_name(out_dir.name + "-served")
+    served = serve_checkpoint(model_dir, served_dir, photos, calibration)
     return export_package(model_dir, served, report, out_dir, SERVE, card, gain)
 
 
@@ -377,6 +393,26 @@ def test_an_int8_package_ships_evaluates_model_under_its_weights_version(tmp_pat
         logits = [load_onnx(tmp_path / p, 128, 64)(batch) for p in ("fp32", "int8")]
     assert not torch.equal(*logits)  # quantized: near the float logits, not equal
     assert torch.allclose(*logits, atol=0.05)
+
+
+def test_a_calibrated_float_package_is_versioned_by_its_model_onnx(tmp_path: Path) -> None:
+    """The same weights with calibrated probabilities answer otherwise: another version."""
+    model_dir = tmp_path / "train"
+    write_trained_model(model_dir)
+    report = write_report(tmp_path / "evaluate.json")
+    plain = export(model_dir, report, tmp_path / "plain")
+    calibration = Calibration(2.0, (0.1, -0.1))
+    calibrated = export(model_dir, report, tmp_path / "calibrated", calibration=calibration)
+    assert calibrated["weights_version"] == plain["weights_version"] == plain["model_version"]
+    shipped = (tmp_path / "calibrated" / "model.onnx").read_bytes()
+    prefix = plain["model_version"].rsplit("-", 1)[0]
+    digest = hashlib.sha256(shipped).hexdigest()[:12]
+    assert calibrated["model_version"] == f"{prefix}-fp32-{digest}"
+    assert calibrated["calibration"]["temperature"] == 2.0
+    card = (tmp_path / "calibrated" / "model_card.md").read_text()
+    assert "softmax(logits / 2.000 + bias), bias laptop +0.100, phone -0.100" in card
+    plain_card = (tmp_path / "plain" / "model_card.md").read_text()
+    assert "the network's softmax, uncalibrated" in plain_card
 
 
 def test_a_served_model_of_another_checkpoint_is_refused(tmp_path: Path) -> None:

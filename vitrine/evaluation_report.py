@@ -148,13 +148,25 @@ def reliability_svg(curve: list[dict[str, float]], size: int = 260) -> str:
     )
 
 
+def calibrated_with(fitted: dict[str, Any]) -> str:
+    """How the winner's probabilities were calibrated on val (served.json's record), in words."""
+    if fitted["method"] == "none":
+        return "The probabilities are the network's own softmax (<code>calibration: none</code>)."
+    return (
+        f"The probabilities are calibrated on val (<code>{fitted['method']}</code>, temperature "
+        f"{fitted['temperature']:.3f}), the map baked into model.onnx: val log loss "
+        f"{fitted['val_log_loss_uncalibrated']:.4f} before, {fitted['val_log_loss']:.4f} after."
+    )
+
+
 def calibration_section(report: dict[str, Any], curve: list[dict[str, float]]) -> str:
     cal, ab = report["calibration"], report["abstain"]
+    fitted = report["served"][report["winner"]]["calibration"]
     rows = [[k, v] for k, v in ab.items() if v is not None]
     return (
         "<h2>Calibration and abstaining</h2>"
-        f"<p>Expected calibration error: val {cal['val_ece']:.4f}, test {cal['test_ece']:.4f} "
-        f"({cal['bins']} bins).</p>{reliability_svg(curve)}"
+        f"<p>{calibrated_with(fitted)} Expected calibration error: val {cal['val_ece']:.4f}, "
+        f"test {cal['test_ece']:.4f} ({cal['bins']} bins).</p>{reliability_svg(curve)}"
         "<p>Below the threshold (fitted on val to maximise expected value), the service answers "
         f"<code>abstain: true</code> and the photo goes to human review. {abstain_verdict(ab)}</p>"
         + _table(["abstain", "value"], rows)

@@ -19,6 +19,7 @@ from vitrine.decisions import DECISIONS, chosen, decide
 
 # Confidence threshold that sends every photo to review: above any softmax probability.
 REVIEW_ALL = float(np.nextafter(1.0, 2.0))
+LOG_FLOOR = 1e-15  # a float32 softmax can round a probability to 0; log(0) would be -inf
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,12 @@ def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int) -> float:
     k = min(k, proba.shape[1])
     top = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     return float((top == y_true[:, None]).any(axis=1).mean())
+
+
+def log_loss(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (what calibration minimises on val)."""
+    picked = proba[np.arange(len(y_true)), y_true]
+    return float(-np.log(np.clip(picked, LOG_FLOOR, None)).mean())
 
 
 def expected_calibration_error(

@@ -80,14 +80,14 @@ def decide(
             "packaged again so the current serve settings and abstain threshold apply",
         )
     if champion.weights == challenger.weights:
-        # The same network served otherwise (int8, recalibrated, or back to float): not a
-        # retrain that needs the margin to prove itself; evaluate ships int8 only when it holds
-        # up on val.
+        # The same network served otherwise (int8, its probabilities recalibrated, or back to
+        # float): not a retrain that needs the margin to prove itself; evaluate ships int8 only
+        # when it holds up on val.
         return Decision(
             True,
             f"the challenger {challenger.model_version} runs the champion's weights "
             f"({champion.weights}, deployed as {champion.model_version}), exported as evaluate "
-            "scored it (precision, int8 calibration)",
+            "scored it (precision, int8 calibration, calibrated probabilities)",
         )
     if champion.scores is None or challenger.scores is None:
         reason = not_comparable(challenger, champion) or "the champion was not scored"
