@@ -3,6 +3,7 @@ k-fold cross-validation on the prepared photos, on this machine's CPU.
 
     python benchmarks/cv_accuracy.py [--candidate effnet_finetune] [--folds 5] [--seed 0]
                                      [--prepared data/prepared] [--out .cache/cv_accuracy]
+                                     [-S candidates.effnet_finetune.cutmix_p=0 ...]
 
 The train and test photos of `prepare` are pooled and dealt into --folds folds by cluster (a
 hash of the cluster key, as prepare splits), so copies of a photo never straddle a fold's train
@@ -15,6 +16,8 @@ train split, so each fold's figure is a sample of what the pipeline's one test f
 Prints each fold's accuracy and business-weighted accuracy, then the pooled accuracy over every
 pooled photo with its 95% Wilson interval. A fold's result is saved under --out as it finishes,
 and a re-run skips finished folds (a fold takes as long as the candidate's training).
+-S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
+on the same folds; each set of overrides keeps its results in a folder of its own.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from stages.train import (
     train,
 )
 from vitrine import metrics
-from vitrine.config import load_params, stage_config
+from vitrine.config import load_params, parse_override, set_dotted, stage_config
 from vitrine.data import load_split, prepared_manifest_path, split_images_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +117,15 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def results_folder(out: Path, candidate: str, folds: int, seed: int, overrides: list) -> Path:
+    """Where one recipe's folds are kept: the overrides, if any, hashed into the name."""
+    name = f"{candidate}-k{folds}-s{seed}"
+    if overrides:
+        digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
+        name += f"-{digest}"
+    return out / name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidate", default="effnet_finetune")
@@ -121,14 +133,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "cv_accuracy")
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        type=parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter of params.yaml for this run (repeatable)",
+    )
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
+    for key, value in args.overrides:
+        set_dotted(params, key, value)
+    root = results_folder(args.out, args.candidate, args.folds, args.seed, args.overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "overrides.json").write_text(json.dumps(dict(args.overrides), indent=2) + "\n")
+    print(f"results in {root}; overrides {dict(args.overrides) or 'none'}")
     rows = pooled_photos(args.prepared, args.folds, args.seed)
     sizes = rows["fold"].value_counts().sort_index().tolist()
     print(f"{len(rows)} pooled photos in {args.folds} folds of {sizes}")
     results = []
     for fold in range(args.folds):
-        folder = args.out / f"{args.candidate}-k{args.folds}-s{args.seed}" / f"fold{fold}"
+        folder = root / f"fold{fold}"
         done = folder / "result.json"
         if not done.exists():
             write_fold(args.prepared, rows, fold, folder / "prepared")

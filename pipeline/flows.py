@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import psutil
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -51,7 +50,7 @@ from pipeline.workspace import (
     restore_interrupted_overrides,
     workspace_lock,
 )
-from vitrine.config import load_params
+from vitrine.config import load_params, parse_override
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The bin dir of the interpreter running this flow (`make flow` uses .venv/bin/python):
@@ -346,14 +345,6 @@ def quiet_logging() -> None:
     logging.getLogger("prefect").setLevel(logging.WARNING)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).setLevel(logging.INFO)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=0.0005` -> ("train.lr", 0.0005): the value is YAML, as in `dvc exp run -S`."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
 
 
 def main(argv: list[str] | None = None) -> int:

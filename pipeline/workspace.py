@@ -30,6 +30,8 @@ from dvc.fs import localfs
 from dvc.rwlock import _edit_rwlock  # DVC's own guarded read-modify-write of its rwlock
 from dvc.utils.serialize import modify_yaml
 
+from vitrine.config import ConfigError, set_dotted
+
 STATE_DIR = Path(".dvc/tmp/pipeline")  # ignored by git (.dvc/.gitignore) and by DVC
 PARAMS = Path("params.yaml")
 LOCK_POLL_S = 0.5
@@ -99,20 +101,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _set_dotted(data: Any, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in nested mappings, refusing keys that do not exist (as `dvc exp run -S`
-    does without `+`): a typo must not silently add a parameter nothing reads."""
-    keys = dotted.split(".")
-    node = data
-    for depth, key in enumerate(keys):
-        if not isinstance(node, Mapping) or key not in node:
-            where = ".".join(keys[: depth + 1])
-            raise OverrideError(f"override {dotted!r}: params.yaml has no key {where!r}")
-        if depth < len(keys) - 1:
-            node = node[key]
-    node[keys[-1]] = value
-
-
 def restore_interrupted_overrides(project_dir: Path) -> bool:
     """Put back params.yaml if a run with overrides was killed before restoring it."""
     backup = state_dir(project_dir) / "params.yaml.committed"
@@ -149,7 +137,10 @@ def params_overridden(project_dir: Path, overrides: Mapping[str, Any] | None) ->
     try:
         with modify_yaml(params) as data:
             for dotted, value in overrides.items():
-                _set_dotted(data, dotted, value)
+                try:
+                    set_dotted(data, dotted, value)
+                except ConfigError as err:
+                    raise OverrideError(f"override {err}") from err
         yield
     finally:
         _write_atomically(params, original)

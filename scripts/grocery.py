@@ -31,6 +31,8 @@ from typing import Any
 import yaml
 from dvc.utils.serialize import modify_yaml
 
+from vitrine.config import ConfigError, set_dotted
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = REPO / "configs" / "grocery.yaml"
 DEFAULT_TAR = os.environ.get("GROCERY_TAR", str(REPO.parent / "shared/datasets/grocery-store.tar"))
@@ -184,19 +186,6 @@ def sync_project(repo: Path, workspace: Path) -> int:
     return copied
 
 
-def set_dotted(params: Any, dotted: str, value: Any) -> None:
-    """Set `a.b.c` in nested mappings, refusing a key params.yaml lacks (as `dvc exp run -S`
-    without `+`): a misspelt or renamed parameter must fail, not be silently added."""
-    keys = dotted.split(".")
-    node = params
-    for depth, key in enumerate(keys):
-        if not isinstance(node, Mapping) or key not in node:
-            raise VariantError(f"{dotted}: params.yaml has no key {'.'.join(keys[: depth + 1])!r}")
-        if depth < len(keys) - 1:
-            node = node[key]
-    node[keys[-1]] = value
-
-
 def write_variant_params(base: Path, overrides: Mapping[str, Any], out: Path) -> None:
     """`base` with every override applied, comments kept; `out` is rewritten only if it
     changes."""
@@ -204,7 +193,10 @@ def write_variant_params(base: Path, overrides: Mapping[str, Any], out: Path) ->
     shutil.copyfile(base, draft)
     with modify_yaml(draft) as params:
         for dotted, value in overrides.items():
-            set_dotted(params, dotted, value)
+            try:
+                set_dotted(params, dotted, value)
+            except ConfigError as err:
+                raise VariantError(str(err)) from err
     if out.is_file() and filecmp.cmp(draft, out, shallow=False):
         draft.unlink()
     else:

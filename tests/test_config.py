@@ -1,8 +1,16 @@
+import argparse
 from dataclasses import dataclass
 
 import pytest
 
-from vitrine.config import ConfigError, from_mapping, load_params, load_paths
+from vitrine.config import (
+    ConfigError,
+    from_mapping,
+    load_params,
+    load_paths,
+    parse_override,
+    set_dotted,
+)
 
 
 @dataclass(frozen=True)
@@ -35,3 +43,16 @@ def test_the_repository_params_load():
     params = load_params()
     paths = load_paths(params)
     assert paths.collected.as_posix() == "data/collected"
+
+
+def test_overrides_parse_as_yaml_and_set_only_existing_keys():
+    key, value = parse_override("candidates.cnn64.augment=[{name: HorizontalFlip}]")
+    assert (key, value) == ("candidates.cnn64.augment", [{"name": "HorizontalFlip"}])
+    with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+        parse_override("train.lr")
+    params = {"train": {"lr": 0.1, "trainer": {"devices": 1}}}
+    set_dotted(params, "train.trainer.devices", 2)
+    assert params == {"train": {"lr": 0.1, "trainer": {"devices": 2}}}
+    for typo, missing in [("train.lrr", "train.lrr"), ("train.lr.x", "train.lr.x"), ("t.lr", "t")]:
+        with pytest.raises(ConfigError, match=rf"params\.yaml has no key '{missing}'"):
+            set_dotted(params, typo, 0)

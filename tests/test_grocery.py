@@ -16,7 +16,6 @@ from scripts.grocery import (
     catalog_rows,
     check_classes,
     extract_dataset,
-    set_dotted,
     set_up,
     taxonomy_labels,
     write_variant_params,
@@ -138,9 +137,8 @@ def test_class_list_must_match_the_dataset():
 def test_overrides_refuse_keys_params_yaml_lacks(tmp_path):
     base = tmp_path / "params.yaml"
     base.write_text("classes: [a, b]\nprepare:\n  split: hash  # why\n  seed: 42\n")
-    params = yaml.safe_load(base.read_text())
     with pytest.raises(VariantError, match=r"params\.yaml has no key 'prepare\.splitt'"):
-        set_dotted(params, "prepare.splitt", "column")
+        write_variant_params(base, {"prepare.splitt": "column"}, tmp_path / "typo.yaml")
     out = tmp_path / "variant.yaml"
     write_variant_params(base, {"classes": ["x/y/z"], "prepare.split": "column"}, out)
     assert yaml.safe_load(out.read_text()) == {

@@ -5,6 +5,7 @@ Unknown and missing keys are errors: a typo in params.yaml must fail loudly, not
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -25,6 +26,27 @@ class ConfigError(ValueError):
 def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=0.0005` -> ("train.lr", 0.0005): the value is YAML, as in `dvc exp run -S`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def set_dotted(params: Any, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings, refusing a key params.yaml lacks (as `dvc exp run -S`
+    without `+`): a misspelt or renamed parameter must fail, not be silently added."""
+    keys = dotted.split(".")
+    node = params
+    for depth, key in enumerate(keys):
+        if not isinstance(node, Mapping) or key not in node:
+            raise ConfigError(f"{dotted}: params.yaml has no key {'.'.join(keys[: depth + 1])!r}")
+        if depth < len(keys) - 1:
+            node = node[key]
+    node[keys[-1]] = value
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -1,0 +1,33 @@
+"""benchmarks/cv_accuracy.py: folds that never split a cluster, results kept per recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.cv_accuracy import pooled_photos, results_folder
+from vitrine.data import prepared_manifest_path
+
+
+def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -> None:
+    rows = [
+        {"split": split, "cluster_id": f"c{i // 3}", "index": i}
+        for i, split in enumerate(["train", "test", "val"] * 40)
+    ]
+    pd.DataFrame(rows).to_parquet(prepared_manifest_path(tmp_path))
+    pooled = pooled_photos(tmp_path, folds=5, seed=0)
+    assert set(pooled["split"]) == {"train", "test"} and len(pooled) == 80  # val stays out
+    assert pooled.groupby("cluster_id")["fold"].nunique().max() == 1
+    assert set(pooled["fold"]) == set(range(5))
+    reseeded = pooled_photos(tmp_path, folds=5, seed=1)
+    assert not reseeded["fold"].equals(pooled["fold"])
+
+
+def test_each_recipe_keeps_its_results_apart(tmp_path: Path) -> None:
+    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [])
+    assert plain == tmp_path / "effnet_finetune-k5-s0"
+    no_cutmix = [("candidates.effnet_finetune.cutmix_p", 0.0)]
+    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix)
+    assert varied not in (plain, results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)]))
+    assert varied == results_folder(tmp_path, "effnet_finetune", 5, 0, list(no_cutmix))
