@@ -9,13 +9,15 @@ The train and test photos of `prepare` are pooled and dealt into --folds folds b
 hash of the cluster key, as prepare splits), so copies of a photo never straddle a fold's train
 and test. Each fold is the test set once; the candidate (params.yaml, recipe unchanged) trains
 on the other folds with prepare's val photos for early stopping and checkpoint choice, exactly
-as `dvc repro train@<candidate>` does, and is scored in float with evaluate's decision rule.
+as `dvc repro train@<candidate>` does, and is scored as evaluate scores it: exported to ONNX in
+float, its probabilities calibrated on val (`evaluate.calibration`), answered by the decision rule.
 A fold holds about as many photos as prepare's test split and trains on about as many as its
 train split, so each fold's figure is a sample of what the pipeline's one test figure measures.
 
 Prints each fold's accuracy and business-weighted accuracy, then the pooled accuracy over every
-pooled photo with its 95% Wilson interval. A fold's result is saved under --out as it finishes,
-and a re-run skips finished folds (a fold takes as long as the candidate's training).
+pooled photo with its 95% Wilson interval. A fold's trained model is kept under --out, so a
+re-run only scores finished folds (a fold takes as long as the candidate's training; scoring,
+half a minute).
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
 on the same folds; each set of overrides keeps its results in a folder of its own.
 """
@@ -33,7 +35,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.evaluate import check_config, load_candidate, load_config, predict_proba
+from service.export import export_onnx
+from stages.evaluate import (
+    calibrated,
+    check_config,
+    load_candidate,
+    load_config,
+    onnx_logits,
+    onnx_proba,
+)
 from stages.train import (
     TrainConfig,
     candidate_config,
@@ -45,6 +55,8 @@ from stages.train import (
 from vitrine import metrics
 from vitrine.config import load_params, parse_override, set_dotted, stage_config
 from vitrine.data import load_split, prepared_manifest_path, split_images_path
+
+Photos = tuple[np.ndarray, np.ndarray]  # uint8 (N, H, W, 3) images and class indices
 
 REPO = Path(__file__).resolve().parents[1]
 POOLED = ("train", "test")  # dealt into folds; val stays the early-stopping set of every fold
@@ -64,15 +76,19 @@ def pooled_photos(prepared: Path, folds: int, seed: int) -> pd.DataFrame:
     return rows
 
 
+def gathered(prepared: Path, part: pd.DataFrame) -> np.ndarray:
+    """The images of pooled rows, from the train and test arrays they came from."""
+    arrays = {s: np.load(split_images_path(prepared, s), mmap_mode="r") for s in POOLED}
+    return np.stack([arrays[s][i] for s, i in zip(part["split"], part["index"], strict=True)])
+
+
 def write_fold(prepared: Path, rows: pd.DataFrame, fold: int, out: Path) -> None:
     """A prepared folder for one fold: its test photos, the other folds as train, val as is."""
     out.mkdir(parents=True, exist_ok=True)
-    arrays = {s: np.load(split_images_path(prepared, s), mmap_mode="r") for s in POOLED}
     parts = []
     for split, chosen in (("train", rows["fold"] != fold), ("test", rows["fold"] == fold)):
         part = rows[chosen].copy()
-        images = np.stack([arrays[s][i] for s, i in zip(part["split"], part["index"], strict=True)])
-        np.save(split_images_path(out, split), images)
+        np.save(split_images_path(out, split), gathered(prepared, part))
         part["split"], part["index"] = split, np.arange(len(part))
         parts.append(part)
     shutil.copyfile(split_images_path(prepared, "val"), split_images_path(out, "val"))
@@ -83,8 +99,8 @@ def write_fold(prepared: Path, rows: pd.DataFrame, fold: int, out: Path) -> None
     )
 
 
-def run_fold(params: dict, candidate: str, folder: Path) -> dict:
-    """Train the candidate on one fold's folder and score its test photos in float."""
+def train_fold(params: dict, candidate: str, folder: Path) -> dict:
+    """Train the candidate on one fold's prepared folder; its model goes to folder/model."""
     config = stage_config(TrainConfig, "train", params)
     recipe = candidate_config(params, candidate)
     data = folder / "prepared"
@@ -93,19 +109,30 @@ def run_fold(params: dict, candidate: str, folder: Path) -> dict:
     workdir = folder / "work" / run_fingerprint(config, recipe, data)
     result = train(config, recipe, data, workdir, folder / "live")
     publish(result, model_card(config, recipe, data), folder / "model", folder / "train.json")
-    classes = tuple(config.classes)
-    images, labels = load_split(data, "test", list(classes))
-    proba = predict_proba(load_candidate(folder / "model", classes), images, 256, "test")
+    return {
+        "best_epoch": result.metrics["best_epoch"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def score_fold(params: dict, folder: Path, val: Photos, test: Photos) -> dict:
+    """The fold's model as evaluate would serve it in float (ONNX, calibrated on val), scored
+    on the fold's test photos."""
     evaluate = load_config(params)
     values = check_config(evaluate)
+    predictor = load_candidate(folder / "model", evaluate.classes)
+    size = predictor.input_size
+    model = export_onnx(predictor, val[0].shape[1])
+    val_logits = onnx_logits(model, size, val[0], evaluate.batch_size, "val")
+    model, _ = calibrated(model, val_logits, val[1], evaluate)
+    images, labels = test
+    proba = onnx_proba(model, size, images, evaluate.batch_size, "test")
     scores = metrics.scores(labels, proba, values, evaluate.top_k, evaluate.taxonomy)
     return {
         "n": len(labels),
         "correct": int((values.decide(proba) == labels).sum()),
         "accuracy": scores["accuracy"],
         "business_weighted_accuracy": scores["business_weighted_accuracy"],
-        "best_epoch": result.metrics["best_epoch"],
-        "seconds": round(time.perf_counter() - started, 1),
     }
 
 
@@ -154,15 +181,19 @@ def main() -> None:
     rows = pooled_photos(args.prepared, args.folds, args.seed)
     sizes = rows["fold"].value_counts().sort_index().tolist()
     print(f"{len(rows)} pooled photos in {args.folds} folds of {sizes}")
+    classes = list(params["classes"])
+    val = load_split(args.prepared, "val", classes)
     results = []
     for fold in range(args.folds):
         folder = root / f"fold{fold}"
-        done = folder / "result.json"
-        if not done.exists():
+        trained = folder / "trained.json"
+        if not trained.exists():
             write_fold(args.prepared, rows, fold, folder / "prepared")
-            done.write_text(json.dumps(run_fold(params, args.candidate, folder), indent=2))
-            shutil.rmtree(folder / "prepared")  # the arrays are rebuilt cheaply; keep the result
-        result = json.loads(done.read_text())
+            trained.write_text(json.dumps(train_fold(params, args.candidate, folder), indent=2))
+            shutil.rmtree(folder / "prepared")  # the arrays are rebuilt cheaply; keep the model
+        part = rows[rows["fold"] == fold]
+        test = gathered(args.prepared, part), part["label"].map(classes.index).to_numpy()
+        result = {**json.loads(trained.read_text()), **score_fold(params, folder, val, test)}
         results.append(result)
         print(
             f"fold {fold}: {result['n']} test photos, accuracy {result['accuracy']:.2%}, "
