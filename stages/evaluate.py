@@ -184,11 +184,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
-def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
-    """Class probabilities for uint8 (N, H, W, 3) images (predict_logits, softmaxed)."""
-    return softmax(predict_logits(model, images, batch_size, desc))
-
-
 def load_candidate(model_dir: Path, classes: tuple[str, ...]) -> Predictor:
     checkpoint = model_dir / CHECKPOINT
     if not checkpoint.is_file():

@@ -27,9 +27,10 @@ from stages.evaluate import (
     evaluate,
     load_config,
     onnx_proba,
-    predict_proba,
+    predict_logits,
     predictions_table,
     rank_candidates,
+    softmax,
     write_outputs,
 )
 from tests.test_export import quantized_weights
@@ -221,14 +222,16 @@ def test_a_missing_checkpoint_names_its_train_stage(prepared: Path, models: Path
         evaluate(config(), ("bright", "absent"), prepared, models)
 
 
-def test_predict_proba_is_a_distribution_in_input_order() -> None:
+def test_predictions_are_batched_in_input_order_and_softmax_to_a_distribution() -> None:
     torch.manual_seed(0)
     predictor = build_predictor("cnn64", 2)
     images = np.random.default_rng(1).integers(0, 256, (5, 40, 40, 3)).astype(np.uint8)
-    proba = predict_proba(predictor, images, batch_size=2, desc="t")
+    logits = predict_logits(predictor, images, batch_size=2, desc="t")
+    proba = softmax(logits)
     assert proba.shape == (5, 2) and np.allclose(proba.sum(axis=1), 1, atol=1e-6)
-    single = predict_proba(predictor, images[3:4], batch_size=1, desc="t")
-    assert np.allclose(single[0], proba[3], atol=1e-6)
+    assert (proba.argmax(axis=1) == logits.argmax(axis=1)).all()
+    single = predict_logits(predictor, images[3:4], batch_size=1, desc="t")
+    assert np.allclose(single[0], logits[3], atol=1e-5)
 
 
 def test_ranking_breaks_ties_by_accuracy_then_name() -> None:
