@@ -53,7 +53,7 @@ from stages.train import (
     train,
 )
 from vitrine import metrics
-from vitrine.config import load_params, parse_override, set_dotted, stage_config
+from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
 from vitrine.data import load_split, prepared_manifest_path, split_images_path
 
 Photos = tuple[np.ndarray, np.ndarray]  # uint8 (N, H, W, 3) images and class indices
@@ -160,16 +160,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "cv_accuracy")
-    parser.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter of params.yaml for this run (repeatable)",
-    )
+    add_overrides_option(parser)
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
     for key, value in args.overrides:

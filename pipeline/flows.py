@@ -50,7 +50,7 @@ from pipeline.workspace import (
     restore_interrupted_overrides,
     workspace_lock,
 )
-from vitrine.config import load_params, parse_override
+from vitrine.config import add_overrides_option, load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The bin dir of the interpreter running this flow (`make flow` uses .venv/bin/python):
@@ -350,16 +350,7 @@ def quiet_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the DVC pipeline as a Prefect flow.")
     parser.add_argument("project_dir", nargs="?", type=Path, default=REPO_ROOT)
-    parser.add_argument(
-        "-S",
-        "--set",
-        dest="overrides",
-        action="append",
-        type=parse_override,
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter for this run only (repeatable)",
-    )
+    add_overrides_option(parser)
     parser.add_argument(
         "--if-changed", action="store_true", help="run retrain_if_changed instead of retrain"
     )

@@ -5,6 +5,7 @@ import pytest
 
 from vitrine.config import (
     ConfigError,
+    add_overrides_option,
     from_mapping,
     load_params,
     load_paths,
@@ -50,6 +51,10 @@ def test_overrides_parse_as_yaml_and_set_only_existing_keys():
     assert (key, value) == ("candidates.cnn64.augment", [{"name": "HorizontalFlip"}])
     with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
         parse_override("train.lr")
+    parser = argparse.ArgumentParser()
+    add_overrides_option(parser)
+    args = parser.parse_args(["-S", "train.trainer.devices=2", "--set", "train.lr=1e-3"])
+    assert args.overrides == [("train.trainer.devices", 2), ("train.lr", 0.001)]
     params = {"train": {"lr": 0.1, "trainer": {"devices": 1}}}
     set_dotted(params, "train.trainer.devices", 2)
     assert params == {"train": {"lr": 0.1, "trainer": {"devices": 2}}}

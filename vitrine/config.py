@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from ruamel.yaml import YAML
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
@@ -29,11 +30,25 @@ def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=0.0005` -> ("train.lr", 0.0005): the value is YAML, as in `dvc exp run -S`."""
+    """`train.lr=1e-3` -> ("train.lr", 0.001): the value is YAML 1.2, as in `dvc exp run -S`."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    return key, YAML(typ="safe").load(value)
+
+
+def add_overrides_option(parser: argparse.ArgumentParser) -> None:
+    """`-S KEY=VALUE` (repeatable) as `dvc exp run` has it: args.overrides, (key, value) pairs."""
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        type=parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter of params.yaml for this run only (repeatable)",
+    )
 
 
 def set_dotted(params: Any, dotted: str, value: Any) -> None:
