@@ -13,7 +13,8 @@ Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> l
                                  resize for ONNX Runtime (what the service runs, behind the
                                  same resize), in float or int8 (service/export.py);
        <paths.package>/model.json classes, image_size, model, candidate, input_size,
-                                 model_version, weights_version, precision, metrics (the
+                                 model_version, weights_version, precision, calibration
+                                 (evaluate's fit, baked into model.onnx), metrics (the
                                  winner's test scores),
                                  abstain_threshold, serve (the service's limits: the Bento has no
                                  params.yaml) and card (params, data version, git revision);
@@ -29,8 +30,9 @@ changed), and the Bento is built again around it, since the service code or its 
 be what changed.
 
 weights_version hashes the weights, classes and sizes, so packaging the same model twice gives
-the same version (and makes it :latest again); model_version is it for a float model.onnx, and
-for a quantized one effnet-lite0-int8-<hash of model.onnx> (calibration shapes it too).
+the same version (and makes it :latest again); model_version is it for the plain float export,
+and for a quantized or calibrated model.onnx effnet-lite0-<precision>-<hash of model.onnx>
+(int8's ranges and the probabilities' calibration shape it too).
 """
 
 from __future__ import annotations
