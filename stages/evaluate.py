@@ -297,6 +297,8 @@ def served_model(
         "val_log_loss_uncalibrated": metrics.log_loss(y_val, softmax(logits)),
     }
     if calibration is not None:
+        # Run the calibrated file rather than rescale the logits here: ONNX Runtime may fold
+        # the division into the layer before it, and the scores must be the served bits.
         logits = onnx_logits(model, size, x_val, config.batch_size, f"val {name} calibrated")
         fitted["temperature"] = calibration.temperature
         fitted["bias"] = dict(zip(config.classes, calibration.bias, strict=True))

@@ -239,7 +239,7 @@ def package_info(
     """model.json of the package: everything the service needs besides the weights. record:
     served.json, how evaluate served the model (precision, probability calibration)."""
     precision = str(record["precision"])
-    calibration = record.get("calibration", {"method": "none"})
+    calibration = calibration_of(record)
     calibrated = calibration["method"] != "none"
     info = {
         "model": trained.model,
@@ -281,9 +281,15 @@ def runs_as(info: dict[str, Any]) -> str:
     )
 
 
+def calibration_of(record: dict[str, Any]) -> dict[str, Any]:
+    """The probability calibration a served.json or model.json records; models served before
+    calibration existed record none, and were not calibrated."""
+    return record.get("calibration", {"method": "none"})
+
+
 def calibrated_as(info: dict[str, Any]) -> str:
     """How model.onnx's probabilities were calibrated (vitrine.calibration), in words."""
-    calibration = info.get("calibration", {"method": "none"})  # none before calibration existed
+    calibration = calibration_of(info)
     if calibration["method"] == "none":
         return "the network's softmax, uncalibrated"
     bias = ", ".join(f"{c} {b:+.3f}" for c, b in calibration["bias"].items())
