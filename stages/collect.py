@@ -29,9 +29,8 @@ from vitrine.config import from_mapping, load_params, load_paths, stage_config
 from vitrine.download import DownloadConfig, FetchResult, fetch_all, url_problem
 from vitrine.images import Rejected
 from vitrine.ingest import ImageFacts, IngestConfig, ingest_stream, phash_to_int64
-from vitrine.shards import BlobRef, ShardWriter
+from vitrine.shards import MANIFEST, BlobRef, ShardWriter
 
-MANIFEST = "manifest.parquet"
 SHARDS = "shards"
 THUMBS = "thumbs"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}

@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.collect import MANIFEST
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.embeddings import DEDUPE_SIZE, dedupe_embed, embed
 from vitrine.images import load_square
@@ -30,7 +29,7 @@ from vitrine.ingest import phash_from_int64
 from vitrine.neardup import clusters, near_duplicate_pairs
 from vitrine.noise import class_outlier_scores, confident_learning, out_of_fold_proba
 from vitrine.review import render_review
-from vitrine.shards import ShardReader
+from vitrine.shards import MANIFEST, ShardReader
 
 DECISIONS = ("keep", "drop", "relabel")
 EMBEDDINGS = "embeddings.npy"

@@ -17,11 +17,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from stages.collect import MANIFEST
 from vitrine.config import load_params, load_paths, stage_config
 from vitrine.data import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.images import load_square
-from vitrine.shards import ShardReader
+from vitrine.shards import MANIFEST, ShardReader
 
 SPLIT_RULES = ("hash", "column")
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+# The table beside the shards (collect's and dedupe's): one row per input, with its BlobRef.
+MANIFEST = "manifest.parquet"
+
 
 @dataclass(frozen=True, slots=True)  # slots: collect keeps two per distinct photo until it ends
 class BlobRef:
