@@ -13,6 +13,7 @@ the automatic choices.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,12 @@ def read_decisions(path: Path, classes: tuple[str, ...]) -> pd.DataFrame:
     if repeated:
         raise ValueError(f"{path}: several decisions for {repeated}")
     return decisions
+
+
+def decisions_without_a_photo(manifest: pd.DataFrame, decisions: pd.DataFrame) -> list[str]:
+    """Decided ids that name no collected photo (a typo, or a photo its source no longer
+    holds): they change nothing, so the reviewer must hear of them."""
+    return sorted(set(decisions["id"]) - set(manifest["id"]))
 
 
 def apply_relabels(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
@@ -233,7 +240,9 @@ def review_candidates(deduped: pd.DataFrame, config: DedupeConfig) -> pd.DataFra
     return ranked.head(config.noise.max_candidates)
 
 
-def dedupe_report(deduped: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, Any]:
+def dedupe_report(
+    deduped: pd.DataFrame, candidates: pd.DataFrame, orphans: list[str]
+) -> dict[str, Any]:
     sizes = deduped[deduped["cluster_id"] != ""].groupby("cluster_id").size()
     status = deduped["status"].value_counts()
     reason = deduped["reason"].value_counts()
@@ -246,6 +255,7 @@ def dedupe_report(deduped: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, 
         "label_conflicts": int(status.get("label_conflict", 0)),
         "dropped_by_review": int(status.get("dropped", 0)),
         "relabelled_by_review": int((deduped["label"] != deduped["given_label"]).sum()),
+        "decisions_without_a_photo": len(orphans),
         "clusters": len(sizes),
         "clusters_with_copies": int((sizes > 1).sum()),
         "noise_candidates": len(candidates),
@@ -328,7 +338,14 @@ def main() -> None:
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)
     np.save(paths.deduped / EMBEDDINGS, embeddings)
     write_review_page(deduped, candidates, paths.collected, paths.review, paths.decisions)
-    report = dedupe_report(deduped, candidates)
+    orphans = decisions_without_a_photo(manifest, decisions)
+    if orphans:
+        print(
+            f"dedupe: warning: {len(orphans)} decisions in {paths.decisions} name no collected "
+            f"photo and change nothing: {', '.join(orphans)}",
+            file=sys.stderr,
+        )
+    report = dedupe_report(deduped, candidates, orphans)
     paths.dedupe_report.write_text(json.dumps(report, indent=2) + "\n")
     print(f"dedupe: {report}")
 

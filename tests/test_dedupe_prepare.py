@@ -5,7 +5,14 @@ import pandas as pd
 import pytest
 
 from stages.collect import CollectConfig, Source, collect
-from stages.dedupe import DedupeConfig, NoiseConfig, dedupe, in_batches, read_decisions
+from stages.dedupe import (
+    DedupeConfig,
+    NoiseConfig,
+    decisions_without_a_photo,
+    dedupe,
+    in_batches,
+    read_decisions,
+)
 from stages.prepare import (
     PrepareConfig,
     assign_split,
@@ -185,6 +192,19 @@ def test_keep_decision_overrides_duplicate(tmp_path):
     ]
     d = run(rows, read_decisions(path, CLASSES))
     assert (d.loc["copy.jpg", "status"], d.loc["copy.jpg", "reason"]) == ("kept", "review_keep")
+
+
+def test_decisions_naming_no_collected_photo_are_listed(tmp_path):
+    path = tmp_path / "decisions.csv"
+    path.write_text(
+        "id,decision,new_label,note\n"
+        "phone/1.jpg,drop,,a charger\n"
+        "phone/l.jpg,drop,,typo: an l for a 1\n"
+        "laptop/gone.jpg,relabel,phone,no longer in the source\n"
+    )
+    manifest = pd.DataFrame([manifest_row("phone/1.jpg", "phone", "a" * 64)])
+    orphans = decisions_without_a_photo(manifest, read_decisions(path, CLASSES))
+    assert orphans == ["laptop/gone.jpg", "phone/l.jpg"]
 
 
 @pytest.mark.parametrize(
