@@ -213,14 +213,20 @@ def train(
         monitor=es.monitor,
         mode=es.mode,
         save_top_k=1,
-        save_last=True,
         enable_version_counter=False,
+    )
+    # Lightning's save_last writes last.ckpt only in epochs that also write a best checkpoint, so
+    # a run killed after epochs without improvement would redo them: an unmonitored checkpoint,
+    # overwritten every epoch, is what a resumed run continues from. Listed after `checkpoints`,
+    # it saves that callback's state as updated by the same epoch.
+    latest = ModelCheckpoint(
+        dirpath=workdir, filename=Path(LAST).stem, save_top_k=1, enable_version_counter=False
     )
     resume = resumable_checkpoint(workdir)
     resume_from, resumed_epoch = resume if resume else (None, 0)
     trainer = L.Trainer(
         max_epochs=candidate.max_epochs,
-        callbacks=[stopper, checkpoints, EpochSeed(config.seed, data)],
+        callbacks=[stopper, checkpoints, latest, EpochSeed(config.seed, data)],
         logger=StageLogger(
             dir=str(live_dir),
             resume=resume_from is not None,

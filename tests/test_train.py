@@ -19,6 +19,7 @@ from stages.train import (
     CandidateConfig,
     TrainConfig,
     candidate_config,
+    checkpoint_epoch,
     main,
     model_card,
     run_fingerprint,
@@ -174,6 +175,20 @@ def test_a_killed_run_resumes_and_selects_the_same_best_model(baseline, tmp_path
         [baseline_curve[s] for s in sorted(baseline_curve)], rel=1e-5
     )
     assert (killed / "models/train" / NAME / "best.ckpt").exists()
+
+
+def test_the_last_checkpoint_follows_every_epoch_not_only_the_best(tmp_path):
+    # Never improving after epoch 0, the run's best checkpoint stays at epoch 0; a kill after
+    # epoch 2 must resume at epoch 3, so last.ckpt has to hold epoch 2, not the best epoch.
+    prepared = write_prepared(tmp_path / "data")
+    params = train_params(early_stopping=NEVER_IMPROVES)
+    config = stage_config(TrainConfig, "train", {"classes": list(CLASSES), "train": params})
+    candidate = from_mapping(CandidateConfig, candidate_params(max_epochs=3))
+    workdir = tmp_path / "resume"
+    result = train(config, candidate, prepared, workdir, tmp_path / "live")
+    assert result.metrics["best_epoch"] == 0 and result.metrics["epochs"] == 3
+    assert checkpoint_epoch(workdir / "last.ckpt") == 2
+    assert checkpoint_epoch(workdir / "best.ckpt") == 0
 
 
 def test_an_unreadable_last_checkpoint_is_ignored(baseline, tmp_path, capsys):
