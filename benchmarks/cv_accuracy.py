@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from service.export import export_onnx
 from stages.evaluate import (
     calibrated,
     check_config,
@@ -52,9 +51,10 @@ from stages.train import (
     run_fingerprint,
     train,
 )
-from vitrine import metrics
 from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
-from vitrine.data import load_split, prepared_manifest_path, split_images_path
+from vitrine.data.splits import load_split, prepared_manifest_path, split_images_path
+from vitrine.evaluation import metrics
+from vitrine.model.export import export_onnx
 
 Photos = tuple[np.ndarray, np.ndarray]  # uint8 (N, H, W, 3) images and class indices
 

@@ -1,5 +1,5 @@
-"""Benchmark vitrine.download: N small JPEGs from a loopback HTTP server, then the same N again
-(all answered by the cache).
+"""Benchmark vitrine.ingest.download: N small JPEGs from a loopback HTTP server, then the
+same N again (all answered by the cache).
 
     .venv/bin/python benchmarks/download.py --n 20000
 
@@ -24,7 +24,7 @@ from typing import ClassVar
 import httpx
 from PIL import Image
 
-from vitrine.download import DownloadConfig, fetch_all
+from vitrine.ingest.download import DownloadConfig, fetch_all
 
 
 def base_photos(k: int = 16) -> list[bytes]:

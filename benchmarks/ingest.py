@@ -1,4 +1,4 @@
-"""Throughput of vitrine.ingest on this machine: images per second at 120x90 and at 640x480.
+"""Throughput of vitrine.ingest.sources on this machine: images per second at 120x90 and at 640x480.
 
     python benchmarks/ingest.py [--n 20000] [--repeat 5] [--workers N] [--profile]
 
@@ -7,7 +7,7 @@ resized to exactly 120x90 (N of them) and 640x480 (N/4), re-encoded at JPEG qual
 every one is distinct. Printed, per size:
 
 - one process, no Dask: CPU time per image of ingest_batch, the per-image work on one core;
-- the stream on a local Dask cluster (vitrine.ingest.local_cluster, one worker process per
+- the stream on a local Dask cluster (vitrine.ingest.sources.local_cluster, one worker process per
   core), started and warmed up before the clock starts: wall-clock images/s (best and median
   of --repeat runs), the CPU time per image of this process and the workers together, and
   what share of the machine other processes took meanwhile. On a shared machine the wall
@@ -40,9 +40,9 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from vitrine.hashing import HASH_SIDE
 from vitrine.images import _open, upright_rgb
-from vitrine.ingest import (
+from vitrine.ingest.hashing import HASH_SIDE
+from vitrine.ingest.sources import (
     ImageFacts,
     IngestConfig,
     _gray32,
@@ -143,8 +143,8 @@ def in_process(name: str, blobs: list[bytes], config: IngestConfig, repeat: int)
 
 
 def steps(name: str, blobs: list[bytes], config: IngestConfig, repeat: int) -> None:
-    """The per-image steps of vitrine.ingest._examine and _gray32, timed one by one (the same
-    calls, in the same order), best of `repeat` passes."""
+    """The per-image steps of vitrine.ingest.sources._examine and _gray32, timed one by one
+    (the same calls, in the same order), best of `repeat` passes."""
     best: dict[str, float] = {}
     for _ in range(repeat):
         spent = dict.fromkeys(STEPS, 0)

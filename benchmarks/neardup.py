@@ -30,10 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from vitrine.embeddings import dedupe_embed_encoded, embed, load_backbone, load_descriptor
-from vitrine.hashing import phash64
-from vitrine.images import decode_rgb, load_square
-from vitrine.neardup import (
+from vitrine.curation.neardup import (
     DEFAULT_TIERS,
     clusters,
     embedding_pairs,
@@ -43,6 +40,9 @@ from vitrine.neardup import (
     near_duplicate_pairs,
     star_clusters,
 )
+from vitrine.images import decode_rgb, load_square
+from vitrine.ingest.hashing import phash64
+from vitrine.model.embeddings import dedupe_embed_encoded, embed, load_backbone, load_descriptor
 
 AVITO = Path(__file__).resolve().parents[1] / "data" / "raw" / "avito-raw.tar.gz"
 # What stages/dedupe.py does at the time of writing: pHash <= 8 OR pooled 1280-d cosine >= 0.92,

@@ -49,11 +49,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service import MODEL_INFO_FILE, MODEL_NAME_ENV, ONNX_MODEL_FILE, SCRIPTED_MODEL_FILE  # noqa: E402
-from service.runtime import load_onnx  # noqa: E402
 from stages.evaluate import check_config, load_config  # noqa: E402
 from stages.package import export_package, save_to_store, serve_settings  # noqa: E402
 from vitrine.config import load_params, load_paths  # noqa: E402
+from vitrine.contracts import MODEL_INFO_FILE, MODEL_NAME_ENV, ONNX_MODEL_FILE, SCRIPTED_MODEL_FILE  # noqa: E402
+from vitrine.runtime.onnx import load_onnx  # noqa: E402
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 MODEL_NAME = "vitrine-bench"

@@ -1,14 +1,6 @@
-"""BentoML service for the packaged classifier (see service/service.py).
+"""The BentoML HTTP service (service/service.py) over the packaged model.
 
-Kept import-light: the package stage reads these names without loading the service.
+The model's runtime (ONNX Runtime behind the shared resize, the decision rule) and the packaged
+model's contract (model.json) live in vitrine.runtime and vitrine.contracts: the service only
+speaks HTTP, batches requests and records nothing of its own.
 """
-
-# The model the service loads from the BentoML store, as `<name>:latest`.
-MODEL_NAME_ENV = "VITRINE_MODEL_NAME"
-DEFAULT_MODEL_NAME = "vitrine-classifier"
-
-# Files inside the packaged model folder (the DVC output and the BentoML store model alike).
-SCRIPTED_MODEL_FILE = "model.pt"  # TorchScript: the framework's portable export
-ONNX_MODEL_FILE = "model.onnx"  # what the service runs (service/runtime.py)
-MODEL_INFO_FILE = "model.json"
-MODEL_CARD_FILE = "model_card.md"

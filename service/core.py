@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.settings import PackageInfo
-from vitrine.decisions import decide
+from vitrine.contracts import PackageInfo
 from vitrine.images import Rejected, checked_square, open_capped
+from vitrine.runtime.decisions import decide
 
 # Reason code -> HTTP status; any other reason (vitrine.images' codes) is a 422.
 STATUS = {

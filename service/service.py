@@ -12,7 +12,7 @@ than one, service/rebalance.py keeps their keep-alive connections evenly spread)
 are checked and decoded with vitrine.images, the code that built the evaluated arrays, then go
 through an adaptive micro-batcher (service/batching.py, which says why BentoML's own batching
 is not used, and why one process runs several forward passes at once rather than a process per
-core) into the model the package stage exported, run by ONNX Runtime (service/runtime.py).
+core) into the model the package stage exported, run by ONNX Runtime (vitrine/runtime/onnx.py).
 
 The public endpoints are FastAPI routes mounted with @bentoml.asgi_app rather than
 @bentoml.api: a BentoML api cannot hand over a multipart file as in-memory bytes (a bytes field
@@ -36,7 +36,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from service import DEFAULT_MODEL_NAME, MODEL_NAME_ENV
 from service.batching import MicroBatcher
 from service.core import (
     cheap_to_decode,
@@ -49,10 +48,10 @@ from service.core import (
     status_of,
 )
 from service.rebalance import KeepAliveRebalancer
-from service.runtime import load_onnx
-from service.settings import PackageInfo, read_package_info
 from service.uploads import read_form
+from vitrine.contracts import DEFAULT_MODEL_NAME, MODEL_NAME_ENV, PackageInfo, read_package_info
 from vitrine.images import Rejected
+from vitrine.runtime.onnx import load_onnx
 
 PAGE = Path(__file__).with_name("upload.html")
 DECODE_THREADS = 2  # concurrent upload decodes per worker (see Classifier._prepare)

@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitrine.config import from_mapping, load_params, load_paths, stage_config
-from vitrine.download import DownloadConfig, FetchResult, fetch_all, url_problem
+from vitrine.data.shards import MANIFEST, BlobRef, ShardWriter
 from vitrine.images import Rejected
-from vitrine.ingest import ImageFacts, IngestConfig, ingest_stream, phash_to_int64
-from vitrine.shards import MANIFEST, BlobRef, ShardWriter
+from vitrine.ingest.download import DownloadConfig, FetchResult, fetch_all, url_problem
+from vitrine.ingest.sources import ImageFacts, IngestConfig, ingest_stream, phash_to_int64
 
 SHARDS = "shards"
 THUMBS = "thumbs"
@@ -437,7 +437,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("height", pa.int64()),
         ("format", pa.string()),
         ("bytes", pa.int64()),
-        # 64-bit pHash stored as int64 (vitrine.ingest.phash_from_int64 reads it back)
+        # 64-bit pHash stored as int64 (vitrine.ingest.sources.phash_from_int64 reads it back)
         ("phash", pa.int64()),
         ("shard", pa.string()),
         ("offset", pa.int64()),

@@ -24,13 +24,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from vitrine.config import load_params, load_paths, stage_config
-from vitrine.embeddings import DEDUPE_SIZE, dedupe_embed, embed
+from vitrine.curation.neardup import clusters, near_duplicate_pairs
+from vitrine.curation.noise import class_outlier_scores, confident_learning, out_of_fold_proba
+from vitrine.curation.review import render_review
+from vitrine.data.shards import MANIFEST, ShardReader
 from vitrine.images import load_square
-from vitrine.ingest import phash_from_int64
-from vitrine.neardup import clusters, near_duplicate_pairs
-from vitrine.noise import class_outlier_scores, confident_learning, out_of_fold_proba
-from vitrine.review import render_review
-from vitrine.shards import MANIFEST, ShardReader
+from vitrine.ingest.sources import phash_from_int64
+from vitrine.model.embeddings import DEDUPE_SIZE, dedupe_embed, embed
 
 DECISIONS = ("keep", "drop", "relabel")
 EMBEDDINGS = "embeddings.npy"

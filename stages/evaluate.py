@@ -1,7 +1,7 @@
 """evaluate: score every candidate on the validation photos, pick the winner, test it.
 
 Every candidate is scored as the service would run it: its checkpoint exported to ONNX
-(service/export.py) and run by ONNX Runtime behind the shared resize. A candidate listed in
+(vitrine/model/export.py) and run by ONNX Runtime behind the shared resize. A candidate listed in
 `evaluate.int8` is also quantized to int8 and served so when its val primary metric loses at
 most `int8_max_loss` against the float model; each served model.onnx is written to
 <paths.served>/<candidate>/ with served.json (its precision and both val scores), and package
@@ -10,7 +10,7 @@ ships the winner's file as it is.
 The winner is the candidate with the best `evaluate.primary_metric` on val (business-weighted
 accuracy by default; ties: accuracy, then name); only the winner is scored on the test photos,
 so the test set never influences a choice. Each served model's probabilities are calibrated on
-val first (`evaluate.calibration`, vitrine/calibration.py), the fitted map baked into its
+val first (`evaluate.calibration`, vitrine/evaluation/calibration.py), the fitted map baked into its
 model.onnx. On the winner's val predictions evaluate also fits
 the abstain threshold: the confidence below which sending a photo to human review (at
 `review_cost`) earns more than trusting the model. The service reads that threshold from the
@@ -38,7 +38,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.export import (
+from stages.train import CHECKPOINT
+from vitrine.config import Paths, load_params, load_paths, stage_config
+from vitrine.data.splits import load_split, prepared_manifest_path
+from vitrine.evaluation import metrics
+from vitrine.evaluation.calibration import Calibration, check_method, fit_calibration
+from vitrine.evaluation.report import TABLE_COLUMNS, render_report
+from vitrine.model.export import (
     FP32,
     INT8,
     calibrated_onnx,
@@ -49,15 +55,9 @@ from service.export import (
     quantize_int8,
     write_served,
 )
-from service.runtime import OnnxPredictor
-from stages.train import CHECKPOINT
-from vitrine import metrics
-from vitrine.calibration import Calibration, check_method, fit_calibration
-from vitrine.config import Paths, load_params, load_paths, stage_config
-from vitrine.data import load_split, prepared_manifest_path
-from vitrine.decisions import chosen
-from vitrine.evaluation_report import TABLE_COLUMNS, render_report
-from vitrine.models import ImageClassifier, Predictor
+from vitrine.model.networks import ImageClassifier, Predictor
+from vitrine.runtime.decisions import chosen
+from vitrine.runtime.onnx import OnnxPredictor
 
 CALIBRATION_SEED = 0  # which train photos calibrate int8: the same ones every run
 SCORE_TOLERANCE = 1e-12  # score differences below this are float noise

@@ -11,7 +11,7 @@ Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> l
                                  against the eager one before anything is written;
        <paths.package>/model.onnx evaluate's served model, as it is: the Predictor after its
                                  resize for ONNX Runtime (what the service runs, behind the
-                                 same resize), in float or int8 (service/export.py);
+                                 same resize), in float or int8 (vitrine/model/export.py);
        <paths.package>/model.json classes, image_size, model, candidate, input_size,
                                  model_version, weights_version, precision, calibration
                                  (evaluate's fit, baked into model.onnx), metrics (the
@@ -19,7 +19,8 @@ Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> l
                                  abstain_threshold, serve (the service's limits: the Bento has no
                                  params.yaml) and card (params, data version, git revision);
        <paths.package>/model_card.md the same card for people;
-       <paths.promotion>          the decision (vitrine.promotion), why, and both models' scores.
+       <paths.promotion>          the decision (vitrine.evaluation.promotion), why, and both
+                                 models' scores.
 The challenger (the winner) and the champion (<package.model_name>:latest in the BentoML model
 store, $BENTOML_HOME, <repo>/.bentoml when unset) are scored on the same test photos. Promoted:
 the package folder goes to the store as <package.model_name>:<model_version> and, with
@@ -57,22 +58,23 @@ import torch
 import yaml
 from bentoml.exceptions import NotFound
 
-from service import (
+from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, onnx_proba
+from stages.train import CHECKPOINT, MODEL_CARD
+from vitrine.config import ConfigError, from_mapping, load_params, load_paths, stage_config
+from vitrine.contracts import (
     MODEL_CARD_FILE,
     MODEL_INFO_FILE,
     MODEL_NAME_ENV,
     ONNX_MODEL_FILE,
     SCRIPTED_MODEL_FILE,
+    ServeConfig,
+    read_package_info,
 )
-from service.export import FP32, max_output_diff, parity_batch, read_served
-from service.settings import ServeConfig, read_package_info
-from stages.evaluate import EvaluateConfig, check_config, labelled_split, load_config, onnx_proba
-from stages.train import CHECKPOINT, MODEL_CARD
-from vitrine import metrics
-from vitrine.config import ConfigError, from_mapping, load_params, load_paths, stage_config
-from vitrine.decisions import decide as decide_answers
-from vitrine.models import ImageClassifier, Predictor
-from vitrine.promotion import Contender, decide, not_comparable, promotion_record
+from vitrine.evaluation import metrics
+from vitrine.evaluation.promotion import Contender, decide, not_comparable, promotion_record
+from vitrine.model.export import FP32, max_output_diff, parity_batch, read_served
+from vitrine.model.networks import ImageClassifier, Predictor
+from vitrine.runtime.decisions import decide as decide_answers
 
 if TYPE_CHECKING:
     from bentoml._internal.models import ModelStore
@@ -258,7 +260,7 @@ def package_info(
     }
     if decision_gain is not None:  # else the most probable class (BentoML metadata has no null)
         # How the service turns probabilities into an answer, as evaluate scored it:
-        # vitrine.decisions.decide's gain matrix, rows and columns in the classes' order.
+        # vitrine.runtime.decisions.decide's gain matrix, rows and columns in the classes' order.
         info["decision_gain"] = decision_gain.tolist()
     return info
 
@@ -288,7 +290,7 @@ def calibration_of(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrated_as(info: dict[str, Any]) -> str:
-    """How model.onnx's probabilities were calibrated (vitrine.calibration), in words."""
+    """How model.onnx's probabilities were calibrated (vitrine.evaluation.calibration), in words."""
     calibration = calibration_of(info)
     if calibration["method"] == "none":
         return "the network's softmax, uncalibrated"
@@ -356,7 +358,7 @@ def export_package(
     model_card.md; returns model.json's content.
 
     model_dir is <paths.model>/<candidate>: its name is the candidate's. served_dir is
-    <paths.served>/<candidate>, the model.onnx evaluate scored (service.export.write_served),
+    <paths.served>/<candidate>, the model.onnx evaluate scored (vitrine.model.export.write_served),
     shipped as it is. decision_gain: the value model's ValueModel.decision_gain(), which the
     service decides with.
     """

@@ -18,9 +18,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from vitrine.config import load_params, load_paths, stage_config
-from vitrine.data import SPLITS, prepared_manifest_path, split_images_path
+from vitrine.data.shards import MANIFEST, ShardReader
+from vitrine.data.splits import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.images import load_square
-from vitrine.shards import MANIFEST, ShardReader
 
 SPLIT_RULES = ("hash", "column")
 

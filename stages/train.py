@@ -33,8 +33,13 @@ from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from vitrine.config import from_mapping, load_params, load_paths, stage_config
-from vitrine.data import PackedDataModule, epoch_seed, prepared_manifest_path, split_images_path
-from vitrine.models import ImageClassifier
+from vitrine.data.splits import (
+    PackedDataModule,
+    epoch_seed,
+    prepared_manifest_path,
+    split_images_path,
+)
+from vitrine.model.networks import ImageClassifier
 
 CHECKPOINT = "best.ckpt"
 LAST = "last.ckpt"
@@ -65,7 +70,7 @@ class TrainConfig:
 class CandidateConfig:
     """params.yaml `candidates.<name>`: one network and how to fit it."""
 
-    model: str  # a key of vitrine.models.MODELS
+    model: str  # a key of vitrine.model.networks.MODELS
     options: dict[str, Any]  # keyword arguments of the model's builder, e.g. {mode: probe}
     input_size: int  # side the Predictor resizes prepared images to before the network
     batch_size: int

@@ -29,7 +29,7 @@ from great_expectations.data_context.types.base import (
 from great_expectations.expectations.metadata_types import FailureSeverity
 
 from vitrine.config import load_params, load_paths, stage_config
-from vitrine.shards import MANIFEST
+from vitrine.data.shards import MANIFEST
 
 REQUIRED_COLUMNS = ("id", "label", "source", "status", "sha256", "width", "height")
 SUITE_PREFIX = "vitrine_"

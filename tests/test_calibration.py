@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitrine.calibration import Calibration, fit_calibration
-from vitrine.metrics import log_loss
+from vitrine.evaluation.calibration import Calibration, fit_calibration
+from vitrine.evaluation.metrics import log_loss
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

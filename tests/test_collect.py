@@ -31,9 +31,9 @@ from stages.collect import (
     read_quarantined,
 )
 from vitrine.config import ConfigError, from_mapping
-from vitrine.download import DownloadConfig
+from vitrine.data.shards import ShardReader
 from vitrine.images import Rejected
-from vitrine.shards import ShardReader
+from vitrine.ingest.download import DownloadConfig
 
 
 def config(*sources: Source, **overrides) -> CollectConfig:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.tiny_prepared import CLASSES, write_prepared
-from vitrine.data import (
+from vitrine.data.splits import (
     PackedDataModule,
     balanced_sampler,
     class_weights,

@@ -21,8 +21,8 @@ from stages.prepare import (
     pack_split,
     split_manifest,
 )
-from vitrine.download import DownloadConfig
-from vitrine.shards import ShardReader
+from vitrine.data.shards import ShardReader
+from vitrine.ingest.download import DownloadConfig
 
 PREP = PrepareConfig(
     ("laptop", "phone"), image_size=32, val_fraction=0.2, test_fraction=0.2, seed=7

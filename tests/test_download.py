@@ -1,4 +1,4 @@
-"""vitrine.download against a local threaded HTTP server that misbehaves on purpose."""
+"""vitrine.ingest.download against a local threaded HTTP server that misbehaves on purpose."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, photo_bytes
-from vitrine.download import (
+from vitrine.images import Rejected, inspect_image
+from vitrine.ingest.download import (
     CacheBusy,
     DownloadConfig,
     Downloader,
@@ -29,7 +30,6 @@ from vitrine.download import (
     is_permanent,
     retry_after_s,
 )
-from vitrine.images import Rejected, inspect_image
 
 HOME_PAGE = b"<!doctype html><html><body>Welcome to the marketplace</body></html>"
 HUGE = 64 * 2**20  # what /huge would send if it were read to the end
@@ -497,7 +497,7 @@ def test_both_engines_give_the_same_codes(site, tmp_path):
 
 DOWNLOAD_SCRIPT = """
 import sys
-from vitrine.download import DownloadConfig, fetch_all
+from vitrine.ingest.download import DownloadConfig, fetch_all
 base, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 items = [(i, f"{base}/drip/{i}") for i in range(n)]
 for _ in fetch_all(items, cache, DownloadConfig(per_host=8, concurrency=8), progress=False):

@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 import torch
 
-from service.export import checkpoint_digest
 from stages.evaluate import (
     EvaluateConfig,
     candidate_names,
@@ -35,10 +34,11 @@ from stages.evaluate import (
 )
 from tests.test_export import quantized_weights
 from vitrine.config import load_params, load_paths
-from vitrine.data import load_split, prepared_manifest_path, split_images_path
-from vitrine.evaluation_report import MAX_MATRIX_CLASSES, confusion_section
-from vitrine.metrics import Taxonomy, value_model
-from vitrine.models import ImageClassifier, build_predictor
+from vitrine.data.splits import load_split, prepared_manifest_path, split_images_path
+from vitrine.evaluation.metrics import Taxonomy, value_model
+from vitrine.evaluation.report import MAX_MATRIX_CLASSES, confusion_section
+from vitrine.model.export import checkpoint_digest
+from vitrine.model.networks import ImageClassifier, build_predictor
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("laptop", "phone")

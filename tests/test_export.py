@@ -1,4 +1,4 @@
-"""service/export.py: what evaluate scores and package ships, in float or int8."""
+"""vitrine/model/export.py: what evaluate scores and package ships, in float or int8."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from service.export import (
+from vitrine.evaluation.calibration import Calibration
+from vitrine.model.export import (
     calibrated_onnx,
     calibration_photos,
     export_onnx,
@@ -17,9 +18,8 @@ from service.export import (
     quantize_int8,
     read_served,
 )
-from service.runtime import OnnxPredictor
-from vitrine.calibration import Calibration
-from vitrine.models import Predictor
+from vitrine.model.networks import Predictor
+from vitrine.runtime.onnx import OnnxPredictor
 
 
 def quantized_weights(model: bytes) -> list[bool]:

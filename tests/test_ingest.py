@@ -7,10 +7,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from tests.test_images import encode, png_header_only
-from vitrine import ingest
-from vitrine.hashing import hamming, phash64
 from vitrine.images import Rejected, decode_rgb, inspect_image
-from vitrine.ingest import (
+from vitrine.ingest import sources as ingest
+from vitrine.ingest.hashing import hamming, phash64
+from vitrine.ingest.sources import (
     ImageFacts,
     IngestConfig,
     ingest_batch,

@@ -1,11 +1,11 @@
-"""vitrine.metrics against hand-computed cases."""
+"""vitrine.evaluation.metrics against hand-computed cases."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from vitrine import metrics
-from vitrine.metrics import Taxonomy
+from vitrine.evaluation import metrics
+from vitrine.evaluation.metrics import Taxonomy
 
 FLAT = Taxonomy("/", (1.0,))
 # laptop is worth 1, phone 1.5; showing a phone among laptops costs 1, the reverse 0.5.

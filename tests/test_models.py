@@ -7,8 +7,8 @@ import torch
 
 from stages.train import CandidateConfig, EarlyStoppingConfig, TrainConfig, train
 from tests.tiny_prepared import CLASSES, trainer_args, write_prepared
-from vitrine.embeddings import load_backbone
-from vitrine.models import MODELS, ImageClassifier, build_predictor, cutmix
+from vitrine.model.embeddings import load_backbone
+from vitrine.model.networks import MODELS, ImageClassifier, build_predictor, cutmix
 
 # A small input size per model keeps the tests fast; a new entry in MODELS must be added here.
 SMALL = {

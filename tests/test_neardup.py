@@ -12,18 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from tests.conftest import REPO
-from vitrine.embeddings import (
-    DEDUPE_DIM,
-    FEATURE_DIM,
-    dedupe_embed,
-    dedupe_embed_encoded,
-    embed,
-    load_backbone,
-    preprocess,
-)
-from vitrine.hashing import phash64
-from vitrine.images import decode_rgb, load_square
-from vitrine.neardup import (
+from vitrine.curation.neardup import (
     brute_force_hash_pairs,
     choose_layout,
     clusters,
@@ -33,6 +22,17 @@ from vitrine.neardup import (
     near_duplicate_clusters,
     near_duplicate_pairs,
     star_clusters,
+)
+from vitrine.images import decode_rgb, load_square
+from vitrine.ingest.hashing import phash64
+from vitrine.model.embeddings import (
+    DEDUPE_DIM,
+    FEATURE_DIM,
+    dedupe_embed,
+    dedupe_embed_encoded,
+    embed,
+    load_backbone,
+    preprocess,
 )
 
 AVITO = REPO / "data" / "raw" / "avito-raw.tar.gz"

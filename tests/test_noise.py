@@ -1,6 +1,6 @@
 import numpy as np
 
-from vitrine.noise import class_outlier_scores, confident_learning, out_of_fold_proba
+from vitrine.curation.noise import class_outlier_scores, confident_learning, out_of_fold_proba
 
 
 def blobs(n_per_class: int = 60, dim: int = 16, seed: int = 0):

@@ -18,17 +18,6 @@ import yaml
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
-from service.export import (
-    ONNX_PARITY_ATOL,
-    calibrated_onnx,
-    checkpoint_digest,
-    export_onnx,
-    parity_batch,
-    quantize_int8,
-    write_served,
-)
-from service.runtime import load_onnx
-from service.settings import read_package_info
 from stages.evaluate import check_config, load_config
 from stages.package import (
     PackageConfig,
@@ -47,10 +36,21 @@ from tests.test_evaluate import (
     write_checkpoint,
     write_prepared,
 )
-from vitrine.calibration import Calibration
 from vitrine.config import ConfigError, load_params, stage_config
+from vitrine.contracts import read_package_info
+from vitrine.evaluation.calibration import Calibration
 from vitrine.images import load_square
-from vitrine.models import ImageClassifier
+from vitrine.model.export import (
+    ONNX_PARITY_ATOL,
+    calibrated_onnx,
+    checkpoint_digest,
+    export_onnx,
+    parity_batch,
+    quantize_int8,
+    write_served,
+)
+from vitrine.model.networks import ImageClassifier
+from vitrine.runtime.onnx import load_onnx
 
 # Loading the exported model is the point here, deprecated or not.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -17,8 +17,8 @@ from stages.prepare import (
     pack_split,
     split_manifest,
 )
-from vitrine.download import DownloadConfig
-from vitrine.shards import ShardReader
+from vitrine.data.shards import ShardReader
+from vitrine.ingest.download import DownloadConfig
 
 CLASSES = ("Fruit/Apple/Granny-Smith", "Vegetables/Mushroom/Brown-Cap-Mushroom")
 HASH = PrepareConfig(CLASSES, image_size=32, val_fraction=0.2, test_fraction=0.2, seed=7)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from bentoml._internal.models import ModelStore
 
-from service.settings import read_package_info
 from stages.evaluate import check_config
 from stages.package import challenge, champion_folder, export_package, keep_champion, save_to_store
 from tests.test_evaluate import (
@@ -22,7 +21,8 @@ from tests.test_evaluate import (
     write_prepared,
 )
 from tests.test_package import SERVE, serve_checkpoint
-from vitrine.promotion import Contender, decide
+from vitrine.contracts import read_package_info
+from vitrine.evaluation.promotion import Contender, decide
 
 # Loading the exported model is the point here, deprecated or not.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

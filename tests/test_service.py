@@ -32,7 +32,6 @@ import torch
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
-from service import MODEL_NAME_ENV
 from service.batching import MicroBatcher
 from service.core import (
     INLINE_DECODE_PIXELS,
@@ -43,13 +42,13 @@ from service.core import (
     prepare_all,
 )
 from service.rebalance import KeepAliveRebalancer
-from service.settings import PackageInfo, ServeConfig
 from stages.evaluate import onnx_proba
 from stages.package import export_package, save_to_store
 from tests.test_package import serve_checkpoint
-from vitrine.decisions import decide
+from vitrine.contracts import MODEL_NAME_ENV, PackageInfo, ServeConfig
 from vitrine.images import Rejected, load_square
-from vitrine.models import ImageClassifier
+from vitrine.model.networks import ImageClassifier
+from vitrine.runtime.decisions import decide
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
@@ -60,8 +59,8 @@ MODEL_NAME = "vitrine-test-classifier"
 START_TIMEOUT_S = 120
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
 CHROMIUM = Path("/usr/bin/chromium")
-# The served model's decision rule (vitrine.decisions): a phone photo earns 3, any mistake costs
-# 1, so a photo is answered "phone" from p(phone) = 1/3 on, not from 1/2.
+# The served model's decision rule (vitrine.runtime.decisions): a phone photo earns 3, any
+# mistake costs 1, so a photo is answered "phone" from p(phone) = 1/3 on, not from 1/2.
 DECISION_GAIN = np.array([[1.0, -1.0], [-1.0, 3.0]])
 # Small limits, so that the hostile cases stay cheap (and prove the limits come from params).
 SERVE = ServeConfig(

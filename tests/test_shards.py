@@ -2,7 +2,7 @@ import tarfile
 
 import pytest
 
-from vitrine.shards import ShardReader, ShardWriter
+from vitrine.data.shards import ShardReader, ShardWriter
 
 
 def test_shards_are_standard_tar_files_and_refs_point_at_the_bytes(tmp_path):

@@ -125,7 +125,8 @@ def upright_rgb(img: Image.Image) -> Image.Image:
     """Decode an opened image, apply its EXIF orientation, then the RGB rules of _to_rgb."""
     img.load()
     # exif_transpose and convert("RGB") each copy every pixel even when there is nothing to
-    # do; skipping them then gives the same pixels (vitrine.ingest decodes thousands a second).
+    # do; skipping them then gives the same pixels (vitrine.ingest.sources decodes thousands a
+    # second).
     if img.getexif().get(0x0112, 1) != 1:
         img = ImageOps.exif_transpose(img)
     return img if img.mode == "RGB" else _to_rgb(img)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from vitrine.decisions import DECISIONS, chosen, decide
+from vitrine.runtime.decisions import DECISIONS, chosen, decide
 
 # Confidence threshold that sends every photo to review: above any softmax probability.
 REVIEW_ALL = float(np.nextafter(1.0, 2.0))

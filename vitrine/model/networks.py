@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitrine.embeddings import FEATURE_DIM, PIXEL_MEAN, PIXEL_STD, load_backbone
-from vitrine.network_input import network_input
+from vitrine.model.embeddings import FEATURE_DIM, PIXEL_MEAN, PIXEL_STD, load_backbone
+from vitrine.model.network_input import network_input
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class PretrainedClassifier(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        # Channels-last convolutions run about twice as fast on CPU (vitrine.embeddings).
+        # Channels-last convolutions run about twice as fast on CPU (vitrine.model.embeddings).
         return self.head(self.backbone(x.contiguous(memory_format=torch.channels_last)))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from vitrine.metrics import ValueModel
+from vitrine.evaluation.metrics import ValueModel
 
 MAX_MATRIX_CLASSES = 50
 THUMBNAIL_SIDE = 128
@@ -214,7 +214,7 @@ def mistakes_section(predictions: pd.DataFrame, test_images: np.ndarray, shown: 
     )
 
 
-# What a prediction is, by evaluate.decision (vitrine/decisions.py).
+# What a prediction is, by evaluate.decision (vitrine/runtime/decisions.py).
 ANSWERS = {
     "argmax": "Each photo is answered with its most probable class.",
     "expected_value": "Each photo is answered with the class whose expected gain under the "

@@ -1,6 +1,6 @@
 """The one resize from prepare's uint8 arrays to a network's input, shared by the Predictor
-(training, evaluation, model.pt), the service's ONNX Runtime path (service/runtime.py) and the
-dedupe embeddings (vitrine.embeddings).
+(training, evaluation, model.pt), the service's ONNX Runtime path (vitrine/runtime/onnx.py) and the
+dedupe embeddings (vitrine.model.embeddings).
 
 It stays in torch rather than in model.onnx: ONNX export has no antialiased bilinear resize.
 """

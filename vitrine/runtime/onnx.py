@@ -2,7 +2,8 @@
 
 model.onnx holds the Predictor after its resize (normalisation and network: float (N, 3, S, S)
 -> logits), exported by the package stage and checked there against the eager Predictor. The
-resize runs first, in torch, through vitrine.network_input: the code the Predictor itself runs.
+resize runs first, in torch, through vitrine.model.network_input: the code the Predictor itself
+runs.
 ONNX Runtime runs the network about twice as fast as TorchScript on one CPU thread (192 px
 EfficientNet-Lite0: 7.5-8.4 ms per image against 16-21 ms): the service's throughput rests on it.
 """
@@ -15,8 +16,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from service import ONNX_MODEL_FILE
-from vitrine.network_input import network_input
+from vitrine.contracts import ONNX_MODEL_FILE
+from vitrine.model.network_input import network_input
 
 
 def session(model: Path | bytes, threads: int) -> ort.InferenceSession:

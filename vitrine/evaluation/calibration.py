@@ -1,7 +1,8 @@
 """Post-hoc calibration: logits -> logits / temperature + bias, fitted on the val photos.
 
-The expected-value decision (vitrine.decisions) is the Bayes answer only for probabilities that
-mean what they say, and the abstain threshold and the service's confidences read them too. A
+The expected-value decision (vitrine.runtime.decisions) is the Bayes answer only for
+probabilities that mean what they say, and the abstain threshold and the service's confidences
+read them too. A
 fine-tuned network's are not: label smoothing and CutMix soften them, inverse-frequency loss
 weights tilt them towards the rarer class. Two fixes, both fitted by minimising the val
 negative log-likelihood:
@@ -12,7 +13,7 @@ negative log-likelihood:
   Alexandari et al. 2020), which also undoes a tilt in the class priors. k + 1 parameters, so
   for many classes with few val photos each, `temperature` is the safer choice.
 
-evaluate bakes the fitted map into the served ONNX graph (service/export.py), so the service,
+evaluate bakes the fitted map into the served ONNX graph (vitrine/model/export.py), so the service,
 package's scoring and evaluate all compute the same calibrated probabilities.
 """
 

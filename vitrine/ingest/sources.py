@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vitrine.hashing import HASH_SIDE, phash64, phash64_grays
 from vitrine.images import Rejected, first_frame, load_checked, open_capped, upright_rgb
+from vitrine.ingest.hashing import HASH_SIDE, phash64, phash64_grays
 
 K = TypeVar("K")
 
@@ -58,7 +58,7 @@ class IngestConfig:
 class ImageFacts:
     """What collect records about an accepted image.
 
-    phash is the unsigned 64-bit pHash of vitrine.hashing (compare with hashing.hamming);
+    phash is the unsigned 64-bit pHash of vitrine.ingest.hashing (compare with hashing.hamming);
     parquet has no uint64 in most readers, so store `phash_to_int64(facts.phash)` and read
     back with `phash_from_int64`.
     """

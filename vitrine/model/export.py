@@ -16,7 +16,7 @@ the fine-tuned network's val photos:
 - the depthwise ones: quantized, val 94.9% (2.9 ms per image); in float, 96.2% (6 changed).
 evaluate decides whether a quantized model is good enough to serve (evaluate.int8_max_loss).
 calibrated_onnx: a model whose logits leave through evaluate's fitted probability calibration
-(vitrine/calibration.py), so every reader of model.onnx gets calibrated probabilities.
+(vitrine/evaluation/calibration.py), so every reader of model.onnx gets calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import Tensor
 
-from service import ONNX_MODEL_FILE
-from service.runtime import OnnxPredictor
-from vitrine.calibration import Calibration
-from vitrine.models import AfterResize, Predictor
-from vitrine.network_input import network_input
+from vitrine.contracts import ONNX_MODEL_FILE
+from vitrine.evaluation.calibration import Calibration
+from vitrine.model.network_input import network_input
+from vitrine.model.networks import AfterResize, Predictor
+from vitrine.runtime.onnx import OnnxPredictor
 
 INPUT_NAME = "pixels"  # the float (N, 3, S, S) input after the shared resize
 # ONNX Runtime fuses and reorders float operations: its logits drift from eager ones by a few

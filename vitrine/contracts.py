@@ -14,8 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from service import MODEL_INFO_FILE
 from vitrine.config import from_mapping
+
+# The model the service loads from the BentoML store, as `<name>:latest`.
+MODEL_NAME_ENV = "VITRINE_MODEL_NAME"
+DEFAULT_MODEL_NAME = "vitrine-classifier"
+
+# Files inside the packaged model folder (the DVC output and the BentoML store model alike).
+SCRIPTED_MODEL_FILE = "model.pt"  # TorchScript: the framework's portable export
+ONNX_MODEL_FILE = "model.onnx"  # what the service runs (vitrine/runtime/onnx.py)
+MODEL_INFO_FILE = "model.json"
+MODEL_CARD_FILE = "model_card.md"
 
 
 @dataclass(frozen=True)
@@ -43,11 +52,11 @@ class ServeConfig:
 class PackageInfo:
     classes: tuple[str, ...]
     image_size: int  # side of the square vitrine.images.load_square produces
-    input_size: int  # the network's input side (vitrine.network_input resizes to it)
+    input_size: int  # the network's input side (vitrine.model.network_input resizes to it)
     version: str
     abstain_threshold: float  # answers below this confidence abstain (0.0: never)
     serve: ServeConfig
-    # vitrine.decisions.decide's gain matrix, as evaluate scored the model; None: the most
+    # vitrine.runtime.decisions.decide's gain matrix, as evaluate scored the model; None: the most
     # probable class (also for models packaged before decisions existed, as they were scored).
     decision_gain: np.ndarray | None = None
 

@@ -1,0 +1,5 @@
+"""Curation: what the dedupe stage finds in the collected photos.
+
+Owns near-duplicate search over perceptual hashes and embeddings (`neardup`), label-noise and
+outlier scores (`noise`) and the review gallery people decide from (`review`).
+"""
