@@ -2,10 +2,9 @@
 
 The expected-value decision (vitrine.runtime.decisions) is the Bayes answer only for
 probabilities that mean what they say, and the abstain threshold and the service's confidences
-read them too. A
-fine-tuned network's are not: label smoothing and CutMix soften them, inverse-frequency loss
-weights tilt them towards the rarer class. Two fixes, both fitted by minimising the val
-negative log-likelihood:
+read them too. A fine-tuned network's are not: label smoothing and CutMix soften them,
+inverse-frequency loss weights tilt them towards the rarer class. Two fixes, both fitted by
+minimising the val negative log-likelihood:
 
 - `temperature`: one scalar divides the logits (Guo et al. 2017). It sharpens or softens every
   answer alike and never changes which class is most probable.
