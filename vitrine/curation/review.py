@@ -3,69 +3,94 @@
 A reviewer looks at the page and writes decisions into data/review/decisions.csv
 (id, decision = keep | drop | relabel, new_label, note); dedupe applies them on the next run.
 The page is one self-contained HTML file (thumbnails inlined) so it can be mailed or archived.
+
+The layout is the jinja2 template templates/review.html.j2; this module turns the data frames
+into plain values for it (scores formatted, thumbnails base64-encoded). The template escapes
+every value, so labels, file names and notes from the data cannot inject markup.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
 
+import jinja2
 import pandas as pd
 
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
-h1{font-size:1.5rem} h2{font-size:1.2rem;margin-top:2rem}
-.grid{display:flex;flex-wrap:wrap;gap:12px}
-.card{border:1px solid #ccc;border-radius:6px;padding:6px;width:180px;font-size:12px}
-.card img{width:168px;height:126px;object-fit:contain;background:#f4f4f4}
-.cluster{display:flex;gap:8px;align-items:flex-start;border-bottom:1px solid #eee;padding:8px 0}
-.warn{color:#b00} code{background:#f4f4f4;padding:1px 3px;word-break:break-all}
-"""
+TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATE = "review.html.j2"
 
 
-def _img(data: bytes) -> str:
-    return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(data).decode()}">'
+@cache
+def environment() -> jinja2.Environment:
+    """Templates from TEMPLATES, HTML-escaped, and a variable the page lacks is an error."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
 
-def _card(row: pd.Series, thumb: bytes, lines: list[str]) -> str:
-    text = "<br>".join(lines)
-    return f'<div class="card">{_img(thumb)}<br><b>{html.escape(row["id"])}</b><br>{text}</div>'
+def _photo(row: pd.Series, thumb: Callable[[pd.Series], bytes]) -> dict[str, str]:
+    return {"id": str(row["id"]), "thumb": base64.b64encode(thumb(row)).decode()}
 
 
-def candidate_cards(candidates: pd.DataFrame, thumb: Callable[[pd.Series], bytes]) -> str:
-    cards = []
-    for _, r in candidates.iterrows():
-        lines = [
-            f"given: <b>{html.escape(r['label'])}</b>",
-            f'suggested: <b class="warn">{html.escape(r["suggested_label"])}</b>',
-            f"label-issue score: {r['noise_score']:.2f}",
-            f"outlier score: {r['outlier_score']:.1f}",
-            f"cluster: {html.escape(r['cluster_id'])}",
-            f"<code>{html.escape(r['id'])},drop,,</code>",
-        ]
-        cards.append(_card(r, thumb(r), lines))
-    return '<div class="grid">' + "".join(cards) + "</div>"
+def candidate_cards(
+    candidates: pd.DataFrame, thumb: Callable[[pd.Series], bytes]
+) -> list[dict[str, str]]:
+    """One card per noise candidate, in the frame's order."""
+    return [
+        _photo(r, thumb)
+        | {
+            "label": str(r["label"]),
+            "suggested_label": str(r["suggested_label"]),
+            "noise_score": f"{r['noise_score']:.2f}",
+            "outlier_score": f"{r['outlier_score']:.1f}",
+            "cluster_id": str(r["cluster_id"]),
+        }
+        for _, r in candidates.iterrows()
+    ]
 
 
-def cluster_rows(members: pd.DataFrame, thumb: Callable[[pd.Series], bytes]) -> str:
-    rows = []
-    for cluster_id, group in members.groupby("cluster_id", sort=True):
-        cards = [
-            _card(
-                r,
-                thumb(r),
-                [
-                    f"{html.escape(r['label'])} · {html.escape(r['status'])}",
-                    html.escape(r["reason"] or "representative"),
-                ],
-            )
-            for _, r in group.iterrows()
-        ]
-        rows.append(
-            f'<div class="cluster"><div>{html.escape(cluster_id)}</div>{"".join(cards)}</div>'
-        )
-    return "".join(rows)
+def cluster_rows(
+    members: pd.DataFrame, thumb: Callable[[pd.Series], bytes]
+) -> list[dict[str, Any]]:
+    """One row per cluster (sorted by id), its photos in the frame's order."""
+    return [
+        {
+            "id": str(cluster_id),
+            "photos": [
+                _photo(r, thumb)
+                | {
+                    "label": str(r["label"]),
+                    "status": str(r["status"]),
+                    "reason": str(r["reason"] or "representative"),
+                }
+                for _, r in group.iterrows()
+            ],
+        }
+        for cluster_id, group in members.groupby("cluster_id", sort=True)
+    ]
+
+
+def review_page(
+    candidates: pd.DataFrame,
+    clusters: pd.DataFrame,
+    thumb: Callable[[pd.Series], bytes],
+    decisions_path: str,
+) -> dict[str, Any]:
+    """Everything the template shows, as strings, numbers, lists and dicts."""
+    return {
+        "candidate_count": len(candidates),
+        "cluster_count": clusters["cluster_id"].nunique(),
+        "decisions_path": decisions_path,
+        "candidates": candidate_cards(candidates, thumb),
+        "clusters": cluster_rows(clusters, thumb),
+    }
 
 
 def render_review(
@@ -75,13 +100,5 @@ def render_review(
     decisions_path: str,
 ) -> str:
     """The review page: candidates (most suspicious first), then multi-photo clusters."""
-    return f"""<!doctype html><html><head><meta charset="utf-8">
-<title>vitrine review</title><style>{STYLE}</style></head><body>
-<h1>Photos to review</h1>
-<p>{len(candidates)} noise candidates and {clusters["cluster_id"].nunique()} near-duplicate
-clusters. Record a decision per photo in <code>{html.escape(decisions_path)}</code>
-(<code>id,decision,new_label,note</code>; decision is keep, drop or relabel) and run
-<code>dvc repro</code>: it overrides the automatic choices and survives re-runs.</p>
-<h2>Noise candidates</h2>{candidate_cards(candidates, thumb)}
-<h2>Near-duplicate clusters</h2>{cluster_rows(clusters, thumb)}
-</body></html>"""
+    page = review_page(candidates, clusters, thumb, decisions_path)
+    return environment().get_template(TEMPLATE).render(page=page)

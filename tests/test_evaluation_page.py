@@ -1,0 +1,159 @@
+"""The evaluation report page (vitrine/evaluation/report.py and its template)."""
+
+import tomllib
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+import pytest
+
+from vitrine.evaluation import report as report_module
+from vitrine.evaluation.metrics import value_model
+from vitrine.evaluation.report import confusion_section, evaluation_page, render_report
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTILE = "<script>alert('x')</script>"
+INLINE = {"b", "code"}  # no word break at these tags
+
+
+class Text(HTMLParser):
+    """The page's visible text (outside <style>), whitespace-normalised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._style = False
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self._style = tag == "style"
+        if tag not in INLINE:
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        self._style = False
+        if tag not in INLINE:
+            self.parts.append(" ")
+
+    def handle_data(self, data: str) -> None:
+        if not self._style:
+            self.parts.append(data)
+
+    @property
+    def text(self) -> str:
+        return " ".join("".join(self.parts).split())
+
+
+def visible(page: str) -> str:
+    parser = Text()
+    parser.feed(page)
+    return parser.text
+
+
+def inputs(classes: tuple[str, ...], winner: str = "bright", photo_id: str = "test-1") -> list:
+    """render_report's arguments: 4 test photos, 2 of them wrong."""
+    values = value_model(classes, {c: float(i + 1) for i, c in enumerate(classes)}, [], 0.5, 0.3)
+    predictions = pd.DataFrame(
+        {
+            "id": ["test-0", photo_id, "test-2", "test-3"],
+            "label": [classes[0], classes[1], classes[0], classes[1]],
+            "predicted": [classes[0], classes[0], classes[1], classes[1]],
+            "index": [0, 1, 2, 3],
+            "confidence": [0.9, 0.8, 0.6, 0.7],
+            "gain": [1.0, -0.5, -0.25, 2.0],
+            "abstained": [False, False, True, False],
+        }
+    )
+    scores: dict[str, Any] = {
+        "accuracy": 0.5,
+        "macro_f1": 0.5,
+        "business_weighted_accuracy": 0.6,
+        "business_weighted_f1": 0.55,
+        "expected_value_per_1000": 562.5,
+    }
+    report = {
+        "winner": winner,
+        "primary_metric": "business_weighted_accuracy",
+        "decision": "argmax",
+        "ranking": [winner, "always_phone"],
+        "test": {
+            "n": 4,
+            **scores,
+            "depth_weighted_accuracy": 0.5,
+            "per_class": {
+                c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for c in classes
+            },
+            "taxonomy": {"levels": [{"level": 1, "classes": 2, "accuracy": 0.5, "macro_f1": 0.5}]},
+        },
+        "calibration": {"val_ece": 0.05, "test_ece": 0.07, "bins": 10},
+        "abstain": {"threshold": 0.65, "review_cost": 0.3, "test_accuracy_when_decided": None},
+        "served": {
+            winner: {
+                "precision": "fp32",
+                "calibration": {
+                    "method": "temperature",
+                    "temperature": 1.5,
+                    "val_log_loss": 0.4,
+                    "val_log_loss_uncalibrated": 0.6,
+                },
+            }
+        },
+    }
+    candidates = {winner: scores, "always_phone": scores}
+    reliability = [{"bin": 7, "confidence": 0.75, "accuracy": 0.5, "count": 4}]
+    images = np.zeros((4, 20, 20, 3), dtype=np.uint8)
+    return [report, candidates, predictions, reliability, images, values, 2]
+
+
+def test_page_shows_every_section() -> None:
+    text = visible(render_report(*inputs(("phone", "laptop"))))
+    assert "Winner: bright, chosen on validation by business_weighted_accuracy." in text
+    assert "On 4 test photos: accuracy 0.5000, business-weighted accuracy 0.6000" in text
+    assert "Scored as the service runs it: model.onnx in fp32." in text
+    assert "rank candidate business_weighted_accuracy accuracy macro_f1" in text
+    assert "1 bright 0.6000 0.5000" in text
+    assert "Per taxonomy level level classes accuracy macro F1 1 2 0.5000 0.5000" in text
+    assert "Confusion matrix, classes by business value Rows: actual class." in text
+    assert "calibrated on val (temperature, temperature 1.500)" in text
+    assert "val log loss 0.6000 before, 0.4000 after." in text
+    assert "4 photos: confidence 0.750, accuracy 0.500" in text  # the reliability dot
+    assert "threshold 0.6500 review_cost 0.3000" in text
+    assert "test_accuracy_when_decided" not in text  # None: left out
+    assert "Costliest mistakes (2 of 2 wrong test predictions)" in text
+    assert "test-1 true laptop predicted phone confidence 0.800 cost 0.50" in text
+    assert "test-2 true phone predicted laptop confidence 0.600 (sent to review) cost 0.25" in text
+
+
+def test_hostile_class_candidate_and_photo_names_are_escaped() -> None:
+    args = inputs((HOSTILE, "laptop"), winner=HOSTILE, photo_id=HOSTILE)
+    page = render_report(*args)
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
+    text = visible(page)
+    assert f"Winner: {HOSTILE}, chosen" in text
+    assert f"1 {HOSTILE} 0.6000" in text  # candidates table
+    assert f"{HOSTILE} true laptop predicted {HOSTILE}" in text  # mistake card
+    matrix = confusion_section(args[2], args[5])
+    assert "<script" not in matrix and "&lt;script&gt;" in matrix
+
+
+def test_a_variable_the_page_lacks_is_an_error() -> None:
+    template = report_module.environment().get_template(report_module.TEMPLATE)
+    args = inputs(("phone", "laptop"))
+    page = evaluation_page(*args)
+    assert template.render(page=page) == render_report(*args)
+    del page["calibration"]["verdict"]
+    with pytest.raises(jinja2.UndefinedError, match="verdict"):
+        template.render(page=page)
+    with pytest.raises(jinja2.UndefinedError):
+        template.render()
+
+
+def test_the_template_is_package_data() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["vitrine"]
+    shipped = {path.resolve() for p in patterns for path in (REPO / "vitrine").glob(p)}
+    template = report_module.TEMPLATES / report_module.TEMPLATE
+    assert template.resolve() in shipped
