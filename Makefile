@@ -29,12 +29,14 @@ $(STAMP): pyproject.toml
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
-	$(BIN)/ruff check .
+# The quality gates first (seconds), then the tests.
+test: lint
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy vitrine stages service pipeline
 
 serve: setup
 	$(BIN)/bentoml serve service.service:Classifier --host 127.0.0.1 --port $(PORT)

@@ -35,15 +35,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.evaluate import (
-    calibrated,
-    check_config,
-    load_candidate,
-    load_config,
-    onnx_logits,
-    onnx_proba,
-)
-from stages.train import (
+from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
+from vitrine.data.splits import load_split, prepared_manifest_path, split_images_path
+from vitrine.evaluation import metrics
+from vitrine.evaluation.candidates import calibrated, load_candidate
+from vitrine.evaluation.settings import check_config, load_config
+from vitrine.model.export import export_onnx
+from vitrine.model.training import (
     TrainConfig,
     candidate_config,
     model_card,
@@ -51,10 +49,7 @@ from stages.train import (
     run_fingerprint,
     train,
 )
-from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
-from vitrine.data.splits import load_split, prepared_manifest_path, split_images_path
-from vitrine.evaluation import metrics
-from vitrine.model.export import export_onnx
+from vitrine.runtime.onnx import onnx_logits, onnx_proba
 
 Photos = tuple[np.ndarray, np.ndarray]  # uint8 (N, H, W, 3) images and class indices
 

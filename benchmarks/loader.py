@@ -33,9 +33,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from stages.train import CandidateConfig, TrainConfig, build_module, candidate_config
 from vitrine.config import load_params, stage_config
 from vitrine.data.splits import PackedDataModule, prepared_manifest_path, split_images_path
+from vitrine.model.training import CandidateConfig, TrainConfig, build_module, candidate_config
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = {"train": 2363, "val": 535}  # the bundled data's split, at prepare.image_size 128

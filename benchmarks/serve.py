@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -49,10 +48,19 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.evaluate import check_config, load_config  # noqa: E402
-from stages.package import export_package, save_to_store, serve_settings  # noqa: E402
 from vitrine.config import load_params, load_paths  # noqa: E402
-from vitrine.contracts import MODEL_INFO_FILE, MODEL_NAME_ENV, ONNX_MODEL_FILE, SCRIPTED_MODEL_FILE  # noqa: E402
+from vitrine.contracts import (  # noqa: E402
+    MODEL_NAME_ENV,
+    ONNX_MODEL_FILE,
+    SCRIPTED_MODEL_FILE,
+    PackagedModel,
+    Provenance,
+    read_evaluation,
+    read_packaged,
+)
+from vitrine.evaluation.settings import check_config, load_config  # noqa: E402
+from vitrine.packaging.bundle import export_package, serve_settings  # noqa: E402
+from vitrine.packaging.store import save_to_store  # noqa: E402
 from vitrine.runtime.onnx import load_onnx  # noqa: E402
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
@@ -220,22 +228,25 @@ def packaged(folder: Path, scratch: Path) -> Path:
         return folder
     params = load_params(REPO / "params.yaml")
     out = scratch / f"{folder.name}-package"
-    card = {"params": {}, "data": {"path": "", "md5": "benchmark"}, "git_revision": "benchmark"}
+    card = Provenance({}, {"path": "", "md5": "benchmark"}, "benchmark")
     paths = load_paths(params)
     gain = check_config(load_config(params)).decision_gain()
     served = REPO / paths.served / folder.name  # evaluate's model.onnx for the candidate
     serve = serve_settings(params, folder.name)
-    export_package(folder, served, REPO / paths.evaluate_report, out, serve, card, gain)
+    report = read_evaluation(REPO / paths.evaluate_report)
+    export_package(folder, served, report, out, serve, card, gain)
     return out
 
 
 def bench_model(
     folder: Path, photos: list[bytes], requests: int, servers: list[str], scratch: Path
 ) -> None:
-    info = json.loads((folder / MODEL_INFO_FILE).read_text())
-    model, serve = info["model_version"], info["serve"]
+    info = read_packaged(folder)
+    model, serve = info.model_version, info.serve
     settings = ("workers", "max_batch_size", "concurrent_batches", "rebalance_every")
-    print(f"# {model} bento: " + ", ".join(f"{k} {serve.get(k)}" for k in settings), flush=True)
+    print(
+        f"# {model} bento: " + ", ".join(f"{k} {getattr(serve, k)}" for k in settings), flush=True
+    )
     for server in servers:
         port = free_port()
         log = scratch / f"{model}-{server}.log"
@@ -254,12 +265,12 @@ def bench_model(
             stop(process)
 
 
-def load_model(folder: Path, info: dict, runtime: str) -> Callable:
+def load_model(folder: Path, info: PackagedModel, runtime: str) -> Callable:
     """uint8 (N, H, W, 3) tensor -> logits: model.pt under TorchScript or model.onnx under ORT."""
     import torch
 
     if runtime == "onnx":
-        return load_onnx(folder, info["image_size"], info["input_size"])
+        return load_onnx(folder, info.image_size, info.input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
         return torch.jit.load(str(folder / SCRIPTED_MODEL_FILE), map_location="cpu").eval()
@@ -272,7 +283,7 @@ def flask_baseline(folder: Path, port: int, runtime: str) -> None:
 
     from vitrine.images import load_square
 
-    info = json.loads((folder / MODEL_INFO_FILE).read_text())
+    info = read_packaged(folder)
     module = load_model(folder, info, runtime)
     app = Flask(__name__)
 
@@ -282,15 +293,15 @@ def flask_baseline(folder: Path, port: int, runtime: str) -> None:
 
     @app.post("/classify")
     def classify():
-        pixels = load_square(request.files["image"].read(), info["image_size"])
+        pixels = load_square(request.files["image"].read(), info.image_size)
         with torch.inference_mode():
             logits = module(torch.from_numpy(pixels.copy()).unsqueeze(0))
         probabilities = torch.softmax(logits, dim=1)[0].tolist()
         best = int(np.argmax(probabilities))
         return jsonify(
-            label=info["classes"][best],
+            label=info.classes[best],
             confidence=probabilities[best],
-            probabilities=dict(zip(info["classes"], probabilities, strict=True)),
+            probabilities=dict(zip(info.classes, probabilities, strict=True)),
         )
 
     app.run(host="127.0.0.1", port=port, threaded=True)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from vitrine.config import ConfigError, load_params, stage_config
+from vitrine.config import ConfigError, load_params, params_block, stage_config
 
 
 def base_name(stage: str) -> str:
@@ -13,7 +12,7 @@ def base_name(stage: str) -> str:
     return stage.split("@", 1)[0]
 
 
-@dataclasses.dataclass(frozen=True)
+@params_block
 class FlowConfig:
     timezone: str  # IANA name; both crons are read in it
     retrain_cron: str  # `retrain`, whatever changed

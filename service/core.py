@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vitrine.contracts import PackageInfo
+from vitrine.contracts import PackagedModel
 from vitrine.images import Rejected, checked_square, open_capped
 from vitrine.runtime.decisions import decide
 
@@ -51,7 +51,7 @@ def error_body(err: Rejected) -> dict[str, Any]:
     return body
 
 
-def open_upload(data: bytes, info: PackageInfo) -> Image.Image:
+def open_upload(data: bytes, info: PackagedModel) -> Image.Image:
     """Upload bytes -> the opened image, judged from its size and header alone (nothing is
     decoded yet, so a decompression bomb is refused here); Rejected otherwise."""
     serve = info.serve
@@ -63,7 +63,7 @@ def open_upload(data: bytes, info: PackageInfo) -> Image.Image:
         raise Rejected("undecodable", str(err)) from None
 
 
-def open_all(images: Sequence[bytes], info: PackageInfo) -> list[Upload]:
+def open_all(images: Sequence[bytes], info: PackagedModel) -> list[Upload]:
     """open_upload for each upload, a bad one giving its Rejected in its place."""
     opened: list[Upload] = []
     for data in images:
@@ -79,7 +79,7 @@ def cheap_to_decode(upload: Upload) -> bool:
     return isinstance(upload, Rejected) or upload.width * upload.height <= INLINE_DECODE_PIXELS
 
 
-def prepare_image(img: Image.Image, info: PackageInfo) -> np.ndarray:
+def prepare_image(img: Image.Image, info: PackagedModel) -> np.ndarray:
     """An opened upload -> the (size, size, 3) uint8 array the model takes; Rejected otherwise.
     The same pixels as load_square, which prepare used for the evaluated arrays."""
     try:
@@ -88,7 +88,7 @@ def prepare_image(img: Image.Image, info: PackageInfo) -> np.ndarray:
         raise Rejected("undecodable", str(err)) from None
 
 
-def prepare_all(uploads: Sequence[Upload], info: PackageInfo) -> list[np.ndarray | Rejected]:
+def prepare_all(uploads: Sequence[Upload], info: PackagedModel) -> list[np.ndarray | Rejected]:
     """prepare_image for each opened upload; a refused one keeps its Rejected, and one that
     fails to decode gets its own."""
     prepared: list[np.ndarray | Rejected] = []
@@ -100,11 +100,11 @@ def prepare_all(uploads: Sequence[Upload], info: PackageInfo) -> list[np.ndarray
     return prepared
 
 
-def classify_answer(probabilities: Sequence[float], info: PackageInfo) -> dict[str, Any]:
+def classify_answer(probabilities: Sequence[float], info: PackagedModel) -> dict[str, Any]:
     """The /classify answer for one image's class probabilities (in info.classes order): the
     class evaluate's decision rule answers, and its probability as the confidence."""
     values = [float(p) for p in probabilities]
-    best = int(decide(np.array([values]), info.decision_gain)[0])
+    best = int(decide(np.array([values]), info.gain)[0])
     return {
         "label": info.classes[best],
         "confidence": values[best],
@@ -114,7 +114,7 @@ def classify_answer(probabilities: Sequence[float], info: PackageInfo) -> dict[s
     }
 
 
-def declared_category(value: str | None, info: PackageInfo) -> str:
+def declared_category(value: str | None, info: PackagedModel) -> str:
     if value is None:
         raise Rejected("missing_field", "no field 'declared_category' in the form")
     if value not in info.classes:

@@ -49,7 +49,7 @@ from service.core import (
 )
 from service.rebalance import KeepAliveRebalancer
 from service.uploads import read_form
-from vitrine.contracts import DEFAULT_MODEL_NAME, MODEL_NAME_ENV, PackageInfo, read_package_info
+from vitrine.contracts import DEFAULT_MODEL_NAME, MODEL_NAME_ENV, PackagedModel, read_packaged
 from vitrine.images import Rejected
 from vitrine.runtime.onnx import load_onnx
 
@@ -60,7 +60,7 @@ MODEL_REF = bentoml.models.BentoModel(
     f"{os.environ.get(MODEL_NAME_ENV, DEFAULT_MODEL_NAME)}:latest"
 )
 # Read at import: the number of worker processes is an argument of @bentoml.service below.
-INFO = read_package_info(Path(MODEL_REF.stored.path))
+INFO = read_packaged(Path(MODEL_REF.stored.path))
 
 
 app = FastAPI(title="vitrine classifier", docs_url=None, redoc_url=None, openapi_url=None)
@@ -82,7 +82,7 @@ def error_response(err: Rejected) -> JSONResponse:
     return JSONResponse(error_body(err), status_code=status_of(err))
 
 
-def upload_page(info: PackageInfo) -> str:
+def upload_page(info: PackagedModel) -> str:
     options = "".join(
         f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in info.classes
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vitrine.config import load_params, load_paths, stage_config
+from vitrine.config import load_params, load_paths, params_block, stage_config
 from vitrine.curation.neardup import clusters, near_duplicate_pairs
-from vitrine.curation.noise import class_outlier_scores, confident_learning, out_of_fold_proba
+from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
 from vitrine.curation.review import render_review
 from vitrine.data.shards import MANIFEST, ShardReader
 from vitrine.images import load_square
@@ -37,7 +36,7 @@ EMBEDDINGS = "embeddings.npy"
 EMBED_SIDE = 128  # the photos are ~120 px: decoding larger only upsamples
 
 
-@dataclass(frozen=True)
+@params_block
 class NoiseConfig:
     folds: int  # k of the out-of-fold logistic regression
     seed: int
@@ -45,7 +44,7 @@ class NoiseConfig:
     max_candidates: int  # on the review page, most suspicious first
 
 
-@dataclass(frozen=True)
+@params_block
 class DedupeConfig:
     classes: tuple[str, ...]
     keep: str  # which member represents a cluster: "largest" (most pixels, ties by id)
@@ -182,8 +181,8 @@ def assign_statuses(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFram
 
 
 def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfig) -> pd.DataFrame:
-    """Per kept photo: label-issue score and suggested label (confident learning on out-of-fold
-    probabilities) and an outlier score within its class."""
+    """Per kept photo: label-issue score and suggested label (cleanlab's confident learning on
+    out-of-fold probabilities) and an outlier score within its class."""
     classes = list(config.classes)
     y = kept["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
     counts = np.bincount(y, minlength=len(classes))
@@ -193,7 +192,7 @@ def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfi
             noise_score=0.0, suggested_label=kept["label"], label_issue=False, outlier_score=0.0
         )
     proba = out_of_fold_proba(embeddings, y, len(classes), config.noise.folds, config.noise.seed)
-    issues = confident_learning(proba, y)
+    issues = find_label_issues(proba, y)
     return scores.assign(
         noise_score=issues.score,
         suggested_label=[classes[i] for i in issues.suggested],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vitrine.config import load_params, load_paths, stage_config
+from vitrine.config import load_params, load_paths, params_block, stage_config
 from vitrine.data.shards import MANIFEST, ShardReader
 from vitrine.data.splits import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.images import load_square
@@ -25,7 +24,7 @@ from vitrine.images import load_square
 SPLIT_RULES = ("hash", "column")
 
 
-@dataclass(frozen=True)
+@params_block
 class PrepareConfig:
     classes: tuple[str, ...]
     image_size: int

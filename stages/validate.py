@@ -28,7 +28,7 @@ from great_expectations.data_context.types.base import (
 )
 from great_expectations.expectations.metadata_types import FailureSeverity
 
-from vitrine.config import load_params, load_paths, stage_config
+from vitrine.config import load_params, load_paths, params_block, stage_config
 from vitrine.data.shards import MANIFEST
 
 REQUIRED_COLUMNS = ("id", "label", "source", "status", "sha256", "width", "height")
@@ -41,7 +41,7 @@ BLOCKING_NOTE = "**Blocking**: a failure fails the validate stage."
 WARNING_NOTE = "**Warning**: a failure is reported but does not fail the stage."
 
 
-@dataclass(frozen=True)
+@params_block
 class ValidateConfig:
     min_images_per_class: int
     max_quarantine_rate: float

@@ -21,10 +21,6 @@ from stages.collect import (
     REPORT_COLUMNS,
     CollectConfig,
     ManifestWriter,
-    Source,
-    _read_capped,
-    _tar_members,
-    _tree_prefix,
     collect,
     collect_report,
     quarantine_list,
@@ -34,6 +30,7 @@ from vitrine.config import ConfigError, from_mapping
 from vitrine.data.shards import ShardReader
 from vitrine.images import Rejected
 from vitrine.ingest.download import DownloadConfig
+from vitrine.ingest.records import Source, _read_capped, _tar_members, _tree_prefix
 
 
 def config(*sources: Source, **overrides) -> CollectConfig:

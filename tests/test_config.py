@@ -1,5 +1,4 @@
 import argparse
-from dataclasses import dataclass
 
 import pytest
 
@@ -9,12 +8,13 @@ from vitrine.config import (
     from_mapping,
     load_params,
     load_paths,
+    params_block,
     parse_override,
     set_dotted,
 )
 
 
-@dataclass(frozen=True)
+@params_block
 class Inner:
     tiers: tuple[tuple[int, float], ...]
     names: tuple[str, ...]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_prepared import CLASSES, write_prepared
+from tests.helpers.tiny_prepared import CLASSES, write_prepared
 from vitrine.data.splits import (
     PackedDataModule,
     balanced_sampler,

@@ -12,7 +12,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.deploy import build_deployments, main
-from tests.conftest import PREFECT_START_TIMEOUT_S
+from tests.helpers import PREFECT_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 

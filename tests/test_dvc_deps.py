@@ -4,55 +4,11 @@ A module left out is code DVC does not watch: a change to it would leave the sta
 and its outputs stale. The imports are read with ast, so nothing is executed.
 """
 
-import ast
-from pathlib import Path
-
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("stages", "vitrine", "service")
-
-
-def imported_modules(source: Path) -> set[str]:
-    """Project files that `source` imports: modules and, for `from pkg import mod`, mod itself."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    files = set()
-    for name in names:
-        parts = name.split(".")
-        if parts[0] not in PACKAGES:
-            continue
-        # Importing a.b runs a/__init__.py first.
-        files.update(f"{'/'.join(parts[:i])}/__init__.py" for i in range(1, len(parts)))
-        files.add("/".join(parts) + ".py")
-    return {f for f in files if (REPO / f).is_file()}
-
-
-def holds_code(source: Path) -> bool:
-    """Whether a file does more than document itself (a docstring-only __init__ changes nothing)."""
-    body = ast.parse(source.read_text()).body
-    return any(not is_docstring(node) for node in body)
-
-
-def is_docstring(node: ast.stmt) -> bool:
-    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-
-
-def import_closure(entry: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [entry]
-    while todo:
-        path = todo.pop()
-        if path not in seen:
-            seen.add(path)
-            todo.extend(imported_modules(REPO / path))
-    return seen
+from tests.helpers import REPO
+from tests.helpers.imports import holds_code, import_closure, imported_modules
 
 
 def stages() -> dict[str, dict]:

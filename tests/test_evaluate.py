@@ -12,142 +12,39 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
-import lightning
 import numpy as np
 import onnx
 import pandas as pd
 import pytest
 import torch
 
-from stages.evaluate import (
-    EvaluateConfig,
-    candidate_names,
-    check_config,
-    evaluate,
-    load_config,
-    onnx_proba,
-    predict_logits,
-    predictions_table,
-    rank_candidates,
-    softmax,
-    write_outputs,
+from stages.evaluate import evaluate, predictions_table, write_outputs
+from tests.helpers.candidates import (
+    CLASSES,
+    brightness_classifier,
+    constant_classifier,
+    quantized_weights,
+    write_checkpoint,
+    write_prepared,
 )
-from tests.test_export import quantized_weights
+from tests.helpers.candidates import evaluate_config as config
 from vitrine.config import load_params, load_paths
-from vitrine.data.splits import load_split, prepared_manifest_path, split_images_path
+from vitrine.contracts import as_dict
+from vitrine.data.splits import load_split, prepared_manifest_path
+from vitrine.evaluation.candidates import rank_candidates
 from vitrine.evaluation.metrics import Taxonomy, value_model
 from vitrine.evaluation.report import MAX_MATRIX_CLASSES, confusion_section
+from vitrine.evaluation.settings import EvaluateConfig, candidate_names, check_config, load_config
 from vitrine.model.export import checkpoint_digest
-from vitrine.model.networks import ImageClassifier, build_predictor
+from vitrine.model.networks import build_predictor
+from vitrine.runtime.onnx import onnx_proba, predict_logits, softmax
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("laptop", "phone")
-SIDE = 32  # prepared image side
-# (laptops, phones) per split
-COUNTS = {"train": (4, 4), "val": (4, 4), "test": (6, 2)}
-
-
-def write_prepared(root: Path, counts: dict = COUNTS) -> Path:
-    """A prepared dataset: dark laptops (0-99) and bright phones (156-255), SIDE x SIDE."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, (laptops, phones) in counts.items():
-        labels = [0] * laptops + [1] * phones
-        low = [0 if y == 0 else 156 for y in labels]
-        images = np.stack([rng.integers(lo, lo + 100, (SIDE, SIDE, 3)) for lo in low])
-        np.save(split_images_path(root, split), images.astype(np.uint8))
-        rows += [
-            {
-                "id": f"{split}-{i}",
-                "source": "s",
-                "label": CLASSES[y],
-                "cluster_id": f"{split}{i}",
-                "split": split,
-                "index": i,
-            }
-            for i, y in enumerate(labels)
-        ]
-    pd.DataFrame(rows).to_parquet(prepared_manifest_path(root))
-    return root
 
 
 @pytest.fixture
 def prepared(tmp_path: Path) -> Path:
     return write_prepared(tmp_path / "prepared")
-
-
-def constant_classifier(favoured: int, margin: float = 2.0) -> ImageClassifier:
-    """cnn64 answering class `favoured` for every photo (softmax of a `margin` logit gap)."""
-    module = ImageClassifier("cnn64", list(CLASSES), lr=1e-3)
-    head = module.predictor.net[-1]
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-        head.bias[favoured] = margin
-    return module
-
-
-def brightness_classifier() -> ImageClassifier:
-    """cnn64 answering phone for bright photos and laptop for dark ones: right on every photo.
-
-    The convolution averages the pixels (scaled to 0..1) minus 0.5, so only bright photos
-    light the ReLU; the head turns their total into the phone logit.
-    """
-    module = ImageClassifier("cnn64", list(CLASSES), lr=1e-3)
-    conv, head = module.predictor.net[0], module.predictor.net[-1]
-    with torch.no_grad():
-        conv.weight.fill_(1 / conv.weight[0].numel())
-        conv.bias.fill_(-0.5)
-        head.weight.zero_()
-        head.weight[1].fill_(10 / head.weight.shape[1])
-        head.bias.copy_(torch.tensor([1.0, 0.0]))
-    return module
-
-
-def write_checkpoint(module: ImageClassifier, model_dir: Path, image_size: int = SIDE) -> Path:
-    """What train leaves in <paths.model>/<candidate>: a Lightning checkpoint and model.json."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        model_dir / "best.ckpt",
-    )
-    info = {
-        "model": module.hparams.model,
-        "classes": list(module.hparams.classes),
-        "image_size": image_size,
-        "input_size": module.predictor.input_size,
-    }
-    (model_dir / "model.json").write_text(json.dumps(info))
-    return model_dir
-
-
-def config(**overrides) -> EvaluateConfig:
-    base = {
-        "classes": CLASSES,
-        "batch_size": 3,
-        "primary_metric": "business_weighted_accuracy",
-        "business_value": {"laptop": 1.0, "phone": 1.5},
-        "business_value_csv": "",
-        "cost_matrix": (("phone", "laptop", 1.0),),
-        "default_mistake_cost": 0.5,
-        "review_cost": 0.3,
-        "decision": "argmax",
-        "calibration": "none",
-        "top_k": 2,
-        "calibration_bins": 10,
-        "promote_margin": 0.005,
-        "taxonomy": Taxonomy("/", (1.0,)),
-        "mistakes_shown": 4,
-        "int8": (),
-        "int8_calibration_photos": 4,
-        "int8_max_loss": 0.005,
-    }
-    return EvaluateConfig(**{**base, **overrides})
 
 
 @pytest.fixture
@@ -253,7 +150,7 @@ def test_the_winner_follows_the_business_values(
     """Both are right on half the val photos (4 laptops, 4 phones): the values decide."""
     cfg = config(business_value={"laptop": laptop, "phone": phone}, cost_matrix=())
     result = evaluate(cfg, ("always_laptop", "always_phone"), prepared, models)
-    assert result.report["winner"] == winner
+    assert as_dict(result.report)["winner"] == winner
     table = result.candidates
     assert table["always_laptop"]["accuracy"] == table["always_phone"]["accuracy"] == 0.5
     expected = {
@@ -273,21 +170,21 @@ def test_the_primary_metric_picks_the_winner(prepared: Path, models: Path) -> No
         primary_metric="expected_value_per_1000",
     )
     result = evaluate(cfg, ("always_laptop", "always_phone"), prepared, models)
-    assert result.report["winner"] == "always_laptop"
-    assert result.report["ranking"] == ["always_laptop", "always_phone"]
+    assert as_dict(result.report)["winner"] == "always_laptop"
+    assert as_dict(result.report)["ranking"] == ["always_laptop", "always_phone"]
     bwa = config(
         primary_metric="business_weighted_accuracy",
         **{k: getattr(cfg, k) for k in ("business_value", "cost_matrix")},
     )
     assert (
-        evaluate(bwa, ("always_laptop", "always_phone"), prepared, models).report["winner"]
+        evaluate(bwa, ("always_laptop", "always_phone"), prepared, models).report.winner
         == "always_phone"
     )
 
 
 def test_only_the_winner_is_tested(prepared: Path, models: Path) -> None:
     result = evaluate(config(), ("always_laptop", "bright", "always_phone"), prepared, models)
-    report = result.report
+    report = as_dict(result.report)
     assert report["winner"] == "bright" and report["ranking"][0] == "bright"
     assert report["val"]["accuracy"] == 1.0 and report["test"]["accuracy"] == 1.0
     assert report["test"]["n"] == 8 and report["test"]["per_class"]["phone"]["support"] == 2
@@ -298,7 +195,7 @@ def test_only_the_winner_is_tested(prepared: Path, models: Path) -> None:
 def test_test_scores_of_the_winner_by_hand(prepared: Path, models: Path) -> None:
     """always_laptop alone: test has 6 laptops (right) and 2 phones (wrong, cost 1 each)."""
     result = evaluate(config(), ("always_laptop",), prepared, models)
-    test = result.report["test"]
+    test = as_dict(result.report)["test"]
     assert test["accuracy"] == 0.75
     assert test["business_weighted_accuracy"] == pytest.approx(6 / (6 + 2 * 1.5))
     assert test["expected_value_per_1000"] == pytest.approx(1000 * (6 - 2 * 1.0) / 8)
@@ -306,12 +203,14 @@ def test_test_scores_of_the_winner_by_hand(prepared: Path, models: Path) -> None
     assert test["per_class"]["phone"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
     # Every confidence is softmax(2, 0) = 0.881: one calibration bin, 75% right.
     confidence = float(torch.softmax(torch.tensor([2.0, 0.0]), 0)[0])
-    assert result.report["calibration"]["test_ece"] == pytest.approx(abs(0.75 - confidence))
+    assert as_dict(result.report)["calibration"]["test_ece"] == pytest.approx(
+        abs(0.75 - confidence)
+    )
     assert result.reliability == [
         {"bin": 8, "confidence": pytest.approx(confidence), "accuracy": 0.75, "count": 8}
     ]
     # On val (4 + 4) trusting earns 4 - 4 = 0, reviewing everything 4 * 0.7 + 4 * 1.2 = 7.6.
-    abstain = result.report["abstain"]
+    abstain = as_dict(result.report)["abstain"]
     assert abstain["threshold"] > 1.0 and abstain["val_abstain_rate"] == 1.0
     assert abstain["val_expected_value_per_1000"] == pytest.approx(1000 * 7.6 / 8)
     assert abstain["test_expected_value_per_1000"] == pytest.approx(1000 * (6 * 0.7 + 2 * 1.2) / 8)
@@ -495,30 +394,40 @@ def test_int8_candidates_are_scored_as_the_quantized_model_they_ship(
     cfg = config(int8=("bright",), int8_calibration_photos=8, mistakes_shown=1)
     result = evaluate(cfg, ("always_laptop", "bright"), prepared, models)
     # evaluate.calibration none: the network's own softmax
-    fitted = {name: r["calibration"] for name, r in result.report["served"].items()}
+    fitted = {name: r["calibration"] for name, r in as_dict(result.report)["served"].items()}
     assert {f["method"] for f in fitted.values()} == {"none"}
     assert all(f["val_log_loss"] == f["val_log_loss_uncalibrated"] for f in fitted.values())
     served = {
         name: {k: v for k, v in r.items() if k != "calibration"}
-        for name, r in result.report["served"].items()
+        for name, r in as_dict(result.report)["served"].items()
     }
     digest = checkpoint_digest(models / "always_laptop" / "best.ckpt")
-    assert served["always_laptop"] == {"precision": "fp32", "checkpoint_sha256": digest}
+    assert served["always_laptop"] == {
+        "precision": "fp32",
+        "checkpoint_sha256": digest,
+        "int8": None,
+    }
     assert served["bright"] == {
         "checkpoint_sha256": checkpoint_digest(models / "bright" / "best.ckpt"),
         "precision": "int8",
-        "val_business_weighted_accuracy_fp32": 1.0,
-        "val_business_weighted_accuracy_int8": 1.0,
-        "val_answers_changed_by_int8": 0,
-        "int8_float_strides": [],
-        "calibration_photos": 8,
+        "int8": {
+            "metric": "business_weighted_accuracy",
+            "val_fp32": 1.0,
+            "val_int8": 1.0,
+            "val_answers_changed": 0,
+            "float_strides": [],
+            "calibration_photos": 8,
+        },
     }
     paths = stage_paths(tmp_path / "out")
     (paths.served / "retired").mkdir(parents=True)  # a candidate of earlier params
     write_outputs(result, paths, cfg.mistakes_shown)
     assert sorted(p.name for p in paths.served.iterdir()) == ["always_laptop", "bright"]
     folder = paths.served / "bright"
-    assert json.loads((folder / "served.json").read_text()) == result.report["served"]["bright"]
+    assert (
+        json.loads((folder / "served.json").read_text())
+        == as_dict(result.report)["served"]["bright"]
+    )
     page = paths.evaluation_html.read_text()
     assert "Scored as the service runs it: model.onnx in int8 (validation" in page
     assert "int8 changed 0 answers" in page
@@ -538,7 +447,7 @@ def test_calibration_is_fitted_on_val_and_served_in_the_model(
     temperature_bias learns that its answer carries no information: 0.5 for both classes."""
     cfg = config(calibration="temperature_bias")
     result = evaluate(cfg, ("always_laptop",), prepared, models)
-    fitted = result.report["served"]["always_laptop"]["calibration"]
+    fitted = as_dict(result.report)["served"]["always_laptop"]["calibration"]
     assert fitted["method"] == "temperature_bias"
     p = 1 / (1 + np.exp(-2.0))  # softmax of the 2-logit gap
     assert fitted["val_log_loss_uncalibrated"] == pytest.approx(-np.log(p * (1 - p)) / 2)
@@ -562,10 +471,11 @@ def test_int8_that_loses_on_val_is_not_served(prepared: Path, models: Path) -> N
     the quantized model answers laptop for the phones too: the float model is served."""
     cfg = config(int8=("bright",), int8_calibration_photos=1)
     result = evaluate(cfg, ("bright",), prepared, models)
-    record = result.report["served"]["bright"]
+    record = as_dict(result.report)["served"]["bright"]
     assert record["precision"] == "fp32"
-    assert record["val_business_weighted_accuracy_int8"] < 1.0 - cfg.int8_max_loss
-    assert record["val_business_weighted_accuracy_fp32"] == 1.0
+    assert record["int8"]["metric"] == "business_weighted_accuracy"
+    assert record["int8"]["val_int8"] < 1.0 - cfg.int8_max_loss
+    assert record["int8"]["val_fp32"] == 1.0
     assert result.candidates["bright"]["business_weighted_accuracy"] == 1.0
     assert "QuantizeLinear" not in op_types(result.served["bright"].onnx)
 

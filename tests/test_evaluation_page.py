@@ -92,6 +92,8 @@ def inputs(classes: tuple[str, ...], winner: str = "bright", photo_id: str = "te
         "served": {
             winner: {
                 "precision": "fp32",
+                "checkpoint_sha256": "0" * 64,
+                "int8": None,
                 "calibration": {
                     "method": "temperature",
                     "temperature": 1.5,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.helpers.candidates import quantized_weights
 from vitrine.evaluation.calibration import Calibration
 from vitrine.model.export import (
     calibrated_onnx,
@@ -16,17 +17,10 @@ from vitrine.model.export import (
     float_convs,
     quantizable_strides,
     quantize_int8,
-    read_served,
+    served_for,
 )
 from vitrine.model.networks import Predictor
 from vitrine.runtime.onnx import OnnxPredictor
-
-
-def quantized_weights(model: bytes) -> list[bool]:
-    """Per convolution, in graph order: are its weights int8 (fed by a DequantizeLinear)?"""
-    graph = onnx.load_from_string(model).graph
-    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [node.input[1] in dequantized for node in graph.node if node.op_type == "Conv"]
 
 
 def test_calibration_photos_are_a_seeded_sample_in_order() -> None:
@@ -86,7 +80,7 @@ def test_quantizable_strides_are_listed_coarsest_first() -> None:
 
 def test_a_missing_served_model_names_the_stage_to_run(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"served.json is missing: run `dvc repro evaluate`"):
-        read_served(tmp_path, tmp_path / "best.ckpt")
+        served_for(tmp_path, tmp_path / "best.ckpt")
 
 
 @pytest.mark.parametrize("int8", [False, True])

@@ -32,7 +32,7 @@ from pipeline.flows import (
 )
 from pipeline.project import read_pipeline
 from pipeline.workspace import OverrideError, WorkspaceBusy, release_dead_dvc_locks
-from tests.conftest import PREFECT_START_TIMEOUT_S
+from tests.helpers import PREFECT_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,8 @@ from stages.collect import CollectConfig
 from stages.dedupe import DedupeConfig
 from stages.prepare import PrepareConfig
 from stages.validate import ValidateConfig
-from tests.conftest import REPO, photo_bytes
+from tests.helpers import REPO
+from tests.helpers.photos import photo_bytes
 from vitrine.config import load_params, stage_config
 
 CLASSES_CSV = (

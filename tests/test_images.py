@@ -1,11 +1,8 @@
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.photos import encode, png_header_only
 from vitrine.images import (
     Rejected,
     checked_square,
@@ -14,22 +11,6 @@ from vitrine.images import (
     load_square,
     open_capped,
 )
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but whose pixel data is 16 bytes of nothing."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", bytes(16))
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def load_checked_square(data: bytes, size: int, *, min_side: int, max_pixels: int) -> np.ndarray:

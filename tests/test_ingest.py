@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from tests.test_images import encode, png_header_only
+from tests.helpers.photos import encode, png_header_only
 from vitrine.images import Rejected, decode_rgb, inspect_image
 from vitrine.ingest import sources as ingest
 from vitrine.ingest.hashing import hamming, phash64

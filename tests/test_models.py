@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 
-from stages.train import CandidateConfig, EarlyStoppingConfig, TrainConfig, train
-from tests.tiny_prepared import CLASSES, trainer_args, write_prepared
+from tests.helpers.tiny_prepared import CLASSES, trainer_args, write_prepared
 from vitrine.model.embeddings import load_backbone
 from vitrine.model.networks import MODELS, ImageClassifier, build_predictor, cutmix
+from vitrine.model.training import CandidateConfig, EarlyStoppingConfig, TrainConfig, train
 
 # A small input size per model keeps the tests fast; a new entry in MODELS must be added here.
 SMALL = {

@@ -18,38 +18,35 @@ import yaml
 from bentoml._internal.models import ModelStore
 from PIL import Image
 
-from stages.evaluate import check_config, load_config
-from stages.package import (
-    PackageConfig,
-    data_version,
-    export_package,
-    load_predictor,
-    provenance,
-    read_trained,
-    save_to_store,
-    script_predictor,
-    serve_settings,
-)
-from tests.test_evaluate import (
+from stages.package import PackageConfig
+from tests.helpers.candidates import (
+    SERVE,
     brightness_classifier,
     constant_classifier,
+    serve_checkpoint,
     write_checkpoint,
     write_prepared,
 )
 from vitrine.config import ConfigError, load_params, stage_config
-from vitrine.contracts import read_package_info
+from vitrine.contracts import Provenance, read_evaluation, read_packaged, read_trained
 from vitrine.evaluation.calibration import Calibration
+from vitrine.evaluation.settings import check_config, load_config
 from vitrine.images import load_square
 from vitrine.model.export import (
     ONNX_PARITY_ATOL,
-    calibrated_onnx,
-    checkpoint_digest,
     export_onnx,
     parity_batch,
-    quantize_int8,
-    write_served,
 )
 from vitrine.model.networks import ImageClassifier
+from vitrine.packaging.bundle import (
+    data_version,
+    export_package,
+    load_predictor,
+    provenance,
+    script_predictor,
+    serve_settings,
+)
+from vitrine.packaging.store import save_to_store
 from vitrine.runtime.onnx import load_onnx
 
 # Loading the exported model is the point here, deprecated or not.
@@ -61,10 +58,18 @@ METRICS = {"n": 40, "accuracy": 0.75, "macro_f1": 0.7, "business_weighted_accura
 # evaluate.json as evaluate writes it (abridged): package keeps the winner's scalar test scores.
 REPORT = {
     "winner": "cnn64",
+    "primary_metric": "business_weighted_accuracy",
+    "decision": "argmax",
+    "ranking": ["cnn64"],
+    "business_values": "params",
+    "val": METRICS,
     "test": {**METRICS, "per_class": {"laptop": {"f1": 0.8}}, "taxonomy": {"levels": []}},
+    "calibration": {},
+    "abstain": {"threshold": 0.0},
+    "served": {},
 }
-SERVE = serve_settings(load_params(REPO / "params.yaml"), "cnn64")
 CARD = {"params": {"train": {"model": "cnn64"}}, "data": {"path": "p", "md5": "abc.dir"}}
+PROVENANCE = Provenance(**CARD, git_revision="f00")
 
 
 def write_trained_model(model_dir: Path, seed: int = 0, classes: list[str] = CLASSES) -> None:
@@ -79,34 +84,6 @@ def write_report(path: Path, report: dict = REPORT) -> Path:
     return path
 
 
-def serve_checkpoint(
-    model_dir: Path,
-    served: Path,
-    photos: np.ndarray | None = None,
-    calibration: Calibration | None = None,
-) -> Path:
-    """What evaluate writes for a candidate: its model.onnx in float, or in int8 calibrated on
-    `photos` (uint8 NHWC), its probabilities calibrated when `calibration` is given."""
-    trained = read_trained(model_dir)
-    model = export_onnx(load_predictor(model_dir / "best.ckpt", trained), trained.image_size)
-    precision = "fp32"
-    if photos is not None:
-        model, precision = quantize_int8(model, photos, trained.input_size), "int8"
-    record = {
-        "precision": precision,
-        "checkpoint_sha256": checkpoint_digest(model_dir / "best.ckpt"),
-    }
-    if calibration is not None:
-        model = calibrated_onnx(model, calibration)
-        record["calibration"] = {
-            "method": "temperature_bias",
-            "temperature": calibration.temperature,
-            "bias": dict(zip(CLASSES, calibration.bias, strict=True)),
-        }
-    write_served(served, model, record)
-    return served
-
-
 def export(
     model_dir: Path,
     report: Path,
@@ -115,11 +92,13 @@ def export(
     photos: np.ndarray | None = None,
     calibration: Calibration | None = None,
 ) -> dict:
-    """The package stage's export of a checkpoint, served as evaluate would (int8 with photos)."""
-    card = {**CARD, "git_revision": "f00"}
+    """The package stage's export of a checkpoint, served as evaluate would (int8 with photos);
+    model.json as written."""
     served_dir = out_dir.with_name(out_dir.name + "-served")
     served = serve_checkpoint(model_dir, served_dir, photos, calibration)
-    return export_package(model_dir, served, report, out_dir, SERVE, card, gain)
+    evaluation = read_evaluation(report)
+    export_package(model_dir, served, evaluation, out_dir, SERVE, PROVENANCE, gain)
+    return json.loads((out_dir / "model.json").read_text())
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (300, 200)) -> bytes:
@@ -184,7 +163,7 @@ def test_export_writes_scripted_model_and_info(exported: tuple[Path, Path, dict]
     assert info["metrics"] == METRICS
     assert info["model_version"].startswith("cnn64-")
     # What the service reads back: the serve limits and "never abstain" without an abstain key.
-    served = read_package_info(out_dir)
+    served = read_packaged(out_dir)
     assert served.serve == SERVE and served.abstain_threshold == 0.0
     assert "decision_gain" not in info and served.decision_gain is None  # the likeliest class
     assert served.classes == tuple(CLASSES) and served.version == info["model_version"]
@@ -195,7 +174,7 @@ def test_abstain_threshold_comes_from_the_evaluate_report(tmp_path: Path) -> Non
     report = write_report(tmp_path / "evaluate.json", {**REPORT, "abstain": {"threshold": 0.6}})
     info = export(tmp_path / "train", report, tmp_path / "package")
     assert info["abstain_threshold"] == 0.6
-    assert read_package_info(tmp_path / "package").abstain_threshold == 0.6
+    assert read_packaged(tmp_path / "package").abstain_threshold == 0.6
 
 
 def test_the_decision_rule_travels_to_the_service(tmp_path: Path) -> None:
@@ -203,7 +182,7 @@ def test_the_decision_rule_travels_to_the_service(tmp_path: Path) -> None:
     gain = np.array([[1.0, -0.5], [-1.0, 1.5]])
     info = export(tmp_path / "train", write_report(tmp_path / "e.json"), tmp_path / "pkg", gain)
     assert info["decision_gain"] == gain.tolist()
-    np.testing.assert_array_equal(read_package_info(tmp_path / "pkg").decision_gain, gain)
+    np.testing.assert_array_equal(read_packaged(tmp_path / "pkg").gain, gain)
     card = (tmp_path / "pkg" / "model_card.md").read_text()
     assert "Answers with the class of highest expected gain" in card
     assert "[1, -0.5], [-1, 1.5]" in card
@@ -231,9 +210,9 @@ def test_data_version_is_the_prepared_md5_in_dvc_lock(tmp_path: Path) -> None:
     )
     assert data_version(lock, Path("data/prepared")) == "0123abcd.dir"
     card = provenance({"train": {"seed": 1}, "collect": {}}, Path("data/prepared"), tmp_path)
-    assert card["params"] == {"train": {"seed": 1}}  # only what made the model
-    assert card["data"] == {"path": "data/prepared", "md5": "0123abcd.dir"}
-    assert card["git_revision"] == "unknown"  # tmp_path is no git checkout
+    assert card.params == {"train": {"seed": 1}}  # only what made the model
+    assert card.data == {"path": "data/prepared", "md5": "0123abcd.dir"}
+    assert card.git_revision == "unknown"  # tmp_path is no git checkout
 
 
 def test_scripted_model_equals_eager(exported: tuple[Path, Path, dict]) -> None:
@@ -422,4 +401,7 @@ def test_a_served_model_of_another_checkpoint_is_refused(tmp_path: Path) -> None
     served = serve_checkpoint(tmp_path / "train0", tmp_path / "served")
     report = write_report(tmp_path / "evaluate.json")
     with pytest.raises(ValueError, match=r"another checkpoint .* run `dvc repro evaluate`"):
-        export_package(tmp_path / "train1", served, report, tmp_path / "package", SERVE, CARD, None)
+        evaluation = read_evaluation(report)
+        export_package(
+            tmp_path / "train1", served, evaluation, tmp_path / "package", SERVE, PROVENANCE, None
+        )

@@ -10,25 +10,28 @@ from pathlib import Path
 import pytest
 from bentoml._internal.models import ModelStore
 
-from stages.evaluate import check_config
-from stages.package import challenge, champion_folder, export_package, keep_champion, save_to_store
-from tests.test_evaluate import (
+from tests.helpers.candidates import (
     CLASSES,
+    PROVENANCE,
+    SERVE,
     brightness_classifier,
-    config,
     constant_classifier,
+    evaluation_report,
+    serve_checkpoint,
     write_checkpoint,
     write_prepared,
 )
-from tests.test_package import SERVE, serve_checkpoint
-from vitrine.contracts import read_package_info
-from vitrine.evaluation.promotion import Contender, decide
+from tests.helpers.candidates import evaluate_config as config
+from vitrine.contracts import as_dict, read_packaged
+from vitrine.evaluation.promotion import Contender, challenge, decide
+from vitrine.evaluation.settings import check_config
+from vitrine.packaging.bundle import export_package
+from vitrine.packaging.store import champion_folder, keep_champion, save_to_store
 
 # Loading the exported model is the point here, deprecated or not.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 METRIC = "business_weighted_accuracy"
-CARD = {"params": {}, "data": {"path": "p", "md5": "m"}, "git_revision": "g"}
 
 
 def contender(version: str, score: float | None, classes=CLASSES, image_size=32) -> Contender:
@@ -76,8 +79,7 @@ def test_the_same_weights_are_repackaged() -> None:
 def packaged(tmp_path: Path) -> dict[str, Path]:
     """Three packaged models; on the test photos (6 laptops, 2 phones; laptop 1, phone 1.5)
     business-weighted accuracy: always_laptop 6/9, always_phone 3/9, bright 1."""
-    report = tmp_path / "evaluate.json"
-    report.write_text(json.dumps({"winner": "x", "test": {"accuracy": 0.5}}))
+    report = evaluation_report()
     folders = {}
     models = {
         "always_laptop": constant_classifier(0),
@@ -88,7 +90,7 @@ def packaged(tmp_path: Path) -> dict[str, Path]:
         model_dir = write_checkpoint(module, tmp_path / "train" / name)
         folders[name] = tmp_path / "package" / name
         served = serve_checkpoint(model_dir, tmp_path / "served" / name)
-        export_package(model_dir, served, report, folders[name], SERVE, CARD, None)
+        export_package(model_dir, served, report, folders[name], SERVE, PROVENANCE, None)
     return folders
 
 
@@ -98,7 +100,9 @@ def prepared(tmp_path: Path) -> Path:
 
 
 def test_challenge_scores_both_on_the_test_photos(packaged: dict, prepared: Path) -> None:
-    record = challenge(packaged["always_laptop"], packaged["always_phone"], prepared, config())
+    record = as_dict(
+        challenge(packaged["always_laptop"], packaged["always_phone"], prepared, config())
+    )
     assert record["promoted"] is True
     assert record["metric"] == METRIC and record["margin"] == 0.005
     assert record["test_photos"] == 8
@@ -107,13 +111,13 @@ def test_challenge_scores_both_on_the_test_photos(packaged: dict, prepared: Path
     assert champion["score"] == pytest.approx(3 / 9)
     assert challenger["candidate"] == "always_laptop" and champion["candidate"] == "always_phone"
     assert challenger["scores"]["accuracy"] == 0.75 and champion["scores"]["accuracy"] == 0.25
-    info = read_package_info(packaged["always_phone"])
+    info = read_packaged(packaged["always_phone"])
     assert champion["model_version"] == info.version
     assert json.loads(json.dumps(record)) == record  # promotion.json as written
 
 
 def test_challenge_keeps_a_better_champion(packaged: dict, prepared: Path) -> None:
-    record = challenge(packaged["always_laptop"], packaged["bright"], prepared, config())
+    record = as_dict(challenge(packaged["always_laptop"], packaged["bright"], prepared, config()))
     assert record["promoted"] is False
     assert record["champion"]["score"] == 1.0 and "champion kept" in record["reason"]
 
@@ -121,13 +125,11 @@ def test_challenge_keeps_a_better_champion(packaged: dict, prepared: Path) -> No
 def test_challenge_honours_the_margin(packaged: dict, prepared: Path) -> None:
     # always_laptop beats always_phone by 1/3
     wide = config(promote_margin=0.34)
-    assert not challenge(packaged["always_laptop"], packaged["always_phone"], prepared, wide)[
-        "promoted"
-    ]
+    assert not challenge(
+        packaged["always_laptop"], packaged["always_phone"], prepared, wide
+    ).promoted
     narrow = config(promote_margin=0.33)
-    assert challenge(packaged["always_laptop"], packaged["always_phone"], prepared, narrow)[
-        "promoted"
-    ]
+    assert challenge(packaged["always_laptop"], packaged["always_phone"], prepared, narrow).promoted
 
 
 def test_challenge_replaces_a_champion_packaged_before_model_onnx(
@@ -136,13 +138,13 @@ def test_challenge_replaces_a_champion_packaged_before_model_onnx(
     old = tmp_path / "old"
     shutil.copytree(packaged["bright"], old)
     (old / "model.onnx").unlink()  # as packaged before the service ran ONNX Runtime
-    record = challenge(packaged["always_laptop"], old, prepared, config())
+    record = as_dict(challenge(packaged["always_laptop"], old, prepared, config()))
     assert record["promoted"] is True and record["champion"]["score"] is None
     assert "packaged before model.onnx" in record["reason"]
 
 
 def test_challenge_without_a_champion(packaged: dict, prepared: Path) -> None:
-    record = challenge(packaged["always_phone"], None, prepared, config())
+    record = as_dict(challenge(packaged["always_phone"], None, prepared, config()))
     assert record["promoted"] is True and record["champion"] is None
     assert record["challenger"]["score"] == pytest.approx(3 / 9)
 
@@ -153,15 +155,14 @@ def test_each_packaged_model_is_scored_by_its_own_decision_rule(
     """p(phone) 0.43 on every photo: the most probable class is laptop, the expected-value
     answer (phone worth 1.5, a missed phone costing 1.0) phone. A champion packaged with the
     most probable class as its answer is scored as it is served, whatever evaluate.decision."""
-    report = tmp_path / "evaluate.json"
-    report.write_text(json.dumps({"winner": "x", "test": {"accuracy": 0.5}}))
+    report = evaluation_report()
     by_value = config(decision="expected_value")
     gain = check_config(by_value).decision_gain()
     model_dir = write_checkpoint(constant_classifier(0, margin=0.3), tmp_path / "train" / "unsure")
     served = serve_checkpoint(model_dir, tmp_path / "served")
     for name, rule in (("likeliest", None), ("by_value", gain)):
-        export_package(model_dir, served, report, tmp_path / name, SERVE, CARD, rule)
-    record = challenge(tmp_path / "by_value", tmp_path / "likeliest", prepared, by_value)
+        export_package(model_dir, served, report, tmp_path / name, SERVE, PROVENANCE, rule)
+    record = as_dict(challenge(tmp_path / "by_value", tmp_path / "likeliest", prepared, by_value))
     assert record["challenger"]["scores"]["accuracy"] == 0.25  # 2 phones of 8 test photos
     assert record["champion"]["scores"]["accuracy"] == 0.75
     assert record["champion"]["model_version"] == record["challenger"]["model_version"]
@@ -175,7 +176,7 @@ def test_the_champion_is_the_latest_stored_model(packaged: dict, tmp_path: Path)
     save_to_store(packaged["always_phone"], "vitrine-test", store=store)
     tag = save_to_store(packaged["bright"], "vitrine-test", store=store)
     champion = champion_folder("vitrine-test", store)
-    assert read_package_info(champion).version == tag.version
+    assert read_packaged(champion).version == tag.version
 
     out = tmp_path / "models" / "package"
     out.mkdir(parents=True)
@@ -201,11 +202,11 @@ def test_a_kept_champion_takes_the_current_serve_settings(packaged: dict, tmp_pa
 
     out = tmp_path / "package"
     assert keep_champion(champion_folder("vitrine-test", store), out, SERVE) is True
-    assert read_package_info(out).serve == SERVE and read_package_info(out).version == version
+    assert read_packaged(out).serve == SERVE and read_packaged(out).version == version
     for name in ("model.pt", "model.onnx"):  # the same model
         assert (out / name).read_bytes() == (old / name).read_bytes()
     assert save_to_store(out, "vitrine-test", store=store).version == version
-    assert read_package_info(champion_folder("vitrine-test", store)).serve == SERVE
+    assert read_packaged(champion_folder("vitrine-test", store)).serve == SERVE
 
 
 def test_the_same_weights_at_another_precision_are_promoted() -> None:

@@ -42,13 +42,14 @@ from service.core import (
     prepare_all,
 )
 from service.rebalance import KeepAliveRebalancer
-from stages.evaluate import onnx_proba
-from stages.package import export_package, save_to_store
-from tests.test_package import serve_checkpoint
-from vitrine.contracts import MODEL_NAME_ENV, PackageInfo, ServeConfig
+from tests.helpers.candidates import PROVENANCE, evaluation_report, serve_checkpoint
+from vitrine.contracts import MODEL_NAME_ENV, PackagedModel, ServeConfig, read_packaged
 from vitrine.images import Rejected, load_square
 from vitrine.model.networks import ImageClassifier
+from vitrine.packaging.bundle import export_package
+from vitrine.packaging.store import save_to_store
 from vitrine.runtime.decisions import decide
+from vitrine.runtime.onnx import onnx_proba
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
@@ -106,12 +107,9 @@ def package_tiny_model(root: Path) -> Path:
     )
     info = {"model": "cnn64", "classes": CLASSES, "image_size": 128, "input_size": 64}
     (train / "model.json").write_text(json.dumps(info))
-    (root / "evaluate.json").write_text(json.dumps({"accuracy": 0.5, "n_test": 2}))
-    card = {"params": {}, "data": {"path": "data/prepared", "md5": "unknown"}, "git_revision": "t"}
     served = serve_checkpoint(train, root / "served")
-    export_package(
-        train, served, root / "evaluate.json", root / "package", SERVE, card, DECISION_GAIN
-    )
+    report = evaluation_report({"accuracy": 0.5, "n": 2})
+    export_package(train, served, report, root / "package", SERVE, PROVENANCE, DECISION_GAIN)
     models = root / "home" / "models"
     models.mkdir(parents=True)
     save_to_store(root / "package", MODEL_NAME, store=ModelStore(models))
@@ -219,10 +217,10 @@ def png_bomb(side: int = 100_000) -> bytes:
 
 def in_process_probabilities(package: Path, data: bytes) -> list[float]:
     """What evaluate computes: load_square -> the served model.onnx (ONNX Runtime) -> softmax."""
-    info = json.loads((package / "model.json").read_text())
-    photo = load_square(data, info["image_size"])[np.newaxis]
+    info = read_packaged(package)
+    photo = load_square(data, info.image_size)[np.newaxis]
     model = (package / "model.onnx").read_bytes()
-    return onnx_proba(model, info["input_size"], photo, batch_size=1, desc="t")[0].tolist()
+    return onnx_proba(model, info.input_size, photo, batch_size=1, desc="t")[0].tolist()
 
 
 def truncated_jpeg() -> bytes:
@@ -233,13 +231,17 @@ def truncated_jpeg() -> bytes:
 # --- In-process: batching and the answers -------------------------------------------------------
 
 
-def package_info(threshold: float) -> PackageInfo:
-    return PackageInfo(("laptop", "phone"), 128, 64, "cnn64-x", threshold, SERVE)
+def package_info(threshold: float) -> PackagedModel:
+    return PackagedModel(
+        "cnn64", ("laptop", "phone"), 128, 64, "cnn64-x", threshold, SERVE, PROVENANCE
+    )
 
 
 def test_answers_follow_the_packaged_decision_rule() -> None:
     likeliest = classify_answer([0.6, 0.4], package_info(0.0))
-    decided = classify_answer([0.6, 0.4], replace(package_info(0.0), decision_gain=DECISION_GAIN))
+    decided = classify_answer(
+        [0.6, 0.4], replace(package_info(0.0), decision_gain=tuple(map(tuple, DECISION_GAIN)))
+    )
     assert likeliest["label"] == "laptop" and likeliest["confidence"] == 0.6
     assert decided["label"] == "phone" and decided["confidence"] == 0.4
     assert decided["probabilities"] == {"laptop": 0.6, "phone": 0.4}
@@ -405,7 +407,7 @@ def classify(server: Server, data: bytes, field: str = "image") -> httpx.Respons
 def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
     """Served probabilities equal evaluate's (load_square -> exported model -> softmax), and so
     do the answers (evaluate's decision rule, not the most probable class)."""
-    info = json.loads((server.package / "model.json").read_text())
+    info = read_packaged(server.package)
     photos = sample_photos()
     labels = []
     batch = post(server, "classify_batch", [image_part(p) for p in photos])
@@ -413,7 +415,7 @@ def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
     for photo, batched in zip(photos, batch.json()["results"], strict=True):
         body = classify(server, photo).json()
         assert set(body) == {"label", "confidence", "probabilities", "abstain", "model_version"}
-        assert body["model_version"] == info["model_version"]
+        assert body["model_version"] == info.model_version
         probabilities = body["probabilities"]
         assert list(probabilities) == CLASSES
         decided = decide(np.array([list(probabilities.values())]), DECISION_GAIN)[0]

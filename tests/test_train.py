@@ -15,18 +15,9 @@ import pytest
 import torch
 import yaml
 
-from stages.train import (
-    CandidateConfig,
-    TrainConfig,
-    candidate_config,
-    checkpoint_epoch,
-    main,
-    model_card,
-    run_fingerprint,
-    train,
-)
-from tests.conftest import REPO
-from tests.tiny_prepared import (
+from stages.train import main
+from tests.helpers import REPO
+from tests.helpers.tiny_prepared import (
     CLASSES,
     candidate_params,
     train_params,
@@ -35,6 +26,16 @@ from tests.tiny_prepared import (
     write_project,
 )
 from vitrine.config import ConfigError, from_mapping, load_params, stage_config
+from vitrine.contracts import TrainedModel
+from vitrine.model.training import (
+    CandidateConfig,
+    TrainConfig,
+    candidate_config,
+    checkpoint_epoch,
+    model_card,
+    run_fingerprint,
+    train,
+)
 
 NAME = "cnn64"
 TIMING = ("train_seconds", "train_images_per_s")
@@ -247,12 +248,7 @@ def test_model_card_names_classes_and_sizes(tmp_path):
     prepared = write_prepared(tmp_path, size=40)
     config = stage_config(TrainConfig, "train", {"classes": list(CLASSES), "train": train_params()})
     candidate = from_mapping(CandidateConfig, candidate_params(input_size=64))
-    assert model_card(config, candidate, prepared) == {
-        "model": "cnn64",
-        "classes": list(CLASSES),
-        "image_size": 40,
-        "input_size": 64,
-    }
+    assert model_card(config, candidate, prepared) == TrainedModel("cnn64", CLASSES, 40, 64)
 
 
 @pytest.mark.slow

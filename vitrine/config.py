@@ -1,4 +1,4 @@
-"""Strict loading of params.yaml blocks into frozen, typed dataclasses.
+"""Strict loading of params.yaml blocks into frozen, typed dataclasses, validated by pydantic.
 
 Unknown and missing keys are errors: a typo in params.yaml must fail loudly, not be ignored.
 """
@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
+import functools
+import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, dataclass_transform
 
+import pydantic
 import yaml
 from ruamel.yaml import YAML
 
@@ -64,61 +65,66 @@ def set_dotted(params: Any, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if args and args[-1] is not Ellipsis:  # fixed shape, e.g. tuple[int, float]
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {value!r}")
-            return tuple(
-                _convert(t, v, f"{where}[{i}]")
-                for i, (t, v) in enumerate(zip(args, value, strict=True))
-            )
-        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is Path and isinstance(value, str):
-        return Path(value)
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    return value
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
+def params_block(cls: type[T]) -> type[T]:
+    """A params.yaml block, or an artefact's typed contract: a frozen pydantic dataclass that
+    refuses unknown keys. Still a dataclass (positional construction, dataclasses.replace), with
+    pydantic doing the validation that from_mapping asks of it."""
+    return pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)(cls)  # type: ignore[return-value]
+
+
+_STRICT = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
 
 def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass `cls` from a mapping, refusing unknown and missing keys."""
+    """Build `cls` (a params_block dataclass) from a mapping, refusing unknown and missing keys
+    and values of the wrong type.
+
+    Validated as JSON in pydantic's strict mode: the YAML's lists become tuples and its strings
+    paths, an int may stand for a float, but "5" is no int and 1 no bool, as a typo must fail.
+    """
+    name = where or cls.__name__
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {unknown}")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}".lstrip("."))
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where or cls.__name__}: missing key {name!r}")
-    return cls(**kwargs)
+        raise ConfigError(f"{name}: expected a mapping, got {data!r}")
+    try:
+        return _adapter(cls).validate_json(json.dumps(data, default=str), strict=True)
+    except pydantic.ValidationError as error:
+        raise ConfigError(_explain(error, name)) from None
 
 
-@dataclasses.dataclass(frozen=True)
+@functools.cache
+def _adapter(cls: type[T]) -> pydantic.TypeAdapter[T]:
+    return pydantic.TypeAdapter(cls)
+
+
+def _explain(error: pydantic.ValidationError, where: str) -> str:
+    """pydantic's errors in params.yaml's words: the dotted key, then what is wrong with it."""
+    unknown: dict[str, list[str]] = {}
+    problems = []
+    for e in error.errors():
+        *parent, last = [str(part) for part in e["loc"]] or [""]
+        at = ".".join([where, *parent])
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            unknown.setdefault(at, []).append(last)
+        elif e["type"] == "missing":
+            problems.append(f"{at}: missing key {last!r}")
+        elif e["type"] in ("too_long", "too_short"):
+            problems.append(
+                f"{at}.{last}: expected {e['ctx'].get('max_length', '?')} items, got {e['input']!r}"
+            )
+        else:
+            problems.append(f"{at}.{last}: expected {_expected(e)}, got {e['input']!r}")
+    problems[:0] = [f"{at}: unknown key(s) {sorted(keys)}" for at, keys in unknown.items()]
+    return "; ".join(problems)
+
+
+def _expected(error: Any) -> str:
+    """`int_type` -> int; pydantic's message otherwise."""
+    kind = str(error["type"])
+    return kind.removesuffix("_type") if kind.endswith("_type") else str(error["msg"])
+
+
+@params_block
 class Paths:
     """Where every stage reads and writes; the same names dvc.yaml templates."""
 
@@ -154,7 +160,7 @@ class Paths:
 def stage_config(cls: type[T], block: str, params: Mapping[str, Any]) -> T:
     """Load `params[block]`; a config with a `classes` field gets the top-level class list."""
     data = dict(params[block] or {})
-    if "classes" in {f.name for f in dataclasses.fields(cls)}:
+    if "classes" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
         data["classes"] = params["classes"]
     return from_mapping(cls, data, block)
 

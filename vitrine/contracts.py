@@ -1,34 +1,176 @@
-"""What the service needs to know besides the weights, as the package stage writes it.
+"""What passes between stages: every artefact's file name and typed contract, defined once.
 
-The Bento carries no params.yaml: package copies the `serve:` block (as ServeConfig) and the
-abstain threshold evaluate chose into the packaged model's model.json (the `serve:` block also
-into a champion it keeps), and the service reads them back from there: the deployed model runs
-under the limits of the last `dvc repro package`.
+Each contract is a frozen pydantic dataclass (vitrine.config.params_block: unknown keys are
+refused) with one function that writes it and one that reads it back:
+
+- train     -> <paths.model>/<candidate>/     best.ckpt + model.json      TrainedModel
+- evaluate  -> <paths.served>/<candidate>/    model.onnx + served.json    ServedRecord
+- evaluate  -> <paths.evaluate_report>        evaluate.json               EvaluationReport
+- package   -> <paths.package>/               model.pt, model.onnx, model.json (PackagedModel),
+                                              model_card.md
+- package   -> <paths.promotion>              promotion.json              PromotionRecord
+
+The prepared splits (prepare -> train, evaluate, package) are packed arrays with a manifest,
+named by vitrine.data.splits; the collected and deduped photos are vitrine.data.shards' tables.
+The Bento carries no params.yaml: package copies the `serve:` block (ServeConfig) and the
+abstain threshold evaluate chose into the packaged model.json, and the service reads them back
+from there, so the deployed model runs under the limits of the last `dvc repro package`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+import pydantic
 
-from vitrine.config import from_mapping
+from vitrine.config import params_block
+
+T = TypeVar("T")
 
 # The model the service loads from the BentoML store, as `<name>:latest`.
 MODEL_NAME_ENV = "VITRINE_MODEL_NAME"
 DEFAULT_MODEL_NAME = "vitrine-classifier"
 
-# Files inside the packaged model folder (the DVC output and the BentoML store model alike).
+CHECKPOINT = "best.ckpt"  # train: the best epoch's Lightning checkpoint
+MODEL_INFO_FILE = "model.json"  # train's TrainedModel; package's PackagedModel
+SERVED_INFO_FILE = "served.json"  # evaluate: beside model.onnx, how it is served
 SCRIPTED_MODEL_FILE = "model.pt"  # TorchScript: the framework's portable export
-ONNX_MODEL_FILE = "model.onnx"  # what the service runs (vitrine/runtime/onnx.py)
-MODEL_INFO_FILE = "model.json"
+ONNX_MODEL_FILE = "model.onnx"  # what the service runs (vitrine.runtime.onnx)
 MODEL_CARD_FILE = "model_card.md"
+PACKAGE_FILES = (SCRIPTED_MODEL_FILE, ONNX_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE)
+
+FP32, INT8 = "fp32", "int8"
+Precision = Literal["fp32", "int8"]
+UNKNOWN = "unknown"  # BentoML metadata refuses None: what no dvc.lock or git checkout gives
 
 
-@dataclass(frozen=True)
+def as_dict(contract: Any) -> dict[str, Any]:
+    """A contract as the plain JSON data its file holds."""
+    return pydantic.TypeAdapter(type(contract)).dump_python(contract, mode="json")
+
+
+def write_json(contract: Any, path: Path) -> None:
+    """A contract as indented JSON, in its fields' order (the one writer of every record)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(as_dict(contract), indent=2) + "\n")
+
+
+def read_json(cls: type[T], path: Path) -> T:
+    """A contract back from its JSON, refused with the file named when it does not match."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    try:
+        return pydantic.TypeAdapter(cls).validate_json(path.read_bytes())
+    except pydantic.ValidationError as error:
+        raise ValueError(f"{path} is not a valid {cls.__name__}: {error}") from None
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+@params_block
+class TrainedModel:
+    """What train writes beside its checkpoint: what a consumer needs to feed it."""
+
+    model: str  # a key of vitrine.model.networks.MODELS
+    classes: tuple[str, ...]
+    image_size: int  # side of the prepared square arrays: what the Predictor is fed
+    input_size: int  # the network's own input side (the Predictor resizes to it)
+
+
+def write_trained(trained: TrainedModel, folder: Path) -> None:
+    write_json(trained, folder / MODEL_INFO_FILE)
+
+
+def read_trained(folder: Path) -> TrainedModel:
+    return read_json(TrainedModel, folder / MODEL_INFO_FILE)
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+@params_block
+class Int8Trial:
+    """How int8 fared against the float model on val (evaluate.int8 candidates)."""
+
+    metric: str  # evaluate.primary_metric
+    val_fp32: float
+    val_int8: float  # the last int8 model tried
+    val_answers_changed: int  # val photos answered otherwise by int8
+    float_strides: tuple[int, ...]  # convolution output strides kept in float
+    calibration_photos: int  # train photos that set the activation ranges
+
+
+@params_block
+class ServedRecord:
+    """served.json: how a candidate's model.onnx is served, and which checkpoint it came from."""
+
+    precision: Precision
+    checkpoint_sha256: str
+    # vitrine.evaluation.calibration's fit baked into model.onnx: method, temperature, bias
+    # per class and val log losses; {"method": "none"}: the network's softmax.
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    int8: Int8Trial | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration.get("method", "none") != "none"
+
+
+def write_served(folder: Path, model: bytes, record: ServedRecord) -> None:
+    """<folder>/model.onnx and served.json: a candidate as the service would run it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ONNX_MODEL_FILE).write_bytes(model)
+    write_json(record, folder / SERVED_INFO_FILE)
+
+
+def read_served(folder: Path) -> tuple[bytes, ServedRecord]:
+    if not (folder / SERVED_INFO_FILE).is_file():
+        raise ValueError(f"{folder / SERVED_INFO_FILE} is missing: run `dvc repro evaluate`")
+    return (folder / ONNX_MODEL_FILE).read_bytes(), read_json(
+        ServedRecord, folder / SERVED_INFO_FILE
+    )
+
+
+@params_block
+class EvaluationReport:
+    """evaluate.json: the winner on val, its scores, calibration and abstain threshold."""
+
+    winner: str
+    primary_metric: str
+    decision: str  # argmax | expected_value
+    ranking: tuple[str, ...]  # candidates, best first
+    business_values: str  # "params" or the CSV they came from
+    val: dict[str, float]  # the winner's scalar val scores
+    test: dict[str, Any]  # the winner's test scores (vitrine.evaluation.metrics.scores)
+    calibration: dict[str, Any]  # expected calibration error on val and test
+    abstain: dict[str, Any]  # threshold (0.0: never) and what it does on val and test
+    served: dict[str, ServedRecord]  # per candidate
+
+    @property
+    def abstain_threshold(self) -> float:
+        return float(self.abstain["threshold"])
+
+
+def write_evaluation(report: EvaluationReport, path: Path) -> None:
+    write_json(report, path)
+
+
+def read_evaluation(path: Path) -> EvaluationReport:
+    return read_json(EvaluationReport, path)
+
+
+# --- package ------------------------------------------------------------------------------------
+
+
+@params_block
 class ServeConfig:
+    """params.yaml `serve:` (with the candidate's by_candidate entry), copied into model.json."""
+
     max_upload_bytes: int  # one photo; a larger upload is refused with a 413
     max_pixels: int  # width x height, checked from the header before anything is decoded
     min_side: int  # shorter side in pixels
@@ -48,29 +190,100 @@ class ServeConfig:
     rebalance_every: int = 0
 
 
-@dataclass(frozen=True)
-class PackageInfo:
+@params_block
+class Provenance:
+    """What made a packaged model: params, data version, code revision."""
+
+    params: dict[str, Any]  # params.yaml's classes, prepare, train and evaluate blocks
+    data: dict[str, str]  # path and md5 (dvc.lock) of the prepared data
+    git_revision: str
+
+
+@params_block
+class PackagedModel:
+    """model.json of a packaged model: everything the service needs besides the weights.
+
+    Defaults stand for what models packaged before a field existed were: float, uncalibrated,
+    answered by the most probable class, their weights' version their model version.
+    """
+
+    model: str
     classes: tuple[str, ...]
     image_size: int  # side of the square vitrine.images.load_square produces
-    input_size: int  # the network's input side (vitrine.model.network_input resizes to it)
-    version: str
+    input_size: int  # the network's input side (vitrine.runtime.network_input resizes to it)
+    model_version: str
     abstain_threshold: float  # answers below this confidence abstain (0.0: never)
     serve: ServeConfig
-    # vitrine.runtime.decisions.decide's gain matrix, as evaluate scored the model; None: the most
-    # probable class (also for models packaged before decisions existed, as they were scored).
-    decision_gain: np.ndarray | None = None
+    card: Provenance
+    metrics: dict[str, float | int] = field(default_factory=dict)  # the winner's test scores
+    candidate: str = UNKNOWN  # the params `candidates` entry it was trained as
+    weights_version: str = ""  # equal for the same network, whatever its precision
+    precision: Precision = FP32  # of model.onnx; model.pt is always the float network
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    # vitrine.runtime.decisions.decide's gain matrix, rows and columns in the classes' order,
+    # as evaluate scored the model; None: the most probable class.
+    decision_gain: tuple[tuple[float, ...], ...] | None = None
+
+    @property
+    def version(self) -> str:
+        return self.model_version
+
+    @property
+    def weights(self) -> str:
+        return self.weights_version or self.model_version
+
+    @property
+    def gain(self) -> np.ndarray | None:
+        """decision_gain as the array vitrine.runtime.decisions.decide takes."""
+        return None if self.decision_gain is None else np.array(self.decision_gain, np.float64)
 
 
-def read_package_info(folder: Path) -> PackageInfo:
+def write_packaged(info: PackagedModel, folder: Path) -> None:
+    """model.json, without decision_gain when there is none (BentoML metadata has no null)."""
+    data = as_dict(info)
+    if data["decision_gain"] is None:
+        del data["decision_gain"]
+    (folder / MODEL_INFO_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_packaged(folder: Path) -> PackagedModel:
     """model.json of a packaged model folder (the DVC output or the stored BentoML model)."""
-    info = json.loads((folder / MODEL_INFO_FILE).read_text())
-    gain = info.get("decision_gain")
-    return PackageInfo(
-        classes=tuple(str(c) for c in info["classes"]),
-        image_size=int(info["image_size"]),
-        input_size=int(info["input_size"]),
-        version=str(info["model_version"]),
-        abstain_threshold=float(info["abstain_threshold"]),
-        serve=from_mapping(ServeConfig, info["serve"], "model.json serve"),
-        decision_gain=None if gain is None else np.array(gain, dtype=np.float64),
-    )
+    return read_json(PackagedModel, folder / MODEL_INFO_FILE)
+
+
+def packaged_metadata(info: PackagedModel) -> dict[str, Any]:
+    """model.json as the BentoML store's metadata (the same keys, no nulls)."""
+    return {k: v for k, v in as_dict(info).items() if v is not None}
+
+
+@params_block
+class ContenderSummary:
+    """One side of a promotion decision."""
+
+    model_version: str
+    weights: str
+    model: str
+    candidate: str
+    score: float | None  # the primary metric on the test photos (None: not comparable)
+    scores: dict[str, float | int] | None
+
+
+@params_block
+class PromotionRecord:
+    """promotion.json: the decision, why, and the figures it rests on."""
+
+    promoted: bool
+    reason: str
+    metric: str
+    margin: float
+    test_photos: int
+    challenger: ContenderSummary
+    champion: ContenderSummary | None
+
+
+def write_promotion(record: PromotionRecord, path: Path) -> None:
+    write_json(record, path)
+
+
+def read_promotion(path: Path) -> PromotionRecord:
+    return read_json(PromotionRecord, path)

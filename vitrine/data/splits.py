@@ -192,3 +192,19 @@ class PackedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False, persistent_workers=self.num_workers > 0)
+
+
+def labelled_split(
+    prepared: Path, split: str, classes: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """load_split, after checking the split has photos and only photos of known classes."""
+    manifest = pd.read_parquet(prepared_manifest_path(prepared), columns=["split", "label"])
+    labels = manifest.loc[manifest["split"] == split, "label"]
+    if labels.empty:
+        raise ValueError(f"{prepared}: the {split} split has no photos")
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"{prepared}: {split} photos labelled {unknown[:10]}, not in `classes`")
+    return load_split(prepared, split, list(classes))
+
+

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
+from vitrine.config import params_block
 from vitrine.runtime.decisions import DECISIONS, chosen, decide
 
 # Confidence threshold that sends every photo to review: above any softmax probability.
@@ -49,7 +50,7 @@ class ValueModel:
         return decide(proba, self.decision_gain())
 
 
-@dataclass(frozen=True)
+@params_block
 class Taxonomy:
     """How class names encode a taxonomy path (Fruit/Apple/Granny-Smith) and how to weigh it."""
 

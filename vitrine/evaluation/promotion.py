@@ -4,13 +4,24 @@ The champion is the model the service loads now (<package.model_name>:latest in 
 store); the challenger is evaluate's winner. package scores both on the same test photos with
 evaluate's primary metric and value model; the challenger replaces the champion only when it
 scores at least `evaluate.promote_margin` higher, so a retrain that is better only by noise
-does not churn the deployment. Pure decisions here; package does the scoring and the I/O.
+does not churn the deployment. `decide` is the pure decision; `challenge` scores both packaged
+folders as the service would run them and returns promotion.json's record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+
+import numpy as np
+
+from vitrine.contracts import ONNX_MODEL_FILE, ContenderSummary, PromotionRecord, read_packaged
+from vitrine.data.splits import labelled_split
+from vitrine.evaluation import metrics
+from vitrine.evaluation.settings import EvaluateConfig, check_config
+from vitrine.runtime.decisions import decide as decide_answers
+from vitrine.runtime.onnx import onnx_proba
 
 # Score differences below this are float noise, not a reason to refuse a promotion.
 TOLERANCE = 1e-12
@@ -26,18 +37,18 @@ class Contender:
     candidate: str  # the params `candidates` entry it was trained as
     classes: tuple[str, ...]
     image_size: int  # side of the square uint8 images it takes
-    scores: dict[str, float] | None
+    scores: dict[str, float | int] | None
     servable: bool = True  # packaged with model.onnx, which the service runs
 
-    def summary(self, metric: str) -> dict[str, Any]:
-        return {
-            "model_version": self.model_version,
-            "weights": self.weights,
-            "model": self.model,
-            "candidate": self.candidate,
-            "score": self.scores[metric] if self.scores else None,
-            "scores": self.scores,
-        }
+    def summary(self, metric: str) -> ContenderSummary:
+        return ContenderSummary(
+            model_version=self.model_version,
+            weights=self.weights,
+            model=self.model,
+            candidate=self.candidate,
+            score=self.scores[metric] if self.scores else None,
+            scores=self.scores,
+        )
 
 
 @dataclass(frozen=True)
@@ -106,14 +117,73 @@ def promotion_record(
     metric: str,
     margin: float,
     test_photos: int,
-) -> dict[str, Any]:
+) -> PromotionRecord:
     """promotion.json: the decision, why, and the figures it rests on."""
-    return {
-        "promoted": decision.promoted,
-        "reason": decision.reason,
-        "metric": metric,
-        "margin": margin,
-        "test_photos": test_photos,
-        "challenger": challenger.summary(metric),
-        "champion": champion.summary(metric) if champion else None,
-    }
+    return PromotionRecord(
+        promoted=decision.promoted,
+        reason=decision.reason,
+        metric=metric,
+        margin=margin,
+        test_photos=test_photos,
+        challenger=challenger.summary(metric),
+        champion=champion.summary(metric) if champion else None,
+    )
+
+
+def describe(folder: Path) -> Contender:
+    """A packaged model folder as a contender, not yet scored."""
+    info = read_packaged(folder)
+    return Contender(
+        model_version=info.model_version,
+        weights=info.weights,
+        model=info.model,
+        candidate=info.candidate,
+        classes=info.classes,
+        image_size=info.image_size,
+        scores=None,
+        servable=(folder / ONNX_MODEL_FILE).is_file(),
+    )
+
+
+def packaged_scores(
+    folder: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: EvaluateConfig,
+    values: metrics.ValueModel,
+    role: str,
+) -> dict[str, float | int]:
+    """The packaged model's scalar scores on the photos, computed as the service computes them:
+    its probabilities under ONNX Runtime, answered by the decision rule in its own model.json
+    (a champion packaged before another rule keeps its own), valued by the current value model."""
+    served = read_packaged(folder)
+    model = folder / ONNX_MODEL_FILE
+    proba = onnx_proba(model, served.input_size, images, config.batch_size, f"test {role}")
+    answers = decide_answers(proba, served.gain)
+    return metrics.scalar_scores(
+        metrics.scores(labels, proba, values, config.top_k, config.taxonomy, answers)
+    )
+
+
+def challenge(
+    challenger_dir: Path, champion_dir: Path | None, prepared: Path, config: EvaluateConfig
+) -> PromotionRecord:
+    """promotion.json: the packaged challenger against the champion's folder (None: none yet),
+    both scored on the prepared test photos with evaluate's primary metric and value model."""
+    values = check_config(config)
+    images, labels = labelled_split(prepared, "test", config.classes)
+    challenger = describe(challenger_dir)
+    if challenger.classes != config.classes or challenger.image_size != images.shape[1]:
+        raise ValueError(
+            f"{challenger_dir}: the challenger takes {challenger.image_size} px images of "
+            f"{list(challenger.classes)}, not the prepared ones: rerun train and evaluate"
+        )
+    scored = packaged_scores(challenger_dir, images, labels, config, values, "challenger")
+    challenger = dataclasses.replace(challenger, scores=scored)
+    champion = describe(champion_dir) if champion_dir else None
+    if champion_dir and champion and not_comparable(challenger, champion) is None:
+        scored = packaged_scores(champion_dir, images, labels, config, values, "champion")
+        champion = dataclasses.replace(champion, scores=scored)
+    metric, margin = config.primary_metric, config.promote_margin
+    decision = decide(challenger, champion, metric, margin)
+    return promotion_record(decision, challenger, champion, metric, margin, len(labels))

@@ -246,16 +246,16 @@ def served_as(report: dict[str, Any]) -> dict[str, Any]:
     """How the winner is scored and served: its model.onnx's precision, and int8's val cost
     (None when it was not quantized)."""
     served = report["served"][report["winner"]]
-    if "val_answers_changed_by_int8" not in served:
+    trial = served["int8"]  # vitrine.contracts.Int8Trial
+    if trial is None:
         return {"precision": served["precision"], "int8": None}
-    metric = report["primary_metric"]
     return {
         "precision": served["precision"],
         "int8": {
-            "metric": metric,
-            "int8": f"{served[f'val_{metric}_int8']:.4f}",
-            "fp32": f"{served[f'val_{metric}_fp32']:.4f}",
-            "changed": served["val_answers_changed_by_int8"],
+            "metric": trial["metric"],
+            "int8": f"{trial['val_int8']:.4f}",
+            "fp32": f"{trial['val_fp32']:.4f}",
+            "changed": trial["val_answers_changed"],
         },
     }
 

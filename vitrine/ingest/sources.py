@@ -23,13 +23,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vitrine.config import params_block
 from vitrine.images import Rejected, first_frame, load_checked, open_capped, upright_rgb
 from vitrine.ingest.hashing import HASH_SIDE, phash64, phash64_grays
 
 K = TypeVar("K")
 
 
-@dataclass(frozen=True)
+@params_block
 class IngestConfig:
     """What an image must satisfy, the thumbnail to make, and where to run.
 

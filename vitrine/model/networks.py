@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitrine.model.embeddings import FEATURE_DIM, PIXEL_MEAN, PIXEL_STD, load_backbone
-from vitrine.model.network_input import network_input
+from vitrine.runtime.network_input import network_input
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 model.onnx holds the Predictor after its resize (normalisation and network: float (N, 3, S, S)
 -> logits), exported by the package stage and checked there against the eager Predictor. The
-resize runs first, in torch, through vitrine.model.network_input: the code the Predictor itself
+resize runs first, in torch, through vitrine.runtime.network_input: the code the Predictor itself
 runs.
 ONNX Runtime runs the network about twice as fast as TorchScript on one CPU thread (192 px
 EfficientNet-Lite0: 7.5-8.4 ms per image against 16-21 ms): the service's throughput rests on it.
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from vitrine.contracts import ONNX_MODEL_FILE
-from vitrine.model.network_input import network_input
+from vitrine.runtime.network_input import network_input
 
 
 def session(model: Path | bytes, threads: int) -> ort.InferenceSession:
@@ -51,3 +53,40 @@ def load_onnx(folder: Path, image_size: int, input_size: int, threads: int = 1) 
     with torch.inference_mode():
         predictor(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
     return predictor
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int, desc: str) -> np.ndarray:
+    """Logits for uint8 (N, H, W, 3) images, batch by batch with a progress bar.
+
+    `model` maps uint8 NHWC to logits: an OnnxPredictor (onnx_proba: the computation the service
+    runs), or a Predictor or TorchScript model.
+    """
+    model.eval()
+    starts = range(0, len(images), batch_size)
+    out = [
+        model(torch.from_numpy(np.array(images[i : i + batch_size])))
+        for i in tqdm(starts, desc=desc, unit="batch", leave=False)
+    ]
+    return torch.cat(out).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, as the service computes it (torch, float32)."""
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+
+def onnx_logits(
+    model: Path | bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
+) -> np.ndarray:
+    """Logits under ONNX Runtime (model.onnx, as a file or its bytes) behind the shared resize,
+    on every core: the same bits as the service's single thread."""
+    predictor = OnnxPredictor(model, input_size, threads=torch.get_num_threads())
+    return predict_logits(predictor, images, batch_size, desc)
+
+
+def onnx_proba(
+    model: Path | bytes, input_size: int, images: np.ndarray, batch_size: int, desc: str
+) -> np.ndarray:
+    """onnx_logits, softmaxed: the probabilities the service answers from."""
+    return softmax(onnx_logits(model, input_size, images, batch_size, desc))

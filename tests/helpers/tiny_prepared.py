@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from vitrine.data.splits import prepared_manifest_path, split_images_path
 
 CLASSES = ("laptop", "phone")

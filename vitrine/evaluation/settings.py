@@ -1,0 +1,102 @@
+"""params.yaml `evaluate:`: the value model, the primary metric and how candidates are served,
+checked as one before any model is loaded. Read by evaluate and by package (which scores the
+champion and the challenger with the same value model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vitrine.config import params_block, stage_config
+from vitrine.evaluation import metrics
+from vitrine.evaluation.calibration import check_method
+
+
+@params_block
+class EvaluateConfig:
+    classes: tuple[str, ...]
+    batch_size: int
+    primary_metric: str  # one of metrics.score_names(): picks the winner on val
+    business_value: dict[str, float]  # per class; ignored when business_value_csv is set
+    business_value_csv: str  # "" or a CSV with columns class,value (thousands of classes)
+    cost_matrix: tuple[tuple[str, str, float], ...]  # [actual, predicted, cost] exceptions
+    default_mistake_cost: float  # what any other wrong prediction costs
+    review_cost: float  # what one human review of an abstained photo costs
+    decision: str  # argmax | expected_value: how probabilities become an answer
+    calibration: str  # none | temperature | temperature_bias, fitted on val (calibration.py)
+    top_k: int
+    calibration_bins: int
+    promote_margin: float  # package: how much better than the champion a challenger must be
+    taxonomy: metrics.Taxonomy
+    mistakes_shown: int  # gallery of the costliest test mistakes in the HTML report
+    int8: tuple[str, ...]  # candidates served, and so scored, as int8 ONNX when int8 holds up
+    int8_calibration_photos: int  # train photos that set the int8 activation ranges
+    int8_max_loss: float  # how far below the float model's val primary metric int8 may score
+
+
+def load_config(params: Mapping[str, Any]) -> EvaluateConfig:
+    return stage_config(EvaluateConfig, "evaluate", params)
+
+
+def candidate_names(params: Mapping[str, Any]) -> tuple[str, ...]:
+    names = tuple(params.get("candidates") or {})
+    if not names:
+        raise ValueError("params.yaml `candidates` is empty: there is nothing to evaluate")
+    return names
+
+
+def read_business_values(path: Path) -> dict[str, float]:
+    """A CSV with columns class,value: one row per class."""
+    if not path.is_file():
+        raise ValueError(f"evaluate.business_value_csv: {path} is not a file")
+    table = pd.read_csv(path, dtype={"class": str})
+    if list(table.columns) != ["class", "value"]:
+        raise ValueError(f"{path}: expected the columns class,value, got {list(table.columns)}")
+    repeated = sorted(set(table.loc[table["class"].duplicated(), "class"]))
+    if repeated:
+        raise ValueError(f"{path}: class(es) listed more than once: {repeated[:10]}")
+    value = pd.to_numeric(table["value"], errors="coerce")
+    if value.isna().any():
+        raise ValueError(f"{path}: no numeric value for {list(table.loc[value.isna(), 'class'])}")
+    return dict(zip(table["class"], value.astype(float), strict=True))
+
+
+def business_values(config: EvaluateConfig) -> dict[str, float]:
+    if config.business_value_csv:
+        return read_business_values(Path(config.business_value_csv))
+    return config.business_value
+
+
+def check_config(config: EvaluateConfig) -> metrics.ValueModel:
+    """Every params mistake as one clear error before any model is loaded; the value model."""
+    values = metrics.value_model(
+        config.classes,
+        business_values(config),
+        config.cost_matrix,
+        config.default_mistake_cost,
+        config.review_cost,
+        config.decision,
+    )
+    metrics.check_taxonomy(config.classes, config.taxonomy)
+    check_method(config.calibration)
+    names = metrics.score_names(len(config.classes), config.top_k)
+    if config.primary_metric not in names:
+        raise ValueError(
+            f"evaluate.primary_metric {config.primary_metric!r} is not a score; one of {names}"
+        )
+    for name in ("batch_size", "top_k", "calibration_bins", "int8_calibration_photos"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"evaluate.{name} must be at least 1")
+    if config.int8_max_loss < 0:
+        raise ValueError(f"evaluate.int8_max_loss must be >= 0, got {config.int8_max_loss}")
+    return values
+
+
+def check_int8(config: EvaluateConfig, candidates: tuple[str, ...]) -> None:
+    unknown = sorted(set(config.int8) - set(candidates))
+    if unknown:
+        raise ValueError(f"evaluate.int8 names unknown candidate(s) {unknown}")
