@@ -206,5 +206,3 @@ def labelled_split(
     if unknown:
         raise ValueError(f"{prepared}: {split} photos labelled {unknown[:10]}, not in `classes`")
     return load_split(prepared, split, list(classes))
-
-
