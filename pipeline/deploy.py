@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -29,21 +31,36 @@ def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
     parameters = {"project_dir": str(project_dir)}
     # A module entrypoint (`pipeline.flows.retrain`) lets a process worker import the flow
     # from the installed package: no image and no code storage to set up.
-    common = {"parameters": parameters, "entrypoint_type": EntrypointType.MODULE_PATH}
     return [
-        retrain.to_deployment(
-            name="scheduled",
-            schedules=[Cron(config.retrain_cron, timezone=config.timezone)],
-            description="Run every DVC stage; DVC skips what is up to date.",
-            **common,
+        _built(
+            retrain.to_deployment(
+                name="scheduled",
+                schedules=[Cron(config.retrain_cron, timezone=config.timezone)],
+                description="Run every DVC stage; DVC skips what is up to date.",
+                parameters=parameters,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
         ),
-        retrain_if_changed.to_deployment(
-            name="on-change",
-            schedules=[Cron(config.check_cron, timezone=config.timezone)],
-            description="Retrain only if sources, params or code changed since the last run.",
-            **common,
+        _built(
+            retrain_if_changed.to_deployment(
+                name="on-change",
+                schedules=[Cron(config.check_cron, timezone=config.timezone)],
+                description="Retrain only if sources, params or code changed since the last run.",
+                parameters=parameters,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
         ),
     ]
+
+
+def _built(
+    deployment: RunnerDeployment | Coroutine[Any, Any, RunnerDeployment],
+) -> RunnerDeployment:
+    """Flow.to_deployment's result: it returns a coroutine instead when called in an event loop."""
+    if isinstance(deployment, Coroutine):
+        deployment.close()
+        raise RuntimeError("build_deployments must be called outside a running event loop")
+    return deployment
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,9 +140,12 @@ def repro_stage(stage: str, project_dir: Path, timeout_s: float) -> float:
         errors="replace",
         bufsize=1,
     ) as proc:
-        watchdog = threading.Timer(
-            timeout_s, lambda: (timed_out.set(), stop_process_tree(proc.pid))
-        )
+
+        def stop() -> None:
+            timed_out.set()
+            stop_process_tree(proc.pid)
+
+        watchdog = threading.Timer(timeout_s, stop)
         watchdog.start()
         try:
             assert proc.stdout is not None

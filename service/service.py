@@ -98,7 +98,7 @@ class Classifier:
 
     def __init__(self) -> None:
         self.info = INFO
-        self.page = upload_page(INFO)
+        self.page_html = upload_page(INFO)
         torch.set_num_threads(INFO.serve.torch_threads)
         self.module = load_onnx(
             Path(self.model_ref.path), INFO.image_size, INFO.input_size, INFO.serve.torch_threads
@@ -149,7 +149,7 @@ class Classifier:
 
     @app.get("/")
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
+        return HTMLResponse(self.page_html)
 
     @app.post("/classify")
     async def classify(self, request: Request) -> JSONResponse:

@@ -6,7 +6,7 @@ nothing here raises anything else on bad input, and no upload ever touches the d
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
@@ -40,7 +40,7 @@ def _parser(request: Request, body_cap: int, max_images: int) -> MultiPartParser
     )
 
 
-async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
+async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncGenerator[bytes, None]:
     """The request body, refused as soon as it outgrows the cap (chunked uploads too)."""
     total = 0
     async for chunk in chunks:

@@ -158,6 +158,7 @@ def collect(
         for (record, data), result in ingest_stream(((k, k[1]) for k in records), ingest):
             row = manifest_row(record, data, result)
             if isinstance(result, ImageFacts):
+                assert isinstance(data, bytes)  # ingest_stream passes a Rejected on as the result
                 if result.sha256 not in stored:
                     name = f"{result.sha256}.{result.format.lower()}"
                     image = shards.add(name, data)

@@ -157,11 +157,15 @@ def leakage_report(deduped: pd.DataFrame, prepared: pd.DataFrame, config: Prepar
 
 def prepare_report(prepared: pd.DataFrame) -> dict[str, Any]:
     counts = prepared.groupby(["split", "label"]).size()
-    return {
-        split: {"total": int(counts[split].sum()), **{k: int(v) for k, v in counts[split].items()}}
-        for split in SPLITS
-        if split in counts.index.get_level_values(0)
-    }
+    report: dict[str, Any] = {}
+    for split in SPLITS:
+        if split in counts.index.get_level_values(0):
+            by_label = counts.xs(split)
+            report[split] = {
+                "total": int(by_label.sum()),
+                **{k: int(v) for k, v in by_label.items()},
+            }
+    return report
 
 
 def main() -> None:

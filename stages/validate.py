@@ -26,6 +26,7 @@ from great_expectations.data_context.types.base import (
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
+from great_expectations.datasource.fluent import PandasDatasource
 from great_expectations.expectations.metadata_types import FailureSeverity
 
 from vitrine.config import load_params, load_paths, params_block, stage_config
@@ -233,11 +234,9 @@ def _run_suite(
     run_id: RunIdentifier,
 ) -> dict[str, Any]:
     """Validate one frame against its suite; the result is kept in the context for the docs."""
-    batch = (
-        context.data_sources.get("vitrine")
-        .add_dataframe_asset(table)
-        .add_batch_definition_whole_dataframe("all")
-    )
+    source = context.data_sources.get("vitrine")
+    assert isinstance(source, PandasDatasource)  # run_suites added it with add_pandas
+    batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
     suite = context.suites.add(
         gx.ExpectationSuite(name=SUITE_PREFIX + table, notes=TABLES[table].about)
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,9 +91,15 @@ def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(_explain(error, name)) from None
 
 
-@functools.cache
+# One adapter per class, kept: building one is slow. A plain dict, as functools.cache would
+# lose the adapter's type parameter.
+_ADAPTERS: dict[type, pydantic.TypeAdapter[Any]] = {}
+
+
 def _adapter(cls: type[T]) -> pydantic.TypeAdapter[T]:
-    return pydantic.TypeAdapter(cls)
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = pydantic.TypeAdapter(cls)
+    return _ADAPTERS[cls]
 
 
 def _explain(error: pydantic.ValidationError, where: str) -> str:

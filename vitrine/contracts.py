@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import numpy as np
 import pydantic
@@ -43,7 +43,8 @@ ONNX_MODEL_FILE = "model.onnx"  # what the service runs (vitrine.runtime.onnx)
 MODEL_CARD_FILE = "model_card.md"
 PACKAGE_FILES = (SCRIPTED_MODEL_FILE, ONNX_MODEL_FILE, MODEL_INFO_FILE, MODEL_CARD_FILE)
 
-FP32, INT8 = "fp32", "int8"
+FP32: Final = "fp32"
+INT8: Final = "int8"
 Precision = Literal["fp32", "int8"]
 UNKNOWN = "unknown"  # BentoML metadata refuses None: what no dvc.lock or git checkout gives
 

@@ -72,7 +72,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
 def balanced_sampler(labels: np.ndarray, generator: torch.Generator | None = None) -> Sampler[int]:
     """Draws every class equally often (with replacement), one epoch = len(labels) draws."""
     counts = np.bincount(labels)
-    weights = torch.from_numpy(1.0 / counts[labels])
+    weights = (1.0 / counts[labels]).tolist()
     return WeightedRandomSampler(
         weights, num_samples=len(labels), replacement=True, generator=generator
     )
@@ -92,6 +92,8 @@ def seed_worker_augment(worker_id: int) -> None:
     augmentations of an epoch are then the same in a resumed run.
     """
     info = get_worker_info()
+    if info is None or not isinstance(info.dataset, PackedImages):
+        raise RuntimeError("seed_worker_augment is the worker_init_fn of a PackedImages loader")
     if info.dataset.augment is not None:
         info.dataset.augment.set_random_seed(info.seed % 2**32)
 

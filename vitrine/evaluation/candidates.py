@@ -41,8 +41,8 @@ def load_candidate(model_dir: Path, classes: tuple[str, ...]) -> Predictor:
     if not checkpoint.is_file():
         raise ValueError(f"{checkpoint} is missing: run `dvc repro train@{model_dir.name}`")
     module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
-    if tuple(module.hparams.classes) != classes:
-        raise ValueError(f"{checkpoint}: model classes {module.hparams.classes} != {classes}")
+    if tuple(module.hparams["classes"]) != classes:
+        raise ValueError(f"{checkpoint}: model classes {module.hparams['classes']} != {classes}")
     return module.predictor
 
 

@@ -8,6 +8,7 @@ becomes one with a reason, so collect accounts for every input.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import tarfile
@@ -107,7 +108,9 @@ def folder_records(root: Path, source: str, max_bytes: int) -> Iterator[InputRec
         if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(real_root):
             yield InputRecord(rel, label, source, _reject("outside_source_root", rel))
         else:
-            yield InputRecord(rel, label, source, lambda p=entry.path: _read_capped(p, max_bytes))
+            yield InputRecord(
+                rel, label, source, functools.partial(_read_capped, entry.path, max_bytes)
+            )
 
 
 def _tree_prefix(names: Iterable[str], classes: tuple[str, ...]) -> str:
@@ -154,7 +157,8 @@ def _tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """The archive's members but directories, header by header. TarFile's own iteration keeps
     every member it has read (about 1 kB each); this keeps none, so memory stays flat."""
     while (member := tar.next()) is not None:
-        tar.members.clear()
+        # TarFile.members is undocumented, so typeshed leaves it out.
+        tar.members.clear()  # type: ignore[attr-defined]
         if not member.isdir():
             yield member
 

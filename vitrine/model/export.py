@@ -78,7 +78,9 @@ def export_onnx(predictor: Predictor, image_size: int, atol: float = ONNX_PARITY
         torch.onnx.export(
             AfterResize(predictor).eval(),
             (torch.zeros(1, 3, size, size),),
-            buffer,
+            # Typed as a path only, but the TorchScript exporter (dynamo=False) writes to a
+            # file-like object as well.
+            buffer,  # type: ignore[arg-type]
             input_names=[INPUT_NAME],
             output_names=["logits"],
             dynamic_axes={INPUT_NAME: {0: "batch"}, "logits": {0: "batch"}},

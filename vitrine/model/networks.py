@@ -200,6 +200,8 @@ class ImageClassifier(L.LightningModule):
     cutmix_p: the probability that a training batch is CutMix-ed (`cutmix`, with cutmix_alpha).
     """
 
+    class_weights: Tensor | None  # a buffer, registered in __init__
+
     def __init__(
         self,
         model: str,
@@ -224,7 +226,7 @@ class ImageClassifier(L.LightningModule):
         return self.predictor(images)
 
     def _loss(self, logits: Tensor, labels: Tensor, stage: str) -> Tensor:
-        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
         return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=smoothing)
 
     def _log(self, stage: str, loss: Tensor, logits: Tensor, labels: Tensor) -> None:
@@ -245,7 +247,7 @@ class ImageClassifier(L.LightningModule):
         its partner's by the box's (train_acc counts the image's own label)."""
         images, labels = batch
         mixed, partner, kept = cutmix(
-            network_input(images, self.predictor.input_size), self.hparams.cutmix_alpha
+            network_input(images, self.predictor.input_size), self.hparams["cutmix_alpha"]
         )
         logits = self.predictor.normalised(mixed)
         loss = kept * self._loss(logits, labels, "train") + (1 - kept) * self._loss(
@@ -256,7 +258,7 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # No draw at all without CutMix, so other candidates' random streams are unchanged.
-        if self.hparams.cutmix_p > 0 and float(torch.rand(())) < self.hparams.cutmix_p:
+        if self.hparams["cutmix_p"] > 0 and float(torch.rand(())) < self.hparams["cutmix_p"]:
             return self._cutmix_step(batch)
         return self._step(batch, "train")
 
@@ -266,9 +268,11 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            trainable, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
-        if not self.hparams.cosine_epochs:
+        if not self.hparams["cosine_epochs"]:
             return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.hparams.cosine_epochs)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, self.hparams["cosine_epochs"]
+        )
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -245,12 +245,15 @@ def train(
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     seconds = time.perf_counter() - started
     best = Path(checkpoints.best_model_path)
+    best_score = checkpoints.best_model_score
+    if best_score is None:
+        raise RuntimeError(f"train: no epoch logged {es.monitor}, so no best checkpoint")
     final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()}
     epochs_run = trainer.current_epoch - resumed_epoch
     metrics = {
         "model": candidate.model,
         "best_epoch": checkpoint_epoch(best),
-        f"best_{es.monitor}": float(checkpoints.best_model_score),
+        f"best_{es.monitor}": float(best_score),
         "epochs": trainer.current_epoch,
         "stopped_by": "early_stopping" if stopper.stopped_epoch > 0 else "max_epochs",
         "resumed_at_epoch": resumed_epoch if resume_from else None,

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import bentoml
 from bentoml.exceptions import NotFound
@@ -26,6 +26,16 @@ from vitrine.contracts import (
 
 if TYPE_CHECKING:
     from bentoml._internal.models import ModelStore
+
+
+class _InStore(TypedDict, total=False):
+    """bentoml.models' keyword argument for a store other than $BENTOML_HOME's."""
+
+    _model_store: ModelStore
+
+
+def _in_store(store: ModelStore | None) -> _InStore:
+    return {} if store is None else {"_model_store": store}
 
 
 def store_labels(info: PackagedModel) -> dict[str, str]:
@@ -45,7 +55,7 @@ def save_to_store(package_dir: Path, name: str, store: ModelStore | None = None)
     """
     info = read_packaged(package_dir)
     tag = bentoml.Tag(name, info.model_version)
-    where = {} if store is None else {"_model_store": store}
+    where = _in_store(store)
     with contextlib.suppress(NotFound):
         bentoml.models.delete(tag, **where)
     with bentoml.models.create(
@@ -58,7 +68,7 @@ def save_to_store(package_dir: Path, name: str, store: ModelStore | None = None)
 
 def champion_folder(name: str, store: ModelStore | None = None) -> Path | None:
     """The folder of <name>:latest in the model store (the deployed model), None if none."""
-    where = {} if store is None else {"_model_store": store}
+    where = _in_store(store)
     try:
         return Path(bentoml.models.get(f"{name}:latest", **where).path)
     except NotFound:
