@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/neardup.py             # parts a-d, about 7 minutes on 2 cores
     .venv/bin/python benchmarks/neardup.py --parts ae  # a and e (e: about 2 minutes)
+    .venv/bin/python benchmarks/neardup.py --parts f   # f (2-4 minutes)
 
-(a) 1,000,000 random 64-bit hashes plus planted near pairs, clustered at distance <= 8.
+(a) 1,000,000 random 64-bit hashes (--hashes) plus planted near pairs, clustered at distance <= 8.
 (b) 300 Avito photos and 5 edited copies of each (resize 60%, JPEG q25, 4% crop per side,
     brightness +15%, caption bar): % of copies clustered with their original and % of originals
     wrongly merged with another, by pHash alone, by descriptor alone, combined, and by the rule
@@ -12,6 +13,8 @@
 (c) The 4,277 Avito photos as they are: clusters and near-duplicate (non-identical) groups.
 (d) Feature throughput on CPU: pHash, dedupe descriptor (96 px), pooled embedding (224 px).
 (e) embedding_pairs on 100,000 random 448-d vectors (not run by default).
+(f) The hashes of (a) searched by faiss's IndexBinaryMultiHash instead of hash_pairs: time and
+    whether the pairs are identical (not run by default).
 Timings are noisy on a shared machine: each is given as best and median of --repeats runs.
 """
 
@@ -25,6 +28,7 @@ import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -53,12 +57,13 @@ EMBEDDING_ONLY_COSINE = DEFAULT_TIERS[1][1]  # 0.965
 # Looser than every tier: photos linked this way are treated as possibly the same photo when
 # choosing "distinct" originals for (b).
 LOOSE_DISTANCE, LOOSE_COSINE = 12, 0.95
+T = TypeVar("T")
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[object, float, float]:
-    """(result, best seconds, median seconds) of `repeats` calls."""
-    times, result = [], None
-    for _ in range(repeats):
+def timed(fn: Callable[[], T], repeats: int) -> tuple[T, float, float]:
+    """(result, best seconds, median seconds) of `repeats` calls (at least one)."""
+    times = []
+    for _ in range(max(1, repeats)):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
@@ -70,7 +75,9 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[object, float, float]
 # ---------------------------------------------------------------------------------------------
 
 
-def part_a(repeats: int, n: int = 1_000_000, planted: int = 10_000, d: int = 8) -> None:
+def planted_codes(n: int, planted: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n random codes, `planted` of them copies of others with 1..d bits flipped: (codes, src,
+    dst), code dst[k] being the flipped copy of code src[k]."""
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2**64, n, dtype=np.uint64)
     src = rng.choice(n, planted, replace=False)
@@ -78,6 +85,12 @@ def part_a(repeats: int, n: int = 1_000_000, planted: int = 10_000, d: int = 8) 
     for s, t in zip(src, dst, strict=True):
         flips = rng.choice(64, int(rng.integers(1, d + 1)), replace=False)
         codes[t] = codes[s] ^ np.uint64(sum(1 << int(b) for b in flips))
+    return codes, src, dst
+
+
+def part_a(repeats: int, n: int, d: int = 8) -> None:
+    planted = n // 100
+    codes, src, dst = planted_codes(n, planted, d)
     pairs, best, median = timed(lambda: hash_pairs(codes, d), repeats)
     labels, c_best, c_median = timed(lambda: clusters(n, pairs), repeats)
     found = {(int(a), int(b)) for a, b in pairs}
@@ -89,6 +102,64 @@ def part_a(repeats: int, n: int = 1_000_000, planted: int = 10_000, d: int = 8) 
         f"    pairs found {len(pairs):,} (planted recovered {recovered:,}/{planted:,}, "
         f"{len(pairs) - recovered:,} others); clusters {labels.max() + 1:,}; "
         f"total best {best + c_best:.1f} s (target 60 s)"
+    )
+
+
+def faiss_hash_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, float]:
+    """hash_pairs by faiss's IndexBinaryMultiHash, split as hash_pairs splits 1M codes at d = 8:
+    3 substrings, each searched within d // 3 bits (the pigeonhole needs 3 * (d // 3 + 1) > d);
+    faiss's substrings are equally wide, 21 bits (1 bit unused). Returns the pairs and the
+    seconds spent building the index. faiss's OpenMP uses every core; hash_pairs runs on one."""
+    import faiss  # only this comparison needs it
+
+    start = time.perf_counter()
+    nhash = 3
+    codes = np.ascontiguousarray(hashes, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    index = faiss.IndexBinaryMultiHash(64, nhash, 64 // nhash)
+    index.nflip = max_distance // nhash
+    index.add(codes)
+    build = time.perf_counter() - start
+    # range_search keeps distances < radius, and returns each pair both ways and every code
+    # with itself.
+    lims, _, found = index.range_search(codes, max_distance + 1)
+    query = np.repeat(np.arange(len(hashes)), np.diff(lims).astype(np.int64))
+    keep = query < found
+    pairs = np.stack([query[keep], found[keep]], axis=1)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))], build
+
+
+def faiss_flat_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """hash_pairs by faiss's exhaustive IndexBinaryFlat: every code against every code."""
+    import faiss
+
+    codes = np.ascontiguousarray(hashes, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes)
+    lims, _, found = index.range_search(codes, max_distance + 1)
+    query = np.repeat(np.arange(len(hashes)), np.diff(lims).astype(np.int64))
+    keep = query < found
+    pairs = np.stack([query[keep], found[keep]], axis=1)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def part_f(n: int, d: int = 8) -> None:
+    """The hashes of (a) through faiss: one run each, faiss takes minutes at 1M. The exhaustive
+    index is run on a tenth of the codes only: it is quadratic."""
+    codes, _, _ = planted_codes(n, n // 100, d)
+    ours, ours_s, _ = timed(lambda: hash_pairs(codes, d), 1)
+    (theirs, build), faiss_s, _ = timed(lambda: faiss_hash_pairs(codes, d), 1)
+    print(f"(f) {n:,} hashes of (a), pairs at distance <= {d}, one run each")
+    print(f"    hash_pairs (numpy, 1 core): {ours_s:.1f} s, {len(ours):,} pairs")
+    print(
+        f"    faiss IndexBinaryMultiHash (3 x 21 bits, nflip {d // 3}): {faiss_s:.1f} s "
+        f"(index {build:.1f} s), {len(theirs):,} pairs; identical: {np.array_equal(ours, theirs)}"
+    )
+    tenth, _, _ = planted_codes(n // 10, n // 1000, d)
+    ours, ours_s, _ = timed(lambda: hash_pairs(tenth, d), 1)
+    flat, flat_s, _ = timed(lambda: faiss_flat_pairs(tenth, d), 1)
+    print(
+        f"    on {n // 10:,} codes: hash_pairs {ours_s:.1f} s, faiss IndexBinaryFlat range search "
+        f"{flat_s:.1f} s; identical: {np.array_equal(ours, flat)}"
     )
 
 
@@ -118,7 +189,14 @@ def load_avito() -> tuple[list[str], list[bytes]]:
             (m for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")),
             key=lambda m: m.name,
         )
-        return [m.name for m in members], [archive.extractfile(m).read() for m in members]
+        return [m.name for m in members], [read_member(archive, m) for m in members]
+
+
+def read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    file = archive.extractfile(member)
+    if file is None:  # not a regular file: load_avito keeps only those
+        raise ValueError(f"{member.name} is not a file")
+    return file.read()
 
 
 def phashes(blobs: list[bytes]) -> np.ndarray:
@@ -183,7 +261,7 @@ def score(labels: np.ndarray, family: np.ndarray, edit: np.ndarray) -> tuple[dic
         for name in EDITS
         for rows in [np.flatnonzero(edit == name)]
     }
-    families_per_cluster = {}
+    families_per_cluster: dict[int, set[int]] = {}
     for label, fam in zip(labels, family, strict=True):
         families_per_cluster.setdefault(label, set()).add(fam)
     merged = np.mean([len(families_per_cluster[labels[o]]) > 1 for o in originals])
@@ -282,7 +360,7 @@ def part_c(
             [hash_pairs(hashes, STAGE_DISTANCE), embedding_pairs(pooled, STAGE_COSINE)]
         )
         describe_clusters("stage today (OR)", clusters(len(blobs), pairs), digests)
-    labels_by_class = {}
+    labels_by_class: dict[int, set[str]] = {}
     for name, label in zip(names, labels, strict=True):
         labels_by_class.setdefault(label, set()).add(name.split("/")[-2])
     mixed = sum(len(v) > 1 for v in labels_by_class.values())
@@ -329,6 +407,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'bc' or 'e'")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hashes", type=int, default=1_000_000, help="codes in (a) and (f)")
     parser.add_argument("--originals", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -337,7 +416,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if "a" in args.parts:
-        part_a(args.repeats)
+        part_a(args.repeats, args.hashes)
+    if "f" in args.parts:
+        part_f(args.hashes)
     if "e" in args.parts:
         part_e()
     if set(args.parts) & set("bcd"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from vitrine.curation.neardup import (
     brute_force_hash_pairs,
     choose_layout,
@@ -262,7 +262,12 @@ def test_tiers_need_both_signals_for_pairs_they_judge():
 def avito_laptops(count: int) -> list[bytes]:
     with tarfile.open(AVITO) as archive:
         names = sorted(n for n in archive.getnames() if "/laptop/" in n and n.endswith(".jpg"))
-        return [archive.extractfile(n).read() for n in names[:count]]
+        blobs = []
+        for name in names[:count]:
+            file = archive.extractfile(name)
+            assert file is not None, name
+            blobs.append(file.read())
+        return blobs
 
 
 @pytest.mark.skipif(not AVITO.exists(), reason="bundled Avito archive not present")

@@ -1,9 +1,9 @@
 import numpy as np
 
-from vitrine.curation.noise import class_outlier_scores, confident_learning, out_of_fold_proba
+from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
 
 
-def blobs(n_per_class: int = 60, dim: int = 16, seed: int = 0):
+def blobs(n_per_class: int = 60, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Two well-separated classes of unit vectors."""
     rng = np.random.default_rng(seed)
     centres = np.eye(dim)[:2] * 6
@@ -12,40 +12,53 @@ def blobs(n_per_class: int = 60, dim: int = 16, seed: int = 0):
     return x / np.linalg.norm(x, axis=1, keepdims=True), y
 
 
-def test_flipped_labels_are_found_and_the_true_class_suggested():
+def test_flipped_labels_are_found_and_the_true_class_suggested() -> None:
     x, y = blobs()
     given = y.copy()
     flipped = [3, 10, 70, 99]
     given[flipped] = 1 - given[flipped]
     proba = out_of_fold_proba(x, given, n_classes=2, folds=5, seed=0)
-    issues = confident_learning(proba, given)
+    issues = find_label_issues(proba, given)
     found = set(np.flatnonzero(issues.is_issue))
-    # The confident joint is conservative: most flips found, and hardly anything else.
+    # Confident learning is conservative: most flips found, and hardly anything else.
     assert len(found & set(flipped)) >= 3 and len(found - set(flipped)) <= 1
     assert (issues.suggested[sorted(found & set(flipped))] == y[sorted(found & set(flipped))]).all()
     # ranked by score, the flipped photos come first
     assert set(np.argsort(-issues.score)[: len(flipped)]) == set(flipped)
 
 
-def test_clean_labels_give_almost_no_issues():
+def test_clean_labels_give_almost_no_issues() -> None:
     x, y = blobs(seed=1)
-    issues = confident_learning(out_of_fold_proba(x, y, 2, 5, 0), y)
+    issues = find_label_issues(out_of_fold_proba(x, y, 2, 5, 0), y)
     assert issues.is_issue.sum() <= 2
 
 
-def test_confident_joint_by_hand():
+def test_confident_joint_by_hand() -> None:
     proba = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
     labels = np.array([0, 0, 1, 1])
-    # thresholds: class 0 = (0.9 + 0.7) / 2 = 0.8, class 1 = (0.8 + 0.4) / 2 = 0.6
-    issues = confident_learning(proba, labels)
+    # Per-class thresholds of the confident joint, the mean probability of a class over the
+    # photos labelled with it: class 0 = (0.9 + 0.7) / 2 = 0.8, class 1 = (0.8 + 0.4) / 2 = 0.6.
+    # Photo 3 is labelled 1 and leans to 0, but 0.6 is below class 0's threshold: no issue.
+    issues = find_label_issues(proba, labels)
     assert issues.is_issue.tolist() == [False, False, False, False]
+    assert issues.suggested.tolist() == labels.tolist()
     proba[3] = [0.85, 0.15]  # now above class 0's threshold while labelled 1
-    issues = confident_learning(proba, labels)
+    issues = find_label_issues(proba, labels)
     assert issues.is_issue.tolist() == [False, False, False, True]
-    assert issues.suggested[3] == 0
+    assert issues.suggested.tolist() == [0, 0, 1, 0]
 
 
-def test_an_off_category_photo_is_an_outlier_of_its_class():
+def test_score_is_one_minus_the_probability_of_the_given_class() -> None:
+    rng = np.random.default_rng(3)
+    proba = rng.dirichlet(np.ones(3), size=50)
+    labels = rng.integers(0, 3, 50)
+    issues = find_label_issues(proba, labels)
+    assert np.allclose(issues.score, 1.0 - proba[np.arange(50), labels])
+    # a photo is suggested another class only when it is flagged
+    assert (issues.suggested[~issues.is_issue] == labels[~issues.is_issue]).all()
+
+
+def test_an_off_category_photo_is_an_outlier_of_its_class() -> None:
     x, y = blobs(seed=2)
     x[5] = -x[5]  # points away from every class
     scores = class_outlier_scores(x, y)

@@ -13,6 +13,15 @@ bits. The number of substrings m is chosen by a cost model: for 1M random codes 
 m = 3 substrings of 22/21/21 bits searched within 2 bits (about 150M candidates), not m = 4 of
 16 bits searched within 2 (about 4 billion candidates: a 16-bit bucket holds ~15 of 1M codes and
 radius 2 visits 137 buckets per code and substring).
+
+faiss has the same search (IndexBinaryMultiHash: equally wide substrings, each searched within
+`nflip` bits) and finds identical pairs, but is 14-29 times slower here: on 1M random codes plus
+10,000 planted pairs at d = 8 it took 93-185 s with both cores against 6-7 s for this module on
+one, over three runs (`.venv/bin/python benchmarks/neardup.py --parts f`, a shared 2-core AMD
+EPYC). It looks up a hash map once per flipped key and gathers each code's candidates in a hash
+set, where this module handles one substring and flip mask for all codes at once, on sorted
+arrays. faiss's exhaustive IndexBinaryFlat range search is quadratic: 3-4 s at 100,000 codes,
+where this module takes 0.2-0.4 s.
 """
 
 from __future__ import annotations
