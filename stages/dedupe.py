@@ -173,7 +173,8 @@ def assign_statuses(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFram
     # A reviewer's keep overrides every automatic choice (a copy is then trained on too; it
     # shares its cluster's split, so this cannot leak between splits).
     forced = clustered & (decided == "keep")
-    out.loc[forced, ["status", "reason", "detail"]] = ["kept", "review_keep", note[forced]]
+    out.loc[forced, ["status", "reason"]] = ["kept", "review_keep"]
+    out.loc[forced, "detail"] = note[forced]
     return out
 
 
