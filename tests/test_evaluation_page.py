@@ -1,8 +1,6 @@
 """The evaluation report page (vitrine/evaluation/report.py and its template)."""
 
 import tomllib
-from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -10,46 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers import REPO
+from tests.helpers.html import HOSTILE, visible
 from vitrine.evaluation import report as report_module
 from vitrine.evaluation.metrics import value_model
 from vitrine.evaluation.report import confusion_section, evaluation_page, render_report
-
-REPO = Path(__file__).resolve().parents[1]
-HOSTILE = "<script>alert('x')</script>"
-INLINE = {"b", "code"}  # no word break at these tags
-
-
-class Text(HTMLParser):
-    """The page's visible text (outside <style>), whitespace-normalised."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._style = False
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self._style = tag == "style"
-        if tag not in INLINE:
-            self.parts.append(" ")
-
-    def handle_endtag(self, tag: str) -> None:
-        self._style = False
-        if tag not in INLINE:
-            self.parts.append(" ")
-
-    def handle_data(self, data: str) -> None:
-        if not self._style:
-            self.parts.append(data)
-
-    @property
-    def text(self) -> str:
-        return " ".join("".join(self.parts).split())
-
-
-def visible(page: str) -> str:
-    parser = Text()
-    parser.feed(page)
-    return parser.text
 
 
 def inputs(classes: tuple[str, ...], winner: str = "bright", photo_id: str = "test-1") -> list:

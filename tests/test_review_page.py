@@ -2,49 +2,15 @@
 
 import base64
 import tomllib
-from html.parser import HTMLParser
-from pathlib import Path
 
 import jinja2
 import pandas as pd
 import pytest
 
+from tests.helpers import REPO
+from tests.helpers.html import HOSTILE, Text
 from vitrine.curation import review
 from vitrine.curation.review import render_review, review_page
-
-REPO = Path(__file__).resolve().parents[1]
-HOSTILE = "<script>alert('x')</script>"
-INLINE = {"b", "code"}  # no word break at these tags
-
-
-class Text(HTMLParser):
-    """The page's visible text, whitespace-normalised, and its <img> sources."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self.images: list[str] = []
-        self._style = False
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        self._style = tag == "style"
-        if tag not in INLINE:
-            self.parts.append(" ")
-        if tag == "img":
-            self.images.append(dict(attrs)["src"])
-
-    def handle_endtag(self, tag: str) -> None:
-        self._style = False
-        if tag not in INLINE:
-            self.parts.append(" ")
-
-    def handle_data(self, data: str) -> None:
-        if not self._style:
-            self.parts.append(data)
-
-    @property
-    def text(self) -> str:
-        return " ".join("".join(self.parts).split())
 
 
 def thumb(row: pd.Series) -> bytes:
