@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import REPO
 from tests.helpers.html import HOSTILE, visible
+from vitrine import pages
 from vitrine.evaluation import report as report_module
 from vitrine.evaluation.metrics import value_model
 from vitrine.evaluation.report import confusion_section, evaluation_page, render_report
@@ -105,7 +106,7 @@ def test_hostile_class_candidate_and_photo_names_are_escaped() -> None:
 
 
 def test_a_variable_the_page_lacks_is_an_error() -> None:
-    template = report_module.environment().get_template(report_module.TEMPLATE)
+    template = pages.template(report_module.TEMPLATE)
     args = inputs(("phone", "laptop"))
     page = evaluation_page(*args)
     assert template.render(page=page) == render_report(*args)
@@ -120,5 +121,5 @@ def test_the_template_is_package_data() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["vitrine"]
     shipped = {path.resolve() for p in patterns for path in (REPO / "vitrine").glob(p)}
-    template = report_module.TEMPLATES / report_module.TEMPLATE
+    template = report_module.TEMPLATE
     assert template.resolve() in shipped

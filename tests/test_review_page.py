@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import REPO
 from tests.helpers.html import HOSTILE, Text
+from vitrine import pages
 from vitrine.curation import review
 from vitrine.curation.review import render_review, review_page
 
@@ -73,7 +74,7 @@ def test_hostile_labels_ids_and_notes_are_escaped() -> None:
 
 
 def test_a_variable_the_page_lacks_is_an_error() -> None:
-    template = review.environment().get_template(review.TEMPLATE)
+    template = pages.template(review.TEMPLATE)
     page = review_page(candidates(), clusters(), thumb, "decisions.csv")
     assert template.render(page=page) == render_review(
         candidates(), clusters(), thumb, "decisions.csv"
@@ -89,4 +90,4 @@ def test_the_template_is_package_data() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["vitrine"]
     shipped = {path for p in patterns for path in (REPO / "vitrine").glob(p)}
-    assert (review.TEMPLATES / review.TEMPLATE).resolve() in {p.resolve() for p in shipped}
+    assert review.TEMPLATE.resolve() in {p.resolve() for p in shipped}

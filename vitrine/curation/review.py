@@ -13,26 +13,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pandas as pd
 
-TEMPLATES = Path(__file__).parent / "templates"
-TEMPLATE = "review.html.j2"
+from vitrine import pages
 
-
-@cache
-def environment() -> jinja2.Environment:
-    """Templates from TEMPLATES, HTML-escaped, and a variable the page lacks is an error."""
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
+TEMPLATE = Path(__file__).parent / "templates" / "review.html.j2"
 
 
 def _photo(row: pd.Series, thumb: Callable[[pd.Series], bytes]) -> dict[str, str]:
@@ -101,4 +89,4 @@ def render_review(
 ) -> str:
     """The review page: candidates (most suspicious first), then multi-photo clusters."""
     page = review_page(candidates, clusters, thumb, decisions_path)
-    return environment().get_template(TEMPLATE).render(page=page)
+    return pages.template(TEMPLATE).render(page=page)

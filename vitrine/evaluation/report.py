@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import base64
 import io
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from vitrine import pages
 from vitrine.evaluation.metrics import ValueModel
 
 MAX_MATRIX_CLASSES = 50
@@ -29,8 +28,7 @@ THUMBNAIL_SIDE = 128
 # The candidates table's columns besides the primary metric (HTML and Markdown alike).
 TABLE_COLUMNS = ("accuracy", "macro_f1", "business_weighted_f1", "expected_value_per_1000")
 
-TEMPLATES = Path(__file__).parent / "templates"
-TEMPLATE = "evaluation.html.j2"
+TEMPLATE = Path(__file__).parent / "templates" / "evaluation.html.j2"
 
 # What a prediction is, by evaluate.decision (vitrine/runtime/decisions.py).
 ANSWERS = {
@@ -38,17 +36,6 @@ ANSWERS = {
     "expected_value": "Each photo is answered with the class whose expected gain under the "
     "business values and mistake costs is highest (evaluate.decision: expected_value).",
 }
-
-
-@cache
-def environment() -> jinja2.Environment:
-    """Templates from TEMPLATES, HTML-escaped, and a variable the page lacks is an error."""
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
 
 
 def cell(x: Any) -> dict[str, Any]:
@@ -126,7 +113,7 @@ def confusion_matrix(predictions: pd.DataFrame, values: ValueModel) -> dict[str,
 
 def confusion_section(predictions: pd.DataFrame, values: ValueModel) -> str:
     """The confusion matrix section alone, as HTML (the page's own block)."""
-    template = environment().get_template(TEMPLATE)
+    template = pages.template(TEMPLATE)
     context = template.new_context({"page": {"confusion": confusion_matrix(predictions, values)}})
     return "".join(template.blocks["confusion"](context))
 
@@ -306,4 +293,4 @@ def render_report(
     page = evaluation_page(
         report, candidates, predictions, reliability, test_images, values, mistakes_shown
     )
-    return environment().get_template(TEMPLATE).render(page=page)
+    return pages.template(TEMPLATE).render(page=page)
