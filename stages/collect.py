@@ -1,9 +1,12 @@
 """collect: read every source (folders, archives, catalogs) into one manifest and packed shards.
 
 Every input record becomes exactly one manifest row, accepted or quarantined with a stable
-reason code: nothing is dropped silently. Catalog URLs are downloaded first into a
-content-addressed cache outside DVC's outputs (resumable, nothing fetched twice); the
-per-image work (decode, check, sha256, pHash, thumbnail) then runs on Dask workers.
+reason code: nothing is dropped silently, and no single record can stop the run. Each reason
+is documented where it is decided: vitrine.ingest.records (every source: files, names,
+labels), .archives, .catalogs, .sources (the image checks) and .download (URLs). Catalog URLs
+are downloaded first into a content-addressed cache outside DVC's outputs (resumable, nothing
+fetched twice); the per-image work (decode, check, sha256, pHash, thumbnail) then runs on
+Dask workers.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import pyarrow.parquet as pq
 from vitrine.config import from_mapping, load_params, load_paths, params_block, stage_config
 from vitrine.data.shards import MANIFEST, BlobRef, ShardWriter
 from vitrine.images import Rejected
+from vitrine.ingest.archives import archive_records
+from vitrine.ingest.catalogs import catalog_records
 from vitrine.ingest.download import DownloadConfig, FetchResult, fetch_all
 from vitrine.ingest.records import (
     InputRecord,
     Source,
-    archive_records,
-    catalog_records,
+    escaped,
     folder_records,
     read_record,
     source_path,
@@ -98,10 +102,10 @@ def manifest_row(
 ) -> dict[str, Any]:
     """The manifest row of one record (collect fills the storage columns of accepted images)."""
     row: dict[str, Any] = {
-        "id": record.id,
-        "label": record.label,
-        "source": record.source,
-        "url": record.url,
+        "id": escaped(record.id),  # read_record escapes them already: parquet holds UTF-8 only
+        "label": escaped(record.label),
+        "source": escaped(record.source),
+        "url": escaped(record.url),
         "status": "quarantined",
         "reason": "",
         "detail": "",
@@ -120,7 +124,7 @@ def manifest_row(
         "meta": json.dumps(record.meta, sort_keys=True, default=str) if record.meta else "",
     }
     if isinstance(result, Rejected):
-        row.update(reason=result.code, detail=result.detail)
+        row.update(reason=result.code, detail=escaped(result.detail))
     else:
         row.update(
             status="accepted",
@@ -149,7 +153,7 @@ def collect(
     stored: dict[str, tuple[BlobRef, BlobRef]] = {}
     for sub in (SHARDS, THUMBS):  # no stale shard from a larger earlier run
         shutil.rmtree(out / sub, ignore_errors=True)
-    records = ((r, read_record(r, config.classes)) for r in iter_records(config, raw, fetched))
+    records = (read_record(r, config.classes) for r in iter_records(config, raw, fetched))
     with (
         ShardWriter(out, SHARDS, config.shard_size) as shards,
         ShardWriter(out, THUMBS, config.shard_size) as thumbs,

@@ -6,7 +6,6 @@ import tarfile
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
@@ -19,38 +18,18 @@ from stages.collect import (
     MANIFEST_COLUMNS,
     MANIFEST_SCHEMA,
     REPORT_COLUMNS,
-    CollectConfig,
     ManifestWriter,
     collect,
     collect_report,
     quarantine_list,
     read_quarantined,
 )
+from tests.helpers.collect_runs import config, run
 from vitrine.config import ConfigError, from_mapping
 from vitrine.data.shards import ShardReader
 from vitrine.images import Rejected
-from vitrine.ingest.download import DownloadConfig
-from vitrine.ingest.records import Source, _read_capped, _tar_members, _tree_prefix
-
-
-def config(*sources: Source, **overrides) -> CollectConfig:
-    base = dict(
-        classes=("laptop", "phone"),
-        sources=sources,
-        min_side=32,
-        max_pixels=10**7,
-        max_bytes=10**6,
-        shard_size=5,
-        thumb_size=48,
-        download=DownloadConfig(timeout_s=5.0, max_attempts=2, backoff_base_s=0.01, fsync=False),
-    )
-    return CollectConfig(**{**base, **overrides})
-
-
-def run(cfg: CollectConfig, raw: Path, tmp_path: Path) -> pd.DataFrame:
-    return pd.read_parquet(collect(cfg, raw, tmp_path / "out", cache=tmp_path / "cache")).set_index(
-        "id"
-    )
+from vitrine.ingest.archives import _tar_members, _tree_prefix
+from vitrine.ingest.records import Source, read_fd_capped, read_file_capped
 
 
 def test_folder_source_accepts_every_photo_and_packs_shards(class_folder, tmp_path):
@@ -100,13 +79,13 @@ def test_bad_files_are_quarantined_with_a_reason_and_nothing_is_lost(
     assert m.loc["phone/notes.jpg", "reason"] == "not_an_image"
     assert m.loc["phone/empty.jpg", "reason"] == "empty"
     assert m.loc["phone/tiny.jpg", "reason"] == "too_small"
-    assert m.loc["tablet/t.jpg", "reason"] == "unknown_label"
-    assert m.loc["loose.jpg", "reason"] == "unknown_label"
+    assert m.loc["tablet/t.jpg", "reason"] == "label_not_in_classes"
+    assert m.loc["loose.jpg", "reason"] == "label_not_in_classes"
     assert (m[m["status"] == "quarantined"]["shard"] == "").all()
     # main() reads back only these columns, and only the quarantined rows for the list.
     report = collect_report(m.reset_index()[REPORT_COLUMNS])
     assert report["accepted"] + report["quarantined"] == report["records"] == 30
-    assert report["by_reason"]["unknown_label"] == 2
+    assert report["by_reason"]["label_not_in_classes"] == 2
     listed = quarantine_list(read_quarantined(tmp_path / "out" / MANIFEST))
     assert listed.equals(quarantine_list(m.reset_index()))
     assert sorted(listed["id"]) == sorted(m.index[m["status"] == "quarantined"])
@@ -148,36 +127,47 @@ def test_oversized_file_is_refused(class_folder, make_photo, tmp_path):
 def test_read_capped_accepts_exactly_the_cap_and_refuses_one_byte_more(tmp_path):
     photo = tmp_path / "p.jpg"
     photo.write_bytes(b"x" * 1000)
-    assert _read_capped(photo, 1000) == b"x" * 1000
+    assert read_file_capped(photo, 1000) == b"x" * 1000
     with pytest.raises(Rejected, match="over 999 bytes"):
-        _read_capped(photo, 999)
+        read_file_capped(photo, 999)
     with pytest.raises(Rejected) as err:
-        _read_capped(tmp_path, 1000)  # a directory
-    assert err.value.code == "unreadable"
+        read_file_capped(tmp_path, 1000)  # a directory
+    assert err.value.code == "not_a_regular_file"
 
 
-def _feed(fifo: Path, payload: bytes) -> threading.Thread:
+def _feed(payload: bytes) -> tuple[int, threading.Thread]:
+    """The read end of a pipe, and the thread writing `payload` into it."""
+    read_end, write_end = os.pipe()
+
     def write() -> None:
-        with contextlib.suppress(BrokenPipeError):  # the reader stops at its cap
-            fifo.write_bytes(payload)
+        with open(write_end, "wb") as f, contextlib.suppress(BrokenPipeError):
+            f.write(payload)  # the reader may stop at its cap
 
     writer = threading.Thread(target=write)
     writer.start()
-    return writer
+    return read_end, writer
 
 
-def test_read_capped_reads_past_a_size_fstat_does_not_know(tmp_path):
+def test_read_fd_capped_reads_past_a_size_fstat_does_not_know():
     # A pipe reports size 0, as a file still being written reports too little.
-    fifo = tmp_path / "pipe.jpg"
-    os.mkfifo(fifo)
     payload = bytes(range(256)) * 5000
-    writer = _feed(fifo, payload)
-    assert _read_capped(fifo, 10**7) == payload
+    fd, writer = _feed(payload)
+    assert read_fd_capped(fd, 0, 10**7) == payload
+    os.close(fd)
     writer.join()
-    writer = _feed(fifo, payload)
+    fd, writer = _feed(payload)
     with pytest.raises(Rejected, match="over 1000 bytes"):
-        _read_capped(fifo, 1000)
+        read_fd_capped(fd, 0, 1000)
+    os.close(fd)
     writer.join()
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # nobody writes: opening it for reading would block forever
+    with pytest.raises(Rejected) as err:
+        read_file_capped(fifo, 1000)
+    assert (err.value.code, err.value.detail) == ("not_a_regular_file", "a FIFO")
 
 
 def test_exact_copies_are_stored_once(class_folder, tmp_path):
@@ -369,6 +359,6 @@ def test_catalog_taxonomy_labels_and_split_column_reach_the_manifest(class_folde
     assert (m.loc["g-1", "status"], m.loc["g-2", "status"]) == ("accepted", "accepted")
     assert json.loads(m.loc["g-2", "meta"]) == {"split": "test"}
     # a path prefix of a class is not that class
-    assert m.loc["g-3", "reason"] == "unknown_label"
+    assert m.loc["g-3", "reason"] == "label_not_in_classes"
     report = collect_report(m.reset_index())
     assert report["by_class"] == {taxonomy[0]: 1, taxonomy[1]: 1}

@@ -1,0 +1,278 @@
+"""Records from catalogs: CSV or JSONL rows of id, label and a url or a path.
+
+A catalog is read as UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" writes one),
+with undecodable bytes kept aside (surrogate escapes) so that one bad byte costs only its own
+row. A line is read at most MAX_ROW_CHARS characters at a time: the rest of a longer one is
+skipped, never held. Columns other than id, label, url and path are the record's metadata. A
+path is relative to the catalog's folder; a URL's body comes from the download cache, filled by
+collect before anything is read.
+
+Quarantine reasons decided here:
+
+- bad_row: a JSONL line that is not JSON, or JSON but not an object ([1, 2], null, "text",
+  42); a CSV row with more fields than the header, or one the csv module cannot parse (a field
+  over its 128 KiB limit); a line over MAX_ROW_CHARS characters; JSON nested deeper than
+  MAX_DEPTH levels.
+- invalid_utf8: a row holding text that is not valid UTF-8 (a byte that does not decode, such
+  as one latin-1 byte in a UTF-8 file, or a lone surrogate escaped in JSON); the detail shows
+  it with \\xNN escapes.
+- missing_id: no id. duplicate_id: an id already seen in this catalog (the first one wins).
+- missing_location: neither a url nor a path.
+- bad_url: a url that is not http(s) with a host (the downloader's own check).
+- outside_source_root: a path leading out of the catalog's folder (.., an absolute path, a
+  symbolic link).
+
+A path is then read as any file is (unreadable, not_a_regular_file, too_large: see
+`vitrine.ingest.records`), and a URL's failures are the downloader's (http_404, timeout, ...:
+see `vitrine.ingest.download`).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from vitrine.images import Rejected
+from vitrine.ingest.download import FetchResult, url_problem
+from vitrine.ingest.records import (
+    InputRecord,
+    escaped,
+    is_valid_text,
+    read_file_capped,
+    reject,
+    within,
+)
+
+MAX_ROW_CHARS = 1 << 20  # a catalog line longer than this is one bad_row
+MAX_DEPTH = 64  # JSON nesting a row may hold
+_COLUMNS = ("id", "label", "url", "path")
+_EOL = ("\n", "\r")
+
+Row = dict[str, Any]
+Problem = tuple[str, str] | None  # (reason, detail) of a row found bad while parsing
+
+
+class _Lines:
+    """A text stream's lines, each at most max_chars long: the rest of a longer line is read
+    and dropped a chunk at a time, and `cut` is set until the reader resets it."""
+
+    def __init__(self, f: TextIO, max_chars: int):
+        self._f = f
+        self._max = max_chars
+        self.cut = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self._f.readline(self._max + 1)
+        if not line:
+            raise StopIteration
+        if len(line) > self._max and not line.endswith(_EOL):
+            self.cut = True
+            while (rest := self._f.readline(self._max)) and not rest.endswith(_EOL):
+                pass
+            line = line[: self._max] + "\n"
+        return line
+
+    def take_cut(self) -> bool:
+        cut, self.cut = self.cut, False
+        return cut
+
+
+def _text_stream(binary: io.BufferedReader, newline: str | None) -> io.TextIOWrapper:
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+def _jsonl_rows(f: TextIO, max_chars: int) -> Iterator[tuple[Row, Problem]]:
+    lines = _Lines(f, max_chars)
+    for n, line in enumerate(lines, 1):
+        cut = lines.take_cut()
+        if not line.strip():
+            continue
+        here = {"id": f"line-{n}"}
+        if cut:
+            yield here, ("bad_row", f"line {n}: over {max_chars} characters")
+        elif not is_valid_text(line):
+            yield here, ("invalid_utf8", f"line {n}: {escaped(line.strip())[:200]}")
+        else:
+            try:
+                value = json.loads(line)
+            except (ValueError, RecursionError) as err:  # ValueError: an int of 5,000 digits
+                yield here, ("bad_row", f"line {n}: invalid JSON: {err}")
+                continue
+            if isinstance(value, dict):
+                yield value, None
+            else:
+                yield here, ("bad_row", f"line {n}: JSON {type(value).__name__}, not an object")
+
+
+def _csv_rows(f: TextIO, max_chars: int) -> Iterator[tuple[Row, Problem]]:
+    """csv.DictReader's rows (a short row's missing columns are None), but a row with more
+    fields than the header, or one the csv module refuses, is a bad row, not an error."""
+    lines = _Lines(f, max_chars)
+    reader = csv.reader(lines)
+    header: list[str] | None = None
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # the reader goes on at the next line
+            lines.take_cut()
+            yield {}, ("bad_row", f"line {reader.line_num}: {err}")
+            continue
+        cut = lines.take_cut()
+        if not fields:  # an empty line
+            continue
+        if header is None:
+            header = fields
+            continue
+        row: Row = dict(zip(header, fields, strict=False))
+        for key in header[len(fields) :]:
+            row[key] = None
+        if cut:
+            yield row, ("bad_row", f"line {reader.line_num}: over {max_chars} characters")
+        elif len(fields) > len(header):
+            detail = f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}"
+            yield row, ("bad_row", detail)
+        else:
+            yield row, None
+
+
+def _catalog_rows(path: Path, max_chars: int) -> Iterator[tuple[Row, Problem]]:
+    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
+    with open(path, "rb") as binary, _text_stream(binary, None if jsonl else "") as f:
+        yield from (_jsonl_rows if jsonl else _csv_rows)(f, max_chars)
+
+
+def _nested_over(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (iterative: no recursion limit)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            stack.extend(
+                (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+            )
+    return False
+
+
+def _invalid_text(row: Row) -> str | None:
+    """A column name or value of the row (nested values too) that is not valid UTF-8."""
+    stack: list[tuple[str, Any]] = [(str(k), v) for k, v in row.items()]
+    while stack:
+        key, value = stack.pop()
+        if not is_valid_text(key):
+            return f"column {escaped(key)!r}"
+        if isinstance(value, str) and not is_valid_text(value):
+            return f"{escaped(key)}: {escaped(value)[:200]}"
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((key, v) for v in value)
+    return None
+
+
+def _escaped_value(value: Any) -> Any:
+    """A row's value with every text in valid UTF-8 (depth already bounded by MAX_DEPTH)."""
+    if isinstance(value, str):
+        return escaped(value)
+    if isinstance(value, dict):
+        return {escaped(str(k)): _escaped_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped_value(v) for v in value]
+    return value
+
+
+def _text(value: Any) -> str:
+    """A column's value as text: None is empty, JSON numbers and containers are written out."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _checked(row: Row, problem: Problem) -> tuple[Row, Problem]:
+    """The row as a record may hold it, and why it is bad beyond its parsing (nested too deep,
+    text that is not valid UTF-8: kept escaped), if it is."""
+    if problem is None and _nested_over(row, MAX_DEPTH):
+        scalars = {k: v for k, v in row.items() if k in _COLUMNS and isinstance(v, str)}
+        row, problem = scalars, ("bad_row", f"JSON nested deeper than {MAX_DEPTH} levels")
+    if (where := _invalid_text(row)) is not None:
+        row, problem = _escaped_value(row), problem or ("invalid_utf8", f"not UTF-8: {where}")
+    return row, problem
+
+
+def _from_cache(fetched: Mapping[str, FetchResult], url: str) -> bytes:
+    result = fetched.get(url)
+    if result is None:
+        raise Rejected("unreadable", f"not downloaded: {url}")
+    return result.read()
+
+
+def _path_reader(root: str, value: str, max_bytes: int) -> Callable[[], bytes]:
+    try:
+        target = os.path.realpath(os.path.join(root, value))
+    except (OSError, ValueError, RecursionError) as err:  # a NUL character, a long link chain
+        return reject("unreadable", f"{value!r}: {err}")
+    if not within(target, root):
+        return reject("outside_source_root", value)
+    return functools.partial(read_file_capped, target, max_bytes)
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        return url_problem(url)
+    except Exception as err:  # whatever the URL parser raises, the URL is refused
+        return f"malformed URL ({type(err).__name__}: {err})"
+
+
+def catalog_records(
+    path: Path,
+    source: str,
+    fetched: Mapping[str, FetchResult],
+    max_bytes: int,
+    *,
+    max_row_chars: int = MAX_ROW_CHARS,
+) -> Iterator[InputRecord]:
+    """Rows of a CSV/JSONL catalog: id, label and url or path (relative to the catalog's folder).
+    Other columns are kept as metadata; a repeated id is refused (the first one wins). A URL
+    row reads its body from `fetched`, filled by download_catalogs before anything is read."""
+    root = os.path.realpath(path.parent)
+    seen: set[str] = set()
+    for n, (parsed, problem_parsing) in enumerate(_catalog_rows(path, max_row_chars), 1):
+        row, problem = _checked(parsed, problem_parsing)
+        rid = _text(row.get("id")).strip()
+        label = _text(row.get("label"))
+        meta = {k: v for k, v in row.items() if k not in _COLUMNS}
+        url = _text(row.get("url")).strip()
+        location = _text(row.get("path"))
+        if problem is not None:
+            yield InputRecord(rid or f"row-{n}", label, source, reject(*problem), meta)
+        elif not rid:
+            yield InputRecord(f"row-{n}", label, source, reject("missing_id", f"row {n}"), meta)
+        elif rid in seen:
+            yield InputRecord(rid, label, source, reject("duplicate_id", rid), meta, url)
+        elif url:
+            why = _url_problem(url)
+            read = reject("bad_url", why) if why else functools.partial(_from_cache, fetched, url)
+            yield InputRecord(rid, label, source, read, meta, "" if why else url)
+        elif location:
+            yield InputRecord(rid, label, source, _path_reader(root, location, max_bytes), meta)
+        else:
+            yield InputRecord(
+                rid, label, source, reject("missing_location", "no url or path"), meta
+            )
+        seen.add(rid)
