@@ -24,6 +24,7 @@ STATUS = {
     "too_large": 413,
     "too_many_pixels": 413,
     "too_many_images": 413,
+    "client_closed": 499,  # nginx's "client closed request": no one reads it, nothing failed
 }
 UNPROCESSABLE = 422
 # Photos up to this many pixels decode on the event loop (service.service.Classifier._prepare):
@@ -38,6 +39,19 @@ class UnknownCategory(Rejected):
     def __init__(self, declared: str, known: Sequence[str]):
         super().__init__("unknown_category", f"{declared!r} is not one of {list(known)}")
         self.known = list(known)
+
+
+def detached(err: Rejected) -> Rejected:
+    """err without its traceback and the exceptions it was raised from, fit to be kept.
+
+    A kept exception's traceback holds the frames it passed through, and so their locals: the
+    upload bytes (up to serve.max_upload_bytes each), and often the exception itself, in a
+    reference cycle that only the garbage collector frees, and the service runs it rarely (see
+    Classifier.__init__): kept with its traceback, a refused upload would stay in memory for
+    hundreds of requests.
+    """
+    err.__traceback__ = err.__context__ = err.__cause__ = None
+    return err
 
 
 def status_of(err: Rejected) -> int:
@@ -70,7 +84,7 @@ def open_all(images: Sequence[bytes], info: PackagedModel) -> list[Upload]:
         try:
             opened.append(open_upload(data, info))
         except Rejected as err:
-            opened.append(err)
+            opened.append(detached(err))
     return opened
 
 
@@ -96,7 +110,7 @@ def prepare_all(uploads: Sequence[Upload], info: PackagedModel) -> list[np.ndarr
         try:
             prepared.append(upload if isinstance(upload, Rejected) else prepare_image(upload, info))
         except Rejected as err:
-            prepared.append(err)
+            prepared.append(detached(err))
     return prepared
 
 

@@ -18,7 +18,11 @@ The public endpoints are FastAPI routes mounted with @bentoml.asgi_app rather th
 @bentoml.api: a BentoML api cannot hand over a multipart file as in-memory bytes (a bytes field
 breaks on binary data, a Path is written to disk, a PIL image answers a non-image with a 500),
 and its 4xx bodies are not ours to shape. Every bad request gets a 4xx and a JSON body
-{"error": <reason code>, "detail": <text>} (service.core.STATUS maps codes to statuses).
+{"error": <reason code>, "detail": <text>} (service.core.STATUS maps codes to statuses); an
+upload the client abandons mid-body is answered 499 (to no one): a debug line of ours and a 499
+in BentoML's access log and /metrics, no error.
+Every response of the server, BentoML's own routes' and its 404s and 405s included, carries
+security headers and has its error bodies in that shape (service/responses.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import gc
 import html
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import bentoml
@@ -42,12 +46,15 @@ from service.core import (
     check_answer,
     classify_answer,
     declared_category,
+    detached,
     error_body,
     open_all,
     prepare_all,
     status_of,
 )
+from service.memory import hand_back_large_blocks
 from service.rebalance import KeepAliveRebalancer
+from service.responses import ResponsePolicy, page_policy
 from service.uploads import read_form
 from vitrine.contracts import DEFAULT_MODEL_NAME, MODEL_NAME_ENV, PackagedModel, read_packaged
 from vitrine.images import Rejected
@@ -79,7 +86,9 @@ if INFO.serve.workers > 1 and INFO.serve.rebalance_every:
 
 
 def error_response(err: Rejected) -> JSONResponse:
-    return JSONResponse(error_body(err), status_code=status_of(err))
+    """The 4xx answer to a refused request. The exception is detached (service.core.detached):
+    raised from a frame that held it, it would keep that frame and the upload in a cycle."""
+    return JSONResponse(error_body(detached(err)), status_code=status_of(err))
 
 
 def upload_page(info: PackagedModel) -> str:
@@ -99,6 +108,7 @@ class Classifier:
     def __init__(self) -> None:
         self.info = INFO
         self.page_html = upload_page(INFO)
+        self.page_headers = {"Content-Security-Policy": page_policy(self.page_html)}
         torch.set_num_threads(INFO.serve.torch_threads)
         self.module = load_onnx(
             Path(self.model_ref.path), INFO.image_size, INFO.input_size, INFO.serve.torch_threads
@@ -119,7 +129,10 @@ class Classifier:
         # threshold (700) the young generation was collected about once per 4 requests, each
         # time walking them all: ~0.5 s of the event loop's time per 4,000 cnn64 requests. At
         # YOUNG_GC_THRESHOLD it is collected twice in 4,000 requests (~20 ms each, 0.04 s).
+        # So cyclic garbage waits long for its collection: nothing of a request's may be in a
+        # cycle with its upload (service.core.detached).
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+        hand_back_large_blocks()  # an upload's buffers go back to the system when freed
 
     def _forward(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, H, W, 3) -> class probabilities (N, classes)."""
@@ -147,9 +160,9 @@ class Classifier:
         [probabilities] = await self.batcher(pixels[np.newaxis])
         return classify_answer(probabilities, self.info)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page_html)
+        return HTMLResponse(self.page_html, headers=self.page_headers)
 
     @app.post("/classify")
     async def classify(self, request: Request) -> JSONResponse:
@@ -198,3 +211,9 @@ class Classifier:
             for p in prepared
         ]
         return JSONResponse({"results": results})
+
+
+# Around BentoML's whole app, not only ours (as app.add_middleware would be): its own routes'
+# answers and its router's 404s get the headers and the error shape too. (A cast: @bentoml.service
+# turns the class into a bentoml.Service, and mypy does not apply class decorators.)
+cast("bentoml.Service[Classifier]", Classifier).add_asgi_middleware(ResponsePolicy)

@@ -1,23 +1,27 @@
 """Reading an untrusted multipart/form-data request into memory, within limits.
 
 Every failure is a vitrine.images.Rejected with a stable reason code (see service.core.STATUS):
-nothing here raises anything else on bad input, and no upload ever touches the disk.
+nothing here raises anything else on bad input, and no upload ever touches the disk. A client
+that closes its connection before the body ends is one of them ("client_closed", answered 499,
+which no one reads): an abandoned upload is the client's choice, not a server error.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from vitrine.images import Rejected
 
 IMAGE_FIELD = "image"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around the files
 MAX_TEXT_FIELDS = 8
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,17 +31,17 @@ class Form:
 
 
 def _parser(request: Request, body_cap: int, max_images: int) -> MultiPartParser:
-    class InMemoryParser(MultiPartParser):
-        # Starlette spools a file part over spool_max_size to a temporary file; no part can
-        # outgrow the body cap, so every part stays in memory.
-        spool_max_size = body_cap + 1
-
-    return InMemoryParser(
+    parser = MultiPartParser(
         request.headers,
         _capped(request.stream(), body_cap),
         max_files=max_images,
         max_fields=MAX_TEXT_FIELDS,
     )
+    # Starlette spools a file part over spool_max_size to a temporary file; no part can outgrow
+    # the body cap, so every part stays in memory. (Set on the instance: a subclass made per
+    # request is a new class each time, cyclic garbage that lingers until a collection.)
+    parser.spool_max_size = body_cap + 1
+    return parser
 
 
 async def _capped(chunks: AsyncIterator[bytes], cap: int) -> AsyncGenerator[bytes, None]:
@@ -80,6 +84,10 @@ async def read_form(request: Request, *, max_body_bytes: int, max_images: int) -
         raise Rejected("bad_multipart", str(err)) from None
     except (KeyError, ValueError) as err:  # KeyError: no Content-Type parameters at all
         raise Rejected("bad_multipart", str(err) or type(err).__name__) from None
+    except ClientDisconnect:  # the client went away: a debug line, not an error's traceback
+        log.debug("%s: the client closed the connection mid-body", request.url.path)
+        detail = "the client closed the connection before the body ended"
+        raise Rejected("client_closed", detail) from None
     try:
         images = []
         fields = {}

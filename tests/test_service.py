@@ -8,9 +8,13 @@ processes, and gets real photos from the bundled Avito archive.
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
+import hashlib
 import io
-import json
+import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -20,17 +24,20 @@ import tarfile
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
-import lightning
 import numpy as np
 import pytest
-import torch
-from bentoml._internal.models import ModelStore
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.testclient import TestClient
 
 from service.batching import MicroBatcher
 from service.core import (
@@ -40,14 +47,15 @@ from service.core import (
     classify_answer,
     open_all,
     prepare_all,
+    status_of,
 )
 from service.rebalance import KeepAliveRebalancer
-from tests.helpers.candidates import PROVENANCE, evaluation_report, serve_checkpoint
+from service.responses import DATA_POLICY, ResponsePolicy, page_policy
+from service.uploads import read_form
+from tests.helpers.candidates import PROVENANCE
+from tests.helpers.tiny_package import CLASSES, package_tiny_model
 from vitrine.contracts import MODEL_NAME_ENV, PackagedModel, ServeConfig, read_packaged
 from vitrine.images import Rejected, load_square
-from vitrine.model.networks import ImageClassifier
-from vitrine.packaging.bundle import export_package
-from vitrine.packaging.store import save_to_store
 from vitrine.runtime.decisions import decide
 from vitrine.runtime.onnx import onnx_proba
 
@@ -55,7 +63,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:F
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
-CLASSES = ["laptop", "phone"]
 MODEL_NAME = "vitrine-test-classifier"
 START_TIMEOUT_S = 120
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
@@ -83,37 +90,13 @@ SERVE = ServeConfig(
 class Server:
     url: str
     package: Path  # the package stage's output folder the server's model came from
+    log: Path  # what the server writes (stdout and stderr)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def package_tiny_model(root: Path) -> Path:
-    """An untrained checkpoint through the package stage into a store at <root>/home."""
-    torch.manual_seed(0)
-    module = ImageClassifier("cnn64", CLASSES, lr=1e-3)
-    train = root / "train"
-    train.mkdir()
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        train / "best.ckpt",
-    )
-    info = {"model": "cnn64", "classes": CLASSES, "image_size": 128, "input_size": 64}
-    (train / "model.json").write_text(json.dumps(info))
-    served = serve_checkpoint(train, root / "served")
-    report = evaluation_report({"accuracy": 0.5, "n": 2})
-    export_package(train, served, report, root / "package", SERVE, PROVENANCE, DECISION_GAIN)
-    models = root / "home" / "models"
-    models.mkdir(parents=True)
-    save_to_store(root / "package", MODEL_NAME, store=ModelStore(models))
-    return root / "package"
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -130,7 +113,7 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
-    package = package_tiny_model(root)
+    package = package_tiny_model(root, SERVE, DECISION_GAIN, MODEL_NAME)
     port = free_port()
     env = {
         **os.environ,
@@ -174,7 +157,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             except httpx.TransportError:
                 pass
             time.sleep(0.25)
-        yield Server(url=url, package=package)
+        yield Server(url=url, package=package, log=root / "server.log")
     finally:
         stop(process)
         log.close()
@@ -388,6 +371,167 @@ def test_rebalancer_closes_every_nth_connection_and_leaves_the_rest_alone() -> N
     assert closing_responses(every=1, requests=2) == [True, True]
 
 
+def test_a_refused_upload_is_freed_without_the_garbage_collector() -> None:
+    """No refusal keeps its upload in a reference cycle (its traceback's frames hold the bytes):
+    the service collects cyclic garbage rarely, and such uploads would pile up in between."""
+    info = package_info(0.5)
+    uploads = [
+        b"<html></html>",
+        b"\xff" * (SERVE.max_upload_bytes + 1),
+        jpeg(2100, 2000),
+        truncated_jpeg(),
+        jpeg(200, 20),
+    ]
+    gc.collect()
+    gc.disable()
+    try:
+        prepared = prepare_all(open_all(uploads, info), info)
+        assert all(isinstance(p, Rejected) and p.__traceback__ is None for p in prepared)
+        del prepared
+        assert gc.collect() == 0  # everything went with its last reference
+    finally:
+        gc.enable()
+
+
+def multipart_body(image: bytes, boundary: str = "b") -> bytes:
+    return (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+
+def test_an_upload_abandoned_mid_body_is_the_clients_doing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = multipart_body(jpeg(120, 90))
+    messages = [
+        {"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    headers = {"content-type": "multipart/form-data; boundary=b", "content-length": len(body)}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/classify",
+        "query_string": b"",
+        "headers": [(k.encode(), str(v).encode()) for k, v in headers.items()],
+    }
+    caplog.set_level(logging.DEBUG, logger="service.uploads")
+    with pytest.raises(Rejected) as caught:
+        asyncio.run(read_form(Request(scope, receive), max_body_bytes=10**6, max_images=1))
+    assert caught.value.code == "client_closed"
+    assert status_of(caught.value) == 499  # a client's status (nginx's): never counted a 5xx
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+
+
+def policy_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/answer")
+    async def answer() -> JSONResponse:
+        return JSONResponse({"label": "phone"})
+
+    @app.post("/upload")
+    async def upload() -> JSONResponse:
+        return JSONResponse({"error": "too_large", "detail": "1 > 0"}, status_code=413)
+
+    @app.get("/page")
+    async def page() -> HTMLResponse:
+        return HTMLResponse("<p>hi</p>", headers={"Content-Security-Policy": "default-src 'self'"})
+
+    @app.get("/crash")
+    async def crash() -> JSONResponse:
+        raise RuntimeError("model broke")
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("app", "method", "path", "status", "body"),
+    [
+        (policy_app(), "GET", "/answer", 200, {"label": "phone"}),
+        (policy_app(), "POST", "/upload", 413, {"error": "too_large", "detail": "1 > 0"}),
+        # FastAPI's own {"detail": ...} and Starlette's plain text are reshaped.
+        (
+            policy_app(),
+            "GET",
+            "/upload",
+            405,
+            {
+                "error": "method_not_allowed",
+                "detail": "GET is not allowed on /upload (allowed: POST)",
+            },
+        ),
+        (
+            policy_app(),
+            "GET",
+            "/nowhere",
+            404,
+            {"error": "not_found", "detail": "no such endpoint: /nowhere"},
+        ),
+        (
+            Starlette(),
+            "GET",
+            "/nowhere",
+            404,
+            {"error": "not_found", "detail": "no such endpoint: /nowhere"},
+        ),
+        (
+            policy_app(),
+            "GET",
+            "/crash",
+            500,
+            {"error": "internal_server_error", "detail": "Internal Server Error"},
+        ),
+    ],
+    ids=["answer", "shaped-error", "fastapi-405", "fastapi-404", "starlette-404", "crash"],
+)
+def test_response_policy_shapes_errors_and_adds_headers(
+    app: FastAPI, method: str, path: str, status: int, body: dict
+) -> None:
+    with TestClient(ResponsePolicy(app), raise_server_exceptions=False) as client:
+        response = client.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == body
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["content-security-policy"] == DATA_POLICY
+
+
+def test_a_route_keeps_its_own_content_security_policy() -> None:
+    with TestClient(ResponsePolicy(policy_app())) as client:
+        response = client.get("/page")
+    assert response.headers["content-security-policy"] == "default-src 'self'"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.text == "<p>hi</p>"
+
+
+def csp_hash(code: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(code.encode()).digest()).decode() + "'"
+
+
+def test_the_page_policy_allows_the_pages_own_inline_code_only() -> None:
+    policy = page_policy("<style>p { color: red }</style><p>x</p><script>go();</script>")
+    directives = dict(d.split(" ", 1) for d in policy.split("; "))
+    assert directives["default-src"] == "'none'"
+    assert directives["script-src"] == csp_hash("go();")
+    assert directives["style-src"] == csp_hash("p { color: red }")
+    assert directives["img-src"] == "blob:"  # the photo's preview
+    assert directives["connect-src"] == "'self'"  # its fetch of check_category
+    assert "unsafe" not in policy
+    assert "script-src 'none'" in page_policy("<p>no script</p>")
+
+
 # --- The real server ----------------------------------------------------------------------------
 
 
@@ -577,6 +721,87 @@ def test_server_stays_up_and_ready_after_hostile_input(server: Server) -> None:
     assert classify(server, phone_photo()).status_code == 200
 
 
+def request_counts(server: Server) -> Counter:
+    """/metrics' request count per (endpoint, status), over both worker processes."""
+    counts: Counter = Counter()
+    for line in httpx.get(f"{server.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("bentoml_service_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            counts[labels["endpoint"], labels["http_response_code"]] += float(line.split()[-1])
+    return counts
+
+
+def abandon_upload(server: Server, endpoint: str) -> None:
+    """Half a multipart body, then the connection closed: a client that gave up."""
+    body = multipart_body(phone_photo())
+    head = (
+        f"POST /{endpoint} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+
+
+@pytest.mark.slow
+def test_an_abandoned_upload_is_no_server_error(server: Server) -> None:
+    log_start = server.log.stat().st_size
+    before = request_counts(server)
+    for endpoint in ENDPOINTS:
+        abandon_upload(server, endpoint)
+    deadline = time.monotonic() + 20
+    while True:  # until both workers have counted every abandoned request
+        counts = request_counts(server) - before
+        if sum(counts[f"/{e}", "499"] for e in ENDPOINTS) == len(ENDPOINTS):
+            break
+        assert time.monotonic() < deadline, f"not all counted as client-closed: {counts}"
+        time.sleep(0.2)
+    assert [key for key, n in counts.items() if key[1].startswith("5") and n] == []
+    time.sleep(0.5)  # the log lines of those requests
+    log = server.log.read_bytes()[log_start:].decode()
+    assert "Traceback" not in log and "ClientDisconnect" not in log and "[ERROR]" not in log, log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/classify", 405, "method_not_allowed"),
+        ("PUT", "/check_category", 405, "method_not_allowed"),
+        ("DELETE", "/metrics", 405, "method_not_allowed"),  # one of BentoML's routes
+        ("GET", "/no/such/page", 404, "not_found"),
+        ("POST", "/classify/more", 404, "not_found"),
+    ],
+)
+def test_a_wrong_route_or_method_gets_the_json_error_body(
+    server: Server, method: str, path: str, status: int, code: str
+) -> None:
+    response = httpx.request(method, f"{server.url}{path}", timeout=10)
+    assert_json_error(response, status, code)
+    assert path in response.json()["detail"]
+
+
+@pytest.mark.slow
+def test_every_response_carries_the_security_headers(server: Server) -> None:
+    page = httpx.get(f"{server.url}/", timeout=10)
+    responses = {
+        "page": page,
+        "page (HEAD)": httpx.head(f"{server.url}/", timeout=10),
+        "answer": classify(server, phone_photo()),
+        "refusal": classify(server, b"not a photo"),
+        "not found": httpx.get(f"{server.url}/nowhere", timeout=10),
+        "metrics": httpx.get(f"{server.url}/metrics", timeout=10),
+    }
+    for name, response in responses.items():
+        assert response.headers.get("x-content-type-options") == "nosniff", name
+        assert response.headers.get("referrer-policy") == "no-referrer", name
+        expected = page_policy(page.text) if name.startswith("page") else DATA_POLICY
+        assert response.headers.get("content-security-policy") == expected, name
+    assert "'sha256-" in page.headers["content-security-policy"]  # the page's inline script
+    assert "unsafe" not in page.headers["content-security-policy"]
+
+
 @pytest.mark.slow
 def test_a_keep_alive_connection_is_closed_within_every_rebalance_interval(server: Server) -> None:
     # Each worker counts its own responses; a connection it closes reopens on either worker.
@@ -641,11 +866,18 @@ def test_upload_page_confirms_or_switches_the_category(server: Server, tmp_path:
         )
         try:
             page = browser.new_page()
+            blocked: list[str] = []  # what the page's Content-Security-Policy refused
+            page.on(
+                "console",
+                lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
+            )
             page.goto(server.url + "/")
             assert page.locator("#category option").all_inner_texts() == CLASSES
             for declared, kind in ((predicted, "success"), (other, "warning")):
                 page.select_option("#category", declared)
                 page.set_input_files("#image", str(photo))
+                # The preview (a blob: URL) shows: the policy lets the page's own script run.
+                page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
                 page.click("#submit")
                 message = page.locator(f"#message.{kind}")
                 message.wait_for(timeout=15_000)
@@ -659,5 +891,6 @@ def test_upload_page_confirms_or_switches_the_category(server: Server, tmp_path:
                     assert "matches" in message.inner_text()
                 else:
                     assert f"looks like a {predicted}, not a {other}" in message.inner_text()
+            assert blocked == []
         finally:
             browser.close()
