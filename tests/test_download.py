@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import signal
+import socket
+import socketserver
 import sqlite3
 import ssl
 import subprocess
@@ -14,12 +18,16 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import REPO, photo_bytes
+from tests.helpers import REPO
+from tests.helpers.photos import photo_bytes
 from vitrine.images import Rejected, inspect_image
 from vitrine.ingest.download import (
     CacheBusy,
@@ -30,10 +38,15 @@ from vitrine.ingest.download import (
     is_permanent,
     retry_after_s,
 )
+from vitrine.ingest.download_lanes import Lanes
 
 HOME_PAGE = b"<!doctype html><html><body>Welcome to the marketplace</body></html>"
 HUGE = 64 * 2**20  # what /huge would send if it were read to the end
-QUICK = DownloadConfig(timeout_s=3.0, backoff_base_s=0.01, max_attempts=4, concurrency=8)
+# per_host_rps=0 (unlimited) wherever a test is not about the request rate: the polite default
+# would space these local requests out and slow the suite down for nothing.
+QUICK = DownloadConfig(
+    timeout_s=3.0, backoff_base_s=0.01, max_attempts=4, concurrency=8, per_host_rps=0
+)
 
 
 def tagged(i: int) -> bytes:
@@ -53,6 +66,7 @@ class Site:
         self.in_flight = 0
         self.max_in_flight = 0
         self.client_ports: list[int] = []
+        self.arrivals: list[tuple[str, float]] = []  # (path, monotonic time) per request
         self.huge_sent = 0
         self.huge_aborted = threading.Event()
 
@@ -86,6 +100,7 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
                 site.counts[self.path] += 1
                 seen = site.counts[self.path]
                 site.client_ports.append(self.client_address[1])
+                site.arrivals.append((self.path, time.monotonic()))
             try:
                 self.route(self.path, seen)
             except (BrokenPipeError, ConnectionResetError):
@@ -104,6 +119,11 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
                     self.reply(429, b"slow down", "text/plain", Retry_After="1")
                 else:
                     self.reply(200, tagged(8))
+            elif path == "/throttled-bare":  # 429 once, saying nothing about how long to wait
+                if seen == 1:
+                    self.reply(429, b"too many requests", "text/plain")
+                else:
+                    self.reply(200, tagged(11))
             elif path == "/throttled-long":
                 self.reply(429, b"come back tomorrow", "text/plain", Retry_After="86400")
             elif path == "/cookie-check":  # a CDN's bot check: set a cookie, come back
@@ -176,10 +196,15 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # client hang-ups are the point here
+
+
 def start_server(site: Site, tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(site))
-    server.daemon_threads = True
-    server.handle_error = lambda request, address: None  # client hang-ups are the point here
+    server = QuietServer(("127.0.0.1", 0), make_handler(site))
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -265,6 +290,33 @@ def test_a_long_retry_after_ends_the_run_for_that_url(site, tmp_path):
     assert not fetch(site, ["/throttled-long"], tmp_path)["/throttled-long"].from_cache
 
 
+def test_429_without_retry_after_pauses_the_host_for_a_backoff(site, tmp_path):
+    """Asked to slow down without being told for how long: the whole host waits a backoff
+    (0.5 to 1 x backoff_base_s), then the URL is asked again and succeeds."""
+    config = replace(QUICK, per_host=1, backoff_base_s=0.4)
+    r = fetch(site, ["/throttled-bare", "/img/1.jpg"], tmp_path, config)
+    assert (r["/throttled-bare"].code, r["/throttled-bare"].attempts) == ("ok", 2)
+    assert r["/img/1.jpg"].ok
+    (first, t429), *later = site.arrivals
+    assert first == "/throttled-bare"
+    assert sorted(path for path, _ in later) == ["/img/1.jpg", "/throttled-bare"]
+    # Not only the throttled URL waited (at least 0.5 x 0.4 s): the other one did too.
+    assert min(t for _, t in later) - t429 >= 0.19
+
+
+def test_requests_to_a_host_are_spaced_by_its_rate(site, tmp_path):
+    rps = 20.0
+    config = replace(QUICK, per_host=4, per_host_rps=rps)
+    r = fetch(site, [f"/img/{i}.jpg" for i in range(12)], tmp_path, config)
+    assert all(x.ok for x in r.values())
+    times = sorted(t for _, t in site.arrivals)
+    gaps = sorted(b - a for a, b in itertools.pairwise(times))
+    # The client books starts 1/rps apart; the server's threads may note one arrival late and
+    # the next one on time, so a single gap can look short, not the run or the typical gap.
+    assert times[-1] - times[0] >= (len(times) - 1) / rps * 0.9
+    assert gaps[len(gaps) // 2] >= 0.8 / rps
+
+
 def test_retry_after_parsing():
     assert retry_after_s("3") == 3.0
     assert retry_after_s(None) is None and retry_after_s("soon") is None
@@ -326,6 +378,71 @@ def test_server_closing_a_keep_alive_connection_is_not_a_failure(site, tmp_path)
     assert all(x.ok and x.attempts == 1 for x in r.values())
 
 
+# --- hostile servers: what h11 refuses to guess about --------------------------------------
+
+JPEG = tagged(3)
+HOSTILE = {
+    # Two different lengths: which one frames the body is anybody's guess.
+    "/two-lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "/bad-status": b"HTTP/1.1 2OO OK\r\nContent-Length: 1\r\n\r\nx",
+    "/not-http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "/negative-length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
+    "/nul-in-header": b"HTTP/1.1 200 OK\r\nX-Note: a\x00b\r\nContent-Length: 1\r\n\r\nx",
+    "/bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    # Fewer bytes than announced, then the connection closes.
+    "/short-body": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(JPEG), JPEG[:100]),
+    "/no-answer": b"",
+}
+
+
+class HostileHandler(socketserver.StreamRequestHandler):
+    """Answers each path with canned bytes, or streams one of two endless answers."""
+
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):
+            path = self.rfile.readline().split(b" ")[1].decode()
+            while self.rfile.readline() not in (b"\r\n", b""):
+                pass
+            if path == "/endless-head":  # a header that never ends
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+                while True:
+                    self.wfile.write(b"a" * 65536)
+            elif path == "/endless-chunks":  # chunked, no length anywhere, never done
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                while True:
+                    self.wfile.write(b"10000\r\n" + bytes(65536) + b"\r\n")
+            else:
+                self.wfile.write(HOSTILE[path])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def hostile():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), HostileHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_malformed_responses_are_connection_errors_not_guesses(hostile, tmp_path):
+    config = replace(QUICK, max_attempts=1, max_bytes=1_000_000)
+    urls = {f"{hostile}{p}": p for p in [*HOSTILE, "/endless-head"]}
+    start = time.monotonic()
+    r = dict(fetch_all([(p, u) for u, p in urls.items()], tmp_path, config, progress=False))
+    assert {p: x.code for p, x in r.items()} == {p: "connection_error" for p in urls.values()}
+    assert time.monotonic() - start < config.timeout_s  # refused, not waited out
+    assert blob_files(tmp_path) == []
+
+
+def test_an_endless_chunked_body_is_cut_at_the_size_cap(hostile, tmp_path):
+    config = replace(QUICK, max_bytes=1_000_000)
+    r = fetch_all([(0, f"{hostile}/endless-chunks")], tmp_path, config, progress=False)
+    assert next(iter(r))[1].code == "too_large"
+
+
 @pytest.fixture
 def tls_site(tmp_path):
     """The same site over HTTPS, with a self-signed certificate for 127.0.0.1."""
@@ -368,10 +485,8 @@ def tls_site(tmp_path):
 
 def test_https_with_a_given_ca_and_with_an_untrusted_certificate(tls_site, tmp_path):
     site, cert = tls_site
-    for engine in ("fast", "httpx"):
-        config = DownloadConfig(engine=engine, ca_file=str(cert))
-        ok = fetch(site, ["/img/2.jpg"], tmp_path / engine, config)["/img/2.jpg"]
-        assert ok.ok and ok.read() == photo_bytes(2)
+    ok = fetch(site, ["/img/2.jpg"], tmp_path / "given", DownloadConfig(ca_file=str(cert)))
+    assert ok["/img/2.jpg"].ok and ok["/img/2.jpg"].read() == photo_bytes(2)
     untrusted = fetch(site, ["/img/2.jpg"], tmp_path / "certifi", DownloadConfig(max_attempts=1))
     assert untrusted["/img/2.jpg"].code == "connection_error"
     assert "CERTIFICATE_VERIFY_FAILED" in untrusted["/img/2.jpg"].detail
@@ -381,10 +496,52 @@ def test_https_with_a_given_ca_and_with_an_untrusted_certificate(tls_site, tmp_p
 
 
 def test_per_host_concurrency_is_bounded(site, tmp_path):
-    config = DownloadConfig(per_host=3, concurrency=10)
+    config = DownloadConfig(per_host=3, concurrency=10, per_host_rps=0)
     r = fetch(site, [f"/held/{i}" for i in range(12)], tmp_path, config)
     assert all(x.ok for x in r.values())
     assert site.max_in_flight == 3
+
+
+class StreamedBody(httpx.AsyncByteStream):
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"x"
+
+
+class FakeLane(httpx.AsyncBaseTransport):
+    """Stands for one single-connection httpx transport: answers 200 with a body to stream
+    (as httpx's transport does), notes its closing."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=StreamedBody())
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_one_lane_per_request_in_flight_and_few_kept_idle():
+    """Each request in flight to an origin has a connection (lane) of its own; a finished one
+    serves the origin's next request; beyond `max_idle` the least recently used is closed."""
+    made: list[FakeLane] = []
+
+    def new_lane() -> FakeLane:
+        made.append(FakeLane())
+        return made[-1]
+
+    async def scenario() -> None:
+        lanes = Lanes(new_lane, max_idle=2)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=lanes) as client:
+            async with client.stream("GET", "http://a/1"), client.stream("GET", "http://a/2"):
+                pass  # two requests in flight to one origin: two lanes
+            await client.get("http://a/3")  # served by a's most recently used lane, the first
+            assert len(made) == 2 and not any(lane.closed for lane in made)
+            await client.get("http://b/1")  # a third idle lane: a's least recently used goes
+            assert [lane.closed for lane in made] == [False, True, False]
+        assert all(lane.closed for lane in made)
+
+    asyncio.run(scenario())
 
 
 def test_total_concurrency_is_bounded_across_hosts(site, tmp_path):
@@ -392,7 +549,7 @@ def test_total_concurrency_is_bounded_across_hosts(site, tmp_path):
     try:
         urls = [f"{site.base}/held/{i}" for i in range(10)]
         urls += [f"http://127.0.0.1:{other.server_address[1]}/held/{i}" for i in range(10, 20)]
-        r = fetch(site, urls, tmp_path, DownloadConfig(per_host=4, concurrency=5))
+        r = fetch(site, urls, tmp_path, DownloadConfig(per_host=4, concurrency=5, per_host_rps=0))
     finally:
         other.shutdown()
         other.server_close()
@@ -470,27 +627,35 @@ def test_a_slow_consumer_holds_back_the_downloads(site, tmp_path):
     items = [(i, f"{site.base}/img/{i}.jpg") for i in range(30)]
     ahead = []
     for consumed, _ in enumerate(
-        fetch_all(items, tmp_path, DownloadConfig(max_pending=5), progress=False)
+        fetch_all(items, tmp_path, replace(QUICK, max_pending=5), progress=False)
     ):
         ahead.append(requests(site) - consumed)
         time.sleep(0.01)
     assert max(ahead) <= 5 and requests(site) == 30
 
 
-def test_both_engines_give_the_same_codes(site, tmp_path):
-    paths = ["/img/3.jpg", "/missing.jpg", "/flaky/b", "/moved", "/chunked/1", "/http10/2"]
-    paths += ["/empty", "/medium"]
-    paths += ["/loop", "/to-ftp", "ftp://127.0.0.1/x"]
-    codes = {}
-    for engine in ("fast", "httpx"):
-        config = DownloadConfig(
-            engine=engine, backoff_base_s=0.01, refetch_failures=True, max_bytes=100_000
-        )
-        r = fetch(site, paths, tmp_path / engine, config)
-        codes[engine] = {p: (x.code, x.sha256) for p, x in r.items()}
-    assert codes["fast"] == codes["httpx"]
-    assert codes["fast"]["/flaky/b"][0] == "ok"
-    assert codes["fast"]["/http10/2"][1] == hashlib.sha256(tagged(2)).hexdigest()
+def test_every_framing_and_failure_gets_its_code(site, tmp_path):
+    config = replace(QUICK, max_bytes=100_000)
+    r = fetch(site, list(EXPECTED_CODES), tmp_path, config)
+    assert {p: x.code for p, x in r.items()} == EXPECTED_CODES
+    sha = {p: x.sha256 for p, x in r.items()}
+    assert sha["/chunked/1"] == hashlib.sha256(tagged(1)).hexdigest()
+    assert sha["/http10/2"] == hashlib.sha256(tagged(2)).hexdigest()  # delimited by the close
+
+
+EXPECTED_CODES = {
+    "/img/3.jpg": "ok",
+    "/missing.jpg": "http_404",
+    "/flaky/b": "ok",  # after two 503s
+    "/moved": "ok",  # to the home page: collect's decoder quarantines it
+    "/chunked/1": "ok",
+    "/http10/2": "ok",
+    "/empty": "empty",
+    "/medium": "too_large",
+    "/loop": "too_many_redirects",
+    "/to-ftp": "bad_url",
+    "ftp://127.0.0.1/x": "bad_url",
+}
 
 
 # --- SIGKILL and resume ------------------------------------------------------------------
@@ -500,7 +665,8 @@ import sys
 from vitrine.ingest.download import DownloadConfig, fetch_all
 base, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 items = [(i, f"{base}/drip/{i}") for i in range(n)]
-for _ in fetch_all(items, cache, DownloadConfig(per_host=8, concurrency=8), progress=False):
+config = DownloadConfig(per_host=8, concurrency=8, per_host_rps=0)
+for _ in fetch_all(items, cache, config, progress=False):
     pass
 """
 
