@@ -4,6 +4,7 @@ library, the service runs only the library's runtime, and every module stays rea
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,12 @@ def test_an_import_inside_a_function_is_seen(tmp_path: Path) -> None:
     source = tmp_path / "sneaky.py"
     source.write_text("def f():\n    from stages.train import main\n    import service.core\n")
     assert {"stages", "service"} <= top_packages(source)
+
+
+def test_every_page_template_is_package_data() -> None:
+    """The pages render from the installed package too (the Bento, a wheel), not only here."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["vitrine"]
+    shipped = {path.resolve() for p in patterns for path in (REPO / "vitrine").glob(p)}
+    templates = {path.resolve() for path in (REPO / "vitrine").rglob("*.j2")}
+    assert len(templates) >= 2 and templates <= shipped

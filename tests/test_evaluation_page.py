@@ -1,6 +1,5 @@
 """The evaluation report page (vitrine/evaluation/report.py and its template)."""
 
-import tomllib
 from typing import Any
 
 import jinja2
@@ -8,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import REPO
 from tests.helpers.html import HOSTILE, visible
 from vitrine import pages
 from vitrine.evaluation import report as report_module
@@ -115,11 +113,3 @@ def test_a_variable_the_page_lacks_is_an_error() -> None:
         template.render(page=page)
     with pytest.raises(jinja2.UndefinedError):
         template.render()
-
-
-def test_the_template_is_package_data() -> None:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["vitrine"]
-    shipped = {path.resolve() for p in patterns for path in (REPO / "vitrine").glob(p)}
-    template = report_module.TEMPLATE
-    assert template.resolve() in shipped

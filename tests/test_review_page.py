@@ -1,13 +1,11 @@
 """The review gallery (vitrine/curation/review.py and its template)."""
 
 import base64
-import tomllib
 
 import jinja2
 import pandas as pd
 import pytest
 
-from tests.helpers import REPO
 from tests.helpers.html import HOSTILE, Text
 from vitrine import pages
 from vitrine.curation import review
@@ -84,10 +82,3 @@ def test_a_variable_the_page_lacks_is_an_error() -> None:
         template.render(page=page)
     with pytest.raises(jinja2.UndefinedError):
         template.render()
-
-
-def test_the_template_is_package_data() -> None:
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["vitrine"]
-    shipped = {path for p in patterns for path in (REPO / "vitrine").glob(p)}
-    assert review.TEMPLATE.resolve() in {p.resolve() for p in shipped}
