@@ -146,6 +146,7 @@ def main() -> None:
         per_host=args.per_host,
         per_host_rps=args.per_host_rps,
         fsync=not args.no_fsync,
+        allow_private=True,  # the server is on loopback
     )
     cache = args.cache or Path(tempfile.mkdtemp(prefix="vitrine-download-bench-"))
     if args.cache:

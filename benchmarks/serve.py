@@ -1,4 +1,4 @@
-"""Serving throughput and latency: the BentoML service against the seed article's Flask app.
+"""Serving throughput and latency: the BentoML service against avito_upload_classifier's Flask app.
 
     python benchmarks/serve.py [MODEL_FOLDER ...] [--requests 600] [--photos 64]
     python benchmarks/serve.py models/package models/train/cnn64 --requests 1000
@@ -10,7 +10,7 @@ that candidate's serve: settings and the model.onnx evaluate scored (<paths.serv
 float or int8). For each, on loopback and one after the other:
   - bento: `bentoml serve service.service:Classifier` on that model (a throwaway model store),
     POST /classify: ONNX Runtime behind the micro-batcher, serve.workers processes;
-  - flask: what the seed article's app does, with the same model as the framework exported it
+  - flask: what avito_upload_classifier's app does, with the same model as the framework exported it
     (model.pt, TorchScript): Flask reads the upload, decodes and resizes it
     (vitrine.images.load_square) and runs one forward pass per request, under Flask's own
     threaded development server (werkzeug, one process, a thread per request), as `app.run()`
@@ -277,7 +277,7 @@ def load_model(folder: Path, info: PackagedModel, runtime: str) -> Callable:
 
 
 def flask_baseline(folder: Path, port: int, runtime: str) -> None:
-    """The seed article's app: decode, resize, one predict per request, Flask's own server."""
+    """avito_upload_classifier's app: decode, resize, one predict per request, Flask's server."""
     import torch
     from flask import Flask, jsonify, request
 

@@ -124,7 +124,7 @@ def leaked(split: pd.Series, cluster_id: pd.Series) -> int:
 
 
 def naive_split(n: int, config: PrepareConfig) -> np.ndarray:
-    """What a photo-by-photo random split (the seed article's) would have done."""
+    """What a photo-by-photo random split (avito_upload_classifier's) would have done."""
     u = np.random.default_rng(config.seed).random(n)
     test, val = config.test_fraction, config.test_fraction + config.val_fraction
     return np.where(u < test, "test", np.where(u < val, "val", "train"))

@@ -29,6 +29,7 @@ from vitrine.config import ConfigError, from_mapping
 from vitrine.data.shards import ShardReader
 from vitrine.images import Rejected
 from vitrine.ingest.archives import _tar_members, _tree_prefix
+from vitrine.ingest.download import DownloadConfig
 from vitrine.ingest.records import Source, read_fd_capped, read_file_capped
 
 
@@ -320,6 +321,20 @@ def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
     )
     assert len(_Photos.requests) == before
     assert again.drop(columns="meta").equals(m.drop(columns="meta"))
+
+
+def test_catalog_urls_to_private_addresses_are_quarantined_by_default(photo_server, tmp_path):
+    (tmp_path / "catalog.csv").write_text(
+        f"id,label,url\nad-1,phone,{photo_server}/a.jpg\nad-2,phone,http://169.254.169.254/\n"
+    )
+    policy = DownloadConfig(max_attempts=1, fsync=False)  # the shipped policy: public only
+    cfg = config(Source("catalog", "catalog.csv"), download=policy)
+    m = pd.read_parquet(collect(cfg, tmp_path, tmp_path / "out", cache=tmp_path / "c"))
+    assert m.set_index("id")["reason"].to_dict() == {
+        "ad-1": "blocked_address",
+        "ad-2": "blocked_address",
+    }
+    assert _Photos.requests == []  # the local server never heard of it
 
 
 def test_jsonl_catalog_and_several_sources(class_folder, tmp_path):

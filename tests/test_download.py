@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import itertools
 import os
 import shutil
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,15 +40,21 @@ from vitrine.ingest.download import (
     is_permanent,
     retry_after_s,
 )
+from vitrine.ingest.download_guard import parse_networks, refusal
 from vitrine.ingest.download_lanes import Lanes
 
 HOME_PAGE = b"<!doctype html><html><body>Welcome to the marketplace</body></html>"
 HUGE = 64 * 2**20  # what /huge would send if it were read to the end
+
+
 # per_host_rps=0 (unlimited) wherever a test is not about the request rate: the polite default
 # would space these local requests out and slow the suite down for nothing.
-QUICK = DownloadConfig(
-    timeout_s=3.0, backoff_base_s=0.01, max_attempts=4, concurrency=8, per_host_rps=0
-)
+def local(**options: Any) -> DownloadConfig:
+    """A config that may reach the loopback test server (the default policy refuses it)."""
+    return DownloadConfig(allow_private=True, **options)
+
+
+QUICK = local(timeout_s=3.0, backoff_base_s=0.01, max_attempts=4, concurrency=8, per_host_rps=0)
 
 
 def tagged(i: int) -> bytes:
@@ -150,6 +158,11 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
                 self.reply(302, b"", "text/plain", Location="/loop")
             elif path == "/to-ftp":
                 self.reply(302, b"", "text/plain", Location="ftp://example.com/a.jpg")
+            elif path == "/to-metadata":  # a seller's URL aimed at the cloud's metadata service
+                self.reply(302, b"", "text/plain", Location="http://169.254.169.254/latest/")
+            elif path == "/to-other-loopback":
+                port = self.server.server_address[1]
+                self.reply(302, b"", "text/plain", Location=f"http://127.0.0.2:{port}/img/1.jpg")
             elif path.startswith("/held/"):
                 site.held(0.15)
                 self.reply(200, tagged(int(name)))
@@ -269,7 +282,7 @@ def test_503_twice_then_success_after_retries(site, tmp_path):
 
 
 def test_5xx_gives_up_after_max_attempts(site, tmp_path):
-    config = DownloadConfig(backoff_base_s=0.01, max_attempts=3)
+    config = local(backoff_base_s=0.01, max_attempts=3)
     r = fetch(site, ["/down"], tmp_path, config)["/down"]
     assert (r.code, r.attempts, site.counts["/down"]) == ("http_503", 3, 3)
     assert "3 attempts" in r.detail
@@ -338,6 +351,65 @@ def test_a_cookie_set_on_a_redirect_is_sent_back(site, tmp_path):
     assert fetch(site, ["/cookie-check"], tmp_path)["/cookie-check"].ok
 
 
+# --- private-network policy -------------------------------------------------------------
+
+
+def test_private_addresses_are_refused_by_default_without_a_request(site, tmp_path):
+    port = site.base.rsplit(":", 1)[1]
+    spellings = [
+        site.base + "/img/1.jpg",
+        f"http://localhost:{port}/img/1.jpg",  # a name that resolves to loopback
+        f"http://2130706433:{port}/img/1.jpg",  # 127.0.0.1 as one decimal number
+        f"http://[::ffff:127.0.0.1]:{port}/img/1.jpg",  # IPv4-mapped IPv6
+        "http://169.254.169.254/latest/meta-data/",  # link-local: cloud metadata
+        "http://10.1.2.3/a.jpg",
+        "http://[fd00::1]/a.jpg",
+    ]
+    r = fetch(site, spellings, tmp_path, DownloadConfig(max_attempts=3))
+    assert {u: x.code for u, x in r.items()} == {u: "blocked_address" for u in spellings}
+    assert "loopback address 127.0.0.1" in r[spellings[1]].detail
+    assert "link-local" in r[spellings[4]].detail and "private" in r[spellings[5]].detail
+    assert requests(site) == 0 and blob_files(tmp_path) == []
+    # Not a lasting answer: the same cache, with the policy lifted, fetches it.
+    assert fetch(site, spellings[:1], tmp_path, QUICK)[spellings[0]].ok
+
+
+def test_redirects_are_held_to_the_policy_and_allowed_networks_lift_it(site, tmp_path):
+    config = DownloadConfig(max_attempts=1, allowed_networks=("127.0.0.1/32",))
+    r = fetch(site, ["/img/1.jpg", "/to-metadata", "/to-other-loopback"], tmp_path, config)
+    assert r["/img/1.jpg"].ok
+    assert r["/to-metadata"].code == "blocked_address"
+    assert r["/to-other-loopback"].code == "blocked_address"
+    assert "127.0.0.2" in r["/to-other-loopback"].detail
+    assert site.counts["/img/1.jpg"] == 1  # the redirect's target was never asked
+
+
+def test_the_address_rules():
+    public = ["93.184.216.34", "2606:2800:220:1::1"]
+    refused = {
+        "127.0.0.1": "loopback",
+        "::1": "loopback",
+        "169.254.0.9": "link-local",
+        "fe80::1": "link-local",
+        "10.0.0.1": "private",
+        "192.168.1.1": "private",
+        "172.16.0.1": "private",
+        "fd12::1": "private",
+        "0.0.0.0": "unspecified",
+        "224.0.0.1": "multicast",
+        "100.64.0.1": "reserved",  # carrier-grade NAT
+        "::ffff:10.0.0.1": "private",
+    }
+    assert all(refusal(ipaddress.ip_address(a)) is None for a in public)
+    for address, kind in refused.items():
+        assert refusal(ipaddress.ip_address(address)).startswith(kind), address
+    lab = parse_networks(["10.20.0.0/16"])
+    assert refusal(ipaddress.ip_address("10.20.3.4"), lab) is None
+    assert refusal(ipaddress.ip_address("10.21.3.4"), lab) is not None
+    with pytest.raises(ValueError, match=r"10\.0\.0/33"):
+        DownloadConfig(allowed_networks=("10.0.0/33",))
+
+
 def test_redirect_loop_and_redirect_to_another_scheme(site, tmp_path):
     r = fetch(site, ["/loop", "/to-ftp"], tmp_path)
     assert r["/loop"].code == "too_many_redirects"
@@ -345,13 +417,13 @@ def test_redirect_loop_and_redirect_to_another_scheme(site, tmp_path):
 
 
 def test_slow_response_times_out_and_is_retried(site, tmp_path):
-    config = DownloadConfig(timeout_s=0.3, backoff_base_s=0.01, max_attempts=2)
+    config = local(timeout_s=0.3, backoff_base_s=0.01, max_attempts=2)
     r = fetch(site, ["/slow"], tmp_path, config)["/slow"]
     assert (r.code, r.attempts, site.counts["/slow"]) == ("timeout", 2, 2)
 
 
 def test_oversized_body_is_refused_and_its_download_aborted(site, tmp_path):
-    config = DownloadConfig(max_bytes=100_000)
+    config = local(max_bytes=100_000)
     r = fetch(site, ["/huge", "/medium"], tmp_path, config)
     assert r["/huge"].code == r["/medium"].code == "too_large"
     assert r["/medium"].size == 200_000  # refused from its Content-Length
@@ -365,7 +437,7 @@ def test_empty_body(site, tmp_path):
 
 
 def test_chunked_body_and_keep_alive_reuse(site, tmp_path):
-    config = DownloadConfig(per_host=1)
+    config = local(per_host=1)
     paths = [f"/chunked/{i}" for i in range(5)] + [f"/img/{i}.jpg" for i in range(5)]
     r = fetch(site, paths, tmp_path, config)
     assert all(r[f"/chunked/{i}"].read() == tagged(i) for i in range(5))
@@ -373,7 +445,7 @@ def test_chunked_body_and_keep_alive_reuse(site, tmp_path):
 
 
 def test_server_closing_a_keep_alive_connection_is_not_a_failure(site, tmp_path):
-    config = DownloadConfig(per_host=1)
+    config = local(per_host=1)
     r = fetch(site, [f"/hangup/{i}" for i in range(6)], tmp_path, config)
     assert all(x.ok and x.attempts == 1 for x in r.values())
 
@@ -485,9 +557,9 @@ def tls_site(tmp_path):
 
 def test_https_with_a_given_ca_and_with_an_untrusted_certificate(tls_site, tmp_path):
     site, cert = tls_site
-    ok = fetch(site, ["/img/2.jpg"], tmp_path / "given", DownloadConfig(ca_file=str(cert)))
+    ok = fetch(site, ["/img/2.jpg"], tmp_path / "given", local(ca_file=str(cert)))
     assert ok["/img/2.jpg"].ok and ok["/img/2.jpg"].read() == photo_bytes(2)
-    untrusted = fetch(site, ["/img/2.jpg"], tmp_path / "certifi", DownloadConfig(max_attempts=1))
+    untrusted = fetch(site, ["/img/2.jpg"], tmp_path / "certifi", local(max_attempts=1))
     assert untrusted["/img/2.jpg"].code == "connection_error"
     assert "CERTIFICATE_VERIFY_FAILED" in untrusted["/img/2.jpg"].detail
 
@@ -496,7 +568,7 @@ def test_https_with_a_given_ca_and_with_an_untrusted_certificate(tls_site, tmp_p
 
 
 def test_per_host_concurrency_is_bounded(site, tmp_path):
-    config = DownloadConfig(per_host=3, concurrency=10, per_host_rps=0)
+    config = local(per_host=3, concurrency=10, per_host_rps=0)
     r = fetch(site, [f"/held/{i}" for i in range(12)], tmp_path, config)
     assert all(x.ok for x in r.values())
     assert site.max_in_flight == 3
@@ -549,7 +621,7 @@ def test_total_concurrency_is_bounded_across_hosts(site, tmp_path):
     try:
         urls = [f"{site.base}/held/{i}" for i in range(10)]
         urls += [f"http://127.0.0.1:{other.server_address[1]}/held/{i}" for i in range(10, 20)]
-        r = fetch(site, urls, tmp_path, DownloadConfig(per_host=4, concurrency=5, per_host_rps=0))
+        r = fetch(site, urls, tmp_path, local(per_host=4, concurrency=5, per_host_rps=0))
     finally:
         other.shutdown()
         other.server_close()
@@ -571,23 +643,21 @@ def test_rerun_is_served_from_cache_without_any_request(site, tmp_path):
         p: (x.code, x.sha256) for p, x in first.items()
     }
     # Asking again for permanent failures is a parameter: only the 404 is requested.
-    fetch(site, paths, tmp_path, DownloadConfig(refetch_failures=True))
+    fetch(site, paths, tmp_path, local(refetch_failures=True))
     assert requests(site) == before + 1 and site.counts["/missing.jpg"] == 2
 
 
 def test_transient_failures_are_asked_again_next_run(site, tmp_path):
-    config = DownloadConfig(max_attempts=1)
+    config = local(max_attempts=1)
     assert fetch(site, ["/down"], tmp_path, config)["/down"].code == "http_503"
     assert not fetch(site, ["/down"], tmp_path, config)["/down"].from_cache
     assert site.counts["/down"] == 2
 
 
 def test_too_large_is_cached_for_a_cap_it_exceeds_only(site, tmp_path):
-    fetch(site, ["/medium"], tmp_path, DownloadConfig(max_bytes=100_000))
-    assert fetch(site, ["/medium"], tmp_path, DownloadConfig(max_bytes=150_000))[
-        "/medium"
-    ].from_cache
-    bigger = fetch(site, ["/medium"], tmp_path, DownloadConfig(max_bytes=10**6))["/medium"]
+    fetch(site, ["/medium"], tmp_path, local(max_bytes=100_000))
+    assert fetch(site, ["/medium"], tmp_path, local(max_bytes=150_000))["/medium"].from_cache
+    bigger = fetch(site, ["/medium"], tmp_path, local(max_bytes=10**6))["/medium"]
     assert bigger.ok and site.counts["/medium"] == 2
 
 
@@ -665,7 +735,7 @@ import sys
 from vitrine.ingest.download import DownloadConfig, fetch_all
 base, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 items = [(i, f"{base}/drip/{i}") for i in range(n)]
-config = DownloadConfig(per_host=8, concurrency=8, per_host_rps=0)
+config = DownloadConfig(per_host=8, concurrency=8, per_host_rps=0, allow_private=True)
 for _ in fetch_all(items, cache, config, progress=False):
     pass
 """

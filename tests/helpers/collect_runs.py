@@ -21,7 +21,10 @@ def config(*sources: Source, **overrides: Any) -> CollectConfig:
         max_bytes=10**6,
         shard_size=5,
         thumb_size=48,
-        download=DownloadConfig(timeout_s=5.0, max_attempts=2, backoff_base_s=0.01, fsync=False),
+        # allow_private: the URL tests' servers listen on loopback
+        download=DownloadConfig(
+            timeout_s=5.0, max_attempts=2, backoff_base_s=0.01, fsync=False, allow_private=True
+        ),
     )
     return CollectConfig(**{**base, **overrides})
 

@@ -23,8 +23,8 @@ Quarantine reasons decided here:
   symbolic link).
 
 A path is then read as any file is (unreadable, not_a_regular_file, too_large: see
-`vitrine.ingest.records`), and a URL's failures are the downloader's (http_404, timeout, ...:
-see `vitrine.ingest.download`).
+`vitrine.ingest.records`), and a URL's failures are the downloader's (http_404, timeout,
+blocked_address, ...: see `vitrine.ingest.download`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ order: the key says which is which). Memory stays bounded by `config.max_pending
 (plus up to `concurrency` bodies of at most `max_bytes` each), whatever the catalog's size.
 
 Modules: this one (configuration, politeness, retries, `fetch_all`); download_http (one GET
-over httpx); download_lanes (which httpx connection a request takes); download_cache (blobs,
-index, lock); download_pump (the background thread); download_result (`FetchResult`, codes).
+over httpx); download_guard (which addresses may be reached); download_lanes (which httpx
+connection a request takes); download_cache (blobs, index, lock); download_pump (the
+background thread); download_result (`FetchResult`, codes).
 
 Contract
 --------
@@ -30,6 +31,9 @@ Contract
   too_large            body (or its Content-Length) over `max_bytes`;    no       yes
                        the transfer is aborted as soon as it is known
   too_many_redirects   more than `max_redirects` hops                   no       yes
+  blocked_address      the host (or a redirect's) is not a public        no       no
+                       address: loopback, link-local, private, reserved
+                       (see download_guard; `allow_private`)
   empty                2xx with a 0-byte body                           no       no
   ==================== ================================================ ======== ==========
 
@@ -119,6 +123,7 @@ import httpx
 from tqdm import tqdm
 
 from vitrine.ingest.download_cache import CacheBusy, DownloadCache, blob_path
+from vitrine.ingest.download_guard import parse_networks
 from vitrine.ingest.download_http import (
     Outcome,
     attempt,
@@ -165,6 +170,8 @@ class DownloadConfig:
     max_pending: int = 2048  # items admitted but not yet handed to the consumer
     io_threads: int = 4  # blob writers: a durable write blocks, so it runs off the event loop
     ca_file: str | None = None  # PEM bundle of trusted CAs; None: certifi's, as httpx's default
+    allow_private: bool = False  # connect to loopback, link-local, private, reserved addresses
+    allowed_networks: tuple[str, ...] = ()  # CIDRs allowed although not public (download_guard)
     user_agent: str = "vitrine-downloader/0.1"
 
     def __post_init__(self) -> None:
@@ -175,6 +182,7 @@ class DownloadConfig:
             raise ValueError("DownloadConfig.timeout_s and max_bytes must be positive")
         if self.per_host_rps < 0:
             raise ValueError("DownloadConfig.per_host_rps must be >= 0 (0: unlimited)")
+        parse_networks(self.allowed_networks)  # a typo fails here, not at the first URL
 
 
 @dataclass
@@ -233,6 +241,8 @@ class Downloader:
             max_redirects=cfg.max_redirects,
             ca_file=cfg.ca_file,
             user_agent=cfg.user_agent,
+            allow_private=cfg.allow_private,
+            allowed_networks=cfg.allowed_networks,
         )
         return self
 

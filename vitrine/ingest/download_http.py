@@ -14,8 +14,10 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import httpcore
 import httpx
 
+from vitrine.ingest.download_guard import BlockedAddress, GuardedBackend, parse_networks
 from vitrine.ingest.download_lanes import Lanes
 from vitrine.ingest.download_result import OK
 
@@ -95,18 +97,30 @@ def make_client(
     max_redirects: int,
     ca_file: str | None,
     user_agent: str,
+    allow_private: bool = False,
+    allowed_networks: tuple[str, ...] = (),
 ) -> httpx.AsyncClient:
     """The one client all requests share (cookies, redirects, headers), on httpx transports
-    of one connection each (see download_lanes), at most `connections` of them kept idle."""
+    of one connection each (see download_lanes), at most `connections` of them kept idle.
+    Unless `allow_private`, connections go only to public addresses and `allowed_networks`
+    (see download_guard)."""
     tls = ssl.create_default_context(cafile=ca_file) if ca_file else httpx.create_ssl_context()
+    guard = None if allow_private else GuardedBackend(parse_networks(allowed_networks))
 
     def new_lane() -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(
-            verify=tls,
+        lane = httpx.AsyncHTTPTransport(verify=tls)
+        # httpx's transport takes no network backend, so its pool is built here with the
+        # same settings it would get, plus the guard: every connection, redirects included.
+        lane._pool = httpcore.AsyncConnectionPool(
+            ssl_context=tls,
+            max_connections=1,
+            max_keepalive_connections=1,
+            keepalive_expiry=5.0,  # httpx's default
             http1=True,
             http2=False,  # one image per request: HTTP/2's multiplexing buys nothing here
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            network_backend=guard,
         )
+        return lane
 
     client = httpx.AsyncClient(
         transport=Lanes(new_lane, max_idle=connections),
@@ -143,6 +157,8 @@ async def attempt(
         return Outcome("too_many_redirects", f"too many redirects: {url}")
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as err:
         return Outcome("bad_url", f"{err}: {url}")  # e.g. redirected to ftp://
+    except BlockedAddress as err:  # the URL itself or a redirect hop (see download_guard)
+        return Outcome("blocked_address", f"{err}: {url}")
     except (httpx.HTTPError, OSError) as err:  # refused, reset, TLS, malformed response
         return Outcome("connection_error", f"{type(err).__name__} {err}: {url}")
 

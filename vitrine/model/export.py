@@ -8,11 +8,11 @@ EfficientNet-Lite0 then runs 1.6x faster (4.4 against 7.1 ms per image on one th
 service's throughput rests on the network. Two kinds of convolution stay in float, measured on
 the fine-tuned network's val photos:
 - the high-resolution ones, output stride 4 or finer (the stem and EfficientNet's first two
-  stages: 20% of its multiply-adds, the depthwise ones 9%). Session 10's network (529 val
-  photos, fp32 95.5%) lost 18 answers (93.6%) with the first one quantized.
-  Session 11's, trained with dropout and stochastic depth (526 photos, business-weighted fp32
-  95.85%): 93.2% (22 changed) with only the first in float, 95.4% (11 changed) with all of
-  them (3.9 and 4.4 ms per image);
+  stages: 20% of its multiply-adds, the depthwise ones 9%). A network without dropout (529 val
+  photos, fp32 95.5%) lost 18 answers (93.6%) with the first one quantized; one trained with
+  dropout and stochastic depth (526 photos, business-weighted fp32 95.85%): 93.2% (22
+  changed) with only the first in float, 95.4% (11 changed) with all of them (3.9 and 4.4 ms
+  per image);
 - the depthwise ones: quantized, val 94.9% (2.9 ms per image); in float, 96.2% (6 changed).
 evaluate decides whether a quantized model is good enough to serve (evaluate.int8_max_loss).
 calibrated_onnx: a model whose logits leave through evaluate's fitted probability calibration

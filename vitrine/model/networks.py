@@ -33,7 +33,8 @@ class ModelSpec:
 
 
 def cnn64(num_classes: int) -> nn.Module:
-    """The seed article's Keras CNN: Conv2D(32, 3x3) + ReLU, MaxPool 2x2, Flatten, Dense (64 px)."""
+    """avito_upload_classifier's Keras CNN (64 px): Conv2D(32, 3x3) + ReLU, MaxPool 2x2, Flatten,
+    Dense."""
     return nn.Sequential(
         nn.Conv2d(3, 32, kernel_size=3),
         nn.ReLU(),
