@@ -4,13 +4,14 @@ with fresh random examples until the time is up.
     python benchmarks/fuzz_collect.py [--minutes 10] [--batch 50] [--seed 0]
 
 Each property (folder, tar in four compressions, zip, CSV and JSONL catalogs with paths, the
-record reader; see tests/helpers/collect_fuzz.py) runs in turn, a batch of examples at a time
-(hypothesis, no example database). A failing example is shrunk, printed and counted, and the
-run goes on: a crash is an exception or a broken promise (a row too many or missing, a read
-outside the root, a FIFO opened, a record read past max_bytes or over its memory bound), a
-hang a source still being read after collect_fuzz.HANG_S seconds. At the end: examples tried,
-crashes and hangs per property, the largest memory peak while reading one record
-(tracemalloc), and the process's peak RSS.
+record reader, see tests/helpers/collect_fuzz.py; catalog URL rows against a hostile local
+server under each private-network policy, see tests/helpers/url_fuzz.py) runs in turn, a batch
+of examples at a time (hypothesis, no example database). A failing example is shrunk, printed
+and counted, and the run goes on: a crash is an exception or a broken promise (a row too many
+or missing, a read outside the root, a FIFO opened, a record read past max_bytes or over its
+memory bound), a hang a source still being read after collect_fuzz.HANG_S seconds. At the end:
+examples tried, crashes and hangs per property, the largest memory peak while reading one
+record (tracemalloc), and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tests.helpers import collect_fuzz as fuzz  # noqa: E402
+from tests.helpers import url_fuzz  # noqa: E402
 from tests.helpers.hostile import Hang  # noqa: E402
 
 CATALOG = st.tuples(
@@ -46,6 +48,14 @@ PROPERTIES: dict[str, tuple[st.SearchStrategy[Any], Callable[..., None]]] = {
         fuzz.check_raw_catalog,
     ),
     "record": (fuzz.record_specs(), fuzz.check_record),
+    "url": (
+        st.tuples(
+            url_fuzz.url_rows,
+            url_fuzz.max_bytes_values,
+            st.sampled_from(["open", "shipped", "lab"]),
+        ),
+        url_fuzz.check_url_catalog,
+    ),
 }
 
 

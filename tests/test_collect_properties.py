@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from stages.collect import collect
 from tests.helpers import collect_fuzz as fuzz
+from tests.helpers import url_fuzz
 from tests.helpers.collect_runs import config
 from tests.helpers.hostile import open_tar, tar_member
 from vitrine.ingest.records import Source
@@ -96,3 +97,12 @@ def test_the_stage_writes_one_manifest_row_per_record(folder, members):
     assert len(m) == len(made) + len(members)
     assert m["status"].isin(["accepted", "quarantined"]).all()
     assert sorted(m.loc[m["source"] == "folder:src", "id"]) == sorted(made)
+
+
+@settings(max_examples=40)
+@given(url_fuzz.url_rows, url_fuzz.max_bytes_values, st.sampled_from(["open", "shipped", "lab"]))
+def test_catalog_url_rows_against_a_hostile_server(rows, max_bytes, policy):
+    """Arbitrary answers (bytes, lying framing, redirects anywhere, drips, endless bodies) and
+    arbitrary URL text: one row each, a documented reason, at most max_bytes, no hang; the
+    private-network policy holds on every redirect hop."""
+    url_fuzz.check_url_catalog(rows, max_bytes, policy)
