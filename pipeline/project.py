@@ -100,9 +100,12 @@ def describe_change(change: str | dict[str, dict[str, str]]) -> str:
 
 
 def status(project_dir: Path, env: dict[str, str]) -> list[str]:
-    """One line per stage that `dvc status` reports out of date, saying what changed."""
+    """One line per stage that `dvc status` reports out of date, saying what changed. A stage
+    that is only "always changed" (the inventory, which runs every time to see what changed)
+    is left out: what it finds shows in the stages after it."""
     changed = _dvc_json(project_dir, "status", env=env)
     return [
         f"{stage}: " + "; ".join(describe_change(c) for c in changes)
         for stage, changes in changed.items()
+        if changes != ["always changed"]
     ]

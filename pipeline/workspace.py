@@ -31,6 +31,7 @@ from dvc.rwlock import _edit_rwlock  # DVC's own guarded read-modify-write of it
 from dvc.utils.serialize import modify_yaml
 
 from vitrine.config import ConfigError, set_dotted
+from vitrine.ingest.inventory import inventory_digest
 
 STATE_DIR = Path(".dvc/tmp/pipeline")  # ignored by git (.dvc/.gitignore) and by DVC
 PARAMS = Path("params.yaml")
@@ -194,14 +195,12 @@ def _sha256(path: Path) -> str:
 
 
 def fingerprint(project_dir: Path, sources: Path) -> Fingerprint:
-    """Hash params.yaml and every file under `sources` (path and content, sorted)."""
-    root = project_dir / sources
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    digest = hashlib.sha256()
-    for path in files:
-        if path.exists():
-            digest.update(f"{path.relative_to(project_dir)}\0{_sha256(path)}\n".encode())
-    return Fingerprint(params=_sha256(project_dir / PARAMS), sources=digest.hexdigest())
+    """Hash params.yaml and the inventory of `sources` (every entry's path, kind and content;
+    no link followed, nothing but regular files opened: vitrine/ingest/inventory.py)."""
+    return Fingerprint(
+        params=_sha256(project_dir / PARAMS),
+        sources=inventory_digest(project_dir / sources),
+    )
 
 
 @dataclass(frozen=True)

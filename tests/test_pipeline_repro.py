@@ -118,16 +118,41 @@ def test_every_stage_left_its_outputs(repo):
     assert (repo / "models/package/model.pt").exists()
 
 
-def test_second_repro_runs_nothing(repo):
+def test_second_repro_runs_nothing_but_the_inventory(repo):
     out = _dvc(repo, "repro")
-    assert "Running stage" not in out
-    assert "Data and pipelines are up to date" in _dvc(repo, "status")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"inventory"}  # always_changed: it looks at the sources every time
+    assert json.loads(_dvc(repo, "status", "--json")) == {"inventory": ["always changed"]}
 
 
 def test_changing_a_candidate_param_retrains_that_candidate_only(repo):
     _set_params(repo, **{"candidates.cnn64.lr": 0.0005})
     # evaluate reads the candidates block (their names), so it is listed as changed too.
-    assert set(json.loads(_dvc(repo, "status", "--json"))) == {"train@cnn64", "evaluate"}
+    changed = set(json.loads(_dvc(repo, "status", "--json")))
+    assert changed == {"inventory", "train@cnn64", "evaluate"}
     out = _dvc(repo, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@cnn64", "evaluate", "package"}
+    assert ran == {"inventory", "train@cnn64", "evaluate", "package"}
+
+
+def test_collect_runs_over_a_folder_that_dvc_itself_cannot_walk(repo, make_photo):
+    """DVC's walk of a folder dies on a link loop or a non-UTF-8 name and hangs on a FIFO:
+    through the inventory, `dvc repro collect` completes and accounts for every entry."""
+    folder = repo / "data/raw/extra"
+    (folder / "phone").mkdir(parents=True)
+    (folder / "phone" / "a.jpg").write_bytes(make_photo(1))
+    os.symlink("loop.jpg", folder / "phone" / "loop.jpg")
+    os.mkfifo(folder / "phone" / "pipe.jpg")
+    (folder / "phone" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(make_photo(2))
+    sources = yaml.safe_load((repo / "params.yaml").read_text())["collect"]["sources"]
+    _set_params(repo, **{"collect.sources": [*sources, {"kind": "folder", "path": "extra"}]})
+    _dvc(repo, "repro", "collect")
+    m = pd.read_parquet(repo / "data/collected/manifest.parquet")
+    extra = m[m["source"] == "folder:extra"].set_index("id")["reason"].fillna("").to_dict()
+    assert extra == {
+        "phone/a.jpg": "",
+        "phone/caf\\xe9.jpg": "invalid_utf8",
+        "phone/loop.jpg": "unreadable",
+        "phone/pipe.jpg": "not_a_regular_file",
+    }
+    assert len(m) == 2 * PER_CLASS + 2 + 4

@@ -134,6 +134,7 @@ class Paths:
     """Where every stage reads and writes; the same names dvc.yaml templates."""
 
     raw: Path
+    inventory: Path
     download_cache: Path
     collected: Path
     deduped: Path
