@@ -169,6 +169,28 @@ def read_evaluation(path: Path) -> EvaluationReport:
 
 
 @params_block
+class RecordConfig:
+    """params.yaml `serve.record:`, how the service records its answers (vitrine.production).
+
+    Every key has a default, so that a model packaged before recording existed still loads (and
+    records with these settings). VITRINE_RECORD_URL, when set, replaces `url` at serve time.
+    """
+
+    enabled: bool = True  # false: nothing is recorded (answers still carry their request_id)
+    # SQLAlchemy URL of the answers database: SQLite for one host, PostgreSQL
+    # (postgresql://user:password@host/db) for several workers or hosts. Relative SQLite paths
+    # are from the service's working directory.
+    url: str = "sqlite:///data/production/answers.sqlite"
+    spool: str = "data/production/spool"  # local folder of the not yet written records
+    photos: str = "data/production/photos"  # uploaded photos, <photos>/<sha[:2]>/<sha256>
+    keep_photos_days: float = 90.0  # a photo unseen for longer is deleted (0: no age limit)
+    keep_photos_bytes: int = 50_000_000_000  # over this, the least recently seen go first (0: none)
+    sweep_every_s: float = 3600.0  # how often the photo folder is checked against both limits
+    flush_every_s: float = 0.5  # how often the spooled records are written to the database
+    batch_rows: int = 1000  # records per database transaction
+
+
+@params_block
 class ServeConfig:
     """params.yaml `serve:` (with the candidate's by_candidate entry), copied into model.json."""
 
@@ -189,6 +211,8 @@ class ServeConfig:
     # that clients reconnect to the least busy worker (service/rebalance.py); 0: never. A
     # default for the same reason as concurrent_batches.
     rebalance_every: int = 0
+    # Every answer's record (vitrine.production); a default for the same reason.
+    record: RecordConfig = field(default_factory=RecordConfig)
 
 
 @params_block

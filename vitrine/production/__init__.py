@@ -1,0 +1,9 @@
+"""Production: what the service records of its answers, for review and drift monitoring.
+
+Owns the answers database (`records`: its schema, the store over SQLAlchemy, and the Alembic
+migrations under `migrations/` that create and change it), the local spool that makes each
+answer's record durable before the answer leaves (`spool`), the uploaded photos kept by content
+under a retention limit (`photos`), and the recorder that ties them together in the service
+(`recorder`: the request path appends, a background thread writes to the database; its
+Prometheus metrics in `metrics`). Light on purpose, like vitrine.runtime: the Bento ships it.
+"""

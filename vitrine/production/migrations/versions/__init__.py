@@ -1,0 +1,1 @@
+"""One Alembic revision per schema change of the answers database, oldest first."""
