@@ -2,7 +2,7 @@
 
     curl -F image=@photo.jpg http://127.0.0.1:3000/classify
     {"label": "phone", "confidence": 0.97, "probabilities": {"laptop": 0.03, "phone": 0.97},
-     "abstain": false, "model_version": "cnn64-..."}
+     "abstain": false, "model_version": "cnn64-...", "request_id": "01938f2a..."}
     curl -F image=@a.jpg -F image=@b.jpg http://127.0.0.1:3000/classify_batch
     curl -F image=@photo.jpg -F declared_category=laptop http://127.0.0.1:3000/check_category
     GET /  the seller's upload page; /readyz, /livez, /metrics: BentoML's own.
@@ -23,6 +23,11 @@ upload the client abandons mid-body is answered 499 (to no one): a debug line of
 in BentoML's access log and /metrics, no error.
 Every response of the server, BentoML's own routes' and its 404s and 405s included, carries
 security headers and has its error bodies in that shape (service/responses.py).
+
+Every answer has a request_id (also the X-Request-ID header) and is recorded, with its photo,
+before it is returned (service/recording.py, vitrine.production: a spool append on the request
+path, the database written by a background thread, so a database that is down or slow holds
+no answer up); refusals are not recorded.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import gc
 import html
 import os
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,10 +60,12 @@ from service.core import (
 )
 from service.memory import hand_back_large_blocks
 from service.rebalance import KeepAliveRebalancer
+from service.recording import REQUEST_ID_HEADER, Answered, AnswerLog
 from service.responses import ResponsePolicy, page_policy
 from service.uploads import read_form
 from vitrine.contracts import DEFAULT_MODEL_NAME, MODEL_NAME_ENV, PackagedModel, read_packaged
 from vitrine.images import Rejected
+from vitrine.production.records import new_request_id
 from vitrine.runtime.onnx import load_onnx
 
 PAGE = Path(__file__).with_name("upload.html")
@@ -91,6 +99,10 @@ def error_response(err: Rejected) -> JSONResponse:
     return JSONResponse(error_body(detached(err)), status_code=status_of(err))
 
 
+def answer_response(body: dict[str, Any], request_id: str) -> JSONResponse:
+    return JSONResponse(body, headers={REQUEST_ID_HEADER: request_id})
+
+
 def upload_page(info: PackagedModel) -> str:
     options = "".join(
         f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in info.classes
@@ -120,6 +132,7 @@ class Classifier:
             INFO.serve.max_batch_wait_ms,
             INFO.serve.concurrent_batches,
         )
+        self.answers = AnswerLog(INFO)  # starts the recorder's thread (when enabled)
         # The few hundred thousand objects of torch, BentoML and their imports, alive for the
         # whole run, out of the garbage collector's sight: a full collection walked them all in
         # ~220 ms, stalling every request in flight (twice per 1,000 requests, the whole p99).
@@ -160,39 +173,55 @@ class Classifier:
         [probabilities] = await self.batcher(pixels[np.newaxis])
         return classify_answer(probabilities, self.info)
 
+    @bentoml.on_shutdown
+    async def close_records(self) -> None:
+        """Records not yet in the database: written now, or left spooled for the next start."""
+        await anyio.to_thread.run_sync(self.answers.close)
+
     @app.api_route("/", methods=["GET", "HEAD"])
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page_html, headers=self.page_headers)
 
     @app.post("/classify")
     async def classify(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
         try:
             form = await read_form(
                 request, max_body_bytes=self.info.serve.max_upload_bytes, max_images=1
             )
-            return JSONResponse(await self._classify(form.images[0]))
+            answer = await self._classify(form.images[0])
         except Rejected as err:
             return error_response(err)
+        answered = Answered(new_request_id(), form.images[0], answer)
+        await self.answers.record(request, "/classify", started, [answered])
+        return answer_response({**answer, "request_id": answered.request_id}, answered.request_id)
 
     @app.post("/check_category")
     async def check_category(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
         try:
             form = await read_form(
                 request, max_body_bytes=self.info.serve.max_upload_bytes, max_images=1
             )
             declared = declared_category(form.fields.get("declared_category"), self.info)
-            return JSONResponse(check_answer(declared, await self._classify(form.images[0])))
+            answer = await self._classify(form.images[0])
         except Rejected as err:
             return error_response(err)
+        answered = Answered(new_request_id(), form.images[0], answer, declared)
+        await self.answers.record(request, "/check_category", started, [answered])
+        body = {**check_answer(declared, answer), "request_id": answered.request_id}
+        return answer_response(body, answered.request_id)
 
     @app.post("/classify_batch")
     async def classify_batch(self, request: Request) -> JSONResponse:
         """One answer per `image` part, in order: {"results": [...]}.
 
         A bad image gets its own entry {"error", "detail"} in its place and the others are
-        still answered (200); only a bad request as a whole (no image, too many, too large,
-        not multipart) is a 4xx.
+        still answered (200), each with its own request_id (the X-Request-ID header carries
+        the request's); only a bad request as a whole (no image, too many, too large, not
+        multipart) is a 4xx.
         """
+        started = time.perf_counter()
         try:
             form = await read_form(
                 request,
@@ -204,13 +233,18 @@ class Classifier:
         prepared = await self._prepare(form.images)
         pixels = [p for p in prepared if isinstance(p, np.ndarray)]
         probabilities = iter(await self.batcher(np.stack(pixels)) if pixels else [])
-        results = [
-            error_body(p)
-            if isinstance(p, Rejected)
-            else classify_answer(next(probabilities), self.info)
-            for p in prepared
-        ]
-        return JSONResponse({"results": results})
+        results: list[dict[str, Any]] = []
+        answered: list[Answered] = []
+        for photo, p in zip(form.images, prepared, strict=True):
+            if isinstance(p, Rejected):
+                results.append(error_body(p))
+                continue
+            answer = classify_answer(next(probabilities), self.info)
+            answered.append(Answered(new_request_id(), photo, answer))
+            results.append({**answer, "request_id": answered[-1].request_id})
+        batch_id = new_request_id()
+        await self.answers.record(request, "/classify_batch", started, answered, batch_id)
+        return answer_response({"results": results}, batch_id)
 
 
 # Around BentoML's whole app, not only ours (as app.add_middleware would be): its own routes'

@@ -8,9 +8,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import REPO
-from tests.helpers.imports import holds_code, imported_names, is_docstring
+from tests.helpers.imports import holds_code, import_closure, imported_names, is_docstring
 
 MAX_LINES = 500
 CODE = ("vitrine", "stages", "service", "pipeline")
@@ -46,11 +47,30 @@ def test_the_library_imports_no_stage_service_or_flow(source: Path) -> None:
 
 @pytest.mark.parametrize("source", modules("service"), ids=rel)
 def test_the_service_runs_the_library_runtime_only(source: Path) -> None:
-    """What the Bento ships: service/, vitrine's top-level modules and vitrine.runtime."""
+    """What the Bento ships: service/, vitrine's top-level modules, vitrine.runtime (the model
+    as evaluate ran it) and vitrine.production (the record of every answer, which the service
+    writes as it answers); never the training side (model, data, curation, evaluation...)."""
     assert not {"stages", "pipeline"} & top_packages(source)
     library = {n for n in imported_names(source) if n.startswith("vitrine.")}
-    allowed = ("vitrine.contracts", "vitrine.config", "vitrine.images", "vitrine.runtime")
+    allowed = (
+        "vitrine.contracts",
+        "vitrine.config",
+        "vitrine.images",
+        "vitrine.runtime",
+        "vitrine.production",
+    )
     assert sorted(n for n in library if not n.startswith(allowed)) == []
+
+
+def test_the_bento_ships_every_module_the_service_imports() -> None:
+    """bentofile.yaml's include patterns cover the service's import closure and the answers
+    database's migrations, which Alembic loads from their folder at the service's start."""
+    patterns = yaml.safe_load((REPO / "bentofile.yaml").read_text())["include"]
+    shipped = {p.relative_to(REPO).as_posix() for g in patterns for p in REPO.glob(g)}
+    needed = import_closure("service/service.py")
+    needed |= {rel(p) for p in (REPO / "vitrine/production/migrations").rglob("*.py")}
+    assert "vitrine/production/migrations/versions/v0001_answers.py" in needed
+    assert sorted(needed - shipped) == []
 
 
 @pytest.mark.parametrize("source", modules(*CODE), ids=rel)

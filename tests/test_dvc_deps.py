@@ -30,6 +30,21 @@ def test_stage_deps_hold_every_project_module_it_imports(name: str) -> None:
     assert sorted(needed - set(stage["deps"])) == []
 
 
+def test_package_deps_hold_the_service_the_bento_runs() -> None:
+    """package builds the Bento around the service: its code, and the answers database's
+    migrations the service runs (loaded by Alembic from their folder, not imported)."""
+    needed = import_closure("service/service.py")
+    needed = {f for f in needed if not f.endswith("__init__.py") or holds_code(REPO / f)}
+    migrations = REPO / "vitrine/production/migrations"
+    needed |= {
+        p.relative_to(REPO).as_posix()
+        for p in [*migrations.glob("*.py"), *migrations.glob("versions/*.py")]
+        if holds_code(p)
+    }
+    assert "vitrine/production/migrations/env.py" in needed
+    assert sorted(needed - set(stages()["package"]["deps"])) == []
+
+
 def test_the_closure_follows_imports_through_other_modules() -> None:
     # dedupe reaches vitrine/ingest/hashing.py only through vitrine/ingest/sources.py.
     assert "vitrine/ingest/hashing.py" not in imported_modules(REPO / "stages/dedupe.py")

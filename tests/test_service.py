@@ -15,11 +15,8 @@ import io
 import logging
 import os
 import re
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -54,8 +51,10 @@ from service.rebalance import KeepAliveRebalancer
 from service.responses import DATA_POLICY, ResponsePolicy, page_policy
 from service.uploads import read_form
 from tests.helpers.candidates import PROVENANCE
+from tests.helpers.records import record_config
+from tests.helpers.server import start_server, stop
 from tests.helpers.tiny_package import CLASSES, package_tiny_model
-from vitrine.contracts import MODEL_NAME_ENV, PackagedModel, ServeConfig, read_packaged
+from vitrine.contracts import PackagedModel, ServeConfig, read_packaged
 from vitrine.images import Rejected, load_square
 from vitrine.runtime.decisions import decide
 from vitrine.runtime.onnx import onnx_proba
@@ -65,7 +64,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:F
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 MODEL_NAME = "vitrine-test-classifier"
-START_TIMEOUT_S = 120
 ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
 CHROMIUM = Path("/usr/bin/chromium")
 PROJECT = (str(REPO / "service"), str(REPO / "vitrine"))  # frames of the service's own code
@@ -95,75 +93,17 @@ class Server:
     log: Path  # what the server writes (stdout and stderr)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM (BentoML shuts down gracefully), then SIGKILL to the whole group if it lingers."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("service")
-    package = package_tiny_model(root, SERVE, DECISION_GAIN, MODEL_NAME)
-    port = free_port()
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(root / "home"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        MODEL_NAME_ENV: MODEL_NAME,
-    }
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "service.service:Classifier",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    serve = replace(SERVE, record=record_config(root / "records"))
+    package = package_tiny_model(root, serve, DECISION_GAIN, MODEL_NAME)
+    running = start_server(root / "home", MODEL_NAME, root / "server.log")
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"server exited ({process.returncode}):\n"
-                    f"{(root / 'server.log').read_text()[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {START_TIMEOUT_S} s")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        yield Server(url=url, package=package, log=root / "server.log")
+        yield Server(url=running.url, package=package, log=running.log)
     finally:
-        stop(process)
-        log.close()
-    assert process.returncode == 0, "the server did not shut down cleanly on SIGTERM"
+        stop(running)
+    assert running.process.returncode == 0, "the server did not shut down cleanly on SIGTERM"
 
 
 # --- Photos and hostile payloads ----------------------------------------------------------------
@@ -567,7 +507,14 @@ def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
     assert batch.status_code == 200, batch.text
     for photo, batched in zip(photos, batch.json()["results"], strict=True):
         body = classify(server, photo).json()
-        assert set(body) == {"label", "confidence", "probabilities", "abstain", "model_version"}
+        assert set(body) == {
+            "label",
+            "confidence",
+            "probabilities",
+            "abstain",
+            "model_version",
+            "request_id",
+        }
         assert body["model_version"] == info.model_version
         probabilities = body["probabilities"]
         assert list(probabilities) == CLASSES
