@@ -52,7 +52,7 @@ serve: setup
 flow: setup
 	$(BIN)/python -m pipeline.flows
 
-# The pipeline on GroceryStore in build/grocery (README "GroceryStore"): GROCERY_TAR names the
+# The pipeline on GroceryStore in build/grocery (docs/how-to/grocery.md): GROCERY_TAR names the
 # tar (default ../shared/datasets/grocery-store.tar); STAGES=prepare stops after prepare.
 grocery: setup
 	$(BIN)/python -m scripts.grocery $(STAGES)
