@@ -1,10 +1,10 @@
 """Class probabilities -> the class to answer: the one rule evaluate scores and the service serves.
 
 The most probable class is right most often; the class with the highest expected gain under the
-value model (README "Evaluation") earns the most. They differ when mistakes cost differently:
-with a phone worth 1.5, a missed phone costing 1.0 and a laptop taken for a phone 0.5, a photo
-is worth calling a phone from p(phone) = 0.375 on. With equal values and equal costs the two
-rules agree. numpy only: the service imports it.
+value model (docs/concepts/value-model.md) earns the most. They differ when mistakes cost
+differently: with a phone worth 1.5, a missed phone costing 1.0 and a laptop taken for a phone
+0.5, a photo is worth calling a phone from p(phone) = 0.375 on. With equal values and equal
+costs the two rules agree. numpy only: the service imports it.
 """
 
 from __future__ import annotations
