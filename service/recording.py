@@ -6,7 +6,7 @@ the X-Request-ID response header; in /classify_batch each answered image's in it
 the request's own in the header (and in each of its records' batch_id). A refused upload (4xx,
 or an image's error entry in a batch) is no answer: it gets no id and no record. A client's
 own X-Request-ID is never the key (two clients could send the same one): it is recorded beside
-it as client_request_id, cut to CLIENT_ID_CHARS printable ASCII characters.
+it as client_request_id (its first CLIENT_ID_CHARS characters; dropped unless printable ASCII).
 
 The record (the answers table's columns, vitrine.production.records) is spooled before the
 answer is returned; see vitrine.production.recorder for why that never holds an answer up.

@@ -336,6 +336,14 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     assert (bento_src / "service" / "service.py").is_file()
     assert (bento_src / "vitrine" / "images.py").is_file()
     assert (bento_src / "service" / "upload.html").is_file()
+    # The answers' recorder, its migrations and its database drivers travel with the service.
+    assert (bento_src / "vitrine" / "production" / "recorder.py").is_file()
+    assert (bento_src / "vitrine/production/migrations/versions/v0001_answers.py").is_file()
+    requirements = (bentos[0].parent / "env" / "python" / "requirements.txt").read_text()
+    assert {"sqlalchemy==2.1.9", "alembic==1.20.1", "psycopg[binary]==3.3.9"} <= set(
+        requirements.split()
+    )
+    assert info["serve"]["record"] == params["serve"]["record"]
     deployed = {name: (package / name).read_bytes() for name in ("model.pt", "model.json")}
 
     second = run("always_phone")

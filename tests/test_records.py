@@ -5,6 +5,7 @@ database that is down, the photos' retention."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import yaml
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from tests.helpers import REPO
 from tests.helpers.records import record_config, sample_answer, wait_for
+from vitrine.config import load_params
 from vitrine.contracts import RecordConfig, ServeConfig
 from vitrine.production import records as records_module
 from vitrine.production.photos import PhotoStore
@@ -316,7 +319,30 @@ def test_shutdown_with_the_database_down_leaves_the_spool_for_the_next_start(
     assert RecordStore(answers_url).count() == 10
 
 
-def test_an_unwritable_spool_costs_the_record_not_the_sample_answer(tmp_path: Path) -> None:
+def test_a_stalled_postgresql_write_times_out_and_is_retried(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock held on the table (a slow database, not a down one): each write gives up after
+    the statement timeout, counted as a failure, until the lock goes."""
+    monkeypatch.setattr(records_module, "STATEMENT_TIMEOUT_MS", 200)
+    RecordStore(postgres_url).migrate()
+    recorder = recorder_for(tmp_path, postgres_url)
+    blocker = sa.create_engine(records_module._url(postgres_url)).connect()
+    blocker.execute(sa.text("LOCK TABLE answers IN ACCESS EXCLUSIVE MODE"))
+    try:
+        for i in range(10):
+            assert recorder.record(sample_answer(i), b"photo")
+        wait_for(lambda: recorder.write_failures >= 2)
+        assert recorder.backlog == 10
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_for(lambda: recorder.backlog == 0, timeout_s=60)
+    recorder.close()
+    assert RecordStore(postgres_url).count() == 10
+
+
+def test_an_unwritable_spool_costs_the_record_not_the_answer(tmp_path: Path) -> None:
     recorder = Recorder(record_config(tmp_path), start=False)
     os.close(recorder.spool._fd)  # the spool's file gone bad (a full disk answers likewise)
     assert recorder.record(sample_answer(1), b"photo") is False
@@ -378,3 +404,33 @@ def test_the_recorder_sweeps_photos_in_the_background(tmp_path: Path) -> None:
         os.utime(recorder.photos.path(record.image_sha256), (1000 + i, 1000 + i))
     wait_for(lambda: len(list((tmp_path / "photos").glob("*/*"))) == 1, timeout_s=90)
     recorder.close()
+
+
+def dvc_outputs() -> list[str]:
+    """Every output path of dvc.yaml, its ${paths.*} resolved from params.yaml."""
+    paths = load_params(REPO / "params.yaml")["paths"]
+    outputs = []
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        stage = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path = next(iter(out)) if isinstance(out, dict) else out
+                outputs.append(re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(paths[m[1]]), path))
+    return outputs
+
+
+def test_the_default_records_are_ignored_by_git_and_no_dvc_output() -> None:
+    """Production data lives beside the project, never in its history or its pipeline."""
+    config = RecordConfig()
+    database = config.url.removeprefix("sqlite:///")
+    for path in (database, config.spool, config.photos):
+        assert path.startswith("data/production/")
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{path}/x"], cwd=REPO, check=False)
+        assert ignored.returncode == 0, f"{path} is not ignored by git"
+    outputs = dvc_outputs()
+    assert "models/package" in outputs  # the resolution works
+    production = Path("data/production")
+    clashes = [
+        o for o in outputs if production.is_relative_to(o) or Path(o).is_relative_to(production)
+    ]
+    assert clashes == []

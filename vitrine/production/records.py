@@ -56,6 +56,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 MIGRATION_LOCK_KEY = zlib.crc32(b"vitrine.production.answers")
 CONNECT_TIMEOUT_S = 10
 SQLITE_BUSY_TIMEOUT_S = 10  # a writer waits this long for another worker's transaction
+# PostgreSQL: a statement waiting longer (on a lock, a stalled server) fails, and the writer
+# counts a failure and tries again, rather than hanging unseen. Migrations have no limit.
+STATEMENT_TIMEOUT_MS = 60_000
 
 metadata = sa.MetaData()
 answers = sa.Table(
@@ -181,7 +184,12 @@ def create_engine(url: str) -> sa.Engine:
         sa.event.listen(engine, "connect", _on_sqlite_connect)
         return engine
     return sa.create_engine(
-        parsed, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+        parsed,
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        },
     )
 
 
@@ -203,6 +211,7 @@ class RecordStore:
         (or hosts) starting together wait for each other, and all but the first find it done."""
         with self._migration_lock(), self.engine.begin() as connection:
             if self.backend == "postgresql":
+                connection.execute(sa.text("SET LOCAL statement_timeout = 0"))
                 connection.execute(
                     sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
                 )
