@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [MODEL_FOLDER ...] [--requests 600] [--photos 64]
     python benchmarks/serve.py models/package models/train/cnn64 --requests 1000
+    python benchmarks/serve.py --servers bento bento-norec --concurrency 32 --requests 2000
 
 MODEL_FOLDER: packaged model folders (model.pt, model.onnx + model.json, as the package stage
 writes them; default: params.yaml paths.package), or a trained candidate's folder
@@ -9,7 +10,11 @@ writes them; default: params.yaml paths.package), or a trained candidate's folde
 that candidate's serve: settings and the model.onnx evaluate scored (<paths.served>/<candidate>,
 float or int8). For each, on loopback and one after the other:
   - bento: `bentoml serve service.service:Classifier` on that model (a throwaway model store),
-    POST /classify: ONNX Runtime behind the micro-batcher, serve.workers processes;
+    POST /classify: ONNX Runtime behind the micro-batcher, serve.workers processes, recording
+    every answer as deployed (vitrine.production: spool, photos, and a background writer) into
+    a throwaway SQLite database, or --record-url's (a PostgreSQL server);
+  - bento-norec: the same with serve.record.enabled false, so that the pair measures what
+    recording costs (at concurrency 32 the recording server must keep 90% of the throughput);
   - flask: what avito_upload_classifier's app does, with the same model as the framework exported it
     (model.pt, TorchScript): Flask reads the upload, decodes and resizes it
     (vitrine.images.load_square) and runs one forward pass per request, under Flask's own
@@ -21,7 +26,9 @@ Both get the same real photos (the first --photos of the bundled Avito archive, 
 concurrency 1, 8 and 32, --requests requests per level after a warm-up, from an aiohttp client
 on the same machine (which competes with the servers for its cores, so it replays multipart
 bodies encoded once). Prints throughput, p50/p95/p99 latency and the error count (any non-200
-answer or transport failure) per level.
+answer or transport failure) per level; then, after the recording server's shutdown, how many
+rows its database holds against the answers it gave, and the recording/no-recording throughput
+ratio at each concurrency.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +46,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -55,18 +63,21 @@ from vitrine.contracts import (  # noqa: E402
     SCRIPTED_MODEL_FILE,
     PackagedModel,
     Provenance,
+    RecordConfig,
     read_evaluation,
     read_packaged,
+    write_packaged,
 )
 from vitrine.evaluation.settings import check_config, load_config  # noqa: E402
 from vitrine.packaging.bundle import export_package, serve_settings  # noqa: E402
 from vitrine.packaging.store import save_to_store  # noqa: E402
+from vitrine.production.records import RECORD_URL_ENV, RecordStore  # noqa: E402
 from vitrine.runtime.onnx import load_onnx  # noqa: E402
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 MODEL_NAME = "vitrine-bench"
 CONCURRENCY = (1, 8, 32)
-SERVERS = ("bento", "flask", "flask-onnx")
+SERVERS = ("bento", "bento-norec", "flask", "flask-onnx")
 WARMUP = 32
 START_TIMEOUT_S = 180
 
@@ -83,13 +94,17 @@ class Level:
         p50, p95, p99 = np.percentile(self.latencies_ms, [50, 95, 99])
         rate = self.requests / self.seconds
         return (
-            f"{model:<22} {server:<6} {self.concurrency:>4} {self.requests:>6} {self.errors:>6} "
+            f"{model:<22} {server:<11} {self.concurrency:>4} {self.requests:>6} {self.errors:>6} "
             f"{rate:>8.1f} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f}"
         )
 
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
 
 HEADER = (
-    f"{'model':<22} {'server':<6} {'conc':>4} {'reqs':>6} {'errors':>6} "
+    f"{'model':<22} {'server':<11} {'conc':>4} {'reqs':>6} {'errors':>6} "
     f"{'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
 )
 
@@ -109,12 +124,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def recording_as(folder: Path, record: RecordConfig, out: Path) -> Path:
+    """A copy of a packaged model folder whose model.json records as `record` says."""
+    shutil.copytree(folder, out)
+    info = read_packaged(out)
+    write_packaged(replace(info, serve=replace(info.serve, record=record)), out)
+    return out
+
+
 def start_bento(folder: Path, home: Path, port: int, log: Path) -> subprocess.Popen:
     from bentoml._internal.models import ModelStore
 
     (home / "models").mkdir(parents=True, exist_ok=True)
     save_to_store(folder, MODEL_NAME, store=ModelStore(home / "models"))
     env = {**os.environ, "BENTOML_HOME": str(home), MODEL_NAME_ENV: MODEL_NAME}
+    env.pop(RECORD_URL_ENV, None)  # the database is the one the copy's model.json names
     command = ["bentoml", "serve", "service.service:Classifier", "--port", str(port)]
     return launch([sys.executable, "-m", *command, "--host", "127.0.0.1"], env, log)
 
@@ -215,11 +239,11 @@ async def run_level(url: str, photos: list[Upload], concurrency: int, requests: 
     return Level(concurrency, requests, errors, seconds, np.array(latencies))
 
 
-def measure(base: str, photos: list[bytes], requests: int) -> list[Level]:
+def measure(base: str, photos: list[bytes], requests: int, concurrency: list[int]) -> list[Level]:
     url = f"{base}/classify"
     uploads = [upload(photo) for photo in photos]
     asyncio.run(run_level(url, uploads, 8, WARMUP))
-    return [asyncio.run(run_level(url, uploads, c, requests)) for c in CONCURRENCY]
+    return [asyncio.run(run_level(url, uploads, c, requests)) for c in concurrency]
 
 
 def packaged(folder: Path, scratch: Path) -> Path:
@@ -238,20 +262,36 @@ def packaged(folder: Path, scratch: Path) -> Path:
     return out
 
 
-def bench_model(
-    folder: Path, photos: list[bytes], requests: int, servers: list[str], scratch: Path
-) -> None:
+@dataclass(frozen=True)
+class Options:
+    requests: int
+    servers: list[str]
+    concurrency: list[int]
+    record_url: str  # "" = a throwaway SQLite database per recording run
+
+
+def bench_model(folder: Path, photos: list[bytes], options: Options, scratch: Path) -> None:
     info = read_packaged(folder)
     model, serve = info.model_version, info.serve
     settings = ("workers", "max_batch_size", "concurrent_batches", "rebalance_every")
     print(
         f"# {model} bento: " + ", ".join(f"{k} {getattr(serve, k)}" for k in settings), flush=True
     )
-    for server in servers:
+    rates: dict[str, dict[int, float]] = {}
+    for server in options.servers:
         port = free_port()
         log = scratch / f"{model}-{server}.log"
-        if server == "bento":
-            process = start_bento(folder, scratch / f"{model}-home", port, log)
+        records = scratch / f"{model}-{server}-records"
+        database = options.record_url or f"sqlite:///{records / 'answers.sqlite'}"
+        if server.startswith("bento"):
+            record = RecordConfig(
+                enabled=server == "bento",
+                url=database,
+                spool=str(records / "spool"),
+                photos=str(records / "photos"),
+            )
+            served = recording_as(folder, record, scratch / f"{model}-{server}-package")
+            process = start_bento(served, scratch / f"{model}-{server}-home", port, log)
             ready = f"http://127.0.0.1:{port}/readyz"
         else:
             runtime = "onnx" if server == "flask-onnx" else "torchscript"
@@ -259,10 +299,26 @@ def bench_model(
             ready = f"http://127.0.0.1:{port}/ready"
         try:
             wait_ready(ready, process, log)
-            for level in measure(f"http://127.0.0.1:{port}", photos, requests):
+            levels = measure(
+                f"http://127.0.0.1:{port}", photos, options.requests, options.concurrency
+            )
+            for level in levels:
                 print(level.row(server, model), flush=True)
+            rates[server] = {level.concurrency: level.rate for level in levels}
         finally:
             stop(process)
+        if server == "bento":
+            answered = WARMUP + options.requests * len(options.concurrency)
+            store = RecordStore(database)
+            print(f"# {model} bento: {store.count()} rows recorded for {answered} answers")
+            store.close()
+    if {"bento", "bento-norec"} <= rates.keys():
+        for c in options.concurrency:
+            on, off = rates["bento"][c], rates["bento-norec"][c]
+            print(
+                f"# {model} recording at concurrency {c}: {on:.1f} / {off:.1f} req/s = "
+                f"{on / off:.1%} of the throughput without"
+            )
 
 
 def load_model(folder: Path, info: PackagedModel, runtime: str) -> Callable:
@@ -313,6 +369,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=600, help="per concurrency level")
     parser.add_argument("--photos", type=int, default=64)
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
+    parser.add_argument(
+        "--record-url",
+        default="",
+        help="the recording server's answers database (default: a throwaway SQLite file); "
+        "a PostgreSQL URL measures recording into it (its table must be new or emptied)",
+    )
     parser.add_argument("--flask-baseline", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--runtime", choices=["torchscript", "onnx"], help=argparse.SUPPRESS)
@@ -327,7 +390,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as scratch:
         for folder in folders:
             model = packaged(folder.resolve(), Path(scratch))
-            bench_model(model, photos, args.requests, args.servers, Path(scratch))
+            options = Options(args.requests, args.servers, args.concurrency, args.record_url)
+            bench_model(model, photos, options, Path(scratch))
 
 
 if __name__ == "__main__":
