@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [MODEL_FOLDER ...] [--requests 600] [--photos 64]
     python benchmarks/serve.py models/package models/train/cnn64 --requests 1000
-    python benchmarks/serve.py --servers bento bento-norec --concurrency 32 --requests 2000
+    python benchmarks/serve.py --servers bento bento-norec --concurrency 32 --rounds 3
 
 MODEL_FOLDER: packaged model folders (model.pt, model.onnx + model.json, as the package stage
 writes them; default: params.yaml paths.package), or a trained candidate's folder
@@ -28,7 +28,7 @@ on the same machine (which competes with the servers for its cores, so it replay
 bodies encoded once). Prints throughput, p50/p95/p99 latency and the error count (any non-200
 answer or transport failure) per level; then, after the recording server's shutdown, how many
 rows its database holds against the answers it gave, and the recording/no-recording throughput
-ratio at each concurrency.
+ratio at each concurrency (the mean of --rounds runs of each, taken in turn).
 """
 
 from __future__ import annotations
@@ -268,6 +268,17 @@ class Options:
     servers: list[str]
     concurrency: list[int]
     record_url: str  # "" = a throwaway SQLite database per recording run
+    rounds: int  # the servers one after the other, this many times (their figures averaged)
+
+
+def wait_workers(log: Path, workers: int) -> None:
+    """/readyz answers once one worker is up: wait for all of them, or the first level would
+    share the cores with the others' start."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while log.read_text().count("Service Classifier initialized") < workers:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not all {workers} workers started in {START_TIMEOUT_S} s")
+        time.sleep(0.25)
 
 
 def bench_model(folder: Path, photos: list[bytes], options: Options, scratch: Path) -> None:
@@ -277,11 +288,12 @@ def bench_model(folder: Path, photos: list[bytes], options: Options, scratch: Pa
     print(
         f"# {model} bento: " + ", ".join(f"{k} {getattr(serve, k)}" for k in settings), flush=True
     )
-    rates: dict[str, dict[int, float]] = {}
-    for server in options.servers:
+    rates: dict[str, dict[int, list[float]]] = {}
+    for round_, server in ((r, s) for r in range(options.rounds) for s in options.servers):
         port = free_port()
-        log = scratch / f"{model}-{server}.log"
-        records = scratch / f"{model}-{server}-records"
+        name = f"{model}-{server}-{round_}"
+        log = scratch / f"{name}.log"
+        records = scratch / f"{name}-records"
         database = options.record_url or f"sqlite:///{records / 'answers.sqlite'}"
         if server.startswith("bento"):
             record = RecordConfig(
@@ -290,8 +302,8 @@ def bench_model(folder: Path, photos: list[bytes], options: Options, scratch: Pa
                 spool=str(records / "spool"),
                 photos=str(records / "photos"),
             )
-            served = recording_as(folder, record, scratch / f"{model}-{server}-package")
-            process = start_bento(served, scratch / f"{model}-{server}-home", port, log)
+            served = recording_as(folder, record, scratch / f"{name}-package")
+            process = start_bento(served, scratch / f"{name}-home", port, log)
             ready = f"http://127.0.0.1:{port}/readyz"
         else:
             runtime = "onnx" if server == "flask-onnx" else "torchscript"
@@ -299,12 +311,14 @@ def bench_model(folder: Path, photos: list[bytes], options: Options, scratch: Pa
             ready = f"http://127.0.0.1:{port}/ready"
         try:
             wait_ready(ready, process, log)
+            if server.startswith("bento"):
+                wait_workers(log, serve.workers)
             levels = measure(
                 f"http://127.0.0.1:{port}", photos, options.requests, options.concurrency
             )
             for level in levels:
                 print(level.row(server, model), flush=True)
-            rates[server] = {level.concurrency: level.rate for level in levels}
+                rates.setdefault(server, {}).setdefault(level.concurrency, []).append(level.rate)
         finally:
             stop(process)
         if server == "bento":
@@ -314,10 +328,10 @@ def bench_model(folder: Path, photos: list[bytes], options: Options, scratch: Pa
             store.close()
     if {"bento", "bento-norec"} <= rates.keys():
         for c in options.concurrency:
-            on, off = rates["bento"][c], rates["bento-norec"][c]
+            on, off = np.mean(rates["bento"][c]), np.mean(rates["bento-norec"][c])
             print(
-                f"# {model} recording at concurrency {c}: {on:.1f} / {off:.1f} req/s = "
-                f"{on / off:.1%} of the throughput without"
+                f"# {model} recording at concurrency {c}: {on:.1f} / {off:.1f} req/s "
+                f"(mean of {options.rounds}) = {on / off:.1%} of the throughput without"
             )
 
 
@@ -370,6 +384,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=64)
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
+    parser.add_argument("--rounds", type=int, default=1, help="the servers in turn, this often")
     parser.add_argument(
         "--record-url",
         default="",
@@ -390,7 +405,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitrine-bench-") as scratch:
         for folder in folders:
             model = packaged(folder.resolve(), Path(scratch))
-            options = Options(args.requests, args.servers, args.concurrency, args.record_url)
+            options = Options(
+                args.requests, args.servers, args.concurrency, args.record_url, args.rounds
+            )
             bench_model(model, photos, options, Path(scratch))
 
 
