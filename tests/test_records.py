@@ -4,6 +4,7 @@ database that is down, the photos' retention."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -38,7 +39,7 @@ from vitrine.production.records import (
     new_request_id,
     record_url,
 )
-from vitrine.production.spool import Spool
+from vitrine.production.spool import Spool, read_records
 
 
 @pytest.fixture
@@ -347,6 +348,29 @@ def test_an_unwritable_spool_costs_the_record_not_the_answer(tmp_path: Path) -> 
     os.close(recorder.spool._fd)  # the spool's file gone bad (a full disk answers likewise)
     assert recorder.record(sample_answer(1), b"photo") is False
     assert recorder.spool_failures == 1
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_half_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path)
+    first, lost, last = (sample_answer(i) for i in range(3))
+    spool.append(first.to_line())
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        spool.append(lost.to_line())
+    monkeypatch.setattr(os, "write", real_write)
+    spool.append(last.to_line())
+    segment = spool.rotate()
+    assert segment is not None
+    [(records, _, lines)] = list(read_records(segment, batch=10))
+    assert records == [first, last] and lines == segment.records == 2
 
 
 def photo_at(store: PhotoStore, content: bytes, seen: float) -> Path:

@@ -133,9 +133,15 @@ class Spool:
         """One record, in the page cache when this returns (see the module's docstring); an
         OSError (disk full, ...) is the caller's to count."""
         with self._lock:
-            written = os.write(self._fd, line)
-            while written < len(line):  # a regular file takes it whole; a short write resumes
-                written += os.write(self._fd, line[written:])
+            try:
+                written = os.write(self._fd, line)
+                while written < len(line):  # a regular file takes it whole; a short one resumes
+                    written += os.write(self._fd, line[written:])
+            except OSError:
+                # Half a line (the disk filled up mid-write) would spoil the next record too.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._bytes)
+                raise
             self._records += 1
             self._bytes += len(line)
 
