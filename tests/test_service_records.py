@@ -34,6 +34,7 @@ pytestmark = [
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 MODEL_NAME = "vitrine-records-test"
+BACKLOG = "vitrine_record_backlog"
 
 
 def serve_config(record: RecordConfig) -> ServeConfig:
@@ -237,7 +238,9 @@ def test_a_database_down_fails_no_answer_and_the_backlog_drains_when_it_is_back(
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             client.post("/classify", files=[image(uploads[0])])  # the schema, migrated
-            wait_for(lambda: len(RecordStore(answers_url).find()) == 1)
+            wait_for(lambda: metric(server.url, "vitrine_records_written_total") == 1)
+            wait_for(lambda: metric(server.url, BACKLOG) == 0)
+            assert RecordStore(answers_url).count() == 1
             with database_down(answers_url, request):
                 answers = []
                 for i in range(20):
@@ -246,13 +249,13 @@ def test_a_database_down_fails_no_answer_and_the_backlog_drains_when_it_is_back(
                     answers.append((response, time.perf_counter() - started))
                 assert [r.status_code for r, _ in answers] == [200] * 20
                 assert max(seconds for _, seconds in answers) < 2.0  # never the database's wait
-                assert metric(server.url, "vitrine_record_backlog") == 20
+                assert metric(server.url, BACKLOG) == 20
                 wait_for(
                     lambda: metric(server.url, "vitrine_record_write_failures_total") > 0,
                     timeout_s=60,
                 )
             ids = [r.json()["request_id"] for r, _ in answers]
-            wait_for(lambda: metric(server.url, "vitrine_record_backlog") == 0, timeout_s=90)
+            wait_for(lambda: metric(server.url, BACKLOG) == 0, timeout_s=90)
         assert set(stored(answers_url, ids)) == set(ids)
     finally:
         stop(server)
