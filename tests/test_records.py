@@ -29,6 +29,7 @@ from tests.helpers.records import record_config, sample_answer, wait_for
 from vitrine.config import load_params
 from vitrine.contracts import RecordConfig, ServeConfig
 from vitrine.production import records as records_module
+from vitrine.production import spool as spool_module
 from vitrine.production.photos import PhotoStore
 from vitrine.production.recorder import Recorder, photo_sha256
 from vitrine.production.records import (
@@ -172,6 +173,30 @@ def test_every_recorded_answer_reaches_the_database_once(answers_url: str, tmp_p
     assert store.get(records[13].request_id) == records[13]
     # Every segment was deleted once written; the lock file went at a clean close.
     assert sorted(p.name for p in (tmp_path / "records" / "spool").iterdir()) == []
+
+
+def test_records_past_the_memory_limit_are_read_back_from_the_spool(
+    answers_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer takes its own records from memory, up to MEMORY_RECORDS a segment; a longer
+    segment (a database down for a while) is read back from its file."""
+    monkeypatch.setattr(spool_module, "MEMORY_RECORDS", 5)
+    recorder = Recorder(record_config(tmp_path, answers_url, batch_rows=3), start=False)
+    short = [sample_answer(i) for i in range(4)]
+    for record in short:
+        recorder.record(record, b"photo")
+    in_memory = recorder.spool.rotate()
+    long = [sample_answer(i) for i in range(4, 16)]
+    for record in long:
+        recorder.record(record, b"photo")
+    from_file = recorder.spool.rotate(force=True)
+    assert in_memory is not None and in_memory.memory == short
+    assert from_file is not None and from_file.memory is None
+    recorder.write_all()
+    assert recorder.written == 16 and recorder.backlog == 0
+    assert {r.request_id for r in RecordStore(answers_url).find()} == {
+        r.request_id for r in short + long
+    }
 
 
 def test_a_record_is_in_the_spool_file_when_record_returns(tmp_path: Path) -> None:

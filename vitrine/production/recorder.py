@@ -108,7 +108,7 @@ class Recorder:
         except Exception as err:  # the record still goes to the spool, naming the photo
             self._spooling_failed(log.error, "photo %s not kept: %s", record.image_sha256, err)
         try:
-            self.spool.append(record.to_line())
+            self.spool.append(record.to_line(), record)
         except Exception as err:
             self.spool_failures += 1
             self.metrics.spool_failures.inc()
@@ -179,7 +179,7 @@ class Recorder:
             Spool.release(self.orphans.pop(0))
         while self.spool.closed:
             self._write(self.spool.closed[0])
-            self.spool.closed.pop(0).path.unlink(missing_ok=True)
+            self.spool.closed.pop(0).path.unlink(missing_ok=True)  # its memory goes with it
 
     def _write(self, segment: Segment) -> None:
         for records, offset, lines in read_records(segment, self.config.batch_rows):

@@ -18,7 +18,9 @@ Layout, in serve.record.spool (a local folder: flock must work on it):
                           AnswerRecord.to_line), appended to in turn
 
 The owner appends to its active segment; its writer closes the segment (rotate) and starts the
-next, writes the closed one's records to the database and deletes it. A process that dies
+next, writes the closed one's records to the database and deletes it. The owner keeps each
+segment's records in memory as well (up to MEMORY_RECORDS), so that its writer need not parse
+its own lines back; the file is what a replay reads. A process that dies
 leaves its lock file and segments behind, and the kernel releases its flock: any other process
 (a worker of the same server, or the server started again) takes that flock without waiting
 (adopt_orphans), so exactly one of them replays the dead owner's segments, while a live owner's
@@ -43,6 +45,9 @@ from pathlib import Path
 from vitrine.production.records import AnswerRecord
 
 SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is closed at this size even with a backlog
+# Records of a segment also kept in memory for the writer; past this (a database down for a
+# while), the segment's are dropped from memory and read back from its file.
+MEMORY_RECORDS = 10_000
 STALE_NEW_LOCK_S = 60  # a temporary lock file this old belongs to a process killed at start
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class Segment:
     records: int  # lines in it (for the backlog)
     committed: int = 0  # bytes from its start already in the database
     done: int = 0  # lines from its start already in the database (or skipped as torn)
+    memory: list[AnswerRecord] | None = None  # its records, when the owner still holds them
 
 
 @dataclass
@@ -88,7 +94,13 @@ def count_lines(path: Path) -> int:
 def read_records(segment: Segment, batch: int) -> Iterator[tuple[list[AnswerRecord], int, int]]:
     """The segment's records from its committed offset, `batch` at a time, each batch with the
     offset just past it and the lines it took. A line that is not a record (a torn write, which
-    only a crash of the machine leaves) is logged and skipped."""
+    only a crash of the machine leaves) is logged and skipped. Records held in memory are
+    taken from there, from the first not yet done."""
+    if segment.memory is not None:
+        for start in range(segment.done, len(segment.memory), batch):
+            held = segment.memory[start : start + batch]
+            yield held, segment.committed, len(held)
+        return
     records: list[AnswerRecord] = []
     lines = 0
     with segment.path.open("rb") as f:
@@ -122,6 +134,7 @@ class Spool:
         self._fd, self._path = self._open_segment()
         self._records = 0  # in the active segment
         self._bytes = 0
+        self._memory: list[AnswerRecord] | None = []  # the active segment's records
         self.closed: list[Segment] = []  # rotated, not yet all in the database, oldest first
 
     def _open_segment(self) -> tuple[int, Path]:
@@ -129,9 +142,10 @@ class Spool:
         path = self.folder / f"{self.owner}.{self._seq:08d}.spool"
         return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND, 0o644), path
 
-    def append(self, line: bytes) -> None:
-        """One record, in the page cache when this returns (see the module's docstring); an
-        OSError (disk full, ...) is the caller's to count."""
+    def append(self, line: bytes, record: AnswerRecord | None = None) -> None:
+        """One record's line, in the page cache when this returns (see the module's docstring);
+        an OSError (disk full, ...) is the caller's to count. record: the line's record, kept
+        in memory for the writer (without it, the writer reads the segment's file)."""
         with self._lock:
             try:
                 written = os.write(self._fd, line)
@@ -144,6 +158,11 @@ class Spool:
                 raise
             self._records += 1
             self._bytes += len(line)
+            if self._memory is not None:
+                if record is None or len(self._memory) >= MEMORY_RECORDS:
+                    self._memory = None
+                else:
+                    self._memory.append(record)
 
     @property
     def active_records(self) -> int:
@@ -159,8 +178,9 @@ class Spool:
         with self._lock:
             fd, self._fd = self._fd, fd
             path, self._path = self._path, path
-            segment = Segment(path, self._records)
+            segment = Segment(path, self._records, memory=self._memory)
             self._records = self._bytes = 0
+            self._memory = []
         os.close(fd)
         self.closed.append(segment)
         return segment
