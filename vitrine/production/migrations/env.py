@@ -11,6 +11,7 @@ import os
 
 from alembic import context
 
+from vitrine.production import reviews  # noqa: F401  (its table is part of the schema)
 from vitrine.production.records import create_engine, metadata
 
 
