@@ -36,6 +36,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "evaluate": ("vitrine.evaluation.settings", "EvaluateConfig"),
     "package": ("stages.package", "PackageConfig"),
     "serve": ("vitrine.contracts", "ServeConfig"),
+    "feedback": ("pipeline.feedback", "FeedbackConfig"),
     "flow": ("pipeline.config", "FlowConfig"),
 }
 # Keys inside a section whose type no field declares: serve.by_candidate's entries are merged
