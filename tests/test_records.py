@@ -32,7 +32,7 @@ from vitrine.production import records as records_module
 from vitrine.production import reviews as _reviews  # noqa: F401  (its table is in the schema)
 from vitrine.production import spool as spool_module
 from vitrine.production.photos import PhotoStore
-from vitrine.production.recorder import Recorder, photo_sha256
+from vitrine.production.recorder import Recorder, open_recorder, photo_sha256
 from vitrine.production.records import (
     RECORD_URL_ENV,
     AnswerRecord,
@@ -487,3 +487,8 @@ def test_the_default_records_are_ignored_by_git_and_no_dvc_output() -> None:
         o for o in outputs if production.is_relative_to(o) or Path(o).is_relative_to(production)
     ]
     assert clashes == []
+
+
+def test_recording_can_be_turned_off(tmp_path: Path) -> None:
+    assert open_recorder(record_config(tmp_path, enabled=False)) is None
+    assert not (tmp_path / "spool").exists() and not (tmp_path / "photos").exists()
