@@ -2,7 +2,10 @@
 
 Each dvc.yaml stage (foreach/matrix items expanded) is one task running
 `dvc repro --single-item <stage>`, upstream stages first, so DVC alone decides what is
-out of date and a Prefect run and a hand-run `dvc repro` always agree.
+out of date and a Prefect run and a hand-run `dvc repro` always agree. Before the stages,
+when params.yaml records answers (serve.record), a task exports the moderators' reviewed
+labels into the catalog collect reads (pipeline/feedback.py); the run's report says how many
+reviewed photos went in.
 
 `python -m pipeline.flows [PROJECT_DIR] [-S key=value ...] [--if-changed]` runs once,
 locally. No Prefect server needs to be set up: with no PREFECT_API_URL, Prefect 3's
@@ -37,7 +40,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from pipeline import project
+from pipeline import feedback, project
 from pipeline.config import FlowConfig, load_flow_config
 from pipeline.workspace import (
     OverrideError,
@@ -70,12 +73,22 @@ class PublishError(RuntimeError):
     """`dvc push` or `git commit` after a promotion failed."""
 
 
+class FeedbackOutcome(TypedDict):
+    """What the export of the moderators' labels did (pipeline/feedback.py)."""
+
+    exported: int  # reviewed answers in the catalog, each with its photo
+    left_out: int  # reviewed answers without a photo (retention deleted it before an export)
+    catalog: str
+    skipped: str  # why nothing was exported ("" when it ran): the previous catalog stands
+
+
 class RetrainSummary(TypedDict):
     stages: list[str]
     durations_s: dict[str, float]
     promoted: bool
     published: list[str]  # what was done after a promotion (push, commit)
     artifact_id: str
+    feedback: FeedbackOutcome | None  # None: recording is not configured in params.yaml
 
 
 class ChangeCheck(TypedDict):
@@ -167,6 +180,42 @@ def repro_stage(stage: str, project_dir: Path, timeout_s: float) -> float:
     return round(time.perf_counter() - start, 3)
 
 
+@task(task_run_name="export reviewed labels", cache_policy=NO_CACHE)
+def export_reviewed_labels(project_dir: Path) -> FeedbackOutcome:
+    """The moderators' labels as the catalog collect reads (pipeline/feedback.py), written
+    before anything looks at paths.raw. An export that cannot run (no answers database on this
+    machine, the database down, another database) is a warning, not a failure: the last
+    export's catalog stands and the run trains on it."""
+    logger = get_run_logger()
+    try:
+        report = feedback.export_from_params(project_dir)
+    except feedback.FeedbackError as err:
+        catalog = feedback.catalog_path(project_dir)
+        logger.warning("Reviewed labels not exported: %s; the last export's catalog stands", err)
+        return {
+            "exported": len(feedback.previous_ids(catalog)),
+            "left_out": 0,
+            "catalog": str(catalog.relative_to(project_dir)),
+            "skipped": str(err),
+        }
+    for line in feedback.summary_lines(report):
+        logger.info(line)
+    return {
+        "exported": report["exported"],
+        "left_out": report["left_out"],
+        "catalog": report["catalog"],
+        "skipped": "",
+    }
+
+
+def export_if_recorded(project_dir: Path) -> FeedbackOutcome | None:
+    """export_reviewed_labels when params.yaml records answers (serve.record) and has a
+    feedback block; None otherwise."""
+    if feedback.recording_problem(load_params(project_dir / "params.yaml")):
+        return None
+    return export_reviewed_labels(project_dir)
+
+
 def run_stages(project_dir: Path, stages: list[str], config: FlowConfig) -> dict[str, float]:
     durations = {}
     for stage in stages:
@@ -199,11 +248,15 @@ def report_markdown(
     promotion: dict[str, Any] | None,
     links: list[str],
     overrides: dict[str, Any] | None,
+    reviewed: FeedbackOutcome | None = None,
 ) -> str:
-    """The run's Markdown artifact: stages, metrics, promotion decision, report links."""
+    """The run's Markdown artifact: reviewed labels, stages, metrics, promotion decision,
+    report links."""
     lines = ["# Retrain report", ""]
     if overrides:
         lines += [f"Parameter overrides for this run only: `{json.dumps(overrides)}`", ""]
+    if reviewed is not None:
+        lines += ["## Reviewed labels", "", feedback_markdown(reviewed), ""]
     lines += ["## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in durations.items()]
     lines += ["", "## Metrics", "", "| file | metric | value |", "|---|---|---:|"]
@@ -218,6 +271,18 @@ def report_markdown(
     lines += ["", "## Reports", ""]
     lines += [f"- {link}" for link in links]
     return "\n".join(lines) + "\n"
+
+
+def feedback_markdown(reviewed: FeedbackOutcome) -> str:
+    photos = f"{reviewed['exported']} reviewed production photo(s) with the moderators' labels"
+    if reviewed["skipped"]:
+        return (
+            f"Not exported this run: {reviewed['skipped']}. The last export's catalog went in: "
+            f"{photos} (`{reviewed['catalog']}`)."
+        )
+    gone = reviewed["left_out"]
+    left_out = f"; {gone} reviewed answer(s) left out, their photo gone" if gone else ""
+    return f"{photos} went in: `{reviewed['catalog']}`, a source collect reads{left_out}."
 
 
 def _run(args: list[str], project_dir: Path, what: str) -> str:
@@ -272,6 +337,8 @@ def retrain(
     config = load_flow_config(project_dir)
     with workspace_lock(project_dir, config.lock_wait_s, owner=f"flow run {flow_run.get_name()}"):
         repair_interrupted_run(project_dir)
+        # Before the fingerprint: the export is part of what this run trains on.
+        reviewed = export_if_recorded(project_dir)
         paths = load_params(project_dir / "params.yaml")["paths"]
         started_from = fingerprint(project_dir, Path(paths["raw"]))
         with params_overridden(project_dir, overrides):
@@ -283,7 +350,7 @@ def retrain(
         promoted = bool(promotion and promotion.get("promoted"))
         links = [link for r in pipeline.reports if (link := report_link(project_dir, r))]
         artifact_id = create_markdown_artifact(
-            report_markdown(durations, metric_rows, promotion, links, overrides),
+            report_markdown(durations, metric_rows, promotion, links, overrides, reviewed),
             key=REPORT_KEY,
             description="Metrics, promotion decision and reports of a retrain",
         )
@@ -298,6 +365,7 @@ def retrain(
         "promoted": promoted,
         "published": published,
         "artifact_id": str(artifact_id),
+        "feedback": reviewed,
     }
 
 
@@ -329,6 +397,7 @@ def retrain_if_changed(project_dir: Path = REPO_ROOT) -> ChangeCheck:
     try:
         with workspace_lock(project_dir, config.lock_wait_s, owner=owner):
             repair_interrupted_run(project_dir)
+            export_if_recorded(project_dir)  # new reviews change the sources under paths.raw
             reasons = why_retrain(project_dir)
             if not reasons:
                 last = load_last_success(project_dir)

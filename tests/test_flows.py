@@ -33,6 +33,9 @@ from pipeline.flows import (
 from pipeline.project import read_pipeline
 from pipeline.workspace import OverrideError, WorkspaceBusy, release_dead_dvc_locks
 from tests.helpers import PREFECT_START_TIMEOUT_S
+from tests.helpers.feedback import record_answer
+from vitrine.production.records import RecordStore
+from vitrine.production.reviews import add_review
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -451,6 +454,73 @@ def test_an_override_run_is_not_a_baseline_so_the_next_check_retrains(tmp_path: 
     assert check["retrained"]
     assert any(r.startswith("see: changed deps params.yaml") for r in check["reasons"])
     assert (project / "seen.txt").read_text() == "1"
+
+
+def recording_project(root: Path) -> Path:
+    """A one-stage project whose params record answers into answers.sqlite, photos in photos/,
+    and export the reviewed ones to raw/reviewed/catalog.csv."""
+    project = make_project(root, {"zeta": step("zeta", ["raw"])})
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["serve"] = {"record": {"url": "sqlite:///answers.sqlite", "photos": "photos"}}
+    params["feedback"] = {"catalog": "reviewed/catalog.csv", "report": "feedback.json"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
+
+
+def review_new_answer(project: Path, seed: int, label: str) -> None:
+    store = RecordStore(f"sqlite:///{project / 'answers.sqlite'}")
+    try:
+        store.migrate()
+        add_review(store, record_answer(store, project / "photos", seed).request_id, label, "ana")
+    finally:
+        store.close()
+
+
+def test_reviewed_labels_are_exported_before_the_stages_and_reported(tmp_path: Path) -> None:
+    project = recording_project(tmp_path / "p")
+    review_new_answer(project, 1, "phone")
+
+    summary = retrain(project_dir=project)
+    unchanged = retrain_if_changed(project_dir=project)
+    review_new_answer(project, 2, "laptop")
+    reviewed = retrain_if_changed(project_dir=project)
+
+    assert summary["feedback"] == {
+        "exported": 1,
+        "left_out": 0,
+        "catalog": "raw/reviewed/catalog.csv",
+        "skipped": "",
+    }
+    with get_client(sync_client=True) as client:
+        path = {"id": summary["artifact_id"]}
+        markdown = client.request("GET", "/artifacts/{id}", path_params=path).json()["data"]
+    assert "## Reviewed labels" in markdown
+    assert "1 reviewed production photo(s) with the moderators' labels went in" in markdown
+    assert not unchanged["retrained"]  # the same reviews export the same bytes
+    assert reviewed["retrained"]
+    assert any(r.startswith("zeta: changed deps raw") for r in reviewed["reasons"])
+    # what `dvc status` cannot see behind the inventory stage, the sources' fingerprint does
+    assert any(r.startswith("sources under raw changed") for r in reviewed["reasons"])
+    assert reviewed["summary"] and reviewed["summary"]["feedback"]
+    assert reviewed["summary"]["feedback"]["exported"] == 2
+    assert run_order(project) == ["zeta", "zeta"]
+
+
+def test_a_retrain_without_the_answers_database_trains_on_the_last_export(tmp_path: Path) -> None:
+    project = recording_project(tmp_path / "p")
+
+    summary = retrain(project_dir=project)
+
+    assert summary["feedback"] is not None
+    assert summary["feedback"]["exported"] == 0
+    assert summary["feedback"]["skipped"].startswith("no answers database at")
+    assert run_order(project) == ["zeta"]
+    assert not (project / "answers.sqlite").exists()
+
+
+def test_a_project_that_records_no_answers_exports_nothing(first_run: tuple[Path, dict]) -> None:
+    _, summary = first_run
+    assert summary["feedback"] is None
 
 
 def publishing_project(root: Path, promoted: bool, remote: Path) -> Path:
