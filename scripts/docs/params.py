@@ -38,6 +38,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "serve": ("vitrine.contracts", "ServeConfig"),
     "feedback": ("pipeline.feedback", "FeedbackConfig"),
     "flow": ("pipeline.config", "FlowConfig"),
+    "monitor": ("pipeline.monitor", "MonitorConfig"),
 }
 # Keys inside a section whose type no field declares: serve.by_candidate's entries are merged
 # over the serve: block and validated as ServeConfig (vitrine/packaging/bundle.py). Their
