@@ -4,14 +4,18 @@ PostgreSQL server."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.feedback import (
     FeedbackError,
@@ -20,11 +24,23 @@ from pipeline.feedback import (
     export_reviewed,
     main,
 )
+from stages.dedupe import DedupeConfig, NoiseConfig, dedupe
+from stages.prepare import (
+    PrepareConfig,
+    assign_split,
+    clustered_splits,
+    leakage_report,
+    split_manifest,
+)
 from tests.helpers import REPO
 from tests.helpers.collect_runs import config, run
 from tests.helpers.feedback import feedback_params, record_answer
+from tests.helpers.photos import encode
+from tests.helpers.records import sample_answer
 from vitrine.ingest.inventory import inventory_digest
 from vitrine.ingest.records import Source
+from vitrine.production.photos import PhotoStore
+from vitrine.production.recorder import photo_sha256
 from vitrine.production.records import RECORD_URL_ENV, RecordStore
 from vitrine.production.reviews import add_review
 
@@ -212,3 +228,64 @@ def test_no_database_or_no_recording_is_an_error_that_creates_nothing(
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(FeedbackError, match=r"serve\.record\.enabled is false"):
         export_from_params(project)
+
+
+def near_copy(photo: bytes, quality: int) -> bytes:
+    """The photo as a seller uploads it again: slightly smaller, recompressed."""
+    image = Image.open(io.BytesIO(photo))
+    return encode(image.resize((image.width - 6, image.height - 4)), "JPEG", quality=quality)
+
+
+def test_a_reviewed_near_copy_of_a_test_photo_lands_in_the_test_split(
+    class_folder: Path, tmp_path: Path
+) -> None:
+    """Dedupe clusters a reviewed photo with its near copies from other sources, and the cluster
+    split puts it with them: a production photo of a test product never trains the model."""
+    raw = tmp_path  # the folder source "photos" (class_folder) and the reviewed catalog
+    prep = PrepareConfig(("laptop", "phone"), 32, val_fraction=0.2, test_fraction=0.2, seed=7)
+    sources = (Source("folder", "photos"), REVIEWED)
+    before = run(config(sources[0]), raw, tmp_path / "before")
+    tested = next(
+        (i, r) for i, r in before.iterrows() if assign_split(r["sha256"][:16], prep) == "test"
+    )
+    original = (class_folder / tested[0]).read_bytes()
+    # A copy whose sha256 sorts after the original's keeps the cluster's key (its smallest
+    # member's): the cluster, and the split drawn from that key, stay what they were.
+    copy = next(
+        c
+        for q in range(60, 100)
+        if photo_sha256(c := near_copy(original, q))[:16] > tested[1]["sha256"][:16]
+    )
+    store = RecordStore(f"sqlite:///{tmp_path / 'answers.sqlite'}")
+    store.migrate()
+    try:
+        answer = dataclasses.replace(sample_answer(1), image_sha256=photo_sha256(copy))
+        store.insert([answer])
+        PhotoStore(tmp_path / "store", 0, 0).keep(copy, answer.image_sha256)
+        add_review(store, answer.request_id, tested[1]["label"], "ana")
+        export_reviewed(store, tmp_path / "store", raw / "reviewed" / "catalog.csv")
+    finally:
+        store.close()
+
+    manifest = run(config(*sources), raw, tmp_path / "after").reset_index()
+    accepted = manifest[manifest["status"] == "accepted"]
+    descriptors = np.random.default_rng(0).normal(size=(len(accepted), 16)).astype(np.float32)
+    position = {row_id: n for n, row_id in enumerate(accepted["id"])}
+    descriptors[position[answer.request_id]] = descriptors[position[tested[0]]]  # alike
+    descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
+    noise = NoiseConfig(folds=3, seed=0, min_outlier_score=3.0, max_candidates=10)
+    dedupe_config = DedupeConfig(("laptop", "phone"), "largest", ((6, 0.95),), 8, noise)
+    no_decisions = pd.DataFrame(columns=["id", "decision", "new_label", "note"])
+    deduped = dedupe(manifest, descriptors, descriptors, no_decisions, dedupe_config)
+
+    rows = deduped.set_index("id")
+    assert rows.loc[answer.request_id, "cluster_id"] == rows.loc[tested[0], "cluster_id"]
+    assert {rows.loc[answer.request_id, "status"], rows.loc[tested[0], "status"]} == {
+        "kept",
+        "duplicate",
+    }
+    splits = clustered_splits(deduped, prep)
+    by_id = pd.Series(splits.to_numpy(), index=deduped.loc[splits.index, "id"])
+    assert by_id[answer.request_id] == by_id[tested[0]] == "test"
+    prepared = split_manifest(deduped, prep)
+    assert leakage_report(deduped, prepared, prep)["leaked_val_test_photos"] == 0
