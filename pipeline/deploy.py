@@ -1,11 +1,12 @@
-"""Scheduled retraining: the `retrain` and `retrain_if_changed` deployments.
+"""Scheduled runs: the `retrain`, `retrain_if_changed` and `monitor` deployments.
 
-`python -m pipeline.deploy [PROJECT_DIR]` serves both in this process, on the crons and
-timezone of params.yaml's `flow:` block, until stopped (Ctrl-C). Point PREFECT_API_URL at a
-Prefect server first (`prefect server start`) to see runs in its UI; without one, Prefect's
-ephemeral mode keeps the runs only while this process lives.
+`python -m pipeline.deploy [PROJECT_DIR]` serves all three in this process until stopped
+(Ctrl-C): the two retraining flows on the crons of params.yaml's `flow:` block, the drift
+monitor on `monitor.cron`, all in `flow.timezone`. Point PREFECT_API_URL at a Prefect server
+first (`prefect server start`) to see runs in its UI; without one, Prefect's ephemeral mode
+keeps the runs only while this process lives.
 
-`python -m pipeline.deploy --work-pool POOL` instead registers both deployments with the
+`python -m pipeline.deploy --work-pool POOL` instead registers the deployments with the
 Prefect server and its process work pool POOL, and returns; a worker started with
 `prefect worker start --pool POOL` on a machine with this repository and its venv runs them.
 """
@@ -24,10 +25,12 @@ from prefect.schedules import Cron
 
 from pipeline.config import load_flow_config
 from pipeline.flows import REPO_ROOT, retrain, retrain_if_changed
+from pipeline.monitor import load_monitor_config, monitor
 
 
 def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
     config = load_flow_config(project_dir)
+    monitor_cron = load_monitor_config(project_dir).cron
     parameters = {"project_dir": str(project_dir)}
     # A module entrypoint (`pipeline.flows.retrain`) lets a process worker import the flow
     # from the installed package: no image and no code storage to set up.
@@ -50,6 +53,15 @@ def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )
         ),
+        _built(
+            monitor.to_deployment(
+                name="drift",
+                schedules=[Cron(monitor_cron, timezone=config.timezone)],
+                description="Recorded answers against the test set; retrain on drift.",
+                parameters=parameters,
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        ),
     ]
 
 
@@ -64,7 +76,7 @@ def _built(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Serve or register the retraining schedules.")
+    parser = argparse.ArgumentParser(description="Serve or register the scheduled flows.")
     parser.add_argument("project_dir", nargs="?", type=Path, default=REPO_ROOT)
     parser.add_argument(
         "--work-pool", metavar="POOL", help="register with this process work pool, do not serve"

@@ -25,9 +25,11 @@ def prefect_backend() -> Iterator[None]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    flow = yaml.safe_load((REPO / "params.yaml").read_text())["flow"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    flow, monitor = params["flow"], params["monitor"]
     flow.update(timezone="America/Sao_Paulo", retrain_cron="15 4 * * 2", check_cron="*/20 * * * *")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": flow}))
+    monitor.update(cron="45 5 * * *")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": flow, "monitor": monitor}))
     return tmp_path
 
 
@@ -36,17 +38,20 @@ def schedules(deployment: object) -> list[tuple[str, str]]:
 
 
 def test_deployments_take_cron_and_timezone_from_params(project: Path) -> None:
-    scheduled, on_change = build_deployments(project)
+    scheduled, on_change, drift = build_deployments(project)
 
     assert (scheduled.flow_name, scheduled.name) == ("retrain", "scheduled")
     assert schedules(scheduled) == [("15 4 * * 2", "America/Sao_Paulo")]
     assert (on_change.flow_name, on_change.name) == ("retrain-if-changed", "on-change")
     assert schedules(on_change) == [("*/20 * * * *", "America/Sao_Paulo")]
-    for deployment in (scheduled, on_change):
+    assert (drift.flow_name, drift.name) == ("monitor", "drift")
+    assert schedules(drift) == [("45 5 * * *", "America/Sao_Paulo")]
+    for deployment in (scheduled, on_change, drift):
         assert deployment.parameters == {"project_dir": str(project)}
         assert deployment.entrypoint in {
             "pipeline.flows.retrain",
             "pipeline.flows.retrain_if_changed",
+            "pipeline.monitor.monitor",
         }
 
 
@@ -58,6 +63,7 @@ def test_register_with_a_work_pool(project: Path, prefect_backend: None) -> None
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/scheduled")
+        drift = client.read_deployment_by_name("monitor/drift")
     assert deployment.work_pool_name == "vitrine-test"
     assert deployment.entrypoint == "pipeline.flows.retrain"
     [schedule] = deployment.schedules
@@ -65,3 +71,6 @@ def test_register_with_a_work_pool(project: Path, prefect_backend: None) -> None
         "15 4 * * 2",
         "America/Sao_Paulo",
     )
+    assert (drift.work_pool_name, drift.entrypoint) == ("vitrine-test", "pipeline.monitor.monitor")
+    [schedule] = drift.schedules
+    assert schedule.schedule.cron == "45 5 * * *"
