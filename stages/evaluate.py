@@ -11,7 +11,9 @@ accuracy by default; ties: accuracy, then name); only the winner is scored on th
 so the test set never influences a choice. On the winner's val predictions evaluate also fits
 the abstain threshold: the confidence below which sending a photo to human review (at
 `review_cost`) earns more than trusting the model. The service reads that threshold from the
-packaged model.
+packaged model. The test photos that come from the moderators' reviewed catalog
+(params.yaml feedback.catalog, exported by pipeline/feedback.py) are scored on their own too:
+how the winner does on production photos (evaluate.json `reviewed`).
 
 Writes <paths.evaluate_report> (vitrine.contracts.EvaluationReport), the candidates table
 (<paths.candidates_report>, as Markdown <paths.candidates_table>), the winner's test predictions
@@ -32,7 +34,14 @@ import numpy as np
 import pandas as pd
 
 from vitrine.config import Paths, load_params, load_paths
-from vitrine.contracts import CHECKPOINT, EvaluationReport, as_dict, write_evaluation, write_served
+from vitrine.contracts import (
+    CHECKPOINT,
+    EvaluationReport,
+    ReviewedScores,
+    as_dict,
+    write_evaluation,
+    write_served,
+)
 from vitrine.data.splits import labelled_split, prepared_manifest_path
 from vitrine.evaluation import metrics
 from vitrine.evaluation.candidates import (
@@ -49,6 +58,7 @@ from vitrine.evaluation.settings import (
     check_config,
     check_int8,
     load_config,
+    reviewed_source,
 )
 from vitrine.runtime.decisions import chosen
 from vitrine.runtime.onnx import onnx_proba
@@ -66,8 +76,14 @@ class Evaluation:
 
 
 def evaluate(
-    config: EvaluateConfig, candidates: tuple[str, ...], prepared: Path, models: Path
+    config: EvaluateConfig,
+    candidates: tuple[str, ...],
+    prepared: Path,
+    models: Path,
+    reviewed: str = "",
 ) -> Evaluation:
+    """reviewed: the manifest source of the moderators' reviewed production photos, whose test
+    photos get their own figure (settings.reviewed_source); "" for none."""
     values = check_config(config)
     check_int8(config, candidates)
     val = labelled_split(prepared, "val", config.classes)
@@ -94,6 +110,8 @@ def evaluate(
     val_ece, _ = metrics.expected_calibration_error(y_val, val_proba[winner], bins)
     test_ece, curve = metrics.expected_calibration_error(y_test, test_proba, bins)
     abstain = abstain_summary(y_val, val_proba[winner], y_test, test_proba, values)
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    predictions = predictions_table(manifest, test_proba, values, abstain["threshold"])
     report = EvaluationReport(
         winner=winner,
         primary_metric=config.primary_metric,
@@ -105,9 +123,8 @@ def evaluate(
         calibration={"val_ece": val_ece, "test_ece": test_ece, "bins": bins},
         abstain=abstain,
         served={name: model.record for name, model in served.items()},
+        reviewed=reviewed_scores(predictions, values, reviewed),
     )
-    manifest = pd.read_parquet(prepared_manifest_path(prepared))
-    predictions = predictions_table(manifest, test_proba, values, abstain["threshold"])
     candidates_table = {name: metrics.scalar_scores(s) for name, s in table.items()}
     return Evaluation(report, candidates_table, served, predictions, curve, x_test, values)
 
@@ -129,6 +146,28 @@ def predictions_table(
     for i, c in enumerate(classes):
         table[f"p_{c}"] = proba[:, i]
     return table
+
+
+def reviewed_scores(
+    predictions: pd.DataFrame, values: metrics.ValueModel, source: str
+) -> ReviewedScores:
+    """The winner's answers on the test photos from `source` alone (its accuracy and
+    business-weighted accuracy over them); null scores when there are none."""
+    rows = predictions[predictions["source"] == source] if source else predictions.iloc[:0]
+    if rows.empty:
+        return ReviewedScores(source=source)
+    index = {c: i for i, c in enumerate(values.classes)}
+    y_true = rows["label"].map(index).to_numpy()
+    y_pred = rows["predicted"].map(index).to_numpy()
+    worth = float(values.value[y_true].sum())
+    return ReviewedScores(
+        source=source,
+        n=len(rows),
+        accuracy=float((y_true == y_pred).mean()),
+        business_weighted_accuracy=(
+            metrics.business_weighted_accuracy(y_true, y_pred, values.value) if worth else None
+        ),
+    )
 
 
 def candidates_markdown(
@@ -189,7 +228,8 @@ def write_outputs(result: Evaluation, paths: Paths, mistakes_shown: int) -> None
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), load_config(params)
-    result = evaluate(config, candidate_names(params), paths.prepared, paths.model)
+    names = candidate_names(params)
+    result = evaluate(config, names, paths.prepared, paths.model, reviewed_source(params))
     write_outputs(result, paths, config.mistakes_shown)
     report = result.report
     print(candidates_markdown(result.candidates, report.ranking, config.primary_metric))
@@ -198,6 +238,14 @@ def main() -> None:
         f"{report.test[config.primary_metric]:.4f}, accuracy {report.test['accuracy']:.4f}, "
         f"abstain below {report.abstain_threshold:.3f}"
     )
+    reviewed = report.reviewed
+    if reviewed.n:
+        weighted = reviewed.business_weighted_accuracy
+        print(
+            f"evaluate: {reviewed.n} reviewed production photo(s) among the test photos: "
+            f"accuracy {reviewed.accuracy:.4f}, business-weighted accuracy "
+            + ("null" if weighted is None else f"{weighted:.4f}")
+        )
 
 
 if __name__ == "__main__":

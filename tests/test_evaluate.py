@@ -29,12 +29,18 @@ from tests.helpers.candidates import (
 )
 from tests.helpers.candidates import evaluate_config as config
 from vitrine.config import load_params, load_paths
-from vitrine.contracts import as_dict
+from vitrine.contracts import as_dict, read_evaluation
 from vitrine.data.splits import load_split, prepared_manifest_path
 from vitrine.evaluation.candidates import rank_candidates
 from vitrine.evaluation.metrics import Taxonomy, value_model
 from vitrine.evaluation.report import MAX_MATRIX_CLASSES, confusion_section
-from vitrine.evaluation.settings import EvaluateConfig, candidate_names, check_config, load_config
+from vitrine.evaluation.settings import (
+    EvaluateConfig,
+    candidate_names,
+    check_config,
+    load_config,
+    reviewed_source,
+)
 from vitrine.model.export import checkpoint_digest
 from vitrine.model.networks import build_predictor
 from vitrine.runtime.onnx import onnx_proba, predict_logits, softmax
@@ -58,6 +64,8 @@ def models(tmp_path: Path) -> Path:
 
 def test_repository_params_load_and_check() -> None:
     params = load_params(REPO / "params.yaml")
+    assert reviewed_source(params) == "catalog:reviewed/catalog.csv"
+    assert {"kind": "catalog", "path": "reviewed/catalog.csv"} in params["collect"]["sources"]
     cfg = load_config(params)
     values = check_config(cfg)
     assert values.classes == tuple(params["classes"])
@@ -215,6 +223,38 @@ def test_test_scores_of_the_winner_by_hand(prepared: Path, models: Path) -> None
     assert abstain["val_expected_value_per_1000"] == pytest.approx(1000 * 7.6 / 8)
     assert abstain["test_expected_value_per_1000"] == pytest.approx(1000 * (6 * 0.7 + 2 * 1.2) / 8)
     assert abstain["test_accuracy_when_decided"] is None
+
+
+def test_reviewed_production_photos_get_their_own_test_figure(
+    prepared: Path, models: Path, tmp_path: Path
+) -> None:
+    """always_laptop; the reviewed test photos: test-5 (a laptop, right), test-6 and test-7
+    (phones, worth 1.5 each, wrong)."""
+    source = "catalog:reviewed/catalog.csv"
+    manifest = pd.read_parquet(prepared_manifest_path(prepared))
+    manifest.loc[manifest["id"].isin(["test-5", "test-6", "test-7", "val-0"]), "source"] = source
+    manifest.to_parquet(prepared_manifest_path(prepared))
+
+    result = evaluate(config(), ("always_laptop",), prepared, models, reviewed=source)
+    elsewhere = evaluate(config(), ("always_laptop",), prepared, models, reviewed="catalog:x.csv")
+
+    assert as_dict(result.report)["reviewed"] == {
+        "source": source,
+        "n": 3,
+        "accuracy": pytest.approx(1 / 3),
+        "business_weighted_accuracy": pytest.approx(1 / (1 + 2 * 1.5)),
+    }
+    assert as_dict(elsewhere.report)["reviewed"] == {
+        "source": "catalog:x.csv",
+        "n": 0,
+        "accuracy": None,
+        "business_weighted_accuracy": None,
+    }
+    # A report written before the figure existed still loads, with no reviewed photos.
+    old = as_dict(result.report)
+    del old["reviewed"]
+    (tmp_path / "evaluate.json").write_text(json.dumps(old))
+    assert read_evaluation(tmp_path / "evaluate.json").reviewed.n == 0
 
 
 def test_predictions_table_lines_up_with_the_test_photos(prepared: Path, models: Path) -> None:

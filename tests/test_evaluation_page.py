@@ -90,6 +90,33 @@ def test_page_shows_every_section() -> None:
     assert "test-2 true phone predicted laptop confidence 0.600 (sent to review) cost 0.25" in text
 
 
+def test_the_reviewed_production_photos_have_their_own_line() -> None:
+    args = inputs(("phone", "laptop"))
+    source = "catalog:reviewed/catalog.csv"
+    assert "Reviewed production photos" not in visible(render_report(*args))  # none configured
+
+    args[0]["reviewed"] = {
+        "source": source,
+        "n": 3,
+        "accuracy": 2 / 3,
+        "business_weighted_accuracy": 0.5,
+    }
+    text = visible(render_report(*args))
+    assert (
+        f"Reviewed production photos (moderators' labels, source {source}): on the 3 among the "
+        "test photos, accuracy 0.6667, business-weighted accuracy 0.5000." in text
+    )
+
+    args[0]["reviewed"] = {
+        "source": source,
+        "n": 0,
+        "accuracy": None,
+        "business_weighted_accuracy": None,
+    }
+    text = visible(render_report(*args))
+    assert f"(moderators' labels, source {source}): none among the test photos yet." in text
+
+
 def test_hostile_class_candidate_and_photo_names_are_escaped() -> None:
     args = inputs((HOSTILE, "laptop"), winner=HOSTILE, photo_id=HOSTILE)
     page = render_report(*args)

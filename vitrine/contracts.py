@@ -138,6 +138,17 @@ def read_served(folder: Path) -> tuple[bytes, ServedRecord]:
 
 
 @params_block
+class ReviewedScores:
+    """The winner on the test photos moderators labelled in production (the reviewed catalog
+    pipeline/feedback.py exports), on their own: production photos are not the catalog's."""
+
+    source: str = ""  # their manifest source, catalog:<feedback.catalog> ("": none configured)
+    n: int = 0  # test photos from it; 0: the scores are null
+    accuracy: float | None = None
+    business_weighted_accuracy: float | None = None  # null too when they are worth nothing
+
+
+@params_block
 class EvaluationReport:
     """evaluate.json: the winner on val, its scores, calibration and abstain threshold."""
 
@@ -151,6 +162,9 @@ class EvaluationReport:
     calibration: dict[str, Any]  # expected calibration error on val and test
     abstain: dict[str, Any]  # threshold (0.0: never) and what it does on val and test
     served: dict[str, ServedRecord]  # per candidate
+    # The winner on the reviewed production photos among the test photos (a default: reports
+    # written before the figure existed still load).
+    reviewed: ReviewedScores = field(default_factory=ReviewedScores)
 
     @property
     def abstain_threshold(self) -> float:

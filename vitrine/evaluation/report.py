@@ -247,6 +247,23 @@ def served_as(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def reviewed_summary(reviewed: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The winner on the reviewed production photos among the test photos (evaluate.json
+    `reviewed`); None when no reviewed source is configured (nothing to show)."""
+    if not reviewed or not reviewed.get("source"):
+        return None
+
+    def shown(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return {
+        "source": reviewed["source"],
+        "n": reviewed["n"],
+        "accuracy": shown(reviewed["accuracy"]),
+        "business_weighted_accuracy": shown(reviewed["business_weighted_accuracy"]),
+    }
+
+
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     test = report["test"]
     return {
@@ -258,6 +275,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "expected_value_per_1000": f"{test['expected_value_per_1000']:.1f}",
         "answers": ANSWERS[report["decision"]],
         "served": served_as(report),
+        "reviewed": reviewed_summary(report.get("reviewed")),
     }
 
 

@@ -42,6 +42,14 @@ def load_config(params: Mapping[str, Any]) -> EvaluateConfig:
     return stage_config(EvaluateConfig, "evaluate", params)
 
 
+def reviewed_source(params: Mapping[str, Any]) -> str:
+    """The manifest source of the moderators' reviewed photos, `catalog:<feedback.catalog>`
+    (pipeline/feedback.py exports that catalog, collect.sources lists it): evaluate scores the
+    test photos from it on their own. "" when params.yaml has no feedback block."""
+    catalog = (params.get("feedback") or {}).get("catalog")
+    return f"catalog:{catalog}" if catalog else ""
+
+
 def candidate_names(params: Mapping[str, Any]) -> tuple[str, ...]:
     names = tuple(params.get("candidates") or {})
     if not names:
