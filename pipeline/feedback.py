@@ -295,7 +295,10 @@ def export_from_params(project_dir: Path, *, replace: bool = False) -> dict[str,
     raw = project_dir / Path(params["paths"]["raw"])
     catalog = raw / config.catalog
     photos = project_dir / record.photos  # an absolute serve.record.photos stays as it is
-    store = RecordStore(database_url(record.url, project_dir))
+    try:
+        store = RecordStore(database_url(record.url, project_dir))
+    except (ValueError, sa.exc.ArgumentError) as err:  # not an sqlite or postgresql URL
+        raise FeedbackError(f"answers database: {err}") from err
     try:
         report = export_reviewed(store, photos, catalog, replace=replace)
     except sa.exc.SQLAlchemyError as err:

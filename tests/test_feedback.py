@@ -222,6 +222,9 @@ def test_no_database_or_no_recording_is_an_error_that_creates_nothing(
     monkeypatch.setenv(RECORD_URL_ENV, f"sqlite:///{tmp_path / 'elsewhere.sqlite'}")
     with pytest.raises(FeedbackError, match=r"elsewhere\.sqlite"):
         export_from_params(project)
+    monkeypatch.setenv(RECORD_URL_ENV, "mysql://db.example/answers")
+    with pytest.raises(FeedbackError, match="only sqlite and postgresql"):
+        export_from_params(project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["serve"]["record"]["enabled"] = False
