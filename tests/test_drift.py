@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks.monitor import main as benchmark
 from tests.helpers.html import HOSTILE, Text
 from tests.helpers.records import sample_answer
 from vitrine.production import drift
@@ -298,3 +299,9 @@ def test_the_page_of_an_empty_window_says_so() -> None:
     text = Text()
     text.feed(render_page(page_report(0)))
     assert "No answers in the window." in text.text
+
+
+def test_the_benchmark_summarises_every_row_it_inserts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert benchmark(["--rows", "3000", "--reviews", "100", "--repeat", "1"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("rows 3000  seconds ") and " rows/s " in last and " cpu " in last
