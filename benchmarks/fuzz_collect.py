@@ -79,6 +79,13 @@ def run_batch(name: str, examples: int, batch_seed: int, last: list[Any]) -> Non
     prop()
 
 
+def describe(err: BaseException) -> str:
+    """The error's first line; for a group (hypothesis' FlakyFailure is one), each member's."""
+    members = err.exceptions if isinstance(err, BaseExceptionGroup) else ()
+    head = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    return "; ".join([head, *(describe(e) for e in members)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
@@ -101,8 +108,7 @@ def main() -> None:
                 print(f"HANG {name} (seed {batch_seed}): {err}; example {last!r}", flush=True)
             except Exception as err:
                 crashes[name] += 1
-                head = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-                print(f"CRASH {name} (seed {batch_seed}): {head}", flush=True)
+                print(f"CRASH {name} (seed {batch_seed}): {describe(err)}", flush=True)
     minutes = (time.monotonic() - start) / 60
     print(f"\nfuzzed collect's readers for {minutes:.1f} min")
     print(f"{'property':<10} {'examples':>9} {'crashes':>8} {'hangs':>6}")
