@@ -273,7 +273,11 @@ def page_report(answers: int) -> dict[str, Any]:
         "abstain": {"recent_rate": 0.1, "test_rate": 0.0},
         "mismatch": {"checked": 0, "mismatched": 0, "rate": None},
         "images": {"embedded": 0, "missing": 3, "p_value": None},
-        "reviewed": {"reviewed": 2, "accuracy": 0.5, "pairs": [["laptop", "phone", 1]]},
+        "reviewed": {
+            "reviewed": 2 if answers else 0,
+            "accuracy": 0.5 if answers else None,
+            "pairs": [["laptop", "phone", 1], ["phone", "phone", 1]] if answers else [],
+        },
         "checks": [dataclasses.asdict(c) for c in checks],
         "crossed": [c.name for c in checks if c.crossed],
         "retrain": {"wanted": True, "enabled": True, "started": True},
@@ -293,12 +297,14 @@ def test_the_page_shows_its_plots_and_escapes_class_names() -> None:
     assert HOSTILE in text.text and HOSTILE not in page  # shown as text, never as markup
     assert "psi crossed its threshold" in text.text and "retrain flow was started" in text.text
     assert "deleted by retention" in text.text
+    assert "2 answers of the window have a standing review" in text.text
 
 
 def test_the_page_of_an_empty_window_says_so() -> None:
     text = Text()
     text.feed(render_page(page_report(0)))
     assert "No answers in the window." in text.text
+    assert "No answer of the window has been reviewed." in text.text
 
 
 def test_the_benchmark_summarises_every_row_it_inserts(capsys: pytest.CaptureFixture[str]) -> None:

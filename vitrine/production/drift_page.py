@@ -175,7 +175,7 @@ def monitor_page(report: dict[str, Any]) -> dict[str, Any]:
     window, recent, test = report["window"], report["answers"], report["test"]
     mix, confidence = report["class_mix"], report["confidence"]
     figures = [
-        ["answers in the window", recent["answers"], test["photos"] if test else None],
+        ["answers (test set: photos)", recent["answers"], test["photos"] if test else None],
         ["answers in the window before", recent["previous_window_answers"], None],
         ["mean confidence", confidence["recent_mean"], confidence["test_mean"]],
         ["abstain rate", report["abstain"]["recent_rate"], report["abstain"]["test_rate"]],
