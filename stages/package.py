@@ -65,6 +65,7 @@ def main() -> None:
     os.environ[MODEL_NAME_ENV] = cfg.model_name  # read by the service when the Bento is built
     report = read_evaluation(paths.evaluate_report)
     winner = report.winner
+    values = check_config(evaluation)
     info = export_package(
         paths.model / winner,
         paths.served / winner,
@@ -72,7 +73,9 @@ def main() -> None:
         paths.package,
         serve_settings(params, winner),
         provenance(params, paths.prepared, Path.cwd()),
-        check_config(evaluation).decision_gain(),
+        values.decision_gain(),
+        values.gain(),
+        values.review_cost,
     )
     champion = champion_folder(cfg.model_name)
     promotion = challenge(paths.package, champion, paths.prepared, evaluation)

@@ -262,6 +262,12 @@ class PackagedModel:
     # vitrine.runtime.decisions.decide's gain matrix, rows and columns in the classes' order,
     # as evaluate scored the model; None: the most probable class.
     decision_gain: tuple[tuple[float, ...], ...] | None = None
+    # The value model's gain matrix g(a, p) (value on the diagonal, -cost elsewhere; rows actual,
+    # columns answered) whatever evaluate.decision is, and evaluate.review_cost: what the review
+    # queue weighs a moderator's review with (vitrine.production.queue). Defaults for models
+    # packaged before they existed: () unknown, 0.0 no cost.
+    value_gain: tuple[tuple[float, ...], ...] = ()
+    review_cost: float = 0.0
 
     @property
     def version(self) -> str:

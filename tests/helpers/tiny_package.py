@@ -26,9 +26,12 @@ def package_tiny_model(
     serve: ServeConfig,
     decision_gain: np.ndarray | None = None,
     model_name: str | None = None,
+    value_gain: np.ndarray | None = None,
+    review_cost: float = 0.0,
 ) -> Path:
     """An untrained checkpoint (seed 0) through the package stage -> <root>/package (returned),
-    saved as `model_name` into a model store at <root>/home (BENTOML_HOME) when one is given."""
+    saved as `model_name` into a model store at <root>/home (BENTOML_HOME) when one is given;
+    value_gain and review_cost: the value model the review queue weighs answers with."""
     torch.manual_seed(0)
     module = ImageClassifier("cnn64", CLASSES, lr=1e-3)
     train = root / "train"
@@ -45,7 +48,17 @@ def package_tiny_model(
     (train / "model.json").write_text(json.dumps(info))
     served = serve_checkpoint(train, root / "served")
     report = evaluation_report({"accuracy": 0.5, "n": 2})
-    export_package(train, served, report, root / "package", serve, PROVENANCE, decision_gain)
+    export_package(
+        train,
+        served,
+        report,
+        root / "package",
+        serve,
+        PROVENANCE,
+        decision_gain,
+        value_gain,
+        review_cost,
+    )
     if model_name is not None:
         models = root / "home" / "models"
         models.mkdir(parents=True)

@@ -179,8 +179,11 @@ def packaged_model(
     serve: ServeConfig,
     card: Provenance,
     decision_gain: np.ndarray | None,
+    value_gain: np.ndarray | None = None,
+    review_cost: float = 0.0,
 ) -> PackagedModel:
-    """model.json of the package. record: served.json, how evaluate served the model."""
+    """model.json of the package. record: served.json, how evaluate served the model;
+    value_gain and review_cost: the value model's, which the review queue weighs with."""
     return PackagedModel(
         model=trained.model,
         classes=trained.classes,
@@ -196,6 +199,8 @@ def packaged_model(
         precision=record.precision,
         calibration=record.calibration,
         decision_gain=None if decision_gain is None else tuple(map(tuple, decision_gain.tolist())),
+        value_gain=() if value_gain is None else tuple(map(tuple, value_gain.tolist())),
+        review_cost=float(review_cost),
     )
 
 
@@ -283,13 +288,16 @@ def export_package(
     serve: ServeConfig,
     card: Provenance,
     decision_gain: np.ndarray | None,
+    value_gain: np.ndarray | None = None,
+    review_cost: float = 0.0,
 ) -> PackagedModel:
     """Checkpoint and served model -> <out_dir>/model.pt, model.onnx, model.json,
     model_card.md; returns model.json's content.
 
     model_dir is <paths.model>/<candidate>: its name is the candidate's. served_dir is
     <paths.served>/<candidate>, the model.onnx evaluate scored, shipped as it is.
-    decision_gain: the value model's ValueModel.decision_gain(), which the service decides with.
+    decision_gain: the value model's ValueModel.decision_gain(), which the service decides with;
+    value_gain (ValueModel.gain()) and review_cost: what its review queue ranks answers by.
     """
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
@@ -297,7 +305,17 @@ def export_package(
     onnx_bytes, record = served_for(served_dir, model_dir / CHECKPOINT)
     weights = weights_version(predictor, trained)
     info = packaged_model(
-        trained, model_dir.name, weights, record, onnx_bytes, report, serve, card, decision_gain
+        trained,
+        model_dir.name,
+        weights,
+        record,
+        onnx_bytes,
+        report,
+        serve,
+        card,
+        decision_gain,
+        value_gain,
+        review_cost,
     )
     write_package(out_dir, model_bytes, onnx_bytes, info)
     return info
