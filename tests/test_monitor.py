@@ -17,10 +17,11 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 import pipeline.monitor
-from pipeline.monitor import MonitorResult, monitor
+from pipeline.monitor import REPORT_KEY, MonitorResult, monitor
 from pipeline.workspace import WorkspaceBusy
 from tests.helpers import PREFECT_START_TIMEOUT_S, REPO
 from tests.helpers.html import Text
@@ -148,6 +149,11 @@ def test_a_shifted_window_starts_the_retrain_flow(tmp_path: Path, retrain: Retra
     assert report["images"]["p_value"] < 0.01
     assert "Drift: psi, chi2_p_value" in page
     assert "The retrain flow was started." in page
+    with get_client(sync_client=True) as client:
+        path = {"id": result["artifact_id"]}
+        artifact = client.request("GET", "/artifacts/{id}", path_params=path).json()
+    assert artifact["key"] == REPORT_KEY
+    assert "**Crossed: psi, chi2_p_value, mmd_p_value" in artifact["data"]
 
 
 def test_a_window_like_the_test_set_starts_nothing(
