@@ -6,4 +6,7 @@ answer's record durable before the answer leaves (`spool`), the uploaded photos 
 under a retention limit (`photos`), and the recorder that ties them together in the service
 (`recorder`: the request path appends, a background thread writes to the database; its
 Prometheus metrics in `metrics`). Light on purpose, like vitrine.runtime: the Bento ships it.
+Also owns what is read back from those records away from the service: the drift figures and
+statistics of a window of answers against the evaluated test set (`drift`, with scipy and
+pandas, which the service never imports) and their page (`drift_page`).
 """
