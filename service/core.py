@@ -25,6 +25,17 @@ STATUS = {
     "too_many_pixels": 413,
     "too_many_images": 413,
     "client_closed": 499,  # nginx's "client closed request": no one reads it, nothing failed
+    # The review routes (service/review.py):
+    "not_found": 404,  # reviewing is off (no VITRINE_REVIEW_TOKEN): as if the route were absent
+    "unauthorized": 401,  # no review token sent
+    "forbidden": 403,  # a review token that is not the service's
+    "bad_json": 400,
+    "bad_parameter": 400,
+    "unknown_answer": 404,  # no recorded answer has this request_id
+    "photo_missing": 404,  # the answer's photo is no longer kept (retention)
+    "unknown_photo": 404,  # no photo of dedupe's manifest has this id
+    "database_unavailable": 503,  # the answers database failed or is not migrated yet
+    "curation_unavailable": 503,  # dedupe's outputs are missing from the project folder
 }
 UNPROCESSABLE = 422
 # Photos up to this many pixels decode on the event loop (service.service.Classifier._prepare):

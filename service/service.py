@@ -6,6 +6,8 @@
     curl -F image=@a.jpg -F image=@b.jpg http://127.0.0.1:3000/classify_batch
     curl -F image=@photo.jpg -F declared_category=laptop http://127.0.0.1:3000/check_category
     GET /  the seller's upload page; /readyz, /livez, /metrics: BentoML's own.
+    GET /review  the moderators' page, and the review API under /review (service/review.py),
+    behind the token in VITRINE_REVIEW_TOKEN.
 
 One class-based service, one copy of the model per worker process (serve.workers; with more
 than one, service/rebalance.py keeps their keep-alive connections evenly spread). Uploads
@@ -62,6 +64,7 @@ from service.memory import hand_back_large_blocks
 from service.rebalance import KeepAliveRebalancer
 from service.recording import REQUEST_ID_HEADER, Answered, AnswerLog
 from service.responses import ResponsePolicy, page_policy
+from service.review import ReviewDesk, router
 from service.uploads import read_form
 from vitrine.contracts import DEFAULT_MODEL_NAME, MODEL_NAME_ENV, PackagedModel, read_packaged
 from vitrine.images import Rejected
@@ -89,6 +92,7 @@ async def _current_service() -> Any:
 # runs in its thread pool: a thread hop per request, 9% of the GIL's time at 32 concurrent
 # uploads (py-spy). The same lookup as a coroutine runs on the event loop.
 app.dependency_overrides[bentoml.get_current_service] = _current_service
+app.include_router(router)  # the moderators' review API and page (service/review.py)
 if INFO.serve.workers > 1 and INFO.serve.rebalance_every:
     app.add_middleware(KeepAliveRebalancer, every=INFO.serve.rebalance_every)
 
@@ -133,6 +137,7 @@ class Classifier:
             INFO.serve.concurrent_batches,
         )
         self.answers = AnswerLog(INFO)  # starts the recorder's thread (when enabled)
+        self.review = ReviewDesk(INFO, self.answers.recorder)  # off without VITRINE_REVIEW_TOKEN
         # The few hundred thousand objects of torch, BentoML and their imports, alive for the
         # whole run, out of the garbage collector's sight: a full collection walked them all in
         # ~220 ms, stalling every request in flight (twice per 1,000 requests, the whole p99).

@@ -328,7 +328,11 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     assert info["candidate"] == "bright" and info["abstain_threshold"] == 0.6
     assert info["serve"]["workers"] == 3
     # The decision rule evaluate scores with (params evaluate.decision: expected_value).
-    assert info["decision_gain"] == check_config(load_config(params)).gain().tolist()
+    values = check_config(load_config(params))
+    assert info["decision_gain"] == values.gain().tolist()
+    # The value model the service's review queue ranks answers by (vitrine.production.queue).
+    assert info["value_gain"] == values.gain().tolist()
+    assert info["review_cost"] == params["evaluate"]["review_cost"]
     bentos = sorted((home / "bentos" / "vitrine").glob("*/bento.yaml"))
     model_name = load_params(tmp_path / "params.yaml")["package"]["model_name"]
     assert len(bentos) == 1 and f"{model_name}:{info['model_version']}" in bentos[0].read_text()
@@ -336,6 +340,7 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     assert (bento_src / "service" / "service.py").is_file()
     assert (bento_src / "vitrine" / "images.py").is_file()
     assert (bento_src / "service" / "upload.html").is_file()
+    assert (bento_src / "service" / "review.html").is_file()  # the moderators' page
     # The answers' recorder, its migrations and its database drivers travel with the service.
     assert (bento_src / "vitrine" / "production" / "recorder.py").is_file()
     assert (bento_src / "vitrine/production/migrations/versions/v0001_answers.py").is_file()
