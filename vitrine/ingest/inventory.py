@@ -18,8 +18,9 @@ sha256 (read in chunks, never whole), a symbolic link's target (never followed),
 entry's error; empty otherwise. Nothing is opened but regular files, and none is followed out
 of the root, so the walk neither blocks nor loops.
 
-Each file is hashed on every run, as DVC does for a changed folder: 7 MB (the bundled archive)
-in 20 ms; folders of many photos cost what DVC's own walk would.
+Every file is hashed on every run: the bundled archive (7 MB) in 16 ms, a folder of 20,000
+photos of 3 kB in 0.7 s (page cache warm, 2-core AMD EPYC), about what DVC's own hashing of
+that folder costs (0.8 s, benchmarks/collect_repro.py).
 """
 
 from __future__ import annotations
