@@ -114,6 +114,13 @@ def test_every_stage_left_its_outputs(repo):
     assert metrics["winner"] in candidates and set(metrics["ranking"]) == set(candidates)
     assert metrics["test"]["n"] == (prepared["split"] == "test").sum()
     assert 0 <= metrics["test"]["business_weighted_accuracy"] <= 1
+    # The reviewed catalog ships with its header only: no reviewed photo, no figure, no error.
+    assert metrics["reviewed"] == {
+        "source": "catalog:reviewed/catalog.csv",
+        "n": 0,
+        "accuracy": None,
+        "business_weighted_accuracy": None,
+    }
     assert json.loads((repo / "reports/promotion.json").read_text())["promoted"] is True
     assert (repo / "models/package/model.pt").exists()
 
