@@ -46,8 +46,10 @@ lint: setup
 docs: setup
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# The review page (/review) needs VITRINE_REVIEW_TOKEN in the environment; the project folder
+# lets it show dedupe's training photos and write data/review/decisions.csv.
 serve: setup
-	$(BIN)/bentoml serve service.service:Classifier --host 127.0.0.1 --port $(PORT)
+	VITRINE_PROJECT_DIR=$(CURDIR) $(BIN)/bentoml serve service.service:Classifier --host 127.0.0.1 --port $(PORT)
 
 flow: setup
 	$(BIN)/python -m pipeline.flows

@@ -66,7 +66,8 @@ def test_the_queue_puts_mismatches_abstentions_and_doubts_first_and_leaves_out_t
     doubtful = answer(0.45, minutes=1)  # laptop at 0.55: a review pays at 0.8
     abstained = answer(0.5, abstain=True, minutes=2)
     mismatch = answer(0.95, declared="laptop", minutes=3)
-    older_twin, newer_twin = answer(0.5, abstain=True, minutes=-5), answer(0.5, abstain=True, minutes=9)
+    older_twin = answer(0.5, abstain=True, minutes=-5)
+    newer_twin = answer(0.5, abstain=True, minutes=9)
     ranked = rank([confident, doubtful, abstained, mismatch, newer_twin, older_twin], TERMS, 10)
     assert [r.answer for r in ranked] == [mismatch, older_twin, abstained, newer_twin, doubtful]
     assert all(r.value > 0 for r in ranked) and ranked[0].value > ranked[1].value
