@@ -27,14 +27,14 @@ STATUS = {
     "client_closed": 499,  # nginx's "client closed request": no one reads it, nothing failed
     # The review routes (service/review.py):
     "not_found": 404,  # reviewing is off (no VITRINE_REVIEW_TOKEN): as if the route were absent
-    "unauthorized": 401,  # no review token sent
-    "forbidden": 403,  # a review token that is not the service's
+    "unauthorized": 401,
+    "forbidden": 403,
     "bad_json": 400,
     "bad_parameter": 400,
-    "unknown_answer": 404,  # no recorded answer has this request_id
-    "photo_missing": 404,  # the answer's photo is no longer kept (retention)
-    "unknown_photo": 404,  # no photo of dedupe's manifest has this id
-    "database_unavailable": 503,  # the answers database failed or is not migrated yet
+    "unknown_answer": 404,
+    "photo_missing": 404,
+    "unknown_photo": 404,
+    "database_unavailable": 503,  # or not migrated yet: the recorder migrates it at start
     "curation_unavailable": 503,  # dedupe's outputs are missing from the project folder
 }
 UNPROCESSABLE = 422

@@ -1,6 +1,6 @@
 """The moderators' review: an API and a page on the service's app, behind a token.
 
-The token is the environment variable VITRINE_REVIEW_TOKEN, sent as `Authorization: Bearer
+The token is the environment variable `VITRINE_REVIEW_TOKEN`, sent as `Authorization: Bearer
 <token>` (compared in constant time); without the variable every review route answers 404, as
 if absent. No token: 401 (`unauthorized`); a wrong one: 403 (`forbidden`). Errors in the
 service's shape {"error": <code>, "detail": <text>}.
@@ -9,16 +9,16 @@ service's shape {"error": <code>, "detail": <text>}.
   tab's sessionStorage and sends it with every call).
 - GET /review/queue: recorded answers ranked by what a review is worth under the value model
   (vitrine.production.queue); answers already reviewed leave it.
-- GET /review/photo/{request_id}: an answer's photo as a small JPEG, from the photo store.
+- GET /review/photo/<request_id>: an answer's photo as a small JPEG, from the photo store.
 - POST /review: a moderator's label for an answer (vitrine.production.reviews: a later one
   supersedes, the history stays).
-- With VITRINE_PROJECT_DIR (set by `make serve` to the repository), the training photos too:
+- With `VITRINE_PROJECT_DIR` (set by `make serve` to the repository), the training photos too:
   GET /review/curation (dedupe's noise candidates and near-duplicate clusters), GET
   /review/curation/photo and POST /review/curation/decision, which writes the decisions file
   dedupe applies (vitrine.production.curation). Without it these answer 404.
 
-The answers database is the one the service records into (serve.record.url, or
-VITRINE_RECORD_URL), migrated by the recorder as the service starts: until then, or while it is
+The answers database is the one the service records into (`serve.record.url`, or
+`VITRINE_RECORD_URL`), migrated by the recorder as the service starts: until then, or while it is
 down, the database routes answer 503 (`database_unavailable`).
 """
 
@@ -43,12 +43,18 @@ from service.core import detached, error_body, status_of
 from service.responses import page_policy
 from vitrine.contracts import PackagedModel
 from vitrine.images import Rejected, open_capped
-from vitrine.production.curation import BadDecision, Project, checked_decision, write_decision
+from vitrine.production.curation import (
+    BadDecision,
+    Decision,
+    Project,
+    checked_decision,
+    write_decision,
+)
 from vitrine.production.curation import read_decision_file as read_decisions
 from vitrine.production.queue import Ranked, ReviewTerms, review_queue
 from vitrine.production.recorder import Recorder
 from vitrine.production.records import RecordStore, record_url
-from vitrine.production.reviews import UnknownAnswer, add_review
+from vitrine.production.reviews import Review, UnknownAnswer, add_review
 
 REVIEW_TOKEN_ENV = "VITRINE_REVIEW_TOKEN"
 PROJECT_DIR_ENV = "VITRINE_PROJECT_DIR"
@@ -222,7 +228,7 @@ def curation_answer(project: Project, clusters: int) -> dict[str, Any]:
         raise Rejected("curation_unavailable", str(err)) from None
     decisions = read_decisions(project.decisions)
 
-    def photo(entry: dict[str, Any]) -> dict[str, Any]:
+    def with_decision(entry: dict[str, Any]) -> dict[str, Any]:
         decided = decisions.get(entry["id"])
         return entry | {
             "decision": None if decided is None else decided.row(),
@@ -232,8 +238,8 @@ def curation_answer(project: Project, clusters: int) -> dict[str, Any]:
     return {
         "decisions_path": str(project.paths.decisions),
         "classes": list(project.classes),
-        "candidates": [photo(c) for c in candidates],
-        "clusters": [c | {"photos": [photo(p) for p in c["photos"]]} for c in groups],
+        "candidates": [with_decision(c) for c in candidates],
+        "clusters": [c | {"photos": [with_decision(p) for p in c["photos"]]} for c in groups],
     }
 
 
@@ -242,6 +248,28 @@ def _curation_photo(project: Project, photo_id: str, max_pixels: int) -> bytes:
     if data is None:
         raise Rejected("unknown_photo", f"dedupe's manifest has no photo {photo_id!r}")
     return thumbnail(data, max_pixels)
+
+
+def decision_answer(decision: Decision, project: Project) -> dict[str, str]:
+    """POST /review/curation/decision's answer: the decision as written, and where."""
+    return {
+        "id": decision.id,
+        "decision": decision.decision,
+        "new_label": decision.new_label,
+        "note": decision.note,
+        "decisions_path": str(project.paths.decisions),
+    }
+
+
+def review_answer(done: Review) -> dict[str, Any]:
+    """POST /review's answer: the decision as recorded."""
+    return {
+        "request_id": done.request_id,
+        "label": done.label,
+        "reviewer": done.reviewer,
+        "reviewed_at": done.reviewed_at.isoformat(),
+        "review_id": done.review_id,
+    }
 
 
 def _decide(project: Project, data: dict[str, Any]) -> dict[str, str]:
@@ -259,7 +287,7 @@ def _decide(project: Project, data: dict[str, Any]) -> dict[str, str]:
     if not project.knows(photo_id):
         raise Rejected("unknown_photo", f"dedupe's manifest has no photo {photo_id!r}")
     write_decision(project.decisions, decision)
-    return decision.row() | {"decisions_path": str(project.paths.decisions)}
+    return decision_answer(decision, project)
 
 
 @router.get("/review")
@@ -321,15 +349,7 @@ async def review(request: Request, service: CurrentService) -> Response:
             ) from None
     except Rejected as err:
         return refusal(err)
-    return JSONResponse(
-        {
-            "request_id": done.request_id,
-            "label": done.label,
-            "reviewer": done.reviewer,
-            "reviewed_at": done.reviewed_at.isoformat(),
-            "review_id": done.review_id,
-        }
-    )
+    return JSONResponse(review_answer(done))
 
 
 @router.get("/review/curation")

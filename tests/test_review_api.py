@@ -4,6 +4,7 @@ photos, moderators' labels, and the training photos' decisions as dedupe reads t
 
 from __future__ import annotations
 
+import ast
 import io
 import types
 from collections.abc import Iterator
@@ -17,9 +18,11 @@ from fastapi import FastAPI
 from PIL import Image
 from starlette.testclient import TestClient
 
+from scripts.docs import http_api, http_review
 from service.responses import DATA_POLICY, ResponsePolicy, page_policy
 from service.review import CURATION_TAB, PROJECT_DIR_ENV, REVIEW_TOKEN_ENV, ReviewDesk, router
 from stages.dedupe import DedupeConfig, read_decisions, review_candidates
+from tests.helpers import REPO
 from tests.helpers.candidates import PROVENANCE
 from tests.helpers.curation_project import write_project
 from tests.helpers.photos import photo_bytes
@@ -309,3 +312,45 @@ def test_training_decisions_are_written_as_dedupe_reads_them(desk: ReviewDesk) -
         "id": "phone/005.jpg", "decision": "relabel", "new_label": "laptop", "note": "",
     }  # fmt: skip
     assert shown["laptop/002.jpg"]["decision"] == "drop"
+
+
+# --- the HTTP reference -----------------------------------------------------------------------
+
+
+def review_routes() -> set[tuple[str, str]]:
+    """(method, path) of every @router.<method>(path) in service/review.py."""
+    tree = ast.parse((REPO / "service/review.py").read_text())
+    return {
+        (deco.func.attr.upper(), ast.literal_eval(deco.args[0]))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AsyncFunctionDef)
+        for deco in node.decorator_list
+        if isinstance(deco, ast.Call) and ast.unparse(deco.func).startswith("router.")
+    }
+
+
+def test_the_http_reference_describes_every_review_route_and_its_token() -> None:
+    page = http_api.page(REPO)
+    routes = review_routes()
+    assert len(routes) == 7 and routes == set(http_review.ANSWERS)
+    for method, path in routes:
+        assert f"\n### {method} {path}\n" in page
+    assert page.count('curl -H "Authorization: Bearer $VITRINE_REVIEW_TOKEN"') == 6
+    for code, status in [("not_found", 404), ("unauthorized", 401), ("forbidden", 403)]:
+        assert f"| `{code}` | {status} |" in page
+    assert "| `unknown_label` | 422 |" in page and "`service.review.review`" in page
+
+
+def test_a_review_answer_that_gains_or_loses_a_key_fails_the_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    queue = http_review.ANSWERS[("GET", "/review/queue")]
+    item = {k: v for k, v in http_review.QUEUE_ITEM.items() if k != "review_value"}
+    lacking = replace(queue, example={"classes": ["laptop"], "answers": [item]})
+    monkeypatch.setitem(http_review.ANSWERS, ("GET", "/review/queue"), lacking)
+    with pytest.raises(http_review.ExampleMismatch, match="lacks \\['review_value'\\]"):
+        http_api.page(REPO)
+    extra = replace(queue, example={"classes": [], "answers": [item | {"review_value": 1, "x": 2}]})
+    monkeypatch.setitem(http_review.ANSWERS, ("GET", "/review/queue"), extra)
+    with pytest.raises(http_review.ExampleMismatch, match="has \\['x'\\]"):
+        http_api.page(REPO)

@@ -1,7 +1,8 @@
 """The HTTP API reference: every route the service serves, read from the service's source.
 
 Our routes are the FastAPI `app`'s in service/service.py (`@app.<method>` and `@app.api_route`
-decorators): method, path, docstring, what the request may hold (service.uploads.read_form's
+decorators) and the review routes of service/review.py's `router` (scripts/docs/http_review.py
+describes those): method, path, docstring, what the request may hold (service.uploads.read_form's
 limits, the text fields read) and the answer; the reason codes a route can answer with are
 followed through the functions it calls (service/, vitrine/images.py) and given the status
 service.core.STATUS maps them to. BentoML's own routes are read from BentoML's source.
@@ -22,13 +23,22 @@ from typing import Any
 
 import yaml
 
+from scripts.docs import http_review
 from scripts.docs import markdown as md
 from scripts.docs.source import Module, call_name, docstring_markdown, load, template
 
 SERVICE = "service.service"
+# The modules whose routes the reference lists, and the name of the FastAPI app or router there.
+ROUTE_MODULES = ((SERVICE, "app"), (http_review.MODULE, "router"))
 HTTP_METHODS = ("get", "post", "put", "patch", "delete", "head", "options")
 # Where a reason code can be raised: the service and the image checks it shares with collect.
-REASON_MODULES = ("service.core", "service.uploads", "service.service", "vitrine.images")
+REASON_MODULES = (
+    "service.core",
+    "service.uploads",
+    "service.service",
+    "service.review",
+    "vitrine.images",
+)
 BASE_URL = "http://127.0.0.1:3000"
 
 
@@ -101,27 +111,34 @@ class Route:
     returns: str
     limits: dict[str, str] = field(default_factory=dict)  # read_form keyword -> expression
     text_fields: list[str] = field(default_factory=list)
+    module: str = SERVICE
 
 
 def routes(root: Path) -> list[Route]:
-    """The FastAPI app's routes in service/service.py, in source order."""
-    module = _load(root, SERVICE)
+    """The routes of the service's app, then the review router's, each in source order."""
     found = []
-    for node in ast.walk(module.tree):
-        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            continue
-        for deco in node.decorator_list:
-            route = _route(deco, node)
-            if route:
-                found.append(route)
-    return sorted(found, key=lambda r: r.function.lineno)
+    for name, owner in ROUTE_MODULES:
+        module = _load(root, name)
+        routes = []
+        for node in ast.walk(module.tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for deco in node.decorator_list:
+                route = _route(deco, node, owner)
+                if route:
+                    route.module = name
+                    routes.append(route)
+        found += sorted(routes, key=lambda r: r.function.lineno)
+    return found
 
 
-def _route(deco: ast.expr, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> Route | None:
+def _route(
+    deco: ast.expr, fn: ast.FunctionDef | ast.AsyncFunctionDef, owner_name: str = "app"
+) -> Route | None:
     if not (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)):
         return None
     owner, verb = deco.func.value, deco.func.attr
-    if not (isinstance(owner, ast.Name) and owner.id == "app") or not deco.args:
+    if not (isinstance(owner, ast.Name) and owner.id == owner_name) or not deco.args:
         return None
     path = ast.literal_eval(deco.args[0])
     if verb in HTTP_METHODS:
@@ -397,8 +414,21 @@ def page(root: Path) -> str:
     ]
     parts.append(md.table(["method", "path", "what"], rows))
     for route in found:
+        if route.module != SERVICE:
+            continue
         parts.append(
             _route_section(root, route, image_field, serve, classes, reasons, mapping, default)
+        )
+    parts.append("## Review routes")
+    parts.append(md.blocks(docstring_markdown(_load(root, http_review.MODULE).docstring)))
+    for route in found:
+        if route.module == SERVICE:
+            continue
+        errors, _ = route_codes(reasons, route.function)
+        refusals = [f"- {md.code(c.code)}: {mapping.get(c.code, default)}" for c in errors]
+        method = route.methods[0]
+        parts.append(
+            http_review.route_section(root, method, route.path, route.doc, refusals, BASE_URL)
         )
     parts.append("## BentoML's routes")
     parts.append(
@@ -417,7 +447,14 @@ def page(root: Path) -> str:
             f"code is service.core's STATUS mapping; any other code is a {default}."
         )
     )
-    every = _unique([c for r in found for codes in route_codes(reasons, r.function) for c in codes])
+    every = _unique(
+        [
+            Code(c.code, c.detail, c.where or f"{r.module}.{r.function.name}")
+            for r in found
+            for codes in route_codes(reasons, r.function)
+            for c in codes
+        ]
+    )
     notes = md.Notes()
     table = []
     for c in every:
@@ -436,6 +473,8 @@ def page(root: Path) -> str:
 
 
 def _summary(route: Route) -> str:
+    if route.module != SERVICE:
+        return md.cell(http_review.answer(route.methods[0], route.path).about)
     if route.path in ANSWERS:
         return md.cell(ANSWERS[route.path].about)
     first = route.doc.split("\n\n")[0] if route.doc else ""
