@@ -153,6 +153,10 @@ def test_a_moderator_decides_an_answer_and_a_training_photo_in_the_page(
             )
             page.goto(served.url + "/review")
             assert page.locator("#queue .card").count() == 0  # nothing before the token
+            page.fill("#token", "not-the-token")
+            page.click("#save")
+            page.locator("#status.error", has_text="token was refused").wait_for(timeout=15_000)
+            assert page.locator("#login").is_visible() and page.locator("#desk").is_hidden()
             page.fill("#token", TOKEN)
             page.fill("#reviewer", "ana")
             page.click("#save")
