@@ -43,8 +43,8 @@ lint: setup
 # The documentation site into site/ (open site/index.html). Strict: a broken link or anchor, or
 # a page outside the nav, fails it; its reference pages are generated from params.yaml, dvc.yaml
 # and the source at build time (docs/hooks/generated.py), so they cannot drift from the code.
+# NO_MKDOCS_2_WARNING: the pinned MkDocs 1.6 otherwise prints a banner about its successor.
 docs: setup
-	# NO_MKDOCS_2_WARNING: the pinned MkDocs 1.6 otherwise prints a banner about its successor.
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The review page (/review) needs VITRINE_REVIEW_TOKEN in the environment; the project folder
