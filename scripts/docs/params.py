@@ -39,6 +39,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "feedback": ("pipeline.feedback", "FeedbackConfig"),
     "flow": ("pipeline.config", "FlowConfig"),
     "monitor": ("pipeline.monitor", "MonitorConfig"),
+    "score": ("pipeline.score", "ScoreConfig"),
 }
 # Keys inside a section whose type no field declares: serve.by_candidate's entries are merged
 # over the serve: block and validated as ServeConfig (vitrine/packaging/bundle.py). Their
