@@ -654,6 +654,27 @@ def test_transient_failures_are_asked_again_next_run(site, tmp_path):
     assert site.counts["/down"] == 2
 
 
+def test_a_failed_url_is_asked_again_after_the_delay_and_a_success_never(site, tmp_path):
+    config = replace(QUICK, max_attempts=1, retry_failed_after_s=3600)
+    paths = ["/img/1.jpg", "/flaky/a"]  # /flaky/: 503 twice, then the photo
+    first = fetch(site, paths, tmp_path, config)
+    assert first["/img/1.jpg"].ok and first["/flaky/a"].code == "http_503"
+    # Within the delay: the failure is answered from the index, and so is the success.
+    soon = fetch(site, paths, tmp_path, config)
+    assert all(r.from_cache for r in soon.values()) and soon["/flaky/a"].code == "http_503"
+    assert dict(site.counts) == {"/img/1.jpg": 1, "/flaky/a": 1}
+    db = sqlite3.connect(tmp_path / "index.sqlite")  # an hour and a second later
+    with db:
+        db.execute("UPDATE fetches SET fetched_at = fetched_at - 3601")
+    db.close()
+    later = fetch(site, paths, tmp_path, replace(config, max_attempts=2))
+    assert later["/flaky/a"].ok and not later["/flaky/a"].from_cache
+    assert (
+        later["/img/1.jpg"].from_cache and later["/img/1.jpg"].sha256 == first["/img/1.jpg"].sha256
+    )
+    assert dict(site.counts) == {"/img/1.jpg": 1, "/flaky/a": 3}
+
+
 def test_too_large_is_cached_for_a_cap_it_exceeds_only(site, tmp_path):
     fetch(site, ["/medium"], tmp_path, local(max_bytes=100_000))
     assert fetch(site, ["/medium"], tmp_path, local(max_bytes=150_000))["/medium"].from_cache

@@ -23,10 +23,11 @@ Contract
   ==================== ================================================ ======== ==========
   bad_url              not an http(s) URL (ftp:, file:, malformed);      no       no
                        nothing is requested (also: a redirect there)
-  http_<status>        final answer not 2xx, e.g. http_404, http_503     408, 425, 4xx / 3xx
-                       (after retries were exhausted)                   429, 5xx  only
-  timeout              no complete answer within `timeout_s`             yes      no
-  connection_error     refused, reset, DNS or TLS failure, malformed     yes      no
+  http_<status>        final answer not 2xx, e.g. http_404, http_503     408, 425, 4xx / 3xx;
+                       (after retries were exhausted)                   429, 5xx  others for
+                                                                                  a delay
+  timeout              no complete answer within `timeout_s`             yes      for a delay
+  connection_error     refused, reset, DNS or TLS failure, malformed     yes      for a delay
                        response (bad status line, framing, headers)
   too_large            body (or its Content-Length) over `max_bytes`;    no       yes
                        the transfer is aborted as soon as it is known
@@ -34,12 +35,16 @@ Contract
   blocked_address      the host (or a redirect's) is not a public        no       no
                        address: loopback, link-local, private, reserved
                        (see download_guard; `allow_private`)
-  empty                2xx with a 0-byte body                           no       no
+  empty                2xx with a 0-byte body                           no       for a delay
   ==================== ================================================ ======== ==========
 
   "retried" is within a run (exponential backoff with jitter, `Retry-After` honoured when at
   most `max_retry_after_s`); "cached" means a later run answers from the index without a
-  request (unless `refetch_failures=True`). Transient failures are always asked again.
+  request (unless `refetch_failures=True`). A success is never requested again while its blob
+  is in the cache. A transient failure ("for a delay") is answered from the index for
+  `retry_failed_after_s` after it was recorded (its row holds the time), then asked again: a
+  run soon after another (a retried flow, the day's second catalog) does not hammer a host
+  that was failing, and a later one gives the URL another chance. 0 asks again at every run.
 
 Politeness, per host:port
 -------------------------
@@ -166,6 +171,9 @@ class DownloadConfig:
     max_bytes: int = 20_000_000  # per body, enforced while streaming
     max_redirects: int = 5
     refetch_failures: bool = False  # ask again URLs whose cached answer was a permanent failure
+    # A transient failure (timeout, 5xx, ...) is answered from the cache for this long after
+    # it was recorded, then asked again; 0: asked again at every run.
+    retry_failed_after_s: float = 0.0
     fsync: bool = True  # write each blob durably before its rename (survives a power loss)
     max_pending: int = 2048  # items admitted but not yet handed to the consumer
     io_threads: int = 4  # blob writers: a durable write blocks, so it runs off the event loop
@@ -182,6 +190,8 @@ class DownloadConfig:
             raise ValueError("DownloadConfig.timeout_s and max_bytes must be positive")
         if self.per_host_rps < 0:
             raise ValueError("DownloadConfig.per_host_rps must be >= 0 (0: unlimited)")
+        if self.retry_failed_after_s < 0:
+            raise ValueError("DownloadConfig.retry_failed_after_s must be >= 0")
         parse_networks(self.allowed_networks)  # a typo fails here, not at the first URL
 
 
@@ -228,6 +238,7 @@ class Downloader:
             refetch_failures=cfg.refetch_failures,
             io_threads=cfg.io_threads,
             fsync=cfg.fsync,
+            retry_failed_after_s=cfg.retry_failed_after_s,
         )
         self._hosts: dict[str, _Host] = {}
         self._inflight: dict[str, asyncio.Future[FetchResult]] = {}

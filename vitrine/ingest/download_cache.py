@@ -21,7 +21,7 @@ from pathlib import Path
 from vitrine.ingest.download_result import OK, FetchResult, is_permanent
 
 _tmp_serial = itertools.count()
-_IndexRow = tuple[str, str, int, str, int]  # code, sha256, size, detail, attempts
+_IndexRow = tuple[str, str, int, str, int, float]  # code, sha256, size, detail, attempts, time
 
 
 class CacheBusy(RuntimeError):
@@ -170,16 +170,17 @@ class _Index:
         self._buffer: dict[str, tuple[str, str, int, str, int, float]] = {}
 
     def lookup(self, urls: list[str]) -> dict[str, _IndexRow]:
-        """url -> (code, sha256, size, detail, attempts) for the urls that have a row."""
+        """url -> (code, sha256, size, detail, attempts, fetched_at) for the urls with a row."""
         marks = ",".join("?" * len(urls))
         rows = self._db.execute(
-            f"SELECT url, code, sha256, size, detail, attempts FROM fetches WHERE url IN ({marks})",
+            "SELECT url, code, sha256, size, detail, attempts, fetched_at FROM fetches "
+            f"WHERE url IN ({marks})",
             urls,
         )
         found: dict[str, _IndexRow] = {row[0]: row[1:] for row in rows}
         for url in urls:
             if url in self._buffer:
-                found[url] = self._buffer[url][:5]
+                found[url] = self._buffer[url]
         return found
 
     def record(self, r: FetchResult) -> None:
@@ -219,7 +220,8 @@ class DownloadCache:
     """A cache directory held for one downloader: `open()` takes its lock (or raises
     `CacheBusy`) and removes the temp files a killed run left; `close()` commits and lets go.
 
-    `max_bytes` and `refetch_failures` decide which cached failures are still trusted.
+    `max_bytes`, `refetch_failures` and `retry_failed_after_s` decide which cached failures
+    are still trusted (see `lookup`).
     """
 
     def __init__(
@@ -230,9 +232,11 @@ class DownloadCache:
         refetch_failures: bool,
         io_threads: int,
         fsync: bool,
+        retry_failed_after_s: float = 0.0,
     ):
         self.cache_dir = cache_dir
         self._max_bytes, self._refetch_failures = max_bytes, refetch_failures
+        self._retry_failed_after_s = retry_failed_after_s
         self._io_threads, self._fsync = io_threads, fsync
         self.orphans_removed = 0
 
@@ -256,21 +260,29 @@ class DownloadCache:
 
     def lookup(self, urls: list[str]) -> dict[str, FetchResult]:
         """Cached answers that make a request unnecessary: successes whose blob is present with
-        its recorded size, and trusted failures. Other URLs are absent from the dict."""
+        its recorded size, and trusted failures. Other URLs are absent from the dict.
+
+        A permanent failure is trusted until `refetch_failures`; a transient one (timeout,
+        connection_error, empty, a 5xx, 408, 425 or 429) for `retry_failed_after_s` after it
+        was recorded, then asked again. `blocked_address` is never trusted: it is this
+        client's policy (allow_private, allowed_networks), not the server's answer."""
         hits = {}
-        for url, (code, sha, size, detail, _) in self._index.lookup(urls).items():
+        now = time.time()
+        for url, (code, sha, size, detail, _, fetched_at) in self._index.lookup(urls).items():
             if code == OK:
                 path = blob_path(self.cache_dir, sha)
                 with contextlib.suppress(FileNotFoundError):
                     if path.stat().st_size == size:
                         hits[url] = FetchResult(url, OK, "", sha, path, size, 0, True)
-            elif self._trusted_failure(code, size):
+            elif self._trusted_failure(code, size, now - fetched_at):
                 hits[url] = FetchResult(url, code, detail, size=size, from_cache=True)
         return hits
 
-    def _trusted_failure(self, code: str, size: int) -> bool:
-        if self._refetch_failures or not is_permanent(code):
+    def _trusted_failure(self, code: str, size: int, age_s: float) -> bool:
+        if self._refetch_failures or code == "blocked_address":
             return False
+        if not is_permanent(code):
+            return 0 <= age_s < self._retry_failed_after_s
         # A body known to exceed an older, smaller cap may fit under today's cap.
         return code != "too_large" or size > self._max_bytes
 
