@@ -2,6 +2,7 @@
 
     python -m pipeline.score SOURCE --output FILE.parquet [--model DIR]
         [--kind folder|archive|catalog] [--category-column NAME] [--scheduler ADDRESS]
+        [--download-cache DIR]
 
 scores a folder, an archive or a CSV/JSONL catalog (paths or URLs) with the packaged model
 (default paths.package) and writes one Parquet row per record: the service's answer (label,
@@ -66,6 +67,7 @@ def load_job(
     kind: str | None = None,
     category_column: str | None = None,
     scheduler: str | None = None,
+    cache: str | Path | None = None,
     progress: bool = True,
 ) -> ScoreJob:
     """The job as params.yaml and the arguments say; relative paths are from project_dir."""
@@ -81,7 +83,7 @@ def load_job(
         source=ScoreSource(where, kind or guess_kind(where)),
         output=_within(project_dir, output),
         model=_within(project_dir, model if model is not None else paths.package),
-        cache=_within(project_dir, paths.download_cache),
+        cache=_within(project_dir, cache if cache is not None else paths.download_cache),
         download=download,
         scheduler=configured if scheduler is None else scheduler,
         chunk_photos=config.chunk_photos,
@@ -116,14 +118,21 @@ def score_catalog(
     model: str | None = None,
     kind: str | None = None,
     category_column: str | None = None,
+    cache: str | None = None,
     project_dir: Path = REPO_ROOT,
 ) -> dict[str, Any]:
     """Score every photo of `source` into `output` (Parquet) with the deployed model (or the
-    packaged model folder `model`); relative paths are from project_dir. Returns the summary
-    and the artifact's id."""
+    packaged model folder `model`), catalog URLs fetched into `cache` (paths.download_cache);
+    relative paths are from project_dir. Returns the summary and the artifact's id."""
     logger = get_run_logger()
     job = load_job(
-        project_dir, source, output, model=model, kind=kind, category_column=category_column
+        project_dir,
+        source,
+        output,
+        model=model,
+        kind=kind,
+        category_column=category_column,
+        cache=cache,
     )
     summary = score_source(job)
     artifact_id = create_markdown_artifact(
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=KINDS, help="default: from the path")
     parser.add_argument("--category-column", help="default: score.category_column")
     parser.add_argument("--scheduler", help="default: compute.scheduler")
+    parser.add_argument("--download-cache", type=Path, help="default: paths.download_cache")
     parser.add_argument("--project-dir", type=Path, default=Path.cwd(), help="its params.yaml")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -155,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         kind=args.kind,
         category_column=args.category_column,
         scheduler=args.scheduler,
+        cache=here / args.download_cache if args.download_cache else None,
         progress=not args.no_progress,
     )
     summary = score(job)
