@@ -43,7 +43,9 @@ CATALOG = "catalog.csv"
 # Never copied: the variant writes its own params.yaml, keeps its own dvc.lock, and has no use
 # for the bundled Avito archive.
 NOT_COPIED = ("params.yaml", "dvc.lock")
-NOT_COPIED_UNDER = ("data/raw/",)
+# The workspace has its own sources and writes its own reports (the repository keeps the
+# bundled data's metrics in git).
+NOT_COPIED_UNDER = ("data/raw/", "reports/")
 TELEMETRY_OFF = {
     "DVC_NO_ANALYTICS": "1",
     "BENTOML_DO_NOT_TRACK": "true",
