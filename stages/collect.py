@@ -6,7 +6,9 @@ is documented where it is decided: vitrine.ingest.records (every source: files, 
 labels), .archives, .catalogs, .sources (the image checks) and .download (URLs). Catalog URLs
 are downloaded first into a content-addressed cache outside DVC's outputs (resumable, nothing
 fetched twice); the per-image work (decode, check, sha256, pHash, thumbnail) then runs on
-Dask workers.
+Dask workers, for the photos whose results collect.cache_dir does not hold yet
+(vitrine.ingest.facts_cache): a run after new photos arrived decodes only those, and writes the
+manifest and shards a run without the cache writes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from vitrine.images import Rejected
 from vitrine.ingest.archives import archive_records
 from vitrine.ingest.catalogs import catalog_records
 from vitrine.ingest.download import DownloadConfig, FetchResult, fetch_all
+from vitrine.ingest.facts_cache import FactsCache
 from vitrine.ingest.records import (
     InputRecord,
     Source,
@@ -53,6 +58,7 @@ class CollectConfig:
     shard_size: int
     thumb_size: int  # longest side of the thumbnails kept for review pages
     download: DownloadConfig
+    cache_dir: str = ""  # the per-photo results (vitrine.ingest.facts_cache); "": none kept
 
     def __post_init__(self) -> None:
         for s in self.sources:
@@ -154,12 +160,16 @@ def collect(
     for sub in (SHARDS, THUMBS):  # no stale shard from a larger earlier run
         shutil.rmtree(out / sub, ignore_errors=True)
     records = (read_record(r, config.classes) for r in iter_records(config, raw, fetched))
+    items = ((k, k[1]) for k in records)
+    start = time.perf_counter()
     with (
+        FactsCache(Path(config.cache_dir), ingest) if config.cache_dir else nullcontext() as facts,
         ShardWriter(out, SHARDS, config.shard_size) as shards,
         ShardWriter(out, THUMBS, config.shard_size) as thumbs,
         ManifestWriter(out / MANIFEST) as manifest,
     ):
-        for (record, data), result in ingest_stream(((k, k[1]) for k in records), ingest):
+        results = facts.stream(items) if facts is not None else ingest_stream(items, ingest)
+        for (record, data), result in results:
             row = manifest_row(record, data, result)
             if isinstance(result, ImageFacts):
                 assert isinstance(data, bytes)  # ingest_stream passes a Rejected on as the result
@@ -180,6 +190,11 @@ def collect(
                     thumb_length=thumb.length,
                 )
             manifest.add(row)
+    if facts is not None:
+        print(
+            f"collect: per-photo work in {time.perf_counter() - start:.1f} s: "
+            f"{facts.computed} photos computed, {facts.reused} from {config.cache_dir}"
+        )
     return out / MANIFEST
 
 

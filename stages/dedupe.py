@@ -8,32 +8,34 @@ descriptor (mid-level features at 96 px, so two different laptops shot alike sta
 Pairs are merged transitively into clusters. Every collect row is carried over, so the
 manifest still accounts for every input; human decisions (data/review/decisions.csv) override
 the automatic choices.
+
+The two networks are nearly all of the stage's time; each distinct photo's features are cached
+by sha256 in dedupe.cache_dir (vitrine.curation.features), so a run after new photos arrived
+runs them on those only, with the outputs of a run without the cache. The search itself is
+rebuilt every run from the cached features: see vitrine.curation.neardup for why.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from vitrine.config import load_params, load_paths, params_block, stage_config
+from vitrine.curation.features import accepted_features
 from vitrine.curation.neardup import clusters, near_duplicate_pairs
 from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
 from vitrine.curation.review import render_review
 from vitrine.data.shards import MANIFEST, ShardReader
-from vitrine.images import load_square
 from vitrine.ingest.sources import phash_from_int64
-from vitrine.model.embeddings import DEDUPE_SIZE, dedupe_embed, embed
 
 DECISIONS = ("keep", "drop", "relabel")
 EMBEDDINGS = "embeddings.npy"
-EMBED_SIDE = 128  # the photos are ~120 px: decoding larger only upsamples
 
 
 @params_block
@@ -52,6 +54,7 @@ class DedupeConfig:
     tiers: tuple[tuple[int, float], ...]
     embedding_batch_size: int
     noise: NoiseConfig
+    cache_dir: str = ""  # each photo's features (vitrine.curation.features); "": none kept
 
     def __post_init__(self) -> None:
         if self.keep != "largest":
@@ -265,39 +268,6 @@ def dedupe_report(
 # --- I/O -------------------------------------------------------------------------------------
 
 
-def accepted_squares(
-    manifest: pd.DataFrame, collected: Path, sides: tuple[int, ...]
-) -> list[np.ndarray]:
-    """Every accepted photo as a side x side square for each of `sides`, through the one shared
-    decode path; each photo's bytes are read from its shard once."""
-    acc = manifest[manifest["status"] == "accepted"]
-    out = [np.empty((len(acc), side, side, 3), dtype=np.uint8) for side in sides]
-    with ShardReader(collected) as shards:
-        for i, row in enumerate(
-            tqdm(acc.itertuples(), total=len(acc), desc="dedupe decode", unit="img")
-        ):
-            data = shards.read(row.shard, row.offset, row.length)
-            for squares, side in zip(out, sides, strict=True):
-                squares[i] = load_square(data, side)
-    return out
-
-
-def in_batches(
-    embedder: Callable[[np.ndarray, int], np.ndarray],
-    images: np.ndarray,
-    batch_size: int,
-    desc: str,
-) -> np.ndarray:
-    """embedder(images, batch_size), one batch per call under a progress bar: the network runs
-    for minutes on a CPU. Batches are computed as embedder computes them, so nothing changes."""
-    starts = range(0, len(images), batch_size)
-    parts = [
-        embedder(images[start : start + batch_size], batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch")
-    ]
-    return np.concatenate(parts) if parts else embedder(images, batch_size)
-
-
 def write_review_page(
     deduped: pd.DataFrame,
     candidates: pd.DataFrame,
@@ -327,12 +297,16 @@ def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
     manifest = pd.read_parquet(paths.collected / MANIFEST)
-    batch = config.embedding_batch_size
-    small, large = accepted_squares(manifest, paths.collected, (DEDUPE_SIZE, EMBED_SIDE))
-    descriptors = in_batches(dedupe_embed, small, batch, "dedupe descriptors")
-    embeddings = in_batches(embed, large, batch, "dedupe embeddings")
+    start = time.perf_counter()
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    features = accepted_features(manifest, paths.collected, config.embedding_batch_size, cache)
+    print(
+        f"dedupe: per-photo work in {time.perf_counter() - start:.1f} s: {features.computed} "
+        f"photos computed, {features.reused} from {config.cache_dir or 'no cache'}"
+    )
+    embeddings = features.embeddings
     decisions = read_decisions(paths.decisions, config.classes)
-    deduped = dedupe(manifest, descriptors, embeddings, decisions, config)
+    deduped = dedupe(manifest, features.descriptors, embeddings, decisions, config)
     candidates = review_candidates(deduped, config)
     paths.deduped.mkdir(parents=True, exist_ok=True)
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)

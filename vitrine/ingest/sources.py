@@ -72,6 +72,10 @@ class ImageFacts:
     thumbnail: bytes  # upright RGB JPEG, longest side <= thumb_size
 
 
+# What the per-image work gives for one image.
+Result = ImageFacts | Rejected
+
+
 def phash_to_int64(phash: int) -> int:
     """The same 64 bits as a signed int64 (for parquet / pandas int64 columns)."""
     return phash - (1 << 64) if phash >= 1 << 63 else phash
@@ -259,17 +263,17 @@ def ingest_batch(blobs: list[bytes], config: IngestConfig) -> list[ImageFacts | 
 
 
 def _batches(
-    items: Iterable[tuple[K, bytes | Rejected]], config: IngestConfig
-) -> Iterator[tuple[list[K], list[bytes | Rejected]]]:
+    items: Iterable[tuple[K, bytes | Result]], config: IngestConfig
+) -> Iterator[tuple[list[K], list[bytes | Result]]]:
     """Consecutive batches of at most batch_size items and (about) batch_bytes bytes, read
     lazily from `items`."""
     keys: list[K] = []
-    values: list[bytes | Rejected] = []
+    values: list[bytes | Result] = []
     size = 0
     for key, value in items:
         keys.append(key)
         values.append(value)
-        size += 0 if isinstance(value, Rejected) else len(value)
+        size += len(value) if isinstance(value, bytes) else 0
         if len(keys) >= config.batch_size or size >= config.batch_bytes:
             yield keys, values
             keys, values, size = [], [], 0
@@ -317,16 +321,22 @@ def local_cluster(n_workers: int = 0) -> Any:
 
 
 class _Runner:
-    """Runs _ingest_packed somewhere: in this process, on a local cluster, or on a given one."""
+    """Runs _ingest_packed somewhere: in this process, on a local cluster, or on a given one.
+
+    The cluster (or the connection to a scheduler) is made at the first batch to compute, so a
+    stream whose results are all known already (collect's cache) starts none."""
 
     def __init__(self, config: IngestConfig, client: Any = None):
         self.config = config
         self._client = client
         self._owned: list[Any] = []  # what this runner started, and so must close
         self.in_process = client is None and config.scheduler == "synchronous"
-        if client is None and not self.in_process:
+
+    def _connect(self) -> Any:
+        if self._client is None:
             from dask.distributed import Client
 
+            config = self.config
             if config.scheduler:
                 self._client = Client(config.scheduler, set_as_default=False)
             else:
@@ -335,20 +345,23 @@ class _Runner:
                 # Results come straight from the workers rather than via the scheduler.
                 self._client = Client(cluster, set_as_default=False, direct_to_workers=True)
             self._owned.insert(0, self._client)
+        return self._client
 
     def batches_in_flight(self) -> int:
         if self.in_process:
             return 1  # a batch is computed on submit: yield it at once rather than read ahead
+        if self.config.max_in_flight:
+            return self.config.max_in_flight
         # Two per worker keep every worker busy while the oldest batch is being yielded.
-        workers = sum(self._client.nthreads().values())
-        return self.config.max_in_flight or 2 * max(1, workers) + 2
+        workers = sum(self._connect().nthreads().values())
+        return 2 * max(1, workers) + 2
 
     def submit(self, blobs: list[bytes]) -> Any:
         payload, ends = _concat(blobs)
         if self.in_process:
             return _ingest_packed(payload, ends, self.config)
         # pure=False: no hashing of the bytes for a key, and equal batches stay two tasks.
-        return self._client.submit(_ingest_packed, payload, ends, self.config, pure=False)
+        return self._connect().submit(_ingest_packed, payload, ends, self.config, pure=False)
 
     def result(self, handle: Any) -> _Packed:
         return handle if self.in_process else handle.result()
@@ -359,7 +372,7 @@ class _Runner:
 
 
 def ingest_stream(
-    items: Iterable[tuple[K, bytes | Rejected]],
+    items: Iterable[tuple[K, bytes | Result]],
     config: IngestConfig,
     *,
     client: Any = None,
@@ -367,7 +380,9 @@ def ingest_stream(
 ) -> Iterator[tuple[K, ImageFacts | Rejected]]:
     """(key, facts or Rejected) for every (key, bytes) of `items`, in input order.
 
-    A value may already be a Rejected (its bytes could not be read): it is passed through.
+    A value may already be a result: a Rejected (its bytes could not be read) or the facts
+    collect's cache holds for them (vitrine.ingest.facts_cache); it is passed through, and a
+    stream of nothing but results starts no cluster.
     Keys never leave this process (only bytes are shipped), so any object will do, e.g. the
     input record and its bytes for writing shards afterwards. At most `max_in_flight` batches
     are read ahead, so memory stays flat however long the stream; `items` is consumed lazily.
@@ -377,17 +392,19 @@ def ingest_stream(
     if total is None and isinstance(items, Sized):
         total = len(items)
     runner = _Runner(config, client)
-    # Per batch: its keys, its pass-through Rejecteds (None where bytes were sent), the task.
-    pending: deque[tuple[list[K], list[Rejected | None], Any]] = deque()
+    # Per batch: its keys, its pass-through results (None where bytes were sent), the task.
+    pending: deque[tuple[list[K], list[Result | None], Any]] = deque()
     bar = tqdm(total=total, desc="ingest", unit="img", disable=not config.progress)
+    in_flight = 0  # known once a batch is sent: asking a cluster starts it
     try:
-        in_flight = runner.batches_in_flight()
         for keys, values in _batches(items, config):
-            blobs = [v for v in values if not isinstance(v, Rejected)]
-            passed = [v if isinstance(v, Rejected) else None for v in values]
+            blobs = [v for v in values if isinstance(v, bytes)]
+            passed = [None if isinstance(v, bytes) else v for v in values]
             pending.append((keys, passed, runner.submit(blobs) if blobs else None))
+            if blobs and not in_flight:
+                in_flight = runner.batches_in_flight()
             del values, blobs  # the bytes now live in the task only
-            if len(pending) >= in_flight:
+            if len(pending) >= max(in_flight, 1):
                 yield from _drain_one(pending, runner, bar)
         while pending:
             yield from _drain_one(pending, runner, bar)
@@ -400,7 +417,7 @@ def ingest_stream(
 
 
 def _drain_one(
-    pending: deque[tuple[list[K], list[Rejected | None], Any]], runner: _Runner, bar: tqdm
+    pending: deque[tuple[list[K], list[Result | None], Any]], runner: _Runner, bar: tqdm
 ) -> Iterator[tuple[K, ImageFacts | Rejected]]:
     keys, passed, handle = pending.popleft()
     n = passed.count(None)

@@ -1,0 +1,196 @@
+"""Incremental runs: collect and dedupe after new photos arrived compute only those (their
+per-photo caches answer for the others), and write byte for byte what a run from scratch
+writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+import stages.collect
+import stages.dedupe
+import vitrine.curation.features
+import vitrine.ingest.sources
+from tests.helpers import REPO
+from tests.helpers.photos import photo_bytes
+from vitrine.images import Rejected
+from vitrine.ingest.facts_cache import FACTS_FILE, FactsCache, decode, encode, facts_version
+from vitrine.ingest.photo_cache import PhotoCache
+from vitrine.ingest.sources import ImageFacts, IngestConfig, ingest_image
+
+OUTPUTS = ("data/collected", "data/deduped", "reports")
+
+
+def write_project(root: Path, cache: bool) -> None:
+    """params.yaml as the repository's, with one folder source, quick settings and the
+    per-photo caches under root/.cache (or none); an empty decisions file."""
+    params: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
+    collect, dedupe = params["collect"], params["dedupe"]
+    collect.update(sources=[{"kind": "folder", "path": "photos"}], shard_size=10)
+    collect["cache_dir"] = ".cache/collect" if cache else ""
+    # Batches of 3: the 4 photos a rerun adds make a batch of 3 and one of 1, and a photo
+    # computed alone rounds differently from one in a full batch unless the batch is padded.
+    dedupe.update(embedding_batch_size=3, cache_dir=".cache/dedupe" if cache else "")
+    dedupe["noise"]["folds"] = 3
+    params["compute"]["scheduler"] = "synchronous"
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    decisions = root / params["paths"]["decisions"]
+    decisions.parent.mkdir(parents=True)
+    decisions.write_text("id,decision,new_label,note\n")
+
+
+def add_photos(raw: Path, photos: dict[str, bytes]) -> None:
+    for name, data in photos.items():
+        (raw / name).parent.mkdir(parents=True, exist_ok=True)
+        (raw / name).write_bytes(data)
+
+
+def near_copy(data: bytes) -> bytes:
+    """The photo resized to 90% and recompressed: a re-upload, not the same bytes."""
+    img = Image.open(io.BytesIO(data))
+    buf = io.BytesIO()
+    img.resize((img.width * 9 // 10, img.height * 9 // 10)).save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+class Counted:
+    """Photos that reached the per-image work and the networks (the caches' misses)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.decoded = self.embedded = 0
+        ingest, batch = vitrine.ingest.sources._ingest_packed, vitrine.curation.features.full_batch
+
+        def counted_ingest(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) -> Any:
+            self.decoded += len(ends)
+            return ingest(payload, ends, config)
+
+        def counted_batch(embedder: Any, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+            if embedder is vitrine.curation.features.embed:  # once per batch: not the descriptor
+                self.embedded += len(pixels)
+            return batch(embedder, pixels, batch_size)
+
+        monkeypatch.setattr(vitrine.ingest.sources, "_ingest_packed", counted_ingest)
+        monkeypatch.setattr(vitrine.curation.features, "full_batch", counted_batch)
+
+    def take(self) -> tuple[int, int]:
+        counts, self.decoded, self.embedded = (self.decoded, self.embedded), 0, 0
+        return counts
+
+
+def run_stages(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """collect then dedupe, as `python -m stages.<name>` runs them in `project`: their output."""
+    monkeypatch.chdir(project)
+    stages.collect.main()
+    stages.dedupe.main()
+    return capsys.readouterr().out
+
+
+def summary(out: str, stage: str) -> tuple[int, int]:
+    """(computed, from the cache) as the stage printed them."""
+    found = re.search(rf"{stage}: per-photo work .*: (\d+) photos computed, (\d+) from", out)
+    assert found, out
+    return int(found[1]), int(found[2])
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for folder in OUTPUTS
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_rerun_computes_only_new_photos_and_writes_what_a_clean_run_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    counted = Counted(monkeypatch)
+    first = {
+        f"{c}/{i:03d}.jpg": photo_bytes(100 * k + i)
+        for k, c in enumerate(("laptop", "phone"))
+        for i in range(12)
+    }
+    first["phone/again.jpg"] = first["phone/004.jpg"]  # the same bytes under another name
+    later = {f"laptop/new-{i}.jpg": photo_bytes(900 + i) for i in range(3)}
+    later["phone/004-copy.jpg"] = near_copy(first["phone/004.jpg"])
+
+    incremental = tmp_path / "incremental"
+    write_project(incremental, cache=True)
+    add_photos(incremental / "data/raw/photos", first)
+    out = run_stages(incremental, monkeypatch, capsys)
+    assert summary(out, "collect") == (25, 0) and summary(out, "dedupe") == (24, 0)
+    assert counted.take() == (25, 24)  # 24 distinct photos; collect met both copies at once
+
+    add_photos(incremental / "data/raw/photos", later)
+    out = run_stages(incremental, monkeypatch, capsys)
+    assert summary(out, "collect") == (4, 25) and summary(out, "dedupe") == (4, 24)
+    assert counted.take() == (4, 4)  # only the new photos were decoded and embedded
+
+    clean = tmp_path / "clean"
+    write_project(clean, cache=False)
+    add_photos(clean / "data/raw/photos", first | later)
+    run_stages(clean, monkeypatch, capsys)
+    assert counted.take() == (29, 28)
+    assert not (clean / ".cache/collect").exists() and not (clean / ".cache/dedupe").exists()
+
+    incremental_files, clean_files = files(incremental), files(clean)
+    assert {"data/collected/shards/shard-00002.tar", "data/deduped/embeddings.npy"} <= set(
+        clean_files
+    )
+    assert sorted(incremental_files) == sorted(clean_files)
+    assert [f for f in clean_files if incremental_files[f] != clean_files[f]] == []
+    deduped = pd.read_parquet(clean / "data/deduped/manifest.parquet").set_index("id")
+    assert deduped.loc["phone/004-copy.jpg", "reason"] == "near_duplicate"
+    assert deduped.loc["phone/again.jpg", "reason"] == "exact_duplicate"
+
+
+def test_a_changed_setting_is_another_version_and_old_versions_are_dropped(tmp_path: Path) -> None:
+    config = IngestConfig(thumb_size=48, scheduler="synchronous", progress=False)
+    smaller = dataclasses.replace(config, thumb_size=32)
+    assert facts_version(config) != facts_version(smaller)
+    assert facts_version(config) == facts_version(dataclasses.replace(config, batch_size=7))
+    data = photo_bytes(1)
+    with FactsCache(tmp_path, config) as cache:
+        assert [r for _, r in cache.stream([("a", data)])] == [ingest_image(data, config)]
+        assert (cache.computed, cache.reused) == (1, 0)
+    with FactsCache(tmp_path, config) as cache:
+        assert [r for _, r in cache.stream([("a", data)])] == [ingest_image(data, config)]
+        assert (cache.computed, cache.reused) == (0, 1)
+    with FactsCache(tmp_path, smaller) as cache:  # a changed check recomputes
+        (result,) = [r for _, r in cache.stream([("a", data)])]
+        assert (cache.computed, cache.reused) == (1, 0)
+    assert isinstance(result, ImageFacts) and result == ingest_image(data, smaller)
+    for n in range(4):  # only the 4 most recently used versions are kept
+        PhotoCache(tmp_path / FACTS_FILE, f"v{n}").close()
+    db = sqlite3.connect(tmp_path / FACTS_FILE)
+    versions = {v for (v,) in db.execute("SELECT version FROM versions")}
+    rows = db.execute("SELECT count(*) FROM results").fetchone()[0]
+    db.close()
+    assert versions == {"v0", "v1", "v2", "v3"} and rows == 0
+
+
+def test_a_cached_result_reads_back_as_computed() -> None:
+    config = IngestConfig(thumb_size=48)
+    large, small = photo_bytes(3), photo_bytes(4, (44, 36))  # small: its own thumbnail
+    for data in (large, small):
+        facts = ingest_image(data, config)
+        assert decode(encode(facts, data), facts.sha256, data) == facts
+    assert len(encode(ingest_image(small, config), small)) < 100  # the photo is not stored twice
+    with pytest.raises(Rejected) as raised:
+        ingest_image(b"not an image", config)
+    back = decode(encode(raised.value, b"not an image"), "0" * 64, b"not an image")
+    assert isinstance(back, Rejected)
+    assert (back.code, back.detail) == (raised.value.code, raised.value.detail)

@@ -1,0 +1,166 @@
+"""A content-addressed cache of per-photo results: (version, sha256) -> bytes, in SQLite.
+
+collect caches each photo's facts (vitrine.ingest.facts_cache) and dedupe its descriptor and
+embedding (vitrine.curation.features) here, outside DVC's outputs, so that a run after new
+photos arrived computes only those. A row is keyed by the photo's sha256 and a `version`: a
+digest of the code and settings that produced it (`code_version`), so a changed check, decoder,
+network or parameter finds nothing and recomputes; results are never reused across versions.
+
+Why SQLite (WAL) rather than a file per photo: the values are small (a 3 KB thumbnail and a
+few numbers; 7 KB of features) and there are tens of thousands of them. A file each costs an
+inode, a directory entry and three system calls to read, and a crash-safe write needs a temp
+file and a rename; here a batch of lookups is one indexed query (`sha256 IN (...)`) and a batch
+of results one transaction, committed atomically (a SIGKILL loses at most the batch being
+written, and a torn write is rolled back by SQLite, not by hand). Dropping an old version's rows
+is one statement.
+
+Concurrency: only the stage's own process opens the cache. Dask workers never touch it (and on
+a remote scheduler they could not): the stage looks a photo up before shipping its bytes and
+writes the results that come back. WAL lets readers run beside the one writer, and a busy
+timeout makes two stage processes sharing a cache take turns rather than fail; rows are pure
+functions of their key, so whichever process writes one last writes the same value.
+
+Versions: every open records the time its version was used; rows of versions beyond the
+`keep_versions` most recently used are deleted then, so the cache holds the results of the
+code being run (and a few recent alternatives, e.g. an experiment's `-S` setting), not every
+version ever run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS results (
+        version TEXT NOT NULL, sha256 TEXT NOT NULL, value BLOB NOT NULL,
+        PRIMARY KEY (version, sha256)
+    ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS versions (version TEXT PRIMARY KEY, used_at REAL NOT NULL)",
+)
+_LOOKUP_CHUNK = 500  # under SQLite's default limit of host parameters in one statement
+
+
+def code_version(
+    modules: Iterable[ModuleType],
+    distributions: Iterable[str] = (),
+    settings: Mapping[str, Any] | None = None,
+) -> str:
+    """A digest of what produced a result: the source files of `modules` (any edit, even a
+    comment, is a new version), the installed versions of `distributions` (a decoder's or a
+    network's library) and `settings` (the parameters that change a result)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        path = module.__file__
+        if path is None:
+            raise ValueError(f"{module.__name__} has no source file")
+        digest.update(module.__name__.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    for name in distributions:
+        digest.update(f"{name}=={importlib.metadata.version(name)}\0".encode())
+    for key, value in sorted((settings or {}).items()):
+        digest.update(f"{key}={value!r}\0".encode())
+    return digest.hexdigest()[:32]
+
+
+class PhotoCache:
+    """The results of one `version`, in the SQLite file `path` (created with its folder).
+
+    `get_many` answers what is cached; `put` buffers a result and `flush` (every
+    `flush_rows` puts, and on `close`) commits the buffer in one transaction. `hits` and
+    `misses` count the lookups' answers, `stored` the results put.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        version: str,
+        *,
+        keep_versions: int = 4,
+        flush_rows: int = 1024,
+        timeout_s: float = 60.0,
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.version, self.flush_rows = path, version, flush_rows
+        self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # a power loss may lose the last commits
+        self._buffer: dict[str, bytes] = {}
+        self.hits = self.misses = self.stored = 0
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                self._db.execute(statement)
+            used = (version, time.time())
+            self._db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?)", used)
+            stale = [
+                v
+                for (v,) in self._db.execute(
+                    "SELECT version FROM versions ORDER BY used_at DESC LIMIT -1 OFFSET ?",
+                    (keep_versions,),
+                )
+            ]
+            for old in stale:
+                self._db.execute("DELETE FROM results WHERE version = ?", (old,))
+                self._db.execute("DELETE FROM versions WHERE version = ?", (old,))
+
+    def get_many(self, digests: Iterable[str]) -> dict[str, bytes]:
+        """sha256 -> cached value, for the digests this version holds."""
+        wanted = list(dict.fromkeys(digests))
+        found = {d: self._buffer[d] for d in wanted if d in self._buffer}
+        rest = [d for d in wanted if d not in found]
+        for start in range(0, len(rest), _LOOKUP_CHUNK):
+            chunk = rest[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT sha256, value FROM results WHERE version = ? AND sha256 IN ({marks})",
+                [self.version, *chunk],
+            )
+            found.update(rows)
+        self.hits += len(found)
+        self.misses += len(wanted) - len(found)
+        return found
+
+    def put(self, digest: str, value: bytes) -> None:
+        self._buffer[digest] = value
+        self.stored += 1
+        if len(self._buffer) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        rows = [(self.version, d, v) for d, v in self._buffer.items()]
+        with self._db:  # BEGIN ... COMMIT
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", rows)
+        self._buffer = {}
+
+    def count(self) -> int:
+        """Results this version holds (committed ones)."""
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM results WHERE version = ?", (self.version,)
+        ).fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._db.close()
+
+    def __enter__(self) -> PhotoCache:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
