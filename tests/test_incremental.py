@@ -194,3 +194,22 @@ def test_a_cached_result_reads_back_as_computed() -> None:
     back = decode(encode(raised.value, b"not an image"), "0" * 64, b"not an image")
     assert isinstance(back, Rejected)
     assert (back.code, back.detail) == (raised.value.code, raised.value.detail)
+
+
+def test_a_stream_the_cache_answers_starts_no_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = IngestConfig(thumb_size=48, scheduler="synchronous", progress=False)
+    photos = [(i, photo_bytes(i)) for i in range(3)]
+    with FactsCache(tmp_path, config) as cache:
+        first = list(cache.stream(photos))
+
+    def no_cluster(n_workers: int = 0) -> None:
+        raise AssertionError("a Dask cluster was started")
+
+    monkeypatch.setattr(vitrine.ingest.sources, "local_cluster", no_cluster)
+    on_a_cluster = dataclasses.replace(config, scheduler="")  # the same version
+    with FactsCache(tmp_path, on_a_cluster) as cache:
+        assert list(cache.stream(photos)) == first and (cache.computed, cache.reused) == (0, 3)
+    with FactsCache(tmp_path, on_a_cluster) as cache, pytest.raises(AssertionError, match="Dask"):
+        list(cache.stream([(3, photo_bytes(3))]))  # a new photo needs one
