@@ -1,10 +1,7 @@
 """End to end: `dvc repro` of the whole pipeline on 60 real Avito photos in a copy of the repo."""
 
-import io
 import json
 import os
-import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -12,81 +9,29 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers.tiny_project import add_file, dvc, set_params, tiny_project
 
 pytestmark = pytest.mark.slow
 PER_CLASS = 30
 
 
-def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-
-
-def _tiny_archive(path: Path) -> None:
-    """30 real photos per class from the vendored archive, plus a corrupt JPEG and a text file."""
-    picked: dict[str, int] = {}
-    with tarfile.open(REPO / "data/raw/avito-raw.tar.gz") as src, tarfile.open(path, "w:gz") as dst:
-        for m in src:
-            label = m.name.split("/")[-2] if m.isfile() else ""
-            if m.isfile() and picked.get(label, 0) < PER_CLASS:
-                picked[label] = picked.get(label, 0) + 1
-                data = src.extractfile(m).read()
-                dst.addfile(m, src.extractfile(m))
-                if picked[label] == 1 and label == "phone":
-                    _add(dst, "raw_data/phone/corrupt.jpg", data[: len(data) // 2])
-                    _add(dst, "raw_data/laptop/readme.jpg", b"this is not a photo\n")
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _set_params(repo: Path, **changes) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def _dvc(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
-        "BENTOML_HOME": str(repo / ".bentoml"),
-    }
-    done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, (
-        f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    )
-    return done.stdout
+def _broken_files(archive: tarfile.TarFile, label: str, photo: bytes) -> None:
+    """A corrupt JPEG and a text file named like a photo, beside the first phone photo."""
+    if label == "phone":
+        add_file(archive, "raw_data/phone/corrupt.jpg", photo[: len(photo) // 2])
+        add_file(archive, "raw_data/laptop/readme.jpg", b"this is not a photo\n")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    _copy_repo(repo)
-    _tiny_archive(repo / "data/raw/avito-raw.tar.gz")
-    candidates = yaml.safe_load((repo / "params.yaml").read_text())["candidates"]
-    one_epoch = {f"candidates.{name}.max_epochs": 1 for name in candidates}
-    _set_params(repo, **one_epoch, **{"validate.min_images_per_class": 10})
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    _dvc(repo, "repro")
+    """30 real photos per class plus the two broken files, every candidate for one epoch."""
+    repo = tiny_project(
+        tmp_path_factory.mktemp("repo"),
+        PER_CLASS,
+        params={"validate.min_images_per_class": 10},
+        extra=_broken_files,
+    )
+    dvc(repo, "repro")
     return repo
 
 
@@ -126,18 +71,18 @@ def test_every_stage_left_its_outputs(repo):
 
 
 def test_second_repro_runs_nothing_but_the_inventory(repo):
-    out = _dvc(repo, "repro")
+    out = dvc(repo, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"inventory"}  # always_changed: it looks at the sources every time
-    assert json.loads(_dvc(repo, "status", "--json")) == {"inventory": ["always changed"]}
+    assert json.loads(dvc(repo, "status", "--json")) == {"inventory": ["always changed"]}
 
 
 def test_changing_a_candidate_param_retrains_that_candidate_only(repo):
-    _set_params(repo, **{"candidates.cnn64.lr": 0.0005})
+    set_params(repo, **{"candidates.cnn64.lr": 0.0005})
     # evaluate reads the candidates block (their names), so it is listed as changed too.
-    changed = set(json.loads(_dvc(repo, "status", "--json")))
+    changed = set(json.loads(dvc(repo, "status", "--json")))
     assert changed == {"inventory", "train@cnn64", "evaluate"}
-    out = _dvc(repo, "repro")
+    out = dvc(repo, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"inventory", "train@cnn64", "evaluate", "package"}
 
@@ -152,8 +97,8 @@ def test_collect_runs_over_a_folder_that_dvc_itself_cannot_walk(repo, make_photo
     os.mkfifo(folder / "phone" / "pipe.jpg")
     (folder / "phone" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(make_photo(2))
     sources = yaml.safe_load((repo / "params.yaml").read_text())["collect"]["sources"]
-    _set_params(repo, **{"collect.sources": [*sources, {"kind": "folder", "path": "extra"}]})
-    _dvc(repo, "repro", "collect")
+    set_params(repo, **{"collect.sources": [*sources, {"kind": "folder", "path": "extra"}]})
+    dvc(repo, "repro", "collect")
     m = pd.read_parquet(repo / "data/collected/manifest.parquet")
     extra = m[m["source"] == "folder:extra"].set_index("id")["reason"].fillna("").to_dict()
     assert extra == {

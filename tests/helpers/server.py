@@ -37,10 +37,16 @@ class RunningServer:
 
 
 def start_server(
-    home: Path, model_name: str, log: Path, env: dict[str, str] | None = None, port: int = 0
+    home: Path,
+    model_name: str,
+    log: Path,
+    env: dict[str, str] | None = None,
+    port: int = 0,
+    cwd: Path = REPO,
 ) -> RunningServer:
     """The server over <model_name>:latest in the store at `home` (BENTOML_HOME), ready;
-    AssertionError with its log's end when it exits or is not ready in time."""
+    AssertionError with its log's end when it exits or is not ready in time. cwd: where it runs
+    (`make serve` runs in the repository), which relative serve.record paths are read from."""
     port = port or free_port()
     environment = {
         **os.environ,
@@ -53,7 +59,7 @@ def start_server(
     with log.open("a") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", *command, "--port", str(port)],
-            cwd=REPO,
+            cwd=cwd,
             env=environment,
             stdout=out,
             stderr=subprocess.STDOUT,
