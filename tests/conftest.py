@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers.photos import photo_bytes
 from tests.helpers.postgres import PostgresServer, postgres_or_skip
+from vitrine.production.records import RecordStore
 
 # No network here: keep every tool's telemetry off in the tests too.
 os.environ.update(
@@ -61,3 +62,12 @@ def answers_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'answers.sqlite'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(answers_url: str) -> Iterator[RecordStore]:
+    """A migrated answers store on `answers_url` (so on SQLite and on PostgreSQL)."""
+    store = RecordStore(answers_url)
+    store.migrate()
+    yield store
+    store.close()

@@ -5,7 +5,6 @@ and embeddings and leave identical distributions alone; the page renders its plo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,14 +23,6 @@ from vitrine.production.reviews import add_review
 UNTIL = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 SINCE = UNTIL - timedelta(hours=6)
 BINS = 10
-
-
-@pytest.fixture
-def store(answers_url: str) -> Iterator[RecordStore]:
-    store = RecordStore(answers_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def varied_answers() -> list[AnswerRecord]:

@@ -8,7 +8,6 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +44,6 @@ from vitrine.production.records import RECORD_URL_ENV, RecordStore
 from vitrine.production.reviews import add_review
 
 REVIEWED = Source("catalog", "reviewed/catalog.csv")
-
-
-@pytest.fixture
-def store(answers_url: str) -> Iterator[RecordStore]:
-    store = RecordStore(answers_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def catalog_rows(catalog: Path) -> pd.DataFrame:

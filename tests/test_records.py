@@ -47,14 +47,6 @@ from vitrine.production.spool import Spool, read_records
 HEAD = sorted((records_module.MIGRATIONS / "versions").glob("v*.py"))[-1].name[1:5]
 
 
-@pytest.fixture
-def store(answers_url: str) -> Iterator[RecordStore]:
-    store = RecordStore(answers_url)
-    store.migrate()
-    yield store
-    store.close()
-
-
 def recorder_for(tmp_path: Path, url: str, **settings: object) -> Recorder:
     return Recorder(record_config(tmp_path / "records", url, **settings))
 

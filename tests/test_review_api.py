@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import io
 import types
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,14 +53,6 @@ def client_for(desk: ReviewDesk) -> TestClient:
     service = types.SimpleNamespace(review=desk)
     app.dependency_overrides[bentoml.get_current_service] = lambda: service
     return TestClient(ResponsePolicy(app))
-
-
-@pytest.fixture
-def store(answers_url: str) -> Iterator[RecordStore]:
-    store = RecordStore(answers_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ real PostgreSQL server), reviewed answers left out."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -105,14 +104,6 @@ def test_the_terms_come_from_the_packaged_model_and_older_packages_still_load(
     del old["value_gain"], old["review_cost"], old["decision_gain"]
     (tmp_path / "model.json").write_text(json.dumps(old))
     assert read_packaged(tmp_path) == info
-
-
-@pytest.fixture
-def store(answers_url: str) -> Iterator[RecordStore]:
-    store = RecordStore(answers_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def test_the_database_queue_is_the_ranking_of_every_unreviewed_answer(store: RecordStore) -> None:

@@ -5,7 +5,6 @@ refused."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -13,14 +12,6 @@ import pytest
 from tests.helpers.records import sample_answer
 from vitrine.production.records import RecordStore
 from vitrine.production.reviews import UnknownAnswer, add_review, history, latest
-
-
-@pytest.fixture
-def store(answers_url: str) -> Iterator[RecordStore]:
-    store = RecordStore(answers_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def test_a_later_decision_supersedes_and_the_history_stays(store: RecordStore) -> None:
