@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -39,6 +40,8 @@ from pipeline.score import REPORT_KEY, main, score_catalog
 from tests.helpers import PREFECT_START_TIMEOUT_S, REPO
 from tests.helpers.candidates import SERVE
 from tests.helpers.photos import encode, photo_bytes, png_header_only
+from tests.helpers.records import record_config
+from tests.helpers.server import start_server, stop
 from tests.helpers.tiny_package import package_tiny_model
 from vitrine.contracts import PackagedModel, read_packaged, write_packaged
 from vitrine.images import Rejected
@@ -464,3 +467,28 @@ def test_the_flow_scores_a_catalog_and_publishes_its_summary(
         path = {"id": summary["artifact_id"]}
         artifact = client.request("GET", "/artifacts/{id}", path_params=path).json()
     assert artifact["key"] == REPORT_KEY and "scored 3 rows" in artifact["data"]
+
+
+@pytest.mark.slow
+def test_a_real_server_gives_the_answers_the_scorer_writes(tmp_path: Path) -> None:
+    """The BentoML server (as `make serve` runs it) over the same packaged model: for each
+    photo, its /classify answer or refusal is the scorer's row."""
+    serve = dataclasses.replace(SERVE, workers=1, record=record_config(tmp_path / "records"))
+    package = package_tiny_model(tmp_path / "model", serve, DECISION_GAIN, "vitrine-score-test")
+    root = photo_folder(tmp_path / "photos", 8)
+    (root / "phone" / "notes.jpg").write_bytes(b"just some text")
+    (root / "phone" / "tiny.png").write_bytes(encode(Image.new("RGB", (16, 16)), "PNG"))
+    score(job(root, tmp_path / "out.parquet", package))
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    running = start_server(tmp_path / "model" / "home", "vitrine-score-test", tmp_path / "log")
+    try:
+        for _, row in out.iterrows():
+            upload = ("image", ("upload.jpg", (root / row["id"]).read_bytes(), "image/jpeg"))
+            response = httpx.post(f"{running.url}/classify", files=[upload], timeout=30)
+            body = response.json()
+            if response.status_code != 200:
+                assert (row["status"], row["reason"]) == ("quarantined", body["error"])
+            else:
+                assert_same_answer(row, body)
+    finally:
+        stop(running)
