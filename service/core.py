@@ -1,7 +1,10 @@
 """The service's decisions, free of HTTP: upload bytes -> model input, probabilities -> answers.
 
-Preprocessing is vitrine.images (the code prepare used to build the evaluated arrays); resizing
-and normalising to the network's input happen inside the exported model, as in evaluate.
+One photo's rules (open_upload, prepare_image, classify_answer) are vitrine.runtime.answers', the
+same code batch scoring runs; here they are applied to a request's uploads, refusals become HTTP
+answers, and /check_category's answer is built. Preprocessing is vitrine.images (the code prepare
+used to build the evaluated arrays); resizing and normalising to the network's input happen
+inside the exported model, as in evaluate.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import numpy as np
 from PIL import Image
 
 from vitrine.contracts import PackagedModel
-from vitrine.images import Rejected, checked_square, open_capped
-from vitrine.runtime.decisions import decide
+from vitrine.images import Rejected
+from vitrine.runtime.answers import classify_answer, open_upload, prepare_image
+
+__all__ = ["classify_answer", "open_upload", "prepare_image"]  # and the names defined below
 
 # Reason code -> HTTP status; any other reason (vitrine.images' codes) is a 422.
 STATUS = {
@@ -76,18 +81,6 @@ def error_body(err: Rejected) -> dict[str, Any]:
     return body
 
 
-def open_upload(data: bytes, info: PackagedModel) -> Image.Image:
-    """Upload bytes -> the opened image, judged from its size and header alone (nothing is
-    decoded yet, so a decompression bomb is refused here); Rejected otherwise."""
-    serve = info.serve
-    if len(data) > serve.max_upload_bytes:
-        raise Rejected("too_large", f"image of {len(data)} bytes exceeds {serve.max_upload_bytes}")
-    try:
-        return open_capped(data, serve.max_pixels)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of failing on a bad file
-        raise Rejected("undecodable", str(err)) from None
-
-
 def open_all(images: Sequence[bytes], info: PackagedModel) -> list[Upload]:
     """open_upload for each upload, a bad one giving its Rejected in its place."""
     opened: list[Upload] = []
@@ -104,15 +97,6 @@ def cheap_to_decode(upload: Upload) -> bool:
     return isinstance(upload, Rejected) or upload.width * upload.height <= INLINE_DECODE_PIXELS
 
 
-def prepare_image(img: Image.Image, info: PackagedModel) -> np.ndarray:
-    """An opened upload -> the (size, size, 3) uint8 array the model takes; Rejected otherwise.
-    The same pixels as load_square, which prepare used for the evaluated arrays."""
-    try:
-        return checked_square(img, info.image_size, min_side=info.serve.min_side)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise Rejected("undecodable", str(err)) from None
-
-
 def prepare_all(uploads: Sequence[Upload], info: PackagedModel) -> list[np.ndarray | Rejected]:
     """prepare_image for each opened upload; a refused one keeps its Rejected, and one that
     fails to decode gets its own."""
@@ -123,20 +107,6 @@ def prepare_all(uploads: Sequence[Upload], info: PackagedModel) -> list[np.ndarr
         except Rejected as err:
             prepared.append(detached(err))
     return prepared
-
-
-def classify_answer(probabilities: Sequence[float], info: PackagedModel) -> dict[str, Any]:
-    """The /classify answer for one image's class probabilities (in info.classes order): the
-    class evaluate's decision rule answers, and its probability as the confidence."""
-    values = [float(p) for p in probabilities]
-    best = int(decide(np.array([values]), info.gain)[0])
-    return {
-        "label": info.classes[best],
-        "confidence": values[best],
-        "probabilities": dict(zip(info.classes, values, strict=True)),
-        "abstain": values[best] < info.abstain_threshold,
-        "model_version": info.version,
-    }
 
 
 def declared_category(value: str | None, info: PackagedModel) -> str:

@@ -1,12 +1,10 @@
-"""Photo bytes -> the model's input, and probabilities -> an answer, as the service builds them.
-
-The service's own rules (service/core.py: open_upload, prepare_image, classify_answer), here
-for batch scoring (vitrine.scoring), which may not import the service: a photo is refused past
+"""Photo bytes -> the model's input, and probabilities -> an answer: the one implementation the
+service (service/core.py) and batch scoring (vitrine.scoring) both run. A photo is refused past
 serve.max_upload_bytes or serve.max_pixels (from its header, nothing decoded), and under
 serve.min_side; its pixels are vitrine.images' (the evaluated ones); the answer is evaluate's
 decision rule (vitrine.runtime.decisions.decide with the packaged gain matrix), its class's
 probability the confidence, abstaining below the packaged abstain_threshold. model.onnx already
-holds the calibration. tests/test_score.py checks that both give the same answers.
+holds the calibration. tests/test_score.py checks that a real server and the scorer agree.
 """
 
 from __future__ import annotations
