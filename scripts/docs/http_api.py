@@ -52,7 +52,7 @@ class DocsError(ValueError):
 @dataclass(frozen=True)
 class Answer:
     about: str  # for the routes table
-    builder: str  # a function of service.core
+    builder: str  # a function of ANSWER_MODULES
     items: str = ""  # the key of a list of answers, one per image ("": one answer)
 
 
@@ -72,6 +72,9 @@ ANSWERS: dict[str, Answer] = {
     ),
 }
 REFUSAL = "error_body"  # service.core's body of a refused request or image
+# Where the answer builders are defined: the service's own module, and the library module whose
+# one-photo rules it shares with batch scoring.
+ANSWER_MODULES = ("service.core", "vitrine.runtime.answers")
 # The example answers are built from the keys the code writes, each shown with this value: a
 # key the code starts writing fails the build until it has one here.
 EXAMPLE_VALUES: dict[str, Any] = {
@@ -288,7 +291,7 @@ def statuses(root: Path) -> tuple[dict[str, int], int, dict[str, str]]:
 
 def answer_keys(root: Path, route: Route) -> tuple[list[str], list[str]]:
     """(keys of one answer, keys of a refused image's entry) as the code writes them: the keys
-    of the builder's dict literals (service.core) and the string keys of the route's own dict
+    of the builder's dict literals (ANSWER_MODULES) and the string keys of the route's own dict
     literals outside its error handlers (`{**answer, "request_id": ...}`), in order."""
     answer = ANSWERS[route.path]
     keys = _dict_keys(_core_function(root, answer.builder))
@@ -306,10 +309,12 @@ def answer_keys(root: Path, route: Route) -> tuple[list[str], list[str]]:
 
 
 def _core_function(root: Path, name: str) -> ast.AST:
-    fn = _load(root, "service.core").functions.get(name)
-    if fn is None:
-        raise DocsError(f"service.core has no function {name!r} (scripts/docs/http_api.py)")
-    return fn
+    for module in ANSWER_MODULES:
+        fn = _load(root, module).functions.get(name)
+        if fn is not None:
+            return fn
+    places = ", ".join(ANSWER_MODULES)
+    raise DocsError(f"no function {name!r} in {places} (scripts/docs/http_api.py)")
 
 
 def _dict_keys(node: ast.AST) -> list[str]:

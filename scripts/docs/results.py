@@ -157,7 +157,8 @@ def _evaluate(d: dict[str, Any]) -> Figures:
 
 def _promotion(d: dict[str, Any]) -> Figures:
     verdict = "promoted" if d["promoted"] else "not promoted"
-    return [("deployed", f"{d['challenger']['model_version']} {verdict}"), ("why", d["reason"])]
+    # The reason is a sentence: it goes below the table (promotion_reason), not in a cell.
+    return [("deployed", f"{d['challenger']['model_version']} {verdict}")]
 
 
 def _training(d: dict[str, Any]) -> Figures:
@@ -201,6 +202,14 @@ def _safely(figure: Callable[[dict[str, Any]], Figures], m: Metric) -> Figures:
         return figure(m.data)
     except (KeyError, TypeError, ZeroDivisionError) as err:
         return [("unreadable", f"{m.path} lacks what this page reads ({err!r})")]
+
+
+def promotion_reason(found: list[Metric]) -> str:
+    """Why package deployed (or kept) the model it did, as package wrote it."""
+    record = next((m for m in found if m.path.endswith("promotion.json") and m.data), None)
+    if record is None or not record.data.get("reason"):
+        return ""
+    return md.paragraph(f"Promotion ({md.code(record.path)}): {record.data['reason']}.")
 
 
 def candidates_table(found: list[Metric]) -> str:
@@ -276,9 +285,8 @@ def page(root: Path) -> str:
         parts.append(
             '!!! note "No metrics in this checkout"\n'
             + md.paragraph(
-                "The metrics files are written by `dvc repro` (`make repro`, about 20 minutes on "
-                "2 cores) into reports/, which git does not track; this page shows them once "
-                "they exist.",
+                "The metrics files are written by `dvc repro` (`make repro`) into reports/ and "
+                "committed with dvc.lock; this checkout has none of them yet.",
                 "    ",
             )
         )
@@ -297,6 +305,7 @@ def page(root: Path) -> str:
             )
         header = ["stage", "figure", "value", "read from, reproduced by"]
         parts.append(md.table(header, figures(found)))
+        parts.append(promotion_reason(found))
     parts.append(candidates_table(found))
     parts += ["## Metrics files", status_table(found)]
     parts += [
