@@ -5,7 +5,6 @@ holds the review) and one training photo (the decisions file holds it, as dedupe
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from service.responses import page_policy
 from service.review import PROJECT_DIR_ENV, REVIEW_TOKEN_ENV
 from stages.dedupe import read_decisions
 from tests.helpers import REPO
+from tests.helpers.browser import ARTIFACTS, chromium_page
 from tests.helpers.curation_project import CLASSES, write_project
 from tests.helpers.records import record_config, wait_for
 from tests.helpers.server import start_server, stop
@@ -33,8 +33,6 @@ pytestmark = [
 ]
 
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
-ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
-CHROMIUM = Path("/usr/bin/chromium")
 MODEL_NAME = "vitrine-review-test"
 TOKEN = "moderators-only-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -123,81 +121,53 @@ def test_the_recorded_answers_reach_the_queue_behind_the_token(
     assert page.headers["x-content-type-options"] == "nosniff"
 
 
-def chromium_or_skip() -> Path:
-    """Chromium, or a skip with the reason outside CI (CI installs it: .ci/run)."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
-    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); CI runs this test")
-
-
 def test_a_moderator_decides_an_answer_and_a_training_photo_in_the_page(
     served: Served, answered: list[str]
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
-    chromium = chromium_or_skip()
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / ".gitignore").write_text("*\n")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"]
+    with chromium_page() as (page, blocked):
+        page.goto(served.url + "/review")
+        assert page.locator("#queue .card").count() == 0  # nothing before the token
+        page.fill("#token", "not-the-token")
+        page.click("#save")
+        page.locator("#status.error", has_text="token was refused").wait_for(timeout=15_000)
+        assert page.locator("#login").is_visible() and page.locator("#desk").is_hidden()
+        page.fill("#token", TOKEN)
+        page.fill("#reviewer", "ana")
+        page.click("#save")
+        cards = page.locator("#queue .card")
+        cards.first.wait_for(timeout=15_000)
+        assert cards.count() == len(answered)
+        first = cards.first
+        request_id = first.get_attribute("data-request-id")
+        assert request_id in answered
+        assert "Model:" in first.inner_text() and "Review worth" in first.inner_text()
+        # The photo shows: fetched with the token, shown from a blob: URL.
+        page.wait_for_function(
+            "document.querySelector('#queue .card img').naturalWidth > 0", timeout=15_000
         )
+        page.screenshot(path=str(ARTIFACTS / "review_queue.png"), full_page=True)
+        first.locator("button[data-label=phone]").click()
+        page.locator(f'[data-request-id="{request_id}"]').wait_for(state="detached", timeout=15_000)
+        assert cards.count() == len(answered) - 1
+        store = RecordStore(served.database)
         try:
-            page = browser.new_page()
-            blocked: list[str] = []  # what the page's Content-Security-Policy refused
-            page.on(
-                "console",
-                lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
-            )
-            page.goto(served.url + "/review")
-            assert page.locator("#queue .card").count() == 0  # nothing before the token
-            page.fill("#token", "not-the-token")
-            page.click("#save")
-            page.locator("#status.error", has_text="token was refused").wait_for(timeout=15_000)
-            assert page.locator("#login").is_visible() and page.locator("#desk").is_hidden()
-            page.fill("#token", TOKEN)
-            page.fill("#reviewer", "ana")
-            page.click("#save")
-            cards = page.locator("#queue .card")
-            cards.first.wait_for(timeout=15_000)
-            assert cards.count() == len(answered)
-            first = cards.first
-            request_id = first.get_attribute("data-request-id")
-            assert request_id in answered
-            assert "Model:" in first.inner_text() and "Review worth" in first.inner_text()
-            # The photo shows: fetched with the token, shown from a blob: URL.
-            page.wait_for_function(
-                "document.querySelector('#queue .card img').naturalWidth > 0", timeout=15_000
-            )
-            page.screenshot(path=str(ARTIFACTS / "review_queue.png"), full_page=True)
-            first.locator("button[data-label=phone]").click()
-            page.locator(f'[data-request-id="{request_id}"]').wait_for(
-                state="detached", timeout=15_000
-            )
-            assert cards.count() == len(answered) - 1
-            store = RecordStore(served.database)
-            try:
-                review = latest(store, [request_id])[request_id]
-            finally:
-                store.close()
-            assert (review.label, review.reviewer) == ("phone", "ana")
-
-            page.click("#tab-curation")
-            candidate = page.locator("#candidates .photo-card").first
-            candidate.wait_for(timeout=15_000)
-            photo_id = candidate.get_attribute("data-id")
-            assert photo_id
-            candidate.locator("input.note").fill("a charger")
-            candidate.locator("button[data-decision=drop]").click()
-            page.locator(f'#candidates .photo-card.decided[data-id="{photo_id}"]').wait_for(
-                timeout=15_000
-            )
-            page.screenshot(path=str(ARTIFACTS / "review_training_photos.png"), full_page=True)
-            assert blocked == []
+            review = latest(store, [request_id])[request_id]
         finally:
-            browser.close()
+            store.close()
+        assert (review.label, review.reviewer) == ("phone", "ana")
+
+        page.click("#tab-curation")
+        candidate = page.locator("#candidates .photo-card").first
+        candidate.wait_for(timeout=15_000)
+        photo_id = candidate.get_attribute("data-id")
+        assert photo_id
+        candidate.locator("input.note").fill("a charger")
+        candidate.locator("button[data-decision=drop]").click()
+        page.locator(f'#candidates .photo-card.decided[data-id="{photo_id}"]').wait_for(
+            timeout=15_000
+        )
+        page.screenshot(path=str(ARTIFACTS / "review_training_photos.png"), full_page=True)
+        assert blocked == []
     decisions = read_decisions(served.project / "data/review/decisions.csv", CLASSES)
     row = decisions.set_index("id").loc[photo_id]
     assert (row["decision"], row["new_label"], row["note"]) == ("drop", "", "a charger")

@@ -13,7 +13,6 @@ import gc
 import hashlib
 import io
 import logging
-import os
 import re
 import socket
 import struct
@@ -50,6 +49,7 @@ from service.core import (
 from service.rebalance import KeepAliveRebalancer
 from service.responses import DATA_POLICY, ResponsePolicy, page_policy
 from service.uploads import read_form
+from tests.helpers.browser import ARTIFACTS, chromium_page
 from tests.helpers.candidates import PROVENANCE
 from tests.helpers.records import record_config
 from tests.helpers.server import start_server, stop
@@ -64,8 +64,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:F
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "data" / "raw" / "avito-raw.tar.gz"
 MODEL_NAME = "vitrine-test-classifier"
-ARTIFACTS = REPO / "tests" / "artifacts"  # screenshots; ignored by git (see its .gitignore)
-CHROMIUM = Path("/usr/bin/chromium")
 PROJECT = (str(REPO / "service"), str(REPO / "vitrine"))  # frames of the service's own code
 # The served model's decision rule (vitrine.runtime.decisions): a phone photo earns 3, any
 # mistake costs 1, so a photo is answered "phone" from p(phone) = 1/3 on, not from 1/2.
@@ -795,58 +793,33 @@ def test_hundreds_of_concurrent_requests_all_succeed(server: Server) -> None:
 # --- The upload page in a real browser ----------------------------------------------------------
 
 
-def chromium_or_skip() -> Path:
-    """Chromium, or a skip with the reason outside CI (CI installs it: .ci/run)."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium package")
-    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); CI runs this test")
-
-
 @pytest.mark.slow
 def test_upload_page_confirms_or_switches_the_category(server: Server, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
 
-    chromium = chromium_or_skip()
     photo = tmp_path / "phone.jpg"
     photo.write_bytes(phone_photo())
     predicted = classify(server, photo.read_bytes()).json()["label"]
     other = next(c for c in CLASSES if c != predicted)
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / ".gitignore").write_text("*\n")
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(chromium), args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            page = browser.new_page()
-            blocked: list[str] = []  # what the page's Content-Security-Policy refused
-            page.on(
-                "console",
-                lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None,
-            )
-            page.goto(server.url + "/")
-            assert page.locator("#category option").all_inner_texts() == CLASSES
-            for declared, kind in ((predicted, "success"), (other, "warning")):
-                page.select_option("#category", declared)
-                page.set_input_files("#image", str(photo))
-                # The preview (a blob: URL) shows: the policy lets the page's own script run.
-                page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
-                page.click("#submit")
-                message = page.locator(f"#message.{kind}")
-                message.wait_for(timeout=15_000)
-                screenshot = ARTIFACTS / f"upload_page_{kind}.png"
-                page.screenshot(path=str(screenshot), full_page=True)
-                print(f"screenshot: {screenshot}")
-                assert predicted in page.inner_text("#prediction")
-                # Matching or not, the category box ends up on the model's class.
-                assert page.input_value("#category") == predicted
-                if kind == "success":
-                    assert "matches" in message.inner_text()
-                else:
-                    assert f"looks like a {predicted}, not a {other}" in message.inner_text()
-            assert blocked == []
-        finally:
-            browser.close()
+    with chromium_page() as (page, blocked):
+        page.goto(server.url + "/")
+        assert page.locator("#category option").all_inner_texts() == CLASSES
+        for declared, kind in ((predicted, "success"), (other, "warning")):
+            page.select_option("#category", declared)
+            page.set_input_files("#image", str(photo))
+            # The preview (a blob: URL) shows: the policy lets the page's own script run.
+            page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+            page.click("#submit")
+            message = page.locator(f"#message.{kind}")
+            message.wait_for(timeout=15_000)
+            screenshot = ARTIFACTS / f"upload_page_{kind}.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"screenshot: {screenshot}")
+            assert predicted in page.inner_text("#prediction")
+            # Matching or not, the category box ends up on the model's class.
+            assert page.input_value("#category") == predicted
+            if kind == "success":
+                assert "matches" in message.inner_text()
+            else:
+                assert f"looks like a {predicted}, not a {other}" in message.inner_text()
+        assert blocked == []
