@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_repro import project_copy
 from ingest import variants
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE_PHOTOS = 4277  # the bundled archive's photos
@@ -97,13 +97,6 @@ def output_md5s(project: Path) -> dict[str, str]:
         for out in stage.get("outs", [])
         if out["path"] in OUTPUTS
     }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

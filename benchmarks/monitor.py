@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,21 +31,14 @@ from vitrine.production import drift
 from vitrine.production.records import COLUMNS, RecordStore, answers
 from vitrine.production.reviews import reviews
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model
+
 CLASSES = ("laptop", "phone")
 CHUNK_SQLITE = 100_000
 CHUNK_OTHER = 20_000
 BINS = 20
 PHOTO_SAMPLE = 800  # 4 x monitor.photo_sample: the flow looks up more than it embeds
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synthetic_rows(start: int, n: int, since: datetime, hours: float, total: int) -> list[tuple]:

@@ -30,7 +30,6 @@ import functools
 import itertools
 import multiprocessing
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ingest import generate
 
@@ -55,16 +56,6 @@ from vitrine.scoring.sources import ScoreSource
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (120, 90)  # the Avito photos' size
 SAMPLE = 512  # photos preprocessed for ONNX Runtime alone, cycled through until N are run
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def scorer_rate(

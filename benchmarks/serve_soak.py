@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,9 @@ from serve import (  # benchmarks/serve.py, which also puts the repository on sy
 from tests.helpers.candidates import SERVE
 from tests.helpers.tiny_package import package_tiny_model
 from vitrine.contracts import read_packaged
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model
 
 BOUNDARY = "vitrine-soak-boundary"
 # BentoML's TimeoutMiddleware keeps each request's timer (with a copy of its context: the
@@ -255,14 +256,6 @@ def server_5xx(base: str) -> Counter:
             if labels["http_response_code"].startswith("5"):
                 counts[labels["endpoint"], labels["http_response_code"]] += float(line.split()[-1])
     return counts
-
-
-def cpu_model() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, subprocess.CalledProcessError, AttributeError):
-        return platform.processor() or "unknown CPU"
 
 
 def report(
