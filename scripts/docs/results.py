@@ -266,7 +266,8 @@ def benchmarks(root: Path) -> str:
     entries = []
     for script in sorted((root / "benchmarks").glob("*.py")):
         module = load(root, f"benchmarks.{script.stem}")
-        if module is None or not module.docstring:
+        runnable = '__name__ == "__main__"' in script.read_text()  # not a shared helper
+        if module is None or not module.docstring or not runnable:
             continue
         blocks = docstring_markdown(module.docstring)
         what = blocks[0][1] if blocks and blocks[0][0] == "text" else ""
