@@ -19,7 +19,7 @@ float or int8). For each, on loopback and one after the other:
     (model.pt, TorchScript): Flask reads the upload, decodes and resizes it
     (vitrine.images.load_square) and runs one forward pass per request, under Flask's own
     threaded development server (werkzeug, one process, a thread per request), as `app.run()`
-    serves it in the article;
+    serves it in avito_upload_classifier;
   - flask-onnx: the same Flask app running the service's model.onnx through ONNX Runtime, to
     show how much of the difference is the runtime and how much the serving.
 Both get the same real photos (the first --photos of the bundled Avito archive, cycled) at
