@@ -18,7 +18,7 @@ from service.responses import page_policy
 from service.review import PROJECT_DIR_ENV, REVIEW_TOKEN_ENV
 from stages.dedupe import read_decisions
 from tests.helpers import REPO
-from tests.helpers.browser import ARTIFACTS, chromium_page
+from tests.helpers.browser import ARTIFACTS, chromium_page, wait_for_image
 from tests.helpers.curation_project import CLASSES, write_project
 from tests.helpers.records import record_config, wait_for
 from tests.helpers.server import start_server, stop
@@ -142,9 +142,7 @@ def test_a_moderator_decides_an_answer_and_a_training_photo_in_the_page(
         assert request_id in answered
         assert "Model:" in first.inner_text() and "Review worth" in first.inner_text()
         # The photo shows: fetched with the token, shown from a blob: URL.
-        page.wait_for_function(
-            "document.querySelector('#queue .card img').naturalWidth > 0", timeout=15_000
-        )
+        wait_for_image(page, "#queue .card img")
         page.screenshot(path=str(ARTIFACTS / "review_queue.png"), full_page=True)
         first.locator("button[data-label=phone]").click()
         page.locator(f'[data-request-id="{request_id}"]').wait_for(state="detached", timeout=15_000)

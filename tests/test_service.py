@@ -49,7 +49,7 @@ from service.core import (
 from service.rebalance import KeepAliveRebalancer
 from service.responses import DATA_POLICY, ResponsePolicy, page_policy
 from service.uploads import read_form
-from tests.helpers.browser import ARTIFACTS, chromium_page
+from tests.helpers.browser import ARTIFACTS, chromium_page, wait_for_image
 from tests.helpers.candidates import PROVENANCE
 from tests.helpers.records import record_config
 from tests.helpers.server import start_server, stop
@@ -808,7 +808,7 @@ def test_upload_page_confirms_or_switches_the_category(server: Server, tmp_path:
             page.select_option("#category", declared)
             page.set_input_files("#image", str(photo))
             # The preview (a blob: URL) shows: the policy lets the page's own script run.
-            page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+            wait_for_image(page, "#preview")
             page.click("#submit")
             message = page.locator(f"#message.{kind}")
             message.wait_for(timeout=15_000)

@@ -4,6 +4,7 @@ cannot download its own browsers here), and where their screenshots go."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,3 +50,17 @@ def chromium_page() -> Iterator[tuple[Any, list[str]]]:
             yield page, blocked
         finally:
             browser.close()
+
+
+def wait_for_image(page: Any, selector: str, timeout_s: float = 15.0) -> None:
+    """Wait until the first image matching `selector` has loaded (naturalWidth > 0).
+
+    Polled from here with locator.evaluate rather than page.wait_for_function: the latter
+    evaluates its predicate with eval inside the page, which the pages' Content-Security-Policy
+    (no 'unsafe-eval') refuses whenever the first check is not already true."""
+    deadline = time.monotonic() + timeout_s
+    image = page.locator(selector).first
+    while not image.evaluate("img => img.naturalWidth > 0"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{selector} did not load in {timeout_s} s")
+        time.sleep(0.05)
