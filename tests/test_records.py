@@ -8,13 +8,10 @@ import errno
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from tests.helpers import REPO
-from tests.helpers.records import record_config, sample_answer, wait_for
+from tests.helpers.records import database_down, record_config, sample_answer, wait_for
 from vitrine.config import load_params
 from vitrine.contracts import RecordConfig, ServeConfig
 from vitrine.production import records as records_module
@@ -275,27 +272,6 @@ def test_a_dead_owners_spool_is_adopted_by_one_process_only(tmp_path: Path) -> N
     assert second.adopt_orphans() == []  # held by `first`; `alive` holds its own
     Spool.release(orphan)
     assert second.adopt_orphans() == []  # replayed and released: nothing left to adopt
-
-
-@contextmanager
-def database_down(url: str, request: pytest.FixtureRequest) -> Iterator[None]:
-    """PostgreSQL: its server stopped. SQLite: another connection holding an exclusive lock,
-    so that every write waits (here 0.2 s) and then fails as a locked database."""
-    if url.startswith("sqlite"):
-        blocker = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
-        return
-    server = request.getfixturevalue("postgres_server")
-    server.stop()
-    try:
-        yield
-    finally:
-        server.start()
 
 
 def test_a_database_down_delays_no_record_and_its_backlog_drains(

@@ -8,19 +8,17 @@ and two writers share the database), recording into SQLite or a real PostgreSQL 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.helpers import REPO
-from tests.helpers.records import metric, record_config, wait_for
+from tests.helpers.records import database_down, metric, record_config, wait_for
 from tests.helpers.server import RunningServer, kill, start_server, stop
 from tests.helpers.tiny_package import package_tiny_model
 from vitrine.contracts import RecordConfig, ServeConfig
@@ -205,27 +203,6 @@ def test_a_server_killed_under_load_loses_no_answered_record(
     assert len(ids) == len(set(ids))  # exactly once (the key), whatever was replayed twice
     assert set(answered) <= set(ids)
     assert not list((tmp_path / "records" / "spool").glob("*.spool"))  # all replayed
-
-
-@contextmanager
-def database_down(url: str, request: pytest.FixtureRequest) -> Iterator[None]:
-    """PostgreSQL: its server stopped. SQLite: held by an exclusive lock (a slow database:
-    every write waits for the busy timeout, then fails)."""
-    if url.startswith("sqlite"):
-        blocker = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            blocker.execute("ROLLBACK")
-            blocker.close()
-        return
-    postgres = request.getfixturevalue("postgres_server")
-    postgres.stop()
-    try:
-        yield
-    finally:
-        postgres.start()
 
 
 def test_a_database_down_fails_no_answer_and_the_backlog_drains_when_it_is_back(

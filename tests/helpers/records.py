@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import pytest
 
 from vitrine.contracts import RecordConfig
 from vitrine.production.recorder import photo_sha256
@@ -74,3 +77,24 @@ def sample_answer(
         latency_ms=1.5 + i,
         **extra,  # type: ignore[arg-type]
     )
+
+
+@contextmanager
+def database_down(url: str, request: pytest.FixtureRequest) -> Iterator[None]:
+    """PostgreSQL: its server stopped. SQLite: another connection holding an exclusive lock (a
+    slow database: every write waits for the busy timeout, then fails as a locked database)."""
+    if url.startswith("sqlite"):
+        blocker = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    server = request.getfixturevalue("postgres_server")
+    server.stop()
+    try:
+        yield
+    finally:
+        server.start()
