@@ -24,20 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from collect_repro import peak_rss, project_copy
+from collect_repro import project_copy, timed_repro
 from ingest import variants
 
 from tests.helpers.hostile import lying_zip, open_tar, tar_member
@@ -99,28 +95,6 @@ def hostile_sources(raw: Path, n: int, bomb_mb: int) -> tuple[list[dict], int]:
     return sources, records
 
 
-def repro(project: Path) -> tuple[int, float, dict[str, int], str]:
-    """`dvc repro validate` in the project: exit code, seconds, peak RSS by role, stderr tail."""
-    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
-    env |= {"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        ["dvc", "repro", "validate"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    stop, peak = threading.Event(), {}
-    sampler = threading.Thread(target=peak_rss, args=(psutil.Process(proc.pid), stop, peak))
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
-    return proc.returncode, time.perf_counter() - start, peak, out[-3000:]
-
-
 def run(n: int, bomb_mb: int, with_bomb: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
@@ -133,7 +107,7 @@ def run(n: int, bomb_mb: int, with_bomb: bool) -> dict:
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["collect"]["sources"] = sources
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        code, seconds, peak, log = repro(project)
+        code, seconds, peak, log = timed_repro(project, "validate")
         manifest = project / "data/collected/manifest.parquet"
         if not manifest.exists():
             raise SystemExit(f"collect did not complete:\n{log}")

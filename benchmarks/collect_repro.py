@@ -101,6 +101,30 @@ def photo_source(raw: Path, n: int, kind: str) -> dict[str, str]:
     return {"kind": "folder", "path": "photos"}
 
 
+def timed_repro(project: Path, stage: str) -> tuple[int, float, dict[str, int], str]:
+    """`dvc repro <stage>` in the project: exit code, seconds, peak RSS by role (sampled, see
+    peak_rss) and the output's last 3,000 characters."""
+    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    env |= {"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        ["dvc", "repro", stage],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stop, peak = threading.Event(), {}
+    sampler = threading.Thread(target=peak_rss, args=(psutil.Process(proc.pid), stop, peak))
+    sampler.start()
+    out, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    return proc.returncode, seconds, peak, out[-3000:]
+
+
 def run(n: int, kind: str) -> tuple[float, dict[str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
@@ -109,29 +133,9 @@ def run(n: int, kind: str) -> tuple[float, dict[str, int]]:
         params = yaml.safe_load((project / "params.yaml").read_text())
         params["collect"]["sources"] = [source]
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = {
-            **os.environ,
-            "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}",
-            "DVC_NO_ANALYTICS": "1",
-        }
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            ["dvc", "repro", "collect"],
-            cwd=project,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        stop, peak = threading.Event(), {}
-        sampler = threading.Thread(target=peak_rss, args=(psutil.Process(proc.pid), stop, peak))
-        sampler.start()
-        _, err = proc.communicate()
-        seconds = time.perf_counter() - start
-        stop.set()
-        sampler.join()
-        if proc.returncode:
-            raise SystemExit(f"dvc repro collect failed:\n{err[-2000:]}")
+        code, seconds, peak, output = timed_repro(project, "collect")
+        if code:
+            raise SystemExit(f"dvc repro collect failed:\n{output[-2000:]}")
         return seconds, peak
 
 
