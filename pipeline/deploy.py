@@ -1,10 +1,11 @@
-"""Scheduled runs: the `retrain`, `retrain_if_changed` and `monitor` deployments.
+"""Scheduled runs: the `retrain`, `retrain_if_changed`, `monitor` and `score_catalog` deployments.
 
-`python -m pipeline.deploy [PROJECT_DIR]` serves all three in this process until stopped
-(Ctrl-C): the two retraining flows on the crons of params.yaml's `flow:` block, the drift
-monitor on `monitor.cron`, all in `flow.timezone`. Point PREFECT_API_URL at a Prefect server
-first (`prefect server start`) to see runs in its UI; without one, Prefect's ephemeral mode
-keeps the runs only while this process lives.
+`python -m pipeline.deploy [PROJECT_DIR]` serves them in this process until stopped (Ctrl-C):
+the two retraining flows on the crons of params.yaml's `flow:` block, the drift monitor on
+`monitor.cron`, and, when `score.cron` and `score.source` are set, the scoring of that source
+on `score.cron` (into `score.output`, dated), all in `flow.timezone`. Point PREFECT_API_URL at
+a Prefect server first (`prefect server start`) to see runs in its UI; without one, Prefect's
+ephemeral mode keeps the runs only while this process lives.
 
 `python -m pipeline.deploy --work-pool POOL` instead registers the deployments with the
 Prefect server and its process work pool POOL, and returns; a worker started with
@@ -26,6 +27,7 @@ from prefect.schedules import Cron
 from pipeline.config import load_flow_config
 from pipeline.flows import REPO_ROOT, retrain, retrain_if_changed
 from pipeline.monitor import load_monitor_config, monitor
+from pipeline.score import load_score_config, score_catalog
 
 
 def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
@@ -62,6 +64,29 @@ def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
                 entrypoint_type=EntrypointType.MODULE_PATH,
             )
         ),
+        *_scoring(project_dir, config.timezone),
+    ]
+
+
+def _scoring(project_dir: Path, timezone: str) -> list[RunnerDeployment]:
+    """The daily scoring of a catalog, when params.yaml's `score:` schedules one."""
+    score = load_score_config(project_dir)
+    if not (score.cron and score.source):
+        return []
+    return [
+        _built(
+            score_catalog.to_deployment(
+                name="daily",
+                schedules=[Cron(score.cron, timezone=timezone)],
+                description="Every photo of score.source answered by the deployed model.",
+                parameters={
+                    "source": score.source,
+                    "output": score.output,
+                    "project_dir": str(project_dir),
+                },
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
     ]
 
 

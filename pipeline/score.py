@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ class ScoreConfig:
     chunk_photos: int  # records per Dask task and per part file
     batch_size: int  # photos per ONNX Runtime call
     category_column: str  # the catalog column of declared categories
+    cron: str = ""  # the score-catalog/daily deployment's schedule ("": none)
+    source: str = ""  # what that deployment scores
+    output: str = "reports/scores/{date}.parquet"  # where; {date}: the run's UTC date
+
+
+def load_score_config(project_dir: Path) -> ScoreConfig:
+    return stage_config(ScoreConfig, "score", load_params(project_dir / "params.yaml"))
+
+
+def dated(output: str, now: datetime | None = None) -> str:
+    """`output` with `{date}` replaced by the UTC date (YYYY-MM-DD): a scheduled run writes a
+    file of its own each day, and a re-run on the same day resumes that day's file."""
+    day = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d")
+    return output.replace("{date}", day)
 
 
 def _within(project_dir: Path, path: str | Path) -> Path:
@@ -121,14 +136,15 @@ def score_catalog(
     cache: str | None = None,
     project_dir: Path = REPO_ROOT,
 ) -> dict[str, Any]:
-    """Score every photo of `source` into `output` (Parquet) with the deployed model (or the
-    packaged model folder `model`), catalog URLs fetched into `cache` (paths.download_cache);
-    relative paths are from project_dir. Returns the summary and the artifact's id."""
+    """Score every photo of `source` into `output` (Parquet; `{date}` in it becomes the run's
+    UTC date) with the deployed model (or the packaged model folder `model`), catalog URLs
+    fetched into `cache` (paths.download_cache); relative paths are from project_dir. Returns
+    the summary and the artifact's id."""
     logger = get_run_logger()
     job = load_job(
         project_dir,
         source,
-        output,
+        dated(output),
         model=model,
         kind=kind,
         category_column=category_column,

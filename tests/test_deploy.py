@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.testing.utilities import prefect_test_harness
 
 from pipeline.deploy import build_deployments, main
+from pipeline.score import dated
 from tests.helpers import PREFECT_START_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +31,8 @@ def project(tmp_path: Path) -> Path:
     flow, monitor = params["flow"], params["monitor"]
     flow.update(timezone="America/Sao_Paulo", retrain_cron="15 4 * * 2", check_cron="*/20 * * * *")
     monitor.update(cron="45 5 * * *")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": flow, "monitor": monitor}))
+    body = {"flow": flow, "monitor": monitor, "score": params["score"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(body))
     return tmp_path
 
 
@@ -53,6 +56,30 @@ def test_deployments_take_cron_and_timezone_from_params(project: Path) -> None:
             "pipeline.flows.retrain_if_changed",
             "pipeline.monitor.monitor",
         }
+
+
+def test_scoring_is_deployed_only_when_scheduled(project: Path) -> None:
+    assert [d.name for d in build_deployments(project)] == ["scheduled", "on-change", "drift"]
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["score"].update(cron="0 2 * * *", source="data/raw/catalog.csv")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    *_, daily = build_deployments(project)
+
+    assert (daily.flow_name, daily.name) == ("score-catalog", "daily")
+    assert daily.entrypoint == "pipeline.score.score_catalog"
+    assert schedules(daily) == [("0 2 * * *", "America/Sao_Paulo")]
+    assert daily.parameters == {
+        "source": "data/raw/catalog.csv",
+        "output": "reports/scores/{date}.parquet",
+        "project_dir": str(project),
+    }
+
+
+def test_a_scheduled_output_is_dated_in_utc() -> None:
+    late = datetime(2026, 3, 1, 23, 30, tzinfo=timezone(timedelta(hours=-3)))
+    assert dated("scores/{date}.parquet", late) == "scores/2026-03-02.parquet"
+    assert dated("scores/all.parquet", late) == "scores/all.parquet"
 
 
 def test_register_with_a_work_pool(project: Path, prefect_backend: None) -> None:
