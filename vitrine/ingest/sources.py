@@ -13,7 +13,6 @@ not abort the other 999.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vitrine.compute import local_cluster
 from vitrine.config import params_block
 from vitrine.images import Rejected, first_frame, load_checked, open_capped, upright_rgb
 from vitrine.ingest.hashing import HASH_SIDE, phash64, phash64_grays
@@ -279,45 +279,6 @@ def _batches(
             keys, values, size = [], [], 0
     if keys:
         yield keys, values
-
-
-# Dask's periodic housekeeping (event-loop ticks, the workers' statistical profiler sampling
-# every 10 ms, memory polls every 100 ms, work stealing) costs ~14% of a core on a local
-# cluster, idle or not; these settings bring it to ~1%. Stealing is not needed: the stream
-# keeps only a few equal-sized batches in flight.
-_QUIET_LOCAL_CLUSTER = {
-    "distributed.admin.tick.interval": "1s",
-    "distributed.admin.system-monitor.interval": "5s",
-    "distributed.worker.memory.monitor-interval": "1s",
-    "distributed.worker.profile.enabled": False,
-    "distributed.scheduler.work-stealing": False,
-    # Forked workers start in 0.2 s instead of 1.2 s: spawned ones re-import the calling
-    # module (for a stage, pandas and all) before they can take a task. The ingest work
-    # (Pillow, numpy) holds no threads or locks that a fork could copy half-taken.
-    "distributed.worker.multiprocessing-method": "fork",
-}
-
-
-def local_cluster(n_workers: int = 0) -> Any:
-    """A dask.distributed.LocalCluster for ingesting: one single-threaded worker process per
-    core (decoding is CPU-bound and holds the GIL), no dashboard, quiet housekeeping.
-
-    ingest_stream starts one itself when config.scheduler is ""; start one here to keep it
-    across several streams (pass `Client(cluster)` as ingest_stream's client).
-    """
-    import dask
-    from dask.distributed import LocalCluster  # heavy: only when needed
-
-    with dask.config.set(_QUIET_LOCAL_CLUSTER):
-        return LocalCluster(
-            n_workers=n_workers or os.cpu_count() or 1,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            # The scheduler serves HTTP (health, metrics) even without a dashboard, on 8787
-            # unless told otherwise: a random port avoids clashing with other clusters.
-            scheduler_kwargs={"dashboard": False, "dashboard_address": ":0"},
-        )
 
 
 class _Runner:

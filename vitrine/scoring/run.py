@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import logging
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from vitrine.compute import connect
 from vitrine.contracts import ONNX_MODEL_FILE, PackagedModel, read_packaged
 from vitrine.images import Rejected
 from vitrine.ingest.download import DownloadConfig
@@ -75,20 +75,10 @@ class _Runner:
         self._model: Any = model
         self.threads = (os.cpu_count() or 1) if self.in_process else 1
         if not self.in_process:
-            from dask.distributed import Client
-
-            from vitrine.ingest.sources import local_cluster
-
-            # The cluster's start and stop, at INFO, would bury the progress bar and summary
-            # (forked local workers inherit the level); its warnings and errors still show.
-            logging.getLogger("distributed").setLevel(logging.WARNING)
-
-            if job.scheduler:
-                self._client = Client(job.scheduler, set_as_default=False)
-            else:
-                self._owned.append(local_cluster(job.n_workers))
-                self._client = Client(self._owned[0], set_as_default=False, direct_to_workers=True)
-            self._owned.insert(0, self._client)
+            # The cluster's start and stop are not logged (they would bury the progress bar
+            # and summary); its warnings and errors still show.
+            connection = connect(job.scheduler, job.n_workers)
+            self._owned, self._client = connection.owned, connection.client
             # Once to every worker; each task then names it, and finds it there.
             self._model = self._client.scatter(model, broadcast=True)
 
