@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from vitrine.ingest.download import DownloadConfig, FetchResult, fetch_all
 from vitrine.ingest.facts_cache import FactsCache
 from vitrine.ingest.records import (
     InputRecord,
+    LabelMap,
+    LabelMapping,
     Source,
     escaped,
     folder_records,
@@ -59,6 +62,8 @@ class CollectConfig:
     thumb_size: int  # longest side of the thumbnails kept for review pages
     download: DownloadConfig
     cache_dir: str = ""  # the per-photo results (vitrine.ingest.facts_cache); "": none kept
+    # source label -> class, or -> {drop: <reason>} (vitrine.ingest.records.LabelMap); {}: none
+    label_map: LabelMapping = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for s in self.sources:
@@ -79,7 +84,8 @@ def iter_records(
         if s.kind == "folder":
             yield from folder_records(path, name, config.max_bytes)
         elif s.kind == "archive":
-            yield from archive_records(path, name, config.classes, config.max_bytes)
+            labels = (*config.classes, *config.label_map)  # what a class folder may be named
+            yield from archive_records(path, name, labels, config.max_bytes)
         else:
             yield from catalog_records(path, name, fetched, config.max_bytes)
 
@@ -110,6 +116,9 @@ def manifest_row(
     row: dict[str, Any] = {
         "id": escaped(record.id),  # read_record escapes them already: parquet holds UTF-8 only
         "label": escaped(record.label),
+        "source_label": escaped(
+            record.label if record.source_label is None else record.source_label
+        ),
         "source": escaped(record.source),
         "url": escaped(record.url),
         "status": "quarantined",
@@ -159,14 +168,15 @@ def collect(
     stored: dict[str, tuple[BlobRef, BlobRef]] = {}
     for sub in (SHARDS, THUMBS):  # no stale shard from a larger earlier run
         shutil.rmtree(out / sub, ignore_errors=True)
-    records = (read_record(r, config.classes) for r in iter_records(config, raw, fetched))
+    labels = LabelMap.of(config.label_map)
+    records = (read_record(r, config.classes, labels) for r in iter_records(config, raw, fetched))
     items = ((k, k[1]) for k in records)
     start = time.perf_counter()
     with (
         FactsCache(Path(config.cache_dir), ingest) if config.cache_dir else nullcontext() as facts,
         ShardWriter(out, SHARDS, config.shard_size) as shards,
         ShardWriter(out, THUMBS, config.shard_size) as thumbs,
-        ManifestWriter(out / MANIFEST) as manifest,
+        ManifestWriter(out / MANIFEST, manifest_schema(source_label=bool(labels))) as manifest,
     ):
         results = facts.stream(items) if facts is not None else ingest_stream(items, ingest)
         for (record, data), result in results:
@@ -227,6 +237,17 @@ MANIFEST_SCHEMA = pa.schema(
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
+def manifest_schema(*, source_label: bool) -> pa.Schema:
+    """MANIFEST_SCHEMA, with `source_label` (the label as the source gave it) after `label` when
+    collect.label_map is set; without a map the column would only repeat `label`, and is left
+    out."""
+    if not source_label:
+        return MANIFEST_SCHEMA
+    return MANIFEST_SCHEMA.insert(
+        MANIFEST_COLUMNS.index("label") + 1, pa.field("source_label", pa.string())
+    )
+
+
 class ManifestWriter:
     """Manifest rows into a parquet file, a row group at a time, as they come.
 
@@ -236,9 +257,10 @@ class ManifestWriter:
     distinct photo of its shard references).
     """
 
-    def __init__(self, path: Path, group_rows: int = 8192):
+    def __init__(self, path: Path, schema: pa.Schema = MANIFEST_SCHEMA, group_rows: int = 8192):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(path, MANIFEST_SCHEMA)
+        self.schema = schema  # a row's keys beyond it are left out
+        self._writer = pq.ParquetWriter(path, schema)
         self._rows: list[dict[str, Any]] = []
         self.group_rows = group_rows
 
@@ -249,7 +271,7 @@ class ManifestWriter:
 
     def _flush(self) -> None:
         if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA))
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
             self._rows = []
 
     def __enter__(self) -> ManifestWriter:

@@ -136,6 +136,22 @@ def test_unknown_label_fails_and_summary_names_it(tmp_path):
     assert "1 of 11 accepted rows outside ['laptop', 'phone']: ['tablet']" in summary
 
 
+def test_the_classes_a_label_map_gave_are_checked_as_any_others(tmp_path):
+    """A manifest collect.label_map made (ratings 1-5 as classes 0 and 1, with source_label):
+    its classes pass, and a mapped label that is not a class fails, named."""
+    config = dataclasses.replace(CONFIG, classes=("0", "1"))
+    mapped = {"1": "0", "2": "0", "4": "1", "5": "1"}
+    rows = [
+        row(f"{rating}-{i}", mapped[rating], source_label=rating)
+        for rating in mapped
+        for i in range(3)
+    ]
+    assert run(rows, tmp_path / "ok", config)["success"] is True
+    report = run([*rows, row("3-0", "2", source_label="3")], tmp_path / "bad", config)
+    assert report["success"] is False
+    assert "1 of 13 accepted rows outside ['0', '1']: ['2']" in validate.failure_summary(report)
+
+
 def test_too_few_images_in_a_class_fails(tmp_path):
     rows = [r for r in clean_rows() if not (r["label"] == "phone" and r["id"] > "phone-1")]
     report = run(rows, tmp_path)

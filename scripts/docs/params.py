@@ -364,7 +364,7 @@ def _render(table: Table) -> str:
         key = md.code(r.key)
         kind = md.code_cell(r.type)
         type_cell = f"*{kind}*" if r.inferred else kind
-        if r.container:
+        if r.container and r.value:  # its keys are the rows below
             value = "↓"
         elif len(flow(r.value)) <= VALUE_MAX:
             value = md.code_cell(flow(r.value))

@@ -9,7 +9,10 @@ rules every source shares.
 
 Labels: a record's label is matched against `classes` after trimming surrounding whitespace and
 case-insensitively (folder names, archive paths and catalog labels alike); a matched record
-takes the class's own spelling.
+takes the class's own spelling. Before that, `collect.label_map` (LabelMap) turns a source label
+into a class (many to one, or a rename) or drops it with a stated reason; its keys match source
+labels the same way, and a label it does not name is matched as it is. The manifest keeps the
+source's own label in `source_label` when a map is set.
 
 Quarantine reasons decided here (stable codes of the manifest's `reason` column):
 
@@ -24,6 +27,8 @@ Quarantine reasons decided here (stable codes of the manifest's `reason` column)
   with its undecodable bytes written as \\xNN, so the row stays traceable.
 - label_not_in_classes: a label that is none of `classes` (trimmed, case-insensitively); the
   detail names the nearest class when one is close.
+- label_dropped: a label that `collect.label_map` drops; the detail is the reason the map
+  states for it.
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ import functools
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
+
+import pydantic
+from pydantic_core import PydanticCustomError
 
 from vitrine.config import params_block
 from vitrine.images import Rejected
@@ -64,6 +72,7 @@ class InputRecord:
     read: Callable[[], bytes]
     meta: dict[str, Any] = field(default_factory=dict)
     url: str = ""
+    source_label: str | None = None  # the label as the source gave it, once read_record changed it
 
 
 @dataclass(frozen=True)
@@ -302,13 +311,112 @@ def _unmatched(label: str, classes: tuple[str, ...]) -> str:
     return f"{label!r} not in the {len(classes)} classes"
 
 
+# --- label_map: source labels to classes ------------------------------------------------
+
+
+@params_block
+class LabelDrop:
+    """A label_map entry that drops a source label: its records are quarantined as
+    label_dropped, with the reason as their detail."""
+
+    drop: str  # why these records are left out, in words (the detail of their manifest rows)
+
+    def __post_init__(self) -> None:
+        if not self.drop.strip():
+            raise ValueError("a label_map drop needs its reason: {drop: <why>}")
+
+
+_BAD_MAP = "label_map"  # the pydantic error type of a refused collect.label_map
+
+
+def _label_target(value: Any, info: pydantic.ValidationInfo) -> Any:
+    """A label_map value: a class of the block's `classes` (matched as labels are, and kept in
+    the class's spelling), or {drop: <reason>}; anything else is refused, saying what was
+    expected. A whole number stands for its digits, as a key does (YAML reads `1: 0` as
+    numbers; the keys become text on the way to JSON)."""
+    classes = info.data.get("classes")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        if classes is None:  # `classes` itself was refused: that error is the one to read
+            return value
+        found = match_label(value, classes)
+        if found is None:
+            raise PydanticCustomError(
+                _BAD_MAP, "one of classes {classes}", {"classes": list(classes)}
+            )
+        return found
+    if isinstance(value, LabelDrop):
+        return value
+    if isinstance(value, Mapping) and "drop" in value:
+        reason = value["drop"]
+        if set(value) == {"drop"} and isinstance(reason, str) and reason.strip():
+            return value
+        raise PydanticCustomError(_BAD_MAP, "{drop: <reason>} alone, the reason in words")
+    raise PydanticCustomError(
+        _BAD_MAP, "a class, or {drop} to leave it out", {"drop": "{drop: <reason>}"}
+    )
+
+
+def _distinct_labels(mapping: dict[str, Any]) -> dict[str, Any]:
+    """label_map's keys: none blank, and no two that match the same source labels."""
+    seen: dict[str, str] = {}
+    for key in mapping:
+        folded = key.strip().casefold()
+        if not folded:
+            raise PydanticCustomError(_BAD_MAP, "source labels that are not blank")
+        if folded in seen:
+            raise PydanticCustomError(
+                _BAD_MAP,
+                "each source label once, whatever its case and surrounding spaces "
+                "({first} and {second} are one label)",
+                {"first": repr(seen[folded]), "second": repr(key)},
+            )
+        seen[folded] = key
+    return mapping
+
+
+# params.yaml's collect.label_map, checked at load against the block's `classes` (a field
+# declared before it): source label -> class, or -> {drop: <reason>}.
+LabelTarget = Annotated[str | LabelDrop, pydantic.BeforeValidator(_label_target)]
+LabelMapping = Annotated[dict[str, LabelTarget], pydantic.AfterValidator(_distinct_labels)]
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """collect.label_map ready for lookups: a source label's class, or its drop, or None when
+    the map does not name it (its keys match as labels match classes: trimmed, ignoring case)."""
+
+    exact: Mapping[str, str | LabelDrop] = field(default_factory=dict)
+    folded: Mapping[str, str | LabelDrop] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, str | LabelDrop]) -> LabelMap:
+        return cls(dict(mapping), {k.strip().casefold(): v for k, v in mapping.items()})
+
+    def __bool__(self) -> bool:
+        return bool(self.exact)
+
+    def get(self, label: str) -> str | LabelDrop | None:
+        found = self.exact.get(label)
+        return found if found is not None else self.folded.get(label.strip().casefold())
+
+
+NO_LABEL_MAP = LabelMap()
+
+
 def read_record(
-    record: InputRecord, classes: tuple[str, ...]
+    record: InputRecord, classes: tuple[str, ...], label_map: LabelMap = NO_LABEL_MAP
 ) -> tuple[InputRecord, bytes | Rejected]:
-    """The record as the manifest shows it (label in its class's spelling, names in valid
-    UTF-8), and its bytes or why there are none. Precedence: what the reader found, then an
-    invalid name, then the label; only then is anything read."""
-    label = match_label(record.label, classes)
+    """The record as the manifest shows it (label mapped by `label_map`, in its class's
+    spelling; names in valid UTF-8), and its bytes or why there are none. Precedence: what the
+    reader found, then an invalid name, then the label (dropped, or in no class); only then is
+    anything read."""
+    target = label_map.get(record.label) if label_map else None
+    if target is None:
+        label = match_label(record.label, classes)
+    else:  # a class (in its own spelling, as the map was checked at load), or a drop
+        label = match_label(target, classes) if isinstance(target, str) else None
     valid = is_valid_text(record.id) and is_valid_text(record.label)
     if label != record.label or not valid or not is_valid_text(record.source + record.url):
         record = dataclasses.replace(
@@ -317,11 +425,16 @@ def read_record(
             label=label or escaped(record.label.strip()),
             source=escaped(record.source),
             url=escaped(record.url),
+            source_label=escaped(
+                record.label if record.source_label is None else record.source_label
+            ),
         )
     if isinstance(record.read, _reject):
         return record, Rejected(record.read.code, escaped(record.read.detail))
     if not valid:
         return record, Rejected("invalid_utf8", f"name not valid UTF-8: {record.id}")
+    if isinstance(target, LabelDrop):
+        return record, Rejected("label_dropped", escaped(target.drop))
     if label is None:
         return record, Rejected("label_not_in_classes", escaped(_unmatched(record.label, classes)))
     try:
