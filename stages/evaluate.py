@@ -13,7 +13,10 @@ the abstain threshold: the confidence below which sending a photo to human revie
 `review_cost`) earns more than trusting the model. The service reads that threshold from the
 packaged model. The test photos that come from the moderators' reviewed catalog
 (params.yaml feedback.catalog, exported by pipeline/feedback.py) are scored on their own too:
-how the winner does on production photos (evaluate.json `reviewed`).
+how the winner does on production photos (evaluate.json `reviewed`). The winner's test answers
+are also sliced by kind of photo (evaluate.json `slices`, vitrine.evaluation.slices: orientation,
+size, source, catalog columns, from dedupe's manifest), and its costliest mistakes shown on the
+page get Grad-CAM heat maps from its float network (vitrine.evaluation.heatmaps).
 
 Writes <paths.evaluate_report> (vitrine.contracts.EvaluationReport), the candidates table
 (<paths.candidates_report>, as Markdown <paths.candidates_table>), the winner's test predictions
@@ -26,7 +29,7 @@ import csv
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,8 @@ from vitrine.evaluation.candidates import (
     rank_candidates,
     served_model,
 )
-from vitrine.evaluation.report import TABLE_COLUMNS, render_report
+from vitrine.evaluation.heatmaps import mistake_heatmaps
+from vitrine.evaluation.report import TABLE_COLUMNS, THUMBNAIL_SIDE, costliest, render_report
 from vitrine.evaluation.settings import (
     EvaluateConfig,
     candidate_names,
@@ -60,6 +64,7 @@ from vitrine.evaluation.settings import (
     load_config,
     reviewed_source,
 )
+from vitrine.evaluation.slices import check_slices, report_slices
 from vitrine.runtime.decisions import chosen
 from vitrine.runtime.onnx import onnx_proba
 
@@ -73,6 +78,7 @@ class Evaluation:
     reliability: list[dict[str, float]]  # the winner's test reliability curve
     test_images: np.ndarray
     values: metrics.ValueModel
+    heatmaps: dict[str, Any] = field(default_factory=dict)  # heatmaps.mistake_heatmaps
 
 
 def evaluate(
@@ -81,10 +87,13 @@ def evaluate(
     prepared: Path,
     models: Path,
     reviewed: str = "",
+    deduped: Path | None = None,
 ) -> Evaluation:
     """reviewed: the manifest source of the moderators' reviewed production photos, whose test
-    photos get their own figure (settings.reviewed_source); "" for none."""
+    photos get their own figure (settings.reviewed_source); "" for none. deduped: dedupe's
+    manifest, whose photos' sizes and catalog columns slice the test answers; None: no slices."""
     values = check_config(config)
+    check_slices(config.slices)
     check_int8(config, candidates)
     val = labelled_split(prepared, "val", config.classes)
     y_val = val[1]
@@ -124,9 +133,14 @@ def evaluate(
         abstain=abstain,
         served={name: model.record for name, model in served.items()},
         reviewed=reviewed_scores(predictions, values, reviewed),
+        slices=report_slices(predictions, values, deduped, config.slices),
     )
     candidates_table = {name: metrics.scalar_scores(s) for name, s in table.items()}
-    return Evaluation(report, candidates_table, served, predictions, curve, x_test, values)
+    shown = costliest(predictions, config.mistakes_shown)
+    heatmaps = mistake_heatmaps(predictors[winner], x_test, shown, config.classes, THUMBNAIL_SIDE)
+    return Evaluation(
+        report, candidates_table, served, predictions, curve, x_test, values, heatmaps
+    )
 
 
 def predictions_table(
@@ -221,6 +235,7 @@ def write_outputs(result: Evaluation, paths: Paths, mistakes_shown: int) -> None
         result.test_images,
         result.values,
         mistakes_shown,
+        result.heatmaps,
     )
     paths.evaluation_html.write_text(page)
 
@@ -229,7 +244,8 @@ def main() -> None:
     params = load_params()
     paths, config = load_paths(params), load_config(params)
     names = candidate_names(params)
-    result = evaluate(config, names, paths.prepared, paths.model, reviewed_source(params))
+    deduped = prepared_manifest_path(paths.deduped)  # dedupe's manifest.parquet
+    result = evaluate(config, names, paths.prepared, paths.model, reviewed_source(params), deduped)
     write_outputs(result, paths, config.mistakes_shown)
     report = result.report
     print(candidates_markdown(result.candidates, report.ranking, config.primary_metric))

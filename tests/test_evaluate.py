@@ -313,7 +313,7 @@ class PageParser(HTMLParser):
             self.images.append(attrs["src"])
         elif tag in ("svg", "circle", "path", "line"):
             self.svg.append(tag)
-        if tag == "div" and attrs.get("class") == "card":
+        if tag == "div" and "card" in (attrs.get("class") or "").split():
             self._card_depth = 1
             self.cards.append("")
         elif tag == "div" and self._card_depth:
@@ -397,8 +397,9 @@ def test_html_report_shows_candidates_confusion_reliability_and_mistakes(
 
     mistakes = next(h for h in page.headings if h.startswith("Costliest mistakes"))
     assert "1 of 6 wrong test predictions" in mistakes
-    assert len(page.cards) == 1 and len(page.images) == 1
+    assert len(page.cards) == 1 and len(page.images) == 3  # the photo and its two heat maps
     assert page.images[0].startswith("data:image/jpeg;base64,")
+    assert all(src.startswith("data:image/png;base64,") for src in page.images[1:])
     card = " ".join(page.cards[0].split())
     assert "true laptop" in card and "predicted phone" in card and "cost 0.50" in card
     assert "test-0" in card

@@ -165,6 +165,8 @@ class EvaluationReport:
     # The winner on the reviewed production photos among the test photos (a default: reports
     # written before the figure existed still load).
     reviewed: ReviewedScores = field(default_factory=ReviewedScores)
+    # The winner's test accuracy and value per slice of photos (vitrine.evaluation.slices).
+    slices: dict[str, Any] = field(default_factory=dict)
 
     @property
     def abstain_threshold(self) -> float:

@@ -30,6 +30,7 @@ from vitrine.data.splits import prepared_manifest_path, split_images_path
 from vitrine.evaluation.calibration import Calibration
 from vitrine.evaluation.metrics import Taxonomy
 from vitrine.evaluation.settings import EvaluateConfig
+from vitrine.evaluation.slices import SliceConfig
 from vitrine.model.export import calibrated_onnx, checkpoint_digest, export_onnx, quantize_int8
 from vitrine.model.networks import ImageClassifier
 from vitrine.packaging.bundle import load_predictor, serve_settings
@@ -128,6 +129,7 @@ def evaluate_config(**overrides) -> EvaluateConfig:
         "promote_margin": 0.005,
         "taxonomy": Taxonomy("/", (1.0,)),
         "mistakes_shown": 4,
+        "slices": SliceConfig(0.05, (64, 96), (), 20, 20),
         "int8": (),
         "int8_calibration_photos": 4,
         "int8_max_loss": 0.005,

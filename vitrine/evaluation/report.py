@@ -1,7 +1,9 @@
 """reports/evaluation.html: one self-contained page (no external files) explaining the choice.
 
 Candidates table, the winner's test scores, its confusion matrix ordered by business value, its
-reliability diagram, the abstain threshold, and the costliest test mistakes with thumbnails.
+reliability diagram, the abstain threshold, the error slices (vitrine.evaluation.slices) and the
+costliest test mistakes with thumbnails, each with its heat maps for the predicted and the true
+class (vitrine.evaluation.heatmaps, computed by evaluate).
 
 The layout is the jinja2 template templates/evaluation.html.j2; this module turns the
 evaluation's results into plain values for it (numbers formatted as shown, thumbnails as data
@@ -22,6 +24,7 @@ from PIL import Image
 
 from vitrine import pages
 from vitrine.evaluation.metrics import ValueModel
+from vitrine.evaluation.slices import slices_page
 
 MAX_MATRIX_CLASSES = 50
 THUMBNAIL_SIDE = 128
@@ -209,11 +212,25 @@ def thumbnail(pixels: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def mistakes(predictions: pd.DataFrame, test_images: np.ndarray, shown: int) -> dict[str, Any]:
-    """The wrong predictions that cost the most (lowest gain), most confident first on ties;
-    those below the abstain threshold are marked: the service would have sent them to review."""
+def costliest(predictions: pd.DataFrame, shown: int) -> pd.DataFrame:
+    """The `shown` wrong predictions that cost the most (lowest gain), most confident first on
+    ties: the page's gallery, and the photos evaluate draws heat maps for."""
     wrong = predictions[predictions["label"] != predictions["predicted"]]
-    worst = wrong.sort_values(["gain", "confidence"], ascending=[True, False]).head(shown)
+    return wrong.sort_values(["gain", "confidence"], ascending=[True, False]).head(shown)
+
+
+def mistakes(
+    predictions: pd.DataFrame,
+    test_images: np.ndarray,
+    shown: int,
+    heatmaps: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The costliest wrong predictions; those below the abstain threshold are marked: the
+    service would have sent them to review. heatmaps: evaluate's (heatmaps.mistake_heatmaps),
+    each card's by its test photo's index, and the note saying how they were drawn."""
+    wrong = predictions[predictions["label"] != predictions["predicted"]]
+    worst = costliest(predictions, shown)
+    drawn = heatmaps or {"maps": {}, "layer": "", "reason": "not drawn", "network": ""}
     cards = [
         {
             "thumbnail": thumbnail(test_images[int(r["index"])]),
@@ -223,10 +240,16 @@ def mistakes(predictions: pd.DataFrame, test_images: np.ndarray, shown: int) -> 
             "confidence": f"{r['confidence']:.3f}",
             "sent_to_review": bool(r["abstained"]),
             "cost": f"{-r['gain']:.2f}",
+            "heatmaps": drawn["maps"].get(int(r["index"])),
         }
         for _, r in worst.iterrows()
     ]
-    return {"cards": cards, "shown": len(worst), "wrong": len(wrong)}
+    return {
+        "cards": cards,
+        "shown": len(worst),
+        "wrong": len(wrong),
+        "heatmaps": {k: drawn[k] for k in ("layer", "reason", "network")},
+    }
 
 
 def served_as(report: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +310,7 @@ def evaluation_page(
     test_images: np.ndarray,
     values: ValueModel,
     mistakes_shown: int,
+    heatmaps: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the template shows, one entry per section."""
     return {
@@ -295,7 +319,8 @@ def evaluation_page(
         "scores": winner_scores(report["test"]),
         "confusion": confusion_matrix(predictions, values),
         "calibration": calibration(report, reliability),
-        "mistakes": mistakes(predictions, test_images, mistakes_shown),
+        "slices": slices_page(report.get("slices") or {}),
+        "mistakes": mistakes(predictions, test_images, mistakes_shown, heatmaps),
     }
 
 
@@ -307,8 +332,9 @@ def render_report(
     test_images: np.ndarray,
     values: ValueModel,
     mistakes_shown: int,
+    heatmaps: dict[str, Any] | None = None,
 ) -> str:
     page = evaluation_page(
-        report, candidates, predictions, reliability, test_images, values, mistakes_shown
+        report, candidates, predictions, reliability, test_images, values, mistakes_shown, heatmaps
     )
     return pages.template(TEMPLATE).render(page=page)

@@ -14,6 +14,7 @@ import pandas as pd
 from vitrine.config import params_block, stage_config
 from vitrine.evaluation import metrics
 from vitrine.evaluation.calibration import check_method
+from vitrine.evaluation.slices import SliceConfig
 
 
 @params_block
@@ -33,6 +34,7 @@ class EvaluateConfig:
     promote_margin: float  # package: how much better than the champion a challenger must be
     taxonomy: metrics.Taxonomy
     mistakes_shown: int  # gallery of the costliest test mistakes in the HTML report
+    slices: SliceConfig  # error slices of the test photos (vitrine/evaluation/slices.py)
     int8: tuple[str, ...]  # candidates served, and so scored, as int8 ONNX when int8 holds up
     int8_calibration_photos: int  # train photos that set the int8 activation ranges
     int8_max_loss: float  # how far below the float model's val primary metric int8 may score
