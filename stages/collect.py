@@ -62,6 +62,7 @@ class CollectConfig:
     thumb_size: int  # longest side of the thumbnails kept for review pages
     download: DownloadConfig
     cache_dir: str = ""  # the per-photo results (vitrine.ingest.facts_cache); "": none kept
+    cache_keep_days: float = 30.0  # a photo no run has had for this long leaves the cache
     # source label -> class, or -> {drop: <reason>} (vitrine.ingest.records.LabelMap); {}: none
     label_map: LabelMapping = field(default_factory=dict)
 
@@ -200,10 +201,13 @@ def collect(
                     thumb_length=thumb.length,
                 )
             manifest.add(row)
+        # Every photo of the sources went through the cache: the ones gone long enough leave.
+        pruned = facts.prune(config.cache_keep_days * 86400) if facts is not None else 0
     if facts is not None:
         print(
             f"collect: per-photo work in {time.perf_counter() - start:.1f} s: "
-            f"{facts.computed} photos computed, {facts.reused} from {config.cache_dir}"
+            f"{facts.computed} photos computed, {facts.reused} from {config.cache_dir}, "
+            f"{pruned} gone for over {config.cache_keep_days:g} days deleted from it"
         )
     return out / MANIFEST
 

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,37 @@ def test_a_stream_the_cache_answers_starts_no_cluster(
         assert list(cache.stream(photos)) == first and (cache.computed, cache.reused) == (0, 3)
     with FactsCache(tmp_path, on_a_cluster) as cache, pytest.raises(AssertionError, match="Dask"):
         list(cache.stream([(3, photo_bytes(3))]))  # a new photo needs one
+
+
+def test_prune_deletes_only_photos_no_run_has_had_for_the_age_given(tmp_path: Path) -> None:
+    config = IngestConfig(thumb_size=48, scheduler="synchronous", progress=False)
+    kept, gone = photo_bytes(1), photo_bytes(2)
+    day = 86400.0
+    with FactsCache(tmp_path, config) as cache:  # the first run has both photos
+        list(cache.stream([("kept", kept), ("gone", gone)]))
+        assert cache.store.prune(30 * day, now=0.0) == 0
+    for now, deleted in ((10 * day, 0), (29 * day, 0), (31 * day, 1)):
+        with FactsCache(tmp_path, config) as cache:  # later runs have only `kept`
+            list(cache.stream([("kept", kept)]))
+            assert cache.store.prune(30 * day, now=now) == deleted
+    with FactsCache(tmp_path, config) as cache:
+        list(cache.stream([("kept", kept), ("gone", gone)]))
+        assert (cache.computed, cache.reused) == (1, 1)  # `gone` was deleted, `kept` was not
+
+
+def test_a_cache_from_before_the_seen_table_keeps_its_photos_for_the_full_age(
+    tmp_path: Path,
+) -> None:
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute(
+        "CREATE TABLE results (version TEXT, sha256 TEXT, value BLOB, "
+        "PRIMARY KEY (version, sha256)) WITHOUT ROWID"
+    )
+    db.execute("CREATE TABLE versions (version TEXT PRIMARY KEY, used_at REAL NOT NULL)")
+    db.execute("INSERT INTO results VALUES ('v', ?, x'00')", ("ab" * 32,))
+    db.commit()
+    db.close()
+    with PhotoCache(tmp_path / "old.sqlite", "v") as cache:  # adopts the row as seen now
+        assert cache.prune(3600.0) == 0 and cache.count() == 1
+    with PhotoCache(tmp_path / "old.sqlite", "v") as cache:
+        assert cache.prune(3600.0, now=time.time() + 7200) == 1 and cache.count() == 0

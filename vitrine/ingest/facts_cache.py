@@ -123,6 +123,11 @@ class FactsCache:
                     self.reused += 1
                     yield (key, digest, None), decode(hit, digest, value)
 
+    def prune(self, max_age_s: float) -> int:
+        """After a stream over every photo of the sources: the photos no run has had for
+        max_age_s are deleted (vitrine.ingest.photo_cache.PhotoCache.prune); how many."""
+        return self.store.prune(max_age_s)
+
     def close(self) -> None:
         self.store.close()
 
