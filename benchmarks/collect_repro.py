@@ -101,14 +101,14 @@ def photo_source(raw: Path, n: int, kind: str) -> dict[str, str]:
     return {"kind": "folder", "path": "photos"}
 
 
-def timed_repro(project: Path, stage: str) -> tuple[int, float, dict[str, int], str]:
-    """`dvc repro <stage>` in the project: exit code, seconds, peak RSS by role (sampled, see
+def timed_repro(project: Path, *targets: str) -> tuple[int, float, dict[str, int], str]:
+    """`dvc repro <targets>` in the project: exit code, seconds, peak RSS by role (sampled, see
     peak_rss) and the output's last 3,000 characters."""
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
     env |= {"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
     start = time.perf_counter()
     proc = subprocess.Popen(
-        ["dvc", "repro", stage],
+        ["dvc", "repro", *targets],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,

@@ -1,0 +1,62 @@
+"""benchmarks/scale.py: the synthetic catalogs hold distinct photos and near copies of them as
+intended, and the benchmark prints its per-stage table, the copies dedupe found and the ratios
+(on a catalog of a few hundred photos)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from benchmarks.scale import CLASSES, COPY_EVERY, STAGES, original_of, photo
+from tests.helpers import REPO
+
+
+def test_every_tenth_photo_is_a_near_copy_of_an_earlier_one_and_the_rest_are_distinct() -> None:
+    photos = [photo(i, seed=3) for i in range(40)]
+    assert photo(7, seed=3) == photos[7]  # a pure function of index and seed
+    assert len({data for _, data in photos}) == 40
+    for i, (name, data) in enumerate(photos):
+        label, file = name.split("/")
+        assert label in CLASSES
+        side = max(Image.open(io.BytesIO(data)).size)
+        assert 60 <= side <= 120 and 500 < len(data) < 20_000  # small marketplace JPEGs
+        original = original_of(i)
+        if i % COPY_EVERY == COPY_EVERY - 1:
+            assert original is not None and file == f"{i:07d}-copy-of-{original:07d}.jpg"
+            assert photos[original][0].split("/")[0] == label  # filed with its original
+        else:
+            assert original is None and file == f"{i:07d}.jpg"
+
+
+@pytest.mark.slow
+def test_the_benchmark_prints_each_stage_the_copies_found_and_the_ratios() -> None:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false"}
+    args = ["--sizes", "240", "--new-share", "0.05", "--workers", "1", "--commit", ""]
+    out = subprocess.run(
+        [sys.executable, "benchmarks/scale.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    for title in ("240 photos, local Dask", "+12 new photos, re-run", "a LocalCluster of 1"):
+        block = text[text.index(title) :].splitlines()
+        assert block[1].split() == ["stage", "wall", "s", "photos/s", "peak", "RSS", "MiB"]
+        rows = [line.split() for line in block[2:7]]
+        assert [r[0] for r in rows] == [*STAGES, "total"]
+        assert all(float(r[1]) > 0 and float(r[2]) > 0 and int(r[3]) > 0 for r in rows)
+    # 24 copies were injected, and dedupe put each in its original's cluster and nothing else
+    found = re.findall(r"original's cluster: (\d+) of (\d+); distinct .* another: (\d+)", text)
+    assert found == [("24", "24", "0"), ("24", "24", "0")]
+    assert re.search(r"time per photo at 240 / at 240: 1\.00x", text)
+    assert re.search(r"peak RSS at 240: [\d.]+ GiB", text)
+    assert re.search(r"re-run after 5% new photos: [\d.]+% of the time from scratch", text)
