@@ -18,13 +18,12 @@ import json
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,6 +45,9 @@ from vitrine.ingest.records import (
     source_path,
 )
 from vitrine.ingest.sources import ImageFacts, IngestConfig, ingest_stream, phash_to_int64
+
+if TYPE_CHECKING:  # pandas only for a quarantine list: its import is a tenth of a 20,000-photo run
+    import pandas as pd
 
 SHARDS = "shards"
 THUMBS = "thumbs"
@@ -290,19 +292,23 @@ REPORT_COLUMNS = ["source", "label", "status", "reason"]
 QUARANTINE_COLUMNS = ["source", "id", "label", "url", "reason", "detail"]
 
 
-def collect_report(manifest: pd.DataFrame) -> dict[str, Any]:
-    """Counts by source, class and reason (REPORT_COLUMNS are enough): the collect metric."""
-    accepted = manifest["status"] == "accepted"
+def collect_report(manifest: Mapping[str, Iterable[Any]] | pd.DataFrame) -> dict[str, Any]:
+    """Counts by source, class and reason (REPORT_COLUMNS are enough): the collect metric.
+    `manifest`: those columns, as a DataFrame or as lists (pyarrow's Table.to_pydict)."""
+    source, label, status, reason = (list(manifest[c]) for c in REPORT_COLUMNS)
+    accepted = [s == "accepted" for s in status]
+    totals = Counter(source)
+    sources_accepted = Counter(s for s, ok in zip(source, accepted, strict=True) if ok)
     return {
-        "records": len(manifest),
-        "accepted": int(accepted.sum()),
-        "quarantined": int((~accepted).sum()),
+        "records": len(status),
+        "accepted": sum(accepted),
+        "quarantined": len(status) - sum(accepted),
         "by_source": {
-            s: {"accepted": int((g["status"] == "accepted").sum()), "total": len(g)}
-            for s, g in manifest.groupby("source")
+            s: {"accepted": sources_accepted[s], "total": totals[s]} for s in sorted(totals)
         },
-        "by_class": {k: int(v) for k, v in Counter(manifest.loc[accepted, "label"]).items()},
-        "by_reason": {k: int(v) for k, v in Counter(manifest.loc[~accepted, "reason"]).items()},
+        # in order of first appearance in the manifest
+        "by_class": dict(Counter(k for k, ok in zip(label, accepted, strict=True) if ok)),
+        "by_reason": dict(Counter(k for k, ok in zip(reason, accepted, strict=True) if not ok)),
     }
 
 
@@ -314,6 +320,8 @@ def quarantine_list(manifest: pd.DataFrame) -> pd.DataFrame:
 
 def read_quarantined(manifest: Path) -> pd.DataFrame:
     """The quarantined rows of a manifest file, only the columns quarantine_list needs."""
+    import pandas as pd
+
     return pd.read_parquet(
         manifest,
         columns=[*QUARANTINE_COLUMNS, "status"],
@@ -329,10 +337,13 @@ def main() -> None:
         config, paths.raw, paths.collected, cache=paths.download_cache, scheduler=compute.scheduler
     )
     # Read back only what the report and the list need: never the whole manifest in memory.
-    report = collect_report(pd.read_parquet(manifest, columns=REPORT_COLUMNS))
+    report = collect_report(pq.read_table(manifest, columns=REPORT_COLUMNS).to_pydict())
     paths.collect_report.parent.mkdir(parents=True, exist_ok=True)
     paths.collect_report.write_text(json.dumps(report, indent=2) + "\n")
-    quarantine_list(read_quarantined(manifest)).to_csv(paths.quarantine, index=False)
+    if report["quarantined"]:
+        quarantine_list(read_quarantined(manifest)).to_csv(paths.quarantine, index=False)
+    else:  # the header alone, as pandas writes an empty list
+        paths.quarantine.write_text(",".join(QUARANTINE_COLUMNS) + "\n")
     print(
         f"collect: {report['records']} records, {report['accepted']} accepted, "
         f"{report['quarantined']} quarantined {report['by_reason']}"
