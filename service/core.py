@@ -17,7 +17,12 @@ from PIL import Image
 
 from vitrine.contracts import PackagedModel
 from vitrine.images import Rejected
-from vitrine.runtime.answers import classify_answer, open_upload, prepare_image
+from vitrine.runtime.answers import (
+    category_check,
+    classify_answer,
+    open_upload,
+    prepare_image,
+)
 
 __all__ = ["classify_answer", "open_upload", "prepare_image"]  # and the names defined below
 
@@ -117,19 +122,20 @@ def declared_category(value: str | None, info: PackagedModel) -> str:
     return value
 
 
-def check_answer(declared: str, answer: dict[str, Any]) -> dict[str, Any]:
+def check_answer(declared: str, answer: dict[str, Any], info: PackagedModel) -> dict[str, Any]:
     """The /check_category answer: does the photo show the category the seller picked?
 
-    On a confident mismatch the suggestion is the predicted class; when the model abstains it
-    suggests nothing new (the declared category stands) whatever it predicted.
+    On a confident mismatch the suggestion is the predicted class (for a taxonomy ancestor, its
+    most probable class); when the model abstains it suggests nothing new (the declared category
+    stands) whatever it predicted. An ancestor answer matches every class under it
+    (vitrine.runtime.answers.category_check, which batch scoring applies too).
     """
-    matches = answer["label"] == declared
-    keep = matches or answer["abstain"]
+    matches, suggested = category_check(declared, answer, info)
     return {
         "declared": declared,
         "predicted": answer["label"],
         "matches": matches,
         "confidence": answer["confidence"],
-        "suggested_category": declared if keep else answer["label"],
+        "suggested_category": suggested,
         "abstain": answer["abstain"],
     }

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from vitrine.contracts import PackagedModel
 from vitrine.production.recorder import now_utc, open_recorder, photo_sha256
 from vitrine.production.records import AnswerRecord
+from vitrine.runtime.answers import category_check
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CLIENT_ID_CHARS = 128
@@ -57,6 +58,7 @@ class AnswerLog:
     """The service's side of recording: answers -> AnswerRecords -> the recorder."""
 
     def __init__(self, info: PackagedModel) -> None:
+        self.info = info
         self.recorder = open_recorder(info.serve.record)
 
     async def record(
@@ -103,7 +105,9 @@ class AnswerLog:
                 probabilities=answer["probabilities"],
                 abstain=answer["abstain"],
                 declared_category=item.declared,
-                matches=None if item.declared is None else answer["label"] == item.declared,
+                matches=None
+                if item.declared is None
+                else category_check(item.declared, answer, self.info)[0],
                 latency_ms=latency_ms,
                 batch_id=batch_id,
                 client_request_id=client,

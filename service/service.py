@@ -214,7 +214,7 @@ class Classifier:
             return error_response(err)
         answered = Answered(new_request_id(), form.images[0], answer, declared)
         await self.answers.record(request, "/check_category", started, [answered])
-        body = {**check_answer(declared, answer), "request_id": answered.request_id}
+        body = {**check_answer(declared, answer, self.info), "request_id": answered.request_id}
         return answer_response(body, answered.request_id)
 
     @app.post("/classify_batch")

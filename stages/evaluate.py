@@ -65,7 +65,15 @@ from vitrine.evaluation.settings import (
     reviewed_source,
 )
 from vitrine.evaluation.slices import check_slices, report_slices
-from vitrine.runtime.decisions import chosen
+from vitrine.evaluation.thresholds import (
+    CLASS_THRESHOLDS,
+    ONE_THRESHOLD,
+    WITH_BACKOFF,
+    decision_report,
+    earned,
+    fit_rules,
+)
+from vitrine.runtime.decisions import Rule, answer, chosen
 from vitrine.runtime.onnx import onnx_proba
 
 
@@ -118,9 +126,11 @@ def evaluate(
     bins = config.calibration_bins
     val_ece, _ = metrics.expected_calibration_error(y_val, val_proba[winner], bins)
     test_ece, curve = metrics.expected_calibration_error(y_test, test_proba, bins)
-    abstain = abstain_summary(y_val, val_proba[winner], y_test, test_proba, values)
+    on_val, on_test = (y_val, val_proba[winner]), (y_test, test_proba)
+    fitted = fit_rules(*on_val, values, config.taxonomy, config.min_val_photos_per_class)
+    abstain = abstain_summary(on_val, on_test, values, fitted)
     manifest = pd.read_parquet(prepared_manifest_path(prepared))
-    predictions = predictions_table(manifest, test_proba, values, abstain["threshold"])
+    predictions = predictions_table(manifest, test_proba, values, fitted.rule)
     report = EvaluationReport(
         winner=winner,
         primary_metric=config.primary_metric,
@@ -133,6 +143,7 @@ def evaluate(
         abstain=abstain,
         served={name: model.record for name, model in served.items()},
         reviewed=reviewed_scores(predictions, values, reviewed),
+        decisions=decision_report(fitted, values, on_val, on_test),
         slices=report_slices(predictions, values, deduped, config.slices),
     )
     candidates_table = {name: metrics.scalar_scores(s) for name, s in table.items()}
@@ -144,19 +155,25 @@ def evaluate(
 
 
 def predictions_table(
-    manifest: pd.DataFrame, proba: np.ndarray, values: metrics.ValueModel, threshold: float
+    manifest: pd.DataFrame, proba: np.ndarray, values: metrics.ValueModel, rule: Rule
 ) -> pd.DataFrame:
-    """One row per test photo: truth, prediction, confidence, what the prediction earned,
-    whether the service would abstain, and every class probability (p_<class>)."""
+    """One row per test photo: truth, predicted class, its confidence and what it earns, the
+    service's answer under the served rule (`answer`: the class or taxonomy ancestor, its
+    `level`, `abstained`, and what it `earned`: a review's gain when abstained), and every class
+    probability (p_<class>)."""
     classes = values.classes
     rows = manifest[manifest["split"] == "test"].sort_values("index").reset_index(drop=True)
     table = rows[["id", "source", "label", "index"]].copy()
     y_true = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    y_pred = values.decide(proba)
+    given = answer(proba, rule)
+    y_pred = given.decided
     table["predicted"] = [classes[i] for i in y_pred]
     table["confidence"] = chosen(proba, y_pred)
     table["gain"] = values.gain()[y_true, y_pred]
-    table["abstained"] = table["confidence"] < threshold
+    table["abstained"] = given.abstain
+    table["answer"] = list(given.labels)
+    table["level"] = given.level
+    table["earned"] = earned(given, y_true, values, rule)
     for i, c in enumerate(classes):
         table[f"p_{c}"] = proba[:, i]
     return table
@@ -240,6 +257,25 @@ def write_outputs(result: Evaluation, paths: Paths, mistakes_shown: int) -> None
     paths.evaluation_html.write_text(page)
 
 
+def decisions_summary(decisions: Mapping[str, Any]) -> str:
+    """The decision rules' test value per 1,000 photos, and the served rule's answers per
+    taxonomy level, as evaluate prints them."""
+    rules = decisions["rules"]
+    ev = {name: rules[name]["test"]["expected_value_per_1000"] for name in rules}
+    own = sum(c["fitted"] for c in decisions["class_thresholds"].values())
+    levels = ", ".join(
+        f"level {lv['level']} {lv['answers']}"
+        + ("" if lv["accuracy"] is None else f" ({100 * lv['accuracy']:.1f}% right)")
+        for lv in decisions["test_levels"]
+    )
+    return (
+        f"evaluate: test value per 1,000 photos: one threshold {ev[ONE_THRESHOLD]:.1f}, a "
+        f"threshold per class ({own} of {len(decisions['class_thresholds'])} fitted) "
+        f"{ev[CLASS_THRESHOLDS]:.1f}, with taxonomy back-off {ev[WITH_BACKOFF]:.1f} "
+        f"({len(decisions['backoff_levels'])} ancestor level(s)); answers: {levels}"
+    )
+
+
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), load_config(params)
@@ -254,6 +290,7 @@ def main() -> None:
         f"{report.test[config.primary_metric]:.4f}, accuracy {report.test['accuracy']:.4f}, "
         f"abstain below {report.abstain_threshold:.3f}"
     )
+    print(decisions_summary(report.decisions))
     reviewed = report.reviewed
     if reviewed.n:
         weighted = reviewed.business_weighted_accuracy

@@ -16,8 +16,10 @@ Writes <paths.package>/model.pt  the scripted Predictor: uint8 (N, H, W, 3) -> l
                                  model_version, weights_version, precision, calibration
                                  (evaluate's fit, baked into model.onnx), metrics (the
                                  winner's test scores),
-                                 abstain_threshold, serve (the service's limits: the Bento has no
-                                 params.yaml) and card (params, data version, git revision);
+                                 abstain_threshold, class_thresholds and backoff (the decision
+                                 rule evaluate fitted: vitrine.runtime.decisions), serve (the
+                                 service's limits: the Bento has no params.yaml) and card
+                                 (params, data version, git revision);
        <paths.package>/model_card.md the same card for people;
        <paths.promotion>          the decision (vitrine.evaluation.promotion), why, and both
                                  models' scores.
@@ -43,6 +45,7 @@ from vitrine.config import load_params, load_paths, params_block, stage_config
 from vitrine.contracts import MODEL_NAME_ENV, read_evaluation, write_promotion
 from vitrine.evaluation.promotion import challenge, describe
 from vitrine.evaluation.settings import check_config, load_config
+from vitrine.evaluation.thresholds import backoff_levels
 from vitrine.packaging.bundle import export_package, provenance, serve_settings
 from vitrine.packaging.store import build_bento, champion_folder, keep_champion, save_to_store
 
@@ -76,6 +79,7 @@ def main() -> None:
         values.decision_gain(),
         values.gain(),
         values.review_cost,
+        backoff_levels(values.classes, evaluation.taxonomy),
     )
     champion = champion_folder(cfg.model_name)
     promotion = challenge(paths.package, champion, paths.prepared, evaluation)

@@ -41,6 +41,7 @@ from vitrine.evaluation.settings import (
     load_config,
     reviewed_source,
 )
+from vitrine.evaluation.thresholds import build_rule
 from vitrine.model.export import checkpoint_digest
 from vitrine.model.networks import build_predictor
 from vitrine.runtime.onnx import onnx_proba, predict_logits, softmax
@@ -225,6 +226,31 @@ def test_test_scores_of_the_winner_by_hand(prepared: Path, models: Path) -> None
     assert abstain["test_accuracy_when_decided"] is None
 
 
+def test_the_report_holds_each_class_threshold_and_the_answers_per_level(
+    prepared: Path, models: Path
+) -> None:
+    """always_laptop, each class its own threshold from 4 val answers on: laptop, answered for
+    all 8 val photos (4 right: +4; 4 phones wrong: -4), is better reviewed (7.6); phone is
+    never answered, so it takes the shared threshold. Flat classes: every answer at level 1."""
+    result = evaluate(config(min_val_photos_per_class=4), ("always_laptop",), prepared, models)
+    decisions = as_dict(result.report)["decisions"]
+    laptop, phone = (decisions["class_thresholds"][c] for c in CLASSES)
+    assert laptop["fitted"] and laptop["val_photos"] == 8 and laptop["threshold"] > 1.0
+    assert not phone["fitted"] and phone["val_photos"] == 0
+    assert phone["threshold"] == decisions["shared_threshold"]
+    assert decisions["backoff_levels"] == [] and decisions["served"] == "class_thresholds_backoff"
+    assert decisions["test_levels"] == [{"level": 1, "answers": 0, "accuracy": None}]
+    for name in ("one_threshold", "class_thresholds", "class_thresholds_backoff"):
+        rule = decisions["rules"][name]
+        assert rule["val"]["expected_value_per_1000"] == pytest.approx(1000 * 7.6 / 8)
+    bright = as_dict(
+        evaluate(config(min_val_photos_per_class=4), ("bright",), prepared, models).report
+    )
+    assert bright["decisions"]["test_levels"] == [{"level": 1, "answers": 8, "accuracy": 1.0}]
+    assert [c["threshold"] for c in bright["decisions"]["class_thresholds"].values()] == [0, 0]
+    assert list(result.predictions["level"]) == [1] * 8
+
+
 def test_reviewed_production_photos_get_their_own_test_figure(
     prepared: Path, models: Path, tmp_path: Path
 ) -> None:
@@ -272,12 +298,19 @@ def test_predictions_table_answers_by_expected_value(prepared: Path) -> None:
     manifest = pd.read_parquet(prepared_manifest_path(prepared))
     proba = np.tile([0.6, 0.4], (8, 1))
     values = check_config(config(decision="expected_value"))
-    table = predictions_table(manifest, proba, values, threshold=0.5)
+    table = predictions_table(manifest, proba, values, build_rule(values, [0.5, 0.5]))
     assert set(table["predicted"]) == {"phone"}
     assert list(table["confidence"]) == [0.4] * 8 and table["abstained"].all()
     assert list(table["gain"]) == [-0.5] * 6 + [1.5] * 2
-    likeliest = predictions_table(manifest, proba, check_config(config()), threshold=0.5)
+    # Abstained: each earns a review's v(a) - 0.3; flat classes answer at level 1.
+    assert list(table["earned"]) == pytest.approx([0.7] * 6 + [1.2] * 2)
+    assert set(table["level"]) == {1} and list(table["answer"]) == ["phone"] * 8
+    plain = check_config(config())
+    likeliest = predictions_table(manifest, proba, plain, build_rule(plain, [0.5, 0.5]))
     assert set(likeliest["predicted"]) == {"laptop"} and not likeliest["abstained"].any()
+    # A class threshold of its own: laptop answered from 0.7, so its 0.6 goes to review.
+    strict = predictions_table(manifest, proba, plain, build_rule(plain, [0.7, 0.5]))
+    assert strict["abstained"].all()
 
 
 def test_unknown_labels_in_the_prepared_split_are_a_clear_error(prepared: Path, models: Path):

@@ -175,7 +175,9 @@ TREE = ("Fruit/Apple/Granny", "Fruit/Apple/Gala", "Fruit/Pear/Conference", "Veg/
 
 def test_taxonomy_levels_and_depth_weighted_accuracy_by_hand():
     y_true, y_pred = np.array([0, 1, 2, 3]), np.array([1, 1, 0, 2])
-    result = metrics.taxonomy_scores(y_true, y_pred, TREE, Taxonomy("/", (1.0, 2.0, 3.0)))
+    result = metrics.taxonomy_scores(
+        y_true, y_pred, TREE, Taxonomy("/", (1.0, 2.0, 3.0), (0.3, 0.6, 1.0))
+    )
     # level 1 (Fruit | Veg): 3 right; level 2 (Fruit/Apple ...): Apple->Apple twice right;
     # level 3: only Gala->Gala right.
     assert [(lv["level"], lv["classes"], lv["accuracy"]) for lv in result["levels"]] == [

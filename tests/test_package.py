@@ -177,6 +177,25 @@ def test_abstain_threshold_comes_from_the_evaluate_report(tmp_path: Path) -> Non
     assert read_packaged(tmp_path / "package").abstain_threshold == 0.6
 
 
+def test_class_thresholds_come_from_the_evaluate_report(tmp_path: Path) -> None:
+    write_trained_model(tmp_path / "train")
+    fitted = {"laptop": {"threshold": 0.7, "val_photos": 40, "fitted": True}}
+    fitted["phone"] = {"threshold": 0.6, "val_photos": 3, "fitted": False}
+    report = {**REPORT, "abstain": {"threshold": 0.6}, "decisions": {"class_thresholds": fitted}}
+    info = export(tmp_path / "train", write_report(tmp_path / "e.json", report), tmp_path / "p")
+    assert info["class_thresholds"] == [0.7, 0.6] and info["backoff"] == []
+    served = read_packaged(tmp_path / "p")
+    assert served.rule.thresholds.tolist() == [0.7, 0.6]
+    card = (tmp_path / "p" / "model_card.md").read_text()
+    assert (
+        "abstains below confidence 0.6 (classes with a threshold of their own: laptop 0.7)" in card
+    )
+    # A report written before class thresholds existed: every class from the shared one.
+    older = export(tmp_path / "train", write_report(tmp_path / "o.json"), tmp_path / "o")
+    assert older["class_thresholds"] == []
+    assert read_packaged(tmp_path / "o").rule.thresholds.tolist() == [0.0, 0.0]
+
+
 def test_the_decision_rule_travels_to_the_service(tmp_path: Path) -> None:
     write_trained_model(tmp_path / "train")
     gain = np.array([[1.0, -0.5], [-1.0, 1.5]])

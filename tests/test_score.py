@@ -37,6 +37,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 import service.core
 from pipeline.score import REPORT_KEY, main, score_catalog
+from stages.evaluate import predictions_table
 from tests.helpers import PREFECT_START_TIMEOUT_S, REPO
 from tests.helpers.candidates import SERVE
 from tests.helpers.photos import encode, photo_bytes, png_header_only
@@ -44,10 +45,13 @@ from tests.helpers.records import record_config
 from tests.helpers.server import start_server, stop
 from tests.helpers.tiny_package import package_tiny_model
 from vitrine.contracts import PackagedModel, read_packaged, write_packaged
+from vitrine.evaluation.metrics import Taxonomy, ValueModel, value_model
+from vitrine.evaluation.thresholds import backoff_levels, build_rule
 from vitrine.images import Rejected
 from vitrine.ingest.download import DownloadConfig
-from vitrine.runtime import answers
-from vitrine.runtime.onnx import load_onnx
+from vitrine.runtime import answers, decisions
+from vitrine.runtime.decisions import chosen
+from vitrine.runtime.onnx import load_onnx, onnx_proba
 from vitrine.scoring.parts import parts_dir
 from vitrine.scoring.run import ScoreJob, score, summary_path
 from vitrine.scoring.sources import ScoreSource
@@ -56,7 +60,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:F
 
 # A phone earns 3, any mistake costs 1: "phone" from p(phone) = 1/3 on, not from 1/2.
 DECISION_GAIN = np.array([[1.0, -1.0], [-1.0, 3.0]])
-ANSWER = ["label", "confidence", "abstain", "model_version"]
+ANSWER = ["label", "level", "confidence", "abstain", "model_version"]
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,106 @@ def test_the_library_prepares_and_refuses_photos_as_the_service(package: Path) -
             theirs = err.code
         assert type(mine) is type(theirs)
         assert mine == theirs if isinstance(mine, str) else np.array_equal(mine, theirs)
+
+
+# --- evaluate, the service and the scorer answer alike ----------------------------------------
+
+# Two levels: two Tech classes and one Home; every class worth 1, every mistake costing 0.5.
+TREE = ("Tech/laptop", "Tech/phone", "Home/lamp")
+TREE_TAXONOMY = Taxonomy("/", (1.0, 1.0), (0.6, 1.0))
+TREE_PHOTOS = 24
+
+
+def tree_values(review_cost: float) -> ValueModel:
+    values = dict.fromkeys(TREE, 1.0)
+    return value_model(TREE, values, [], 0.5, review_cost, decision="expected_value")
+
+
+def between(values: np.ndarray) -> float:
+    """A cut through the middle half of `values` at their widest gap there: about half fall on
+    each side, none within float rounding of it."""
+    ordered = np.sort(values)
+    n = len(ordered)
+    lo, hi = n // 4, max(n // 4 + 1, 3 * n // 4)
+    gaps = np.diff(ordered[lo : hi + 1])
+    i = lo + int(gaps.argmax())
+    assert ordered[i + 1] - ordered[i] > 1e-4
+    return float((ordered[i] + ordered[i + 1]) / 2)
+
+
+@pytest.fixture(scope="module")
+def tree_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ValueModel]:
+    """The tiny model over TREE, packaged with a threshold per class and taxonomy back-off:
+    each class answered from the middle of its photos' confidences, and a review cost that
+    lets about half of the refused photos back off to their Tech or Home, so that the photos
+    get all three kinds of answer. The value model evaluate would score it with."""
+    root = tmp_path_factory.mktemp("tree")
+    folder = package_tiny_model(root, SERVE, tree_values(0.0).gain(), classes=TREE)
+    info = read_packaged(folder)
+    proba = np.array(
+        [
+            list(service_answer(photo_bytes(i), info, folder)["probabilities"].values())
+            for i in range(TREE_PHOTOS)
+        ]
+    )
+    decided = tree_values(0.0).decide(proba)
+    confidence = chosen(proba, decided)
+    cut = between(confidence)
+    refused = proba[confidence < cut]
+    [level] = backoff_levels(TREE, TREE_TAXONOMY)
+    gain = decisions.level_gain(tree_values(0.0).gain(), np.array(level.node_of), level.value_share)
+    review_cost = 1.0 - between((refused @ gain).max(axis=1))
+    values = tree_values(review_cost)
+    info = dataclasses.replace(
+        info,
+        abstain_threshold=cut,
+        class_thresholds=(cut, cut, cut),
+        backoff=(level,),
+        value_gain=tuple(map(tuple, values.gain().tolist())),
+        review_cost=review_cost,
+    )
+    write_packaged(info, folder)
+    return folder, values
+
+
+def test_the_service_answers_the_test_photos_as_evaluate_and_the_scorer_do(
+    tree_package: tuple[Path, ValueModel], tmp_path: Path
+) -> None:
+    folder, values = tree_package
+    info = read_packaged(folder)
+    photos = [photo_bytes(i) for i in range(TREE_PHOTOS)]
+    # evaluate: the test photos' pixels through model.onnx in batches, its predictions table
+    # answering by the rule it builds from the value model, thresholds and taxonomy.
+    pixels = np.stack([answers.model_input(p, info) for p in photos])
+    proba = onnx_proba(folder / "model.onnx", info.input_size, pixels, 5, "test")
+    manifest = pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(TREE_PHOTOS)],
+            "source": "s",
+            "label": [TREE[i % 3] for i in range(TREE_PHOTOS)],
+            "index": range(TREE_PHOTOS),
+            "split": "test",
+        }
+    )
+    rule = build_rule(values, info.class_thresholds, backoff_levels(TREE, TREE_TAXONOMY))
+    evaluated = predictions_table(manifest, proba, values, rule)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i, data in enumerate(photos):
+        (root / f"p{i:02d}.jpg").write_bytes(data)
+    score(job(root, tmp_path / "out.parquet", folder))
+    scored = pd.read_parquet(tmp_path / "out.parquet")
+    for i, data in enumerate(photos):
+        served = service_answer(data, info, folder)
+        row = evaluated.iloc[i]
+        assert (served["label"], served["level"], served["abstain"]) == (
+            row["answer"],
+            row["level"],
+            row["abstained"],
+        )
+        assert_same_answer(scored.iloc[i], served)
+    kinds = set(zip(evaluated["level"], evaluated["abstained"], strict=True))
+    assert kinds == {(2, False), (1, False), (2, True)}  # a class, an ancestor, a review
 
 
 # --- one row per record, answered as the service answers -------------------------------------
@@ -285,7 +389,7 @@ def test_a_catalog_of_paths_and_urls_gives_one_row_per_row_and_the_disagreements
         if pd.isna(declared) or declared == "television":  # none, or one the model lacks
             assert pd.isna(row["matches"]) and pd.isna(row["suggested_category"])
             continue
-        check = service.core.check_answer(declared.strip().lower(), expected)
+        check = service.core.check_answer(declared.strip().lower(), expected, info)
         assert row["matches"] == check["matches"]
         assert row["suggested_category"] == check["suggested_category"]
 

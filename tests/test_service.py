@@ -175,9 +175,10 @@ def test_answers_abstain_below_the_threshold() -> None:
     unsure = classify_answer([0.45, 0.55], package_info(0.6))
     assert confident["label"] == "phone" and not confident["abstain"]
     assert unsure["label"] == "phone" and unsure["abstain"]
-    assert check_answer("laptop", confident)["suggested_category"] == "phone"
-    assert check_answer("laptop", unsure)["suggested_category"] == "laptop"  # no confident hint
-    assert check_answer("phone", confident) == {
+    info = package_info(0.6)
+    assert check_answer("laptop", confident, info)["suggested_category"] == "phone"
+    assert check_answer("laptop", unsure, info)["suggested_category"] == "laptop"  # no hint
+    assert check_answer("phone", confident, info) == {
         "declared": "phone",
         "predicted": "phone",
         "matches": True,
@@ -507,6 +508,7 @@ def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
         body = classify(server, photo).json()
         assert set(body) == {
             "label",
+            "level",
             "confidence",
             "probabilities",
             "abstain",
@@ -519,6 +521,7 @@ def test_photos_are_classified_as_evaluation_would(server: Server) -> None:
         decided = decide(np.array([list(probabilities.values())]), DECISION_GAIN)[0]
         assert body["label"] == CLASSES[decided]
         assert body["confidence"] == probabilities[body["label"]]
+        assert body["level"] == 1  # flat classes: every answer is a class
         labels.append((body["label"], max(probabilities, key=probabilities.get)))
         assert body["abstain"] is False  # the report has no abstain threshold: never abstain
         expected = in_process_probabilities(server.package, photo)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -28,6 +29,7 @@ import numpy as np
 import pydantic
 
 from vitrine.config import params_block
+from vitrine.runtime import decisions
 
 T = TypeVar("T")
 
@@ -167,10 +169,25 @@ class EvaluationReport:
     reviewed: ReviewedScores = field(default_factory=ReviewedScores)
     # The winner's test accuracy and value per slice of photos (vitrine.evaluation.slices).
     slices: dict[str, Any] = field(default_factory=dict)
+    # The decision rule fitted on val (vitrine.evaluation.thresholds.decision_report): the
+    # threshold of each class, the taxonomy back-off, each rule's expected value on val and
+    # test, and the test answers per taxonomy level. {}: a report written before it existed.
+    decisions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def abstain_threshold(self) -> float:
         return float(self.abstain["threshold"])
+
+    def class_thresholds(self, classes: tuple[str, ...]) -> tuple[float, ...]:
+        """The fitted threshold of each class, in `classes` order; () when the report has none
+        (every class then answers from abstain_threshold)."""
+        fitted = self.decisions.get("class_thresholds") or {}
+        if not fitted:
+            return ()
+        missing = [c for c in classes if c not in fitted]
+        if missing:
+            raise ValueError(f"evaluate.json has no threshold for class(es) {missing[:10]}")
+        return tuple(float(fitted[c]["threshold"]) for c in classes)
 
 
 def write_evaluation(report: EvaluationReport, path: Path) -> None:
@@ -241,6 +258,16 @@ class Provenance:
 
 
 @params_block
+class BackoffLevel:
+    """A taxonomy level an answer too unsure for its class backs off to (decisions.answer)."""
+
+    level: int  # 1 = coarsest
+    value_share: float  # evaluate.taxonomy.level_values: what share of its value a right one earns
+    nodes: tuple[str, ...]  # the taxonomy's nodes at this level (Fruit/Apple at level 2)
+    node_of: tuple[int, ...]  # each class's node, in the classes' order
+
+
+@params_block
 class PackagedModel:
     """model.json of a packaged model: everything the service needs besides the weights.
 
@@ -270,6 +297,29 @@ class PackagedModel:
     # packaged before they existed: () unknown, 0.0 no cost.
     value_gain: tuple[tuple[float, ...], ...] = ()
     review_cost: float = 0.0
+    # The decision rule's thresholds (vitrine.runtime.decisions): per class, in the classes'
+    # order, the probability from which that class is answered, fitted on val; (): models
+    # packaged before they existed, whose every class answers from abstain_threshold.
+    class_thresholds: tuple[float, ...] = ()
+    # The taxonomy's ancestor levels, deepest first, that an answer too unsure for its class
+    # backs off to; (): none (flat classes, or a model packaged before back-off existed).
+    backoff: tuple[BackoffLevel, ...] = ()
+
+    @cached_property
+    def rule(self) -> decisions.Rule:
+        """The decision rule this model answers by: probabilities -> class, ancestor or abstain.
+        Built once per loaded model (decisions.rule, as evaluate builds it)."""
+        thresholds = self.class_thresholds or (self.abstain_threshold,) * len(self.classes)
+        value_gain = np.array(self.value_gain, np.float64) if self.value_gain else None
+        return decisions.rule(
+            self.classes,
+            self.gain,
+            thresholds,
+            value_gain,
+            self.review_cost,
+            [(b.level, b.value_share, b.node_of) for b in self.backoff],
+            [b.nodes for b in self.backoff],
+        )
 
     @property
     def version(self) -> str:
@@ -294,8 +344,14 @@ def write_packaged(info: PackagedModel, folder: Path) -> None:
 
 
 def read_packaged(folder: Path) -> PackagedModel:
-    """model.json of a packaged model folder (the DVC output or the stored BentoML model)."""
-    return read_json(PackagedModel, folder / MODEL_INFO_FILE)
+    """model.json of a packaged model folder (the DVC output or the stored BentoML model),
+    refused with the file named when its decision rule does not fit its classes."""
+    info = read_json(PackagedModel, folder / MODEL_INFO_FILE)
+    try:
+        info.rule  # noqa: B018 (built now: a bad rule is refused at load, not at the first photo)
+    except ValueError as error:
+        raise ValueError(f"{folder / MODEL_INFO_FILE}: {error}") from None
+    return info
 
 
 def packaged_metadata(info: PackagedModel) -> dict[str, Any]:

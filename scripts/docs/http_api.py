@@ -79,6 +79,7 @@ ANSWER_MODULES = ("service.core", "vitrine.runtime.answers")
 # key the code starts writing fails the build until it has one here.
 EXAMPLE_VALUES: dict[str, Any] = {
     "label": "phone",
+    "level": 1,
     "confidence": 0.93,
     "probabilities": {"laptop": 0.07, "phone": 0.93},
     "abstain": False,

@@ -122,6 +122,7 @@ def evaluate_config(**overrides) -> EvaluateConfig:
         "cost_matrix": (("phone", "laptop", 1.0),),
         "default_mistake_cost": 0.5,
         "review_cost": 0.3,
+        "min_val_photos_per_class": 30,
         "decision": "argmax",
         "calibration": "none",
         "top_k": 2,

@@ -5,6 +5,7 @@ the model the service tests and the soak benchmark serve (its answers are not me
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning
@@ -28,12 +29,13 @@ def package_tiny_model(
     model_name: str | None = None,
     value_gain: np.ndarray | None = None,
     review_cost: float = 0.0,
+    classes: Sequence[str] = CLASSES,
 ) -> Path:
     """An untrained checkpoint (seed 0) through the package stage -> <root>/package (returned),
     saved as `model_name` into a model store at <root>/home (BENTOML_HOME) when one is given;
     value_gain and review_cost: the value model the review queue weighs answers with."""
     torch.manual_seed(0)
-    module = ImageClassifier("cnn64", CLASSES, lr=1e-3)
+    module = ImageClassifier("cnn64", list(classes), lr=1e-3)
     train = root / "train"
     train.mkdir(parents=True)
     torch.save(
@@ -44,7 +46,7 @@ def package_tiny_model(
         },
         train / "best.ckpt",
     )
-    info = {"model": "cnn64", "classes": CLASSES, "image_size": 128, "input_size": 64}
+    info = {"model": "cnn64", "classes": list(classes), "image_size": 128, "input_size": 64}
     (train / "model.json").write_text(json.dumps(info))
     served = serve_checkpoint(train, root / "served")
     report = evaluation_report({"accuracy": 0.5, "n": 2})

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from vitrine.contracts import CHECKPOINT, FP32, INT8, Int8Trial, Precision, ServedRecord
-from vitrine.evaluation import metrics
+from vitrine.evaluation import metrics, thresholds
 from vitrine.evaluation.calibration import Calibration, fit_calibration
 from vitrine.evaluation.settings import EvaluateConfig
 from vitrine.model.export import (
@@ -29,7 +29,6 @@ from vitrine.model.export import (
     quantize_int8,
 )
 from vitrine.model.networks import ImageClassifier, Predictor
-from vitrine.runtime.decisions import chosen
 from vitrine.runtime.onnx import onnx_logits, softmax
 
 CALIBRATION_SEED = 0  # which train photos calibrate int8: the same ones every run
@@ -153,27 +152,23 @@ def rank_candidates(table: Mapping[str, Mapping[str, Any]], primary: str) -> lis
 
 
 def abstain_summary(
-    y_val: np.ndarray,
-    p_val: np.ndarray,
-    y_test: np.ndarray,
-    p_test: np.ndarray,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
     values: metrics.ValueModel,
+    fitted: thresholds.FittedRules,
 ) -> dict[str, Any]:
-    """The threshold fitted on val, and what it does on test."""
-    threshold, val_ev = metrics.best_abstain_threshold(y_val, p_val, values)
-    y_pred = values.decide(p_test)
-    abstained = chosen(p_test, y_pred) < threshold
-    decided = ~abstained
+    """The served rule's shared threshold, fitted on val (the threshold of every class with too
+    few val photos for its own), and what the served rule (thresholds per class, taxonomy
+    back-off) does on val and test: evaluate.json `abstain`."""
+    on_val = thresholds.rule_scores(*val, values, fitted.rule)
+    on_test = thresholds.rule_scores(*test, values, fitted.rule)
     return {
-        "threshold": threshold,
+        "threshold": fitted.served.shared,
         "review_cost": values.review_cost,
-        "val_expected_value_per_1000": val_ev,
-        "val_abstain_rate": float((chosen(p_val, values.decide(p_val)) < threshold).mean()),
-        "test_expected_value_per_1000": metrics.expected_value_per_1000(
-            y_test, y_pred, values.gain(), abstained, values.review_gain()
-        ),
-        "test_abstain_rate": float(abstained.mean()),
-        "test_accuracy_when_decided": float((y_pred[decided] == y_test[decided]).mean())
-        if decided.any()
-        else None,
+        "classes_with_own_threshold": int(fitted.served.fitted.sum()),
+        "val_expected_value_per_1000": on_val["expected_value_per_1000"],
+        "val_abstain_rate": on_val["abstain_rate"],
+        "test_expected_value_per_1000": on_test["expected_value_per_1000"],
+        "test_abstain_rate": on_test["abstain_rate"],
+        "test_accuracy_when_decided": on_test["accuracy_when_answered"],
     }

@@ -56,6 +56,10 @@ class Taxonomy:
 
     separator: str  # between levels of a class path
     level_weights: tuple[float, ...]  # one per level, coarsest first; flat classes: [1.0]
+    # One per level, coarsest first, the last 1: the share of a photo's value that a right
+    # answer at that level earns (taxonomy back-off, vitrine.runtime.decisions; 0: a level that
+    # earns nothing). Flat classes may leave it empty.
+    level_values: tuple[float, ...] = ()
 
 
 def value_model(
@@ -174,31 +178,42 @@ def expected_calibration_error(
     return float(ece), curve
 
 
+def best_threshold(
+    confidence: np.ndarray, trusted: np.ndarray, otherwise: np.ndarray
+) -> tuple[float, float]:
+    """The confidence threshold that maximises the photos' total gain when a photo at or above
+    it earns `trusted` (its answer's gain) and one below it `otherwise` (a review's, or what
+    taxonomy back-off answers instead), and that total.
+
+    Candidates: 0 (answer every photo), the midpoint between each two neighbouring observed
+    confidences (any threshold between them splits these photos alike; the midpoint leaves new
+    photos the most room on either side) and REVIEW_ALL. Ties go to the lowest threshold, so no
+    photo is refused its answer unless that pays. One sort and two cumulative sums: O(n log n).
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    order = np.argsort(confidence, kind="stable")
+    trusted, otherwise = np.asarray(trusted)[order], np.asarray(otherwise)[order]
+    levels = np.unique(confidence)
+    thresholds = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2, [REVIEW_ALL]])
+    below = np.searchsorted(confidence[order], thresholds, side="left")  # count below each
+    trusted_before = np.concatenate([[0.0], np.cumsum(trusted)])
+    otherwise_before = np.concatenate([[0.0], np.cumsum(otherwise)])
+    total = otherwise_before[below] + trusted_before[-1] - trusted_before[below]
+    best = int(np.flatnonzero(total >= total.max() - 1e-9)[0])
+    return float(thresholds[best]), float(total[best])
+
+
 def best_abstain_threshold(
     y_true: np.ndarray, proba: np.ndarray, values: ValueModel
 ) -> tuple[float, float]:
-    """The confidence threshold (abstain below it) that maximises expected value, and that value.
-    A photo's confidence is the probability of the class it is answered with (values.decide).
-
-    Candidates: 0 (never abstain), the midpoint between each two neighbouring observed
-    confidences (any threshold between them splits these photos alike; the midpoint leaves new
-    photos the most room on either side) and REVIEW_ALL. Ties go to the lowest threshold, so no
-    photo goes to review unless it pays. One sort and two cumulative sums: O(n log n).
-    """
+    """The confidence threshold (abstain below it) that maximises expected value, and that value
+    per 1000 photos. A photo's confidence is the probability of the class it is answered with
+    (values.decide); an abstained photo earns a review's gain (best_threshold)."""
     decided = values.decide(proba)
-    confidence = chosen(proba, decided).astype(np.float64)
-    order = np.argsort(confidence, kind="stable")
-    trusted = values.gain()[y_true, decided][order]
-    reviewed = values.review_gain()[y_true][order]
-    levels = np.unique(confidence)
-    thresholds = np.concatenate([[0.0], (levels[:-1] + levels[1:]) / 2, [REVIEW_ALL]])
-    abstained = np.searchsorted(confidence[order], thresholds, side="left")  # count below each
-    trusted_before = np.concatenate([[0.0], np.cumsum(trusted)])
-    reviewed_before = np.concatenate([[0.0], np.cumsum(reviewed)])
-    total = reviewed_before[abstained] + trusted_before[-1] - trusted_before[abstained]
-    ev = 1000 * total / len(confidence)
-    best = int(np.flatnonzero(ev >= ev.max() - 1e-9)[0])
-    return float(thresholds[best]), float(ev[best])
+    confidence = chosen(proba, decided)
+    trusted = values.gain()[y_true, decided]
+    threshold, total = best_threshold(confidence, trusted, values.review_gain()[y_true])
+    return threshold, 1000 * total / len(confidence)
 
 
 def taxonomy_depth(classes: Sequence[str], separator: str) -> int:
@@ -223,6 +238,17 @@ def check_taxonomy(classes: Sequence[str], taxonomy: Taxonomy) -> None:
         )
     if (weights < 0).any() or weights.sum() <= 0:
         raise ValueError("evaluate.taxonomy.level_weights must be non-negative, not all zero")
+    shares = np.array(taxonomy.level_values or (1.0,) * (depth == 1), dtype=np.float64)
+    if len(shares) != depth:
+        raise ValueError(
+            f"evaluate.taxonomy.level_values has {len(shares)} value(s), but the classes have "
+            f"{depth} taxonomy level(s): one per level, coarsest first"
+        )
+    if shares[-1] != 1.0 or (shares < 0).any() or (shares > 1).any():
+        raise ValueError(
+            "evaluate.taxonomy.level_values are shares of a photo's value: each in [0, 1], "
+            f"the last (the class itself) 1, got {list(taxonomy.level_values)}"
+        )
 
 
 def taxonomy_scores(

@@ -302,6 +302,43 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def decisions_section(decisions: dict[str, Any]) -> dict[str, Any] | None:
+    """The decision rule (evaluate.json `decisions`): thresholds per class, back-off, each
+    rule's value per 1,000 photos, the test answers per taxonomy level; None: none reported."""
+    if not decisions:
+        return None
+
+    def shown(x: float | None) -> Any:
+        return "n/a" if x is None else x
+
+    names = {
+        "one_threshold": "one threshold",
+        "class_thresholds": "a threshold per class",
+        "class_thresholds_backoff": "a threshold per class, then taxonomy back-off (served)",
+    }
+    rules = []
+    for name, r in decisions["rules"].items():
+        val, test = r["val"], r["test"]
+        ev = [f"{val['expected_value_per_1000']:.1f}", f"{test['expected_value_per_1000']:.1f}"]
+        rules.append([names.get(name, name), *ev, shown(test["abstain_rate"])])
+    levels = [
+        [lv["level"], lv["answers"], shown(lv["accuracy"])] for lv in decisions["test_levels"]
+    ]
+    own = decisions["class_thresholds"].values()
+    return {
+        "fitted": sum(c["fitted"] for c in own),
+        "classes": len(own),
+        "min_photos": decisions["min_val_photos_per_class"],
+        "shared": f"{decisions['shared_threshold']:.3f}",
+        "backoff": ", ".join(
+            f"level {b['level']} ({b['nodes']} nodes, value share {b['value_share']:g})"
+            for b in decisions["backoff_levels"]
+        ),
+        "rules": table(["rule", "val value / 1,000", "test value / 1,000", "test abstain"], rules),
+        "levels": table(["level", "test answers", "right"], levels),
+    }
+
+
 def evaluation_page(
     report: dict[str, Any],
     candidates: dict[str, dict[str, Any]],
@@ -319,6 +356,7 @@ def evaluation_page(
         "scores": winner_scores(report["test"]),
         "confusion": confusion_matrix(predictions, values),
         "calibration": calibration(report, reliability),
+        "decisions": decisions_section(report.get("decisions") or {}),
         "slices": slices_page(report.get("slices") or {}),
         "mistakes": mistakes(predictions, test_images, mistakes_shown, heatmaps),
     }

@@ -27,6 +27,7 @@ class EvaluateConfig:
     cost_matrix: tuple[tuple[str, str, float], ...]  # [actual, predicted, cost] exceptions
     default_mistake_cost: float  # what any other wrong prediction costs
     review_cost: float  # what one human review of an abstained photo costs
+    min_val_photos_per_class: int  # val answers a class needs for a threshold of its own
     decision: str  # argmax | expected_value: how probabilities become an answer
     calibration: str  # none | temperature | temperature_bias, fitted on val (calibration.py)
     top_k: int
@@ -98,7 +99,8 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
         raise ValueError(
             f"evaluate.primary_metric {config.primary_metric!r} is not a score; one of {names}"
         )
-    for name in ("batch_size", "top_k", "calibration_bins", "int8_calibration_photos"):
+    counts = ("batch_size", "top_k", "calibration_bins", "int8_calibration_photos")
+    for name in (*counts, "min_val_photos_per_class"):
         if getattr(config, name) < 1:
             raise ValueError(f"evaluate.{name} must be at least 1")
     if config.int8_max_loss < 0:

@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from vitrine.contracts import (
     ONNX_MODEL_FILE,
     SCRIPTED_MODEL_FILE,
     UNKNOWN,
+    BackoffLevel,
     EvaluationReport,
     PackagedModel,
     Provenance,
@@ -181,9 +182,12 @@ def packaged_model(
     decision_gain: np.ndarray | None,
     value_gain: np.ndarray | None = None,
     review_cost: float = 0.0,
+    backoff: Sequence[BackoffLevel] = (),
 ) -> PackagedModel:
     """model.json of the package. record: served.json, how evaluate served the model;
-    value_gain and review_cost: the value model's, which the review queue weighs with."""
+    value_gain and review_cost: the value model's, which the review queue and taxonomy back-off
+    weigh with; the class thresholds are the report's, backoff the taxonomy's levels
+    (vitrine.evaluation.thresholds.backoff_levels)."""
     return PackagedModel(
         model=trained.model,
         classes=trained.classes,
@@ -201,6 +205,8 @@ def packaged_model(
         decision_gain=None if decision_gain is None else tuple(map(tuple, decision_gain.tolist())),
         value_gain=() if value_gain is None else tuple(map(tuple, value_gain.tolist())),
         review_cost=float(review_cost),
+        class_thresholds=report.class_thresholds(trained.classes),
+        backoff=tuple(backoff),
     )
 
 
@@ -210,6 +216,22 @@ def answers(info: PackagedModel) -> str:
         return "the most probable class"
     gain = ", ".join(f"[{', '.join(f'{g:g}' for g in row)}]" for row in info.decision_gain)
     return f"the class of highest expected gain (rows actual, columns answered: {gain})"
+
+
+def answered_from(info: PackagedModel) -> str:
+    """Below which confidence an answer is not given, and what the photo gets then, in words."""
+    shared = info.abstain_threshold
+    pairs = zip(info.classes, info.class_thresholds, strict=False)
+    own = {c: t for c, t in pairs if t != shared}
+    below = f"below confidence {shared:g}"
+    if own:
+        listed = ", ".join(f"{c} {t:g}" for c, t in list(own.items())[:10])
+        more = f" and {len(own) - 10} more" if len(own) > 10 else ""
+        below += f" (classes with a threshold of their own: {listed}{more})"
+    if info.backoff:
+        levels = ", ".join(f"level {b.level} (value share {b.value_share:g})" for b in info.backoff)
+        return f"{below} backs off to the taxonomy's {levels} when that pays, else abstains"
+    return f"abstains {below}"
 
 
 def runs_as(info: PackagedModel) -> str:
@@ -247,7 +269,7 @@ def model_card(info: PackagedModel) -> str:
         "normalises inside",
         f"- Runs as: {runs_as(info)}",
         f"- Probabilities: {calibrated_as(info)}",
-        f"- Answers with {answers(info)}; abstains below confidence {info.abstain_threshold:g}",
+        f"- Answers with {answers(info)}; {answered_from(info)}",
         f"- Data: {card.data['path']} (md5 {card.data['md5']} in dvc.lock)",
         f"- Code: git revision {card.git_revision}",
         "",
@@ -290,6 +312,7 @@ def export_package(
     decision_gain: np.ndarray | None,
     value_gain: np.ndarray | None = None,
     review_cost: float = 0.0,
+    backoff: Sequence[BackoffLevel] = (),
 ) -> PackagedModel:
     """Checkpoint and served model -> <out_dir>/model.pt, model.onnx, model.json,
     model_card.md; returns model.json's content.
@@ -297,7 +320,8 @@ def export_package(
     model_dir is <paths.model>/<candidate>: its name is the candidate's. served_dir is
     <paths.served>/<candidate>, the model.onnx evaluate scored, shipped as it is.
     decision_gain: the value model's ValueModel.decision_gain(), which the service decides with;
-    value_gain (ValueModel.gain()) and review_cost: what its review queue ranks answers by.
+    value_gain (ValueModel.gain()) and review_cost: what its review queue ranks answers by;
+    backoff: the taxonomy levels an unsure answer backs off to.
     """
     trained = read_trained(model_dir)
     predictor = load_predictor(model_dir / CHECKPOINT, trained)
@@ -316,6 +340,7 @@ def export_package(
         decision_gain,
         value_gain,
         review_cost,
+        backoff,
     )
     write_package(out_dir, model_bytes, onnx_bytes, info)
     return info

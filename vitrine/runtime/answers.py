@@ -2,9 +2,10 @@
 service (service/core.py) and batch scoring (vitrine.scoring) both run. A photo is refused past
 serve.max_upload_bytes or serve.max_pixels (from its header, nothing decoded), and under
 serve.min_side; its pixels are vitrine.images' (the evaluated ones); the answer is evaluate's
-decision rule (vitrine.runtime.decisions.decide with the packaged gain matrix), its class's
-probability the confidence, abstaining below the packaged abstain_threshold. model.onnx already
-holds the calibration. tests/test_score.py checks that a real server and the scorer agree.
+decision rule (vitrine.runtime.decisions.answer with the packaged model's rule: its gain matrix,
+class thresholds and taxonomy back-off), the answered class's or ancestor's probability the
+confidence. model.onnx already holds the calibration. tests/test_score.py checks that a real
+server, the scorer and evaluate agree.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 
 from vitrine.contracts import PackagedModel
 from vitrine.images import Rejected, checked_square, open_capped
-from vitrine.runtime.decisions import decide
+from vitrine.runtime.decisions import answer
 
 
 def open_upload(data: bytes, info: PackagedModel) -> Image.Image:
@@ -46,14 +47,39 @@ def model_input(data: bytes, info: PackagedModel) -> np.ndarray:
 
 
 def classify_answer(probabilities: Sequence[float], info: PackagedModel) -> dict[str, Any]:
-    """The answer for one photo's class probabilities (in info.classes order): the class
-    evaluate's decision rule answers, and its probability as the confidence."""
+    """The answer for one photo's class probabilities (in info.classes order): the class, or
+    the taxonomy ancestor, that evaluate's decision rule answers, its taxonomy level (the
+    deepest, the number of levels, for a class), its probability as the confidence, and whether
+    the photo goes to review instead (the label is then the class the rule would have given)."""
     values = [float(p) for p in probabilities]
-    best = int(decide(np.array([values]), info.gain)[0])
+    given = answer(np.array([values]), info.rule)
     return {
-        "label": info.classes[best],
-        "confidence": values[best],
+        "label": given.labels[0],
+        "level": int(given.level[0]),
+        "confidence": float(given.confidence[0]),
         "probabilities": dict(zip(info.classes, values, strict=True)),
-        "abstain": values[best] < info.abstain_threshold,
+        "abstain": bool(given.abstain[0]),
         "model_version": info.version,
     }
+
+
+def category_check(declared: str, given: dict[str, Any], info: PackagedModel) -> tuple[bool, str]:
+    """(matches, suggested category) of a classify_answer for a seller's declared class, as
+    /check_category and batch scoring judge it. A class answer matches its own class; an
+    ancestor answer (taxonomy back-off) every class under it. A confident mismatch suggests the
+    answered class, or for an ancestor its most probable class; a match or an abstained answer
+    suggests the declared class (nothing new)."""
+    rule = info.rule
+    level = given.get("level", rule.leaf_level)
+    if level == rule.leaf_level:
+        matches = given["label"] == declared
+        suggestion = given["label"]
+    else:
+        tier = next(lv for lv in rule.backoff if lv.level == level)
+        node = tier.nodes.index(given["label"])
+        under = np.flatnonzero(tier.node_of == node)
+        matches = bool(tier.node_of[info.classes.index(declared)] == node)
+        p = np.array([given["probabilities"][info.classes[i]] for i in under])
+        suggestion = info.classes[int(under[p.argmax()])]
+    keep = matches or given["abstain"]
+    return matches, declared if keep else suggestion

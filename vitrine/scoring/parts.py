@@ -38,7 +38,8 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # accepted (answered) | quarantined
         ("reason", pa.string()),  # why quarantined, else ""
         ("detail", pa.string()),
-        ("label", pa.string()),  # the answer: the decision rule's class
+        ("label", pa.string()),  # the answer: the decision rule's class, or taxonomy ancestor
+        ("level", pa.int64()),  # its taxonomy level, 1 = coarsest (a class: the deepest level)
         ("confidence", pa.float64()),  # the answered class's probability
         ("probabilities", pa.map_(pa.string(), pa.float64())),  # class -> probability
         ("abstain", pa.bool_()),  # confidence below the packaged abstain threshold

@@ -28,7 +28,7 @@ from vitrine.contracts import ONNX_MODEL_FILE, PackagedModel, read_packaged
 from vitrine.images import Rejected
 from vitrine.ingest.download import DownloadConfig
 from vitrine.ingest.records import InputRecord, escaped, match_label
-from vitrine.runtime.answers import classify_answer
+from vitrine.runtime.answers import category_check, classify_answer
 from vitrine.scoring import worker
 from vitrine.scoring.parts import Parts
 from vitrine.scoring.sources import (
@@ -41,7 +41,7 @@ from vitrine.scoring.sources import (
 )
 from vitrine.scoring.summary import Summary
 
-FORMAT = 1  # of the part files: parts of another format are stale
+FORMAT = 2  # of the part files: parts of another format are stale (2: the answer's level)
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ def answer_row(
         "reason": "",
         "detail": "",
         "label": None,
+        "level": None,
         "confidence": None,
         "probabilities": None,
         "abstain": None,
@@ -135,13 +136,12 @@ def answer_row(
     }
     if isinstance(result, Rejected):
         return out | {"reason": result.code, "detail": escaped(result.detail)}
-    out |= {k: result[k] for k in ("label", "confidence", "abstain")}
+    out |= {k: result[k] for k in ("label", "level", "confidence", "abstain")}
     out |= {"status": "accepted", "probabilities": list(result["probabilities"].items())}
     known = match_label(declared, info.classes) if declared is not None else None
     if known is not None:  # the service's /check_category rule
-        matches = result["label"] == known
-        keep = matches or result["abstain"]
-        out |= {"matches": matches, "suggested_category": known if keep else result["label"]}
+        matches, suggested = category_check(known, result, info)
+        out |= {"matches": matches, "suggested_category": suggested}
     return out
 
 
