@@ -9,9 +9,11 @@ the winner's file as it is.
 The winner is the candidate with the best `evaluate.primary_metric` on val (business-weighted
 accuracy by default; ties: accuracy, then name); only the winner is scored on the test photos,
 so the test set never influences a choice. On the winner's val predictions evaluate also fits
-the abstain threshold: the confidence below which sending a photo to human review (at
-`review_cost`) earns more than trusting the model. The service reads that threshold from the
-packaged model. The test photos that come from the moderators' reviewed catalog
+the decision rule (vitrine.evaluation.thresholds): each class's confidence threshold, below
+which the photo earns more with its taxonomy back-off answer or a human review (at
+`review_cost`) than with the class, and reports one threshold, a threshold per class and a
+threshold per class with back-off on val and test (evaluate.json `decisions`). The service
+answers by the same rule, read from the packaged model. The test photos that come from the moderators' reviewed catalog
 (params.yaml feedback.catalog, exported by pipeline/feedback.py) are scored on their own too:
 how the winner does on production photos (evaluate.json `reviewed`). The winner's test answers
 are also sliced by kind of photo (evaluate.json `slices`, vitrine.evaluation.slices: orientation,
