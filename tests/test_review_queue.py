@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers.candidates import PROVENANCE
 from tests.helpers.records import sample_answer
-from vitrine.contracts import PackagedModel, ServeConfig, as_dict, read_packaged
+from vitrine.contracts import BackoffLevel, PackagedModel, ServeConfig, as_dict, read_packaged
 from vitrine.production.queue import ReviewTerms, rank, review_queue, review_value
 from vitrine.production.records import AnswerRecord, RecordStore
 from vitrine.production.reviews import add_review
@@ -104,6 +104,38 @@ def test_the_terms_come_from_the_packaged_model_and_older_packages_still_load(
     del old["value_gain"], old["review_cost"], old["decision_gain"]
     (tmp_path / "model.json").write_text(json.dumps(old))
     assert read_packaged(tmp_path) == info
+
+
+def test_a_standing_taxonomy_ancestor_earns_its_levels_gain(store: RecordStore) -> None:
+    """Classes A/x, A/y, B/z worth 1, mistakes costing 1, a review 0.3, a right A or B half the
+    value: an answer `A` at p = (0.45, 0.45, 0.10) earns 0.9 * 0.5 - 0.1 * 1 = 0.35, so its
+    review is worth 1 - 0.35 - 0.3 = 0.35, and it is a candidate even at a confidence (0.9)
+    above the bound from which no class answer is (1 - 0.3 / 2 = 0.85)."""
+    tree = ("A/x", "A/y", "B/z")
+    gain = np.full((3, 3), -1.0) + 2 * np.eye(3)
+    level = BackoffLevel(1, 0.5, ("A", "B"), (0, 0, 1))
+    info = PackagedModel(
+        "cnn64",
+        tree,
+        128,
+        64,
+        "v",
+        0.6,
+        SERVE,
+        PROVENANCE,
+        value_gain=tuple(map(tuple, gain.tolist())),
+        review_cost=0.3,
+        backoff=(level,),
+    )
+    terms = ReviewTerms.of(info)
+    assert terms.confidence_bound() == pytest.approx(0.85)
+    probabilities = {"A/x": 0.45, "A/y": 0.45, "B/z": 0.10}
+    ancestor = replace(answer(0.9, label="A"), confidence=0.9, probabilities=probabilities)
+    assert review_value(ancestor, terms) == pytest.approx(1 - 0.35 - 0.3)
+    unknown = replace(ancestor, label="C")  # nothing the model answers: nothing stands
+    assert review_value(unknown, terms) == pytest.approx(1 - 0.3)
+    store.insert([ancestor])
+    assert [r.answer.request_id for r in review_queue(store, terms, 10)] == [ancestor.request_id]
 
 
 def test_the_database_queue_is_the_ranking_of_every_unreviewed_answer(store: RecordStore) -> None:

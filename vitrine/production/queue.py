@@ -14,7 +14,9 @@ The category that stands without review, s:
     a review, and more so the costlier the confusion;
   - an abstained /classify answer: none (earns 0): the answer was withheld, nothing is filed
     until a person files it;
-  - any other answer: its label.
+  - any other answer: its label; a taxonomy ancestor (back-off: Fruit/Apple) earns its level's
+    gain (vitrine.runtime.decisions.level_gain), so a right ancestor still leaves a review worth
+    the value its class adds.
 So abstained answers, mismatches and low-confidence answers rank high; a review worth nothing
 or less (value <= 0, a confident plain answer) stays out of the queue, as do answers already
 reviewed (vitrine.production.reviews). Answers are valued under the serving model's value
@@ -36,6 +38,7 @@ import sqlalchemy as sa
 from vitrine.contracts import PackagedModel
 from vitrine.production.records import AnswerRecord, RecordStore, answers
 from vitrine.production.reviews import reviews
+from vitrine.runtime.decisions import Level
 
 SCAN = 10_000  # most recent unreviewed candidate answers ranked per queue request
 BOUND_MARGIN = 1e-9  # the confidence bound's slack against rounding
@@ -48,6 +51,7 @@ class ReviewTerms:
     classes: tuple[str, ...]
     gain: np.ndarray  # (k, k): g(a, p), rows actual, columns answered
     review_cost: float
+    backoff: tuple[Level, ...] = ()  # the ancestor levels the model answers (back-off)
 
     @classmethod
     def of(cls, info: PackagedModel) -> ReviewTerms:
@@ -59,7 +63,17 @@ class ReviewTerms:
             gain = np.array(info.decision_gain, np.float64)
         else:
             gain = np.eye(len(info.classes))
-        return cls(tuple(info.classes), gain, float(info.review_cost))
+        return cls(tuple(info.classes), gain, float(info.review_cost), info.rule.backoff)
+
+    def standing_gain(self, standing: str | None) -> np.ndarray | None:
+        """(k,) what the standing category earns per actual class (None: nothing stands, or a
+        category the model does not know)."""
+        if standing in self.classes:
+            return self.gain[:, self.classes.index(standing)]
+        for tier in self.backoff:
+            if standing in tier.nodes:
+                return tier.gain[:, tier.nodes.index(standing)]
+        return None
 
     @property
     def value(self) -> np.ndarray:
@@ -95,10 +109,8 @@ def review_value(answer: AnswerRecord, terms: ReviewTerms) -> float:
     """What a moderator's review of this answer is expected to earn, net of its cost."""
     p = np.array([float(answer.probabilities.get(c, 0.0)) for c in terms.classes])
     reviewed = float(p @ terms.value)
-    standing = standing_category(answer)
-    earned = 0.0
-    if standing in terms.classes:
-        earned = float(p @ terms.gain[:, terms.classes.index(standing)])
+    standing = terms.standing_gain(standing_category(answer))
+    earned = 0.0 if standing is None else float(p @ standing)
     return reviewed - earned - terms.review_cost
 
 
@@ -123,6 +135,8 @@ def unreviewed_candidates(
     bound = terms.confidence_bound()
     if bound > 0:
         doubtful.append(answers.c.confidence < bound)
+    if terms.backoff:  # an ancestor answer leaves its class to find, at any confidence
+        doubtful.append(answers.c.label.notin_(terms.classes))
     query = (
         sa.select(answers)
         .where(~reviewed, sa.or_(*doubtful))
