@@ -252,10 +252,13 @@ def test_model_card_names_classes_and_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_agrees_and_writes_once(tmp_path):
-    """strategy=ddp, devices=2 on CPU (gloo): Lightning's launcher re-runs the command as rank 1."""
+@pytest.mark.parametrize("augment_on", ["host", "device"])
+def test_ddp_on_two_cpu_processes_agrees_and_writes_once(tmp_path, augment_on):
+    """strategy=ddp, devices=2 on CPU (gloo): Lightning's launcher re-runs the command as rank 1.
+    The same params with augmentation on the host or on the device (here the CPU)."""
     trainer = trainer_args(strategy="ddp", devices=2)
-    train_block = train_params(trainer=trainer, early_stopping={**NEVER_IMPROVES, "patience": 1})
+    early = {**NEVER_IMPROVES, "patience": 1}
+    train_block = train_params(trainer=trainer, early_stopping=early, augment_on=augment_on)
     project = write_project(tmp_path, {NAME: candidate_params(max_epochs=5)}, train_block)
     process = run_stage(project)
     out, _ = process.communicate(timeout=400)

@@ -82,8 +82,12 @@ class PretrainedClassifier(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """The backbone's pooled features: what the head reads (vitrine.model.probe caches them)."""
         # Channels-last convolutions run about twice as fast on CPU (vitrine.model.embeddings).
-        return self.head(self.backbone(x.contiguous(memory_format=torch.channels_last)))
+        return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
 def _effnet(

@@ -14,9 +14,10 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import lightning as L
 import numpy as np
@@ -29,6 +30,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from vitrine.config import from_mapping, params_block
 from vitrine.contracts import CHECKPOINT, TrainedModel, write_trained
+from vitrine.data.batches import photo_data
 from vitrine.data.splits import (
     PackedDataModule,
     epoch_seed,
@@ -36,6 +38,7 @@ from vitrine.data.splits import (
     split_images_path,
 )
 from vitrine.model.networks import ImageClassifier
+from vitrine.model.probe import CachedFeatures, HeadOnly, flip_probability, is_probe
 
 LAST = "last.ckpt"
 
@@ -58,6 +61,7 @@ class TrainConfig:
     imbalance: str  # none | loss_weights | balanced_sampler
     early_stopping: EarlyStoppingConfig
     trainer: dict[str, Any]  # passed through to lightning.Trainer
+    augment_on: Literal["host", "device"] = "host"  # where `augment` runs (vitrine.data.splits)
 
 
 @params_block
@@ -91,11 +95,15 @@ def candidate_config(params: dict[str, Any], name: str) -> CandidateConfig:
     return from_mapping(CandidateConfig, candidates[name], f"candidates.{name}")
 
 
+class Reseedable(Protocol):
+    def reseed(self, seed: int) -> None: ...
+
+
 class EpochSeed(Callback):
     """Seeds every epoch from (seed, epoch): shuffling, sampling, dropout and augmentation of
     epoch e are then the same whether the run got there in one go or was resumed."""
 
-    def __init__(self, seed: int, data: PackedDataModule):
+    def __init__(self, seed: int, data: Reseedable):
         self.seed = seed
         self.data = data
 
@@ -165,10 +173,13 @@ def resumable_checkpoint(workdir: Path) -> tuple[Path, int] | None:
 
 
 def build_module(
-    config: TrainConfig, candidate: CandidateConfig, data: PackedDataModule
+    config: TrainConfig,
+    candidate: CandidateConfig,
+    data: PackedDataModule,
+    kind: type[ImageClassifier] = ImageClassifier,
 ) -> ImageClassifier:
     weights = data.train_class_weights() if config.imbalance == "loss_weights" else None
-    return ImageClassifier(
+    return kind(
         candidate.model,
         list(config.classes),
         candidate.lr,
@@ -183,25 +194,42 @@ def build_module(
     )
 
 
+def data_and_module(
+    config: TrainConfig, candidate: CandidateConfig, prepared: Path
+) -> tuple[PackedDataModule | CachedFeatures, ImageClassifier]:
+    """The candidate's data module and Lightning module: photos and the whole network, or for a
+    probe (options mode: probe) its backbone's cached features and the head (vitrine.model.probe).
+    """
+    probe = is_probe(candidate.options)
+    flip_p = flip_probability(candidate.augment, candidate.cutmix_p) if probe else 0.0
+    photos = photo_data(
+        config.augment_on,
+        prepared,
+        list(config.classes),
+        candidate.batch_size,
+        config.num_workers,
+        [] if probe else list(candidate.augment),
+        config.seed,
+        config.imbalance,
+    )
+    if not probe:
+        return photos, build_module(config, candidate, photos)
+    module = build_module(config, candidate, photos, HeadOnly)
+    return CachedFeatures(photos, module.predictor, flip_p), module
+
+
 def train(
     config: TrainConfig,
     candidate: CandidateConfig,
     prepared: Path,
     workdir: Path,
     live_dir: Path,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
-    """Fit the candidate; checkpoints (best and last) go to workdir, resumed from if present."""
+    """Fit the candidate; checkpoints (best and last) go to workdir, resumed from if present.
+    callbacks: more Lightning callbacks (benchmarks/train_gpu.py times the loop with one)."""
     seed_everything(config.seed, workers=True, verbose=False)
-    data = PackedDataModule(
-        prepared,
-        list(config.classes),
-        candidate.batch_size,
-        config.num_workers,
-        list(candidate.augment),
-        config.seed,
-        config.imbalance,
-    )
-    module = build_module(config, candidate, data)
+    data, module = data_and_module(config, candidate, prepared)
     es = config.early_stopping
     stopper = EarlyStopping(
         monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta
@@ -225,7 +253,7 @@ def train(
     resume_from, resumed_epoch = resume if resume else (None, 0)
     trainer = L.Trainer(
         max_epochs=candidate.max_epochs,
-        callbacks=[stopper, checkpoints, latest, EpochSeed(config.seed, data)],
+        callbacks=[stopper, checkpoints, latest, EpochSeed(config.seed, data), *callbacks],
         logger=StageLogger(
             dir=str(live_dir),
             resume=resume_from is not None,
