@@ -43,6 +43,7 @@ STATUS = {
     "bad_parameter": 400,
     "unknown_answer": 404,
     "photo_missing": 404,
+    "heatmap_missing": 404,  # not drawn yet (python -m pipeline.heatmaps), or its photo deleted
     "unknown_photo": 404,
     "database_unavailable": 503,  # or not migrated yet: the recorder migrates it at start
     "curation_unavailable": 503,  # dedupe's outputs are missing from the project folder

@@ -10,6 +10,9 @@ service's shape {"error": <code>, "detail": <text>}.
 - GET /review/queue: recorded answers ranked by what a review is worth under the value model
   (vitrine.production.queue); answers already reviewed leave it.
 - GET /review/photo/<request_id>: an answer's photo as a small JPEG, from the photo store.
+- GET /review/heatmap/<request_id>/<which>: a Grad-CAM heat map over that photo, for the class
+  answered or the alternative one, drawn on the float network by `python -m pipeline.heatmaps`
+  (vitrine.production.heatmaps: the service runs model.onnx and no torch, it only serves them).
 - POST /review: a moderator's label for an answer (vitrine.production.reviews: a later one
   supersedes, the history stays).
 - With `VITRINE_PROJECT_DIR` (set by `make serve` to the repository), the training photos too:
@@ -51,6 +54,7 @@ from vitrine.production.curation import (
     write_decision,
 )
 from vitrine.production.curation import read_decision_file as read_decisions
+from vitrine.production.heatmaps import WHICH, heatmap_path, heatmap_root, queue_maps, target
 from vitrine.production.queue import Ranked, ReviewTerms, review_queue
 from vitrine.production.recorder import Recorder
 from vitrine.production.records import RecordStore, record_url
@@ -81,6 +85,7 @@ class ReviewDesk:
         self.info = info
         self.terms = ReviewTerms.of(info)
         self.photos = Path(info.serve.record.photos)
+        self.heatmaps = heatmap_root(self.photos)
         self._store = recorder.store if recorder is not None else None
         project = os.environ.get(PROJECT_DIR_ENV, "")
         self.project = Project.at(Path(project)) if project and self.token else None
@@ -178,10 +183,8 @@ def thumbnail(data: bytes, max_pixels: int) -> bytes:
     return out.getvalue()
 
 
-def jpeg(data: bytes) -> Response:
-    return Response(
-        data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
-    )
+def jpeg(data: bytes, media_type: str = "image/jpeg") -> Response:
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 def queue_answer(ranked: list[Ranked], desk: ReviewDesk) -> dict[str, Any]:
@@ -204,6 +207,7 @@ def queue_answer(ranked: list[Ranked], desk: ReviewDesk) -> dict[str, Any]:
                 "matches": a.matches,
                 "review_value": round(r.value, 4),
                 "photo": f"/review/photo/{a.request_id}" if kept else None,
+                "heatmaps": queue_maps(a, desk.terms.classes, desk.heatmaps, desk.info.weights),
             }
         )
     return {"classes": list(desk.terms.classes), "answers": items}
@@ -218,6 +222,22 @@ def _photo_bytes(desk: ReviewDesk, request_id: str) -> bytes:
     except FileNotFoundError:
         raise Rejected("photo_missing", "the photo is no longer kept (retention)") from None
     return thumbnail(data, desk.info.serve.max_pixels)
+
+
+def _heatmap_bytes(desk: ReviewDesk, request_id: str, which: str) -> bytes:
+    answer = desk.store.get(request_id)
+    if answer is None:
+        raise Rejected("unknown_answer", f"no recorded answer has request_id {request_id!r}")
+    drawn = target(answer, desk.terms.classes, which)
+    if drawn is not None:
+        path = heatmap_path(
+            desk.heatmaps, desk.info.weights, answer.image_sha256, drawn.class_index
+        )
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            pass
+    raise Rejected("heatmap_missing", "not drawn yet: `python -m pipeline.heatmaps` draws them")
 
 
 def curation_answer(project: Project, clusters: int) -> dict[str, Any]:
@@ -324,6 +344,23 @@ async def photo(request_id: str, request: Request, service: CurrentService) -> R
     try:
         desk = _desk(service, request)
         return jpeg(await _database(_photo_bytes, desk, request_id))
+    except Rejected as err:
+        return refusal(err)
+
+
+@router.get("/review/heatmap/{request_id}/{which}")
+async def heatmap(
+    request_id: str, which: str, request: Request, service: CurrentService
+) -> Response:
+    """A Grad-CAM heat map over an answer's photo as a PNG of at most 128 px, computed on the
+    float network (model.pt) by `python -m pipeline.heatmaps`: `which` is `answered` (the class
+    the model answered) or `alternative` (the declared category when it differs, else the
+    runner-up), as the queue's `heatmaps` list them; 404 `heatmap_missing` until drawn."""
+    try:
+        desk = _desk(service, request)
+        if which not in WHICH:
+            raise Rejected("bad_parameter", f"which must be one of {list(WHICH)}")
+        return jpeg(await _database(_heatmap_bytes, desk, request_id, which), "image/png")
     except Rejected as err:
         return refusal(err)
 

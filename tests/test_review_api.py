@@ -28,6 +28,7 @@ from tests.helpers.photos import photo_bytes
 from tests.helpers.records import record_config, sample_answer
 from vitrine.config import load_params, stage_config
 from vitrine.contracts import PackagedModel, ServeConfig
+from vitrine.production.heatmaps import heatmap_path, heatmap_root
 from vitrine.production.photos import PhotoStore
 from vitrine.production.records import AnswerRecord, RecordStore
 from vitrine.production.reviews import history, latest
@@ -78,6 +79,7 @@ def recorded(store: RecordStore, desk: ReviewDesk, answers: list[AnswerRecord]) 
 ROUTES = [
     ("GET", "/review/queue"),
     ("GET", "/review/photo/0123"),
+    ("GET", "/review/heatmap/0123/answered"),
     ("POST", "/review"),
     ("GET", "/review/curation"),
     ("GET", "/review/curation/photo?id=x"),
@@ -155,6 +157,7 @@ def test_the_queue_lists_what_the_model_doubts_and_reviewed_answers_leave_it(
         assert set(first) == {
             "request_id", "answered_at", "endpoint", "model_version", "label", "confidence",
             "probabilities", "abstain", "declared_category", "matches", "review_value", "photo",
+            "heatmaps",
         }  # fmt: skip
         assert first["declared_category"] == "laptop" and first["matches"] is False
         assert first["review_value"] > items[1]["review_value"] > items[2]["review_value"] > 0
@@ -189,6 +192,46 @@ def test_the_queue_lists_what_the_model_doubts_and_reviewed_answers_leave_it(
         ("laptop", "boris"),
     ]
     assert latest(store)[doubtful.request_id].reviewer == "anonymous"
+
+
+@pytest.mark.parametrize("answers_url", ["sqlite"], indirect=True)
+def test_heat_maps_are_served_once_drawn_and_nothing_else_is(
+    desk: ReviewDesk, store: RecordStore
+) -> None:
+    mismatch = sample_answer(9, declared="laptop")  # answered phone (1), declared laptop (0)
+    recorded(store, desk, [mismatch])
+    drawn = heatmap_path(heatmap_root(desk.photos), "cnn64-x", mismatch.image_sha256, 1)
+    drawn.parent.mkdir(parents=True)
+    png = io.BytesIO()
+    Image.new("RGB", (128, 128), "red").save(png, "PNG")
+    drawn.write_bytes(png.getvalue())
+    url = f"/review/heatmap/{mismatch.request_id}"
+    with client_for(desk) as client:
+        maps = client.get("/review/queue", headers=AUTH).json()["answers"][0]["heatmaps"]
+        assert maps == [
+            {"which": "answered", "class": "phone", "role": "answered", "url": f"{url}/answered"},
+            {"which": "alternative", "class": "laptop", "role": "declared", "url": None},
+        ]
+        answered = client.get(f"{url}/answered", headers=AUTH)
+        assert answered.status_code == 200 and answered.headers["content-type"] == "image/png"
+        assert answered.content == png.getvalue()
+        assert client.get(f"{url}/answered").status_code == 401
+        missing = client.get(f"{url}/alternative", headers=AUTH)
+        assert missing.status_code == 404 and missing.json()["error"] == "heatmap_missing"
+        # Nothing but a recorded answer's two maps: `which` is one of two words, the answer is
+        # looked up by its id, and a path with more segments is no route.
+        for path, code in [
+            (f"{url}/predicted", "bad_parameter"),
+            (f"{url}/%2E%2E", "bad_parameter"),
+            (f"{url}/answered.png", "bad_parameter"),
+            (f"{url}/..%2F..%2Fanswers.sqlite", "not_found"),
+            ("/review/heatmap/..%2F..%2Fphotos/answered", "not_found"),
+            ("/review/heatmap/%2E%2E/answered", "unknown_answer"),
+            (f"/review/heatmap/{mismatch.image_sha256}/answered", "unknown_answer"),
+        ]:
+            refused = client.get(path, headers=AUTH)
+            assert refused.json()["error"] == code, path
+            assert refused.status_code == (400 if code == "bad_parameter" else 404)
 
 
 @pytest.mark.parametrize("answers_url", ["sqlite"], indirect=True)
@@ -323,10 +366,10 @@ def review_routes() -> set[tuple[str, str]]:
 def test_the_http_reference_describes_every_review_route_and_its_token() -> None:
     page = http_api.page(REPO)
     routes = review_routes()
-    assert len(routes) == 7 and routes == set(http_review.ANSWERS)
+    assert len(routes) == 8 and routes == set(http_review.ANSWERS)
     for method, path in routes:
         assert f"\n### {method} {path}\n" in page
-    assert page.count('curl -H "Authorization: Bearer $VITRINE_REVIEW_TOKEN"') == 6
+    assert page.count('curl -H "Authorization: Bearer $VITRINE_REVIEW_TOKEN"') == 7
     for code, status in [("not_found", 404), ("unauthorized", 401), ("forbidden", 403)]:
         assert f"| `{code}` | {status} |" in page
     assert "| `unknown_label` | 422 |" in page and "`service.review.review`" in page

@@ -51,6 +51,15 @@ QUEUE_ITEM = {
     "matches": False,
     "review_value": 1.42,
     "photo": f"/review/photo/{REQUEST_ID}",
+    "heatmaps": [
+        {
+            "which": "answered",
+            "class": "phone",
+            "role": "answered",
+            "url": f"/review/heatmap/{REQUEST_ID}/answered",
+        },
+        {"which": "alternative", "class": "laptop", "role": "declared", "url": None},
+    ],
 }
 DECISION = {"id": "laptop/3857706693.jpg", "decision": "drop", "new_label": "", "note": "a dock"}
 CANDIDATE = {
@@ -84,12 +93,17 @@ ANSWERS: dict[tuple[str, str], Answer] = {
         "recorded answers most worth a review, best first",
         "'{base}/review/queue?limit=20'",
         {"classes": ["laptop", "phone"], "answers": [QUEUE_ITEM]},
-        ((MODULE, "queue_answer"),),
+        ((MODULE, "queue_answer"), ("vitrine.production.heatmaps", "queue_maps")),
     ),
     ("GET", "/review/photo/{request_id}"): Answer(
         "an answer's photo, as a small JPEG",
         f"{{base}}/review/photo/{REQUEST_ID} -o photo.jpg",
         answers="`image/jpeg`: the photo, at most 256 px on its longer side",
+    ),
+    ("GET", "/review/heatmap/{request_id}/{which}"): Answer(
+        "a heat map of the float network over an answer's photo, as a PNG",
+        f"{{base}}/review/heatmap/{REQUEST_ID}/answered -o heatmap.png",
+        answers="`image/png`: the heat map over the photo, at most 128 px on its longer side",
     ),
     ("POST", "/review"): Answer(
         "records a moderator's label for an answer",
