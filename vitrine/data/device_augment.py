@@ -4,7 +4,9 @@ device`).
 On a GPU the host cannot keep up with the network: on an NVIDIA H200, effnet_finetune trained at
 265 images/s with albumentations augmenting one photo at a time on the host (batch 32, no loader
 workers) and 486 at batch 256, while the network's own bf16 training step ran at 1,438 and 8,497
-images/s. Here the loader only reads uint8 photos; the batch is augmented where it trains.
+images/s (`benchmarks/train_gpu.py --augment-on host` measures both, and with `device` whether
+the GPU is kept busy). Here the loader only reads uint8 photos; the batch is augmented where it
+trains.
 
 The candidates' `augment` lists name albumentations transforms with albumentations' arguments
 (and defaults); DEVICE_TRANSFORMS maps each name onto its kornia batch transform, every photo
