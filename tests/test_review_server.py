@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pipeline.heatmaps import draw_from_params
 from service.responses import page_policy
 from service.review import PROJECT_DIR_ENV, REVIEW_TOKEN_ENV
 from stages.dedupe import read_decisions
@@ -47,6 +48,7 @@ class Served:
     url: str
     database: str  # the answers database's URL
     project: Path
+    package: Path  # the packaged model the server serves
 
 
 def archive_photos(n: int) -> list[bytes]:
@@ -63,12 +65,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("review")
     record = record_config(root / "records")
     serve = ServeConfig(1_000_000, 4_000_000, 32, 6, 2_000_000, 8, 2.0, 1, 1, record=record)
-    package_tiny_model(root, serve, GAIN, MODEL_NAME, value_gain=GAIN, review_cost=REVIEW_COST)
+    package = package_tiny_model(
+        root, serve, GAIN, MODEL_NAME, value_gain=GAIN, review_cost=REVIEW_COST
+    )
     project = write_project(root / "project")
     env = {REVIEW_TOKEN_ENV: TOKEN, PROJECT_DIR_ENV: str(project)}
     running = start_server(root / "home", MODEL_NAME, root / "server.log", env)
     try:
-        yield Served(running.url, record.url, project)
+        yield Served(running.url, record.url, project, package)
     finally:
         stop(running)
     assert running.process.returncode == 0
@@ -169,3 +173,32 @@ def test_a_moderator_decides_an_answer_and_a_training_photo_in_the_page(
     decisions = read_decisions(served.project / "data/review/decisions.csv", CLASSES)
     row = decisions.set_index("id").loc[photo_id]
     assert (row["decision"], row["new_label"], row["note"]) == ("drop", "", "a charger")
+
+
+def test_a_queued_photo_shows_its_two_heat_maps_once_drawn(
+    served: Served, answered: list[str]
+) -> None:
+    """Before `python -m pipeline.heatmaps` the cards say the maps are not drawn yet; after it,
+    each shows the answered class's and the runner-up's or declared one's map, fetched with
+    the token like the photo, and says they come from the float network."""
+    with chromium_page() as (page, blocked):
+        page.goto(served.url + "/review")
+        page.fill("#token", TOKEN)
+        page.click("#save")
+        first = page.locator("#queue .card").first
+        first.wait_for(timeout=15_000)
+        assert first.locator(".heatmaps .missing").all_inner_texts() == ["not drawn yet"] * 2
+        report = draw_from_params(served.project, served.package)
+        assert report["left_out"] == 0 and report["drawn"] + report["drawn_before"] > 0
+        page.reload()
+        first.wait_for(timeout=15_000)
+        wait_for_image(page, "#queue .card .heatmap[data-which=answered] img")
+        wait_for_image(page, "#queue .card .heatmap[data-which=alternative] img")
+        maps = first.locator(".heatmap")
+        assert maps.count() == 2 and first.locator(".heatmap img").count() == 2
+        captions = first.locator(".heatmap figcaption").all_inner_texts()
+        assert captions[0].endswith("(answered)")
+        assert captions[1].endswith(("(runner-up)", "(declared)"))
+        assert "float network" in first.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "review_heatmaps.png"), full_page=True)
+        assert blocked == []
