@@ -257,7 +257,8 @@ def curation_answer(project: Project, clusters: int) -> dict[str, Any]:
 
     return {
         "decisions_path": str(project.paths.decisions),
-        "classes": list(project.classes),
+        # the other class is the `other` decision (none of these), not a relabel
+        "classes": [c for c in project.classes if c != project.other_class],
         "candidates": [with_decision(c) for c in candidates],
         "clusters": [c | {"photos": [with_decision(p) for p in c["photos"]]} for c in groups],
     }

@@ -108,10 +108,15 @@ def answer_response(body: dict[str, Any], request_id: str) -> JSONResponse:
 
 
 def upload_page(info: PackagedModel) -> str:
+    """The seller's page: a category per class, but the other class (none of the categories:
+    not one a seller lists under), whose name the page's script is given to explain it."""
     options = "".join(
-        f'<option value="{html.escape(c)}">{html.escape(c)}</option>' for c in info.classes
+        f'<option value="{html.escape(c)}">{html.escape(c)}</option>'
+        for c in info.classes
+        if c != info.other_class
     )
-    return PAGE.read_text().replace("<!--OPTIONS-->", options)
+    page = PAGE.read_text().replace("<!--OPTIONS-->", options)
+    return page.replace("<!--OTHER-->", html.escape(info.other_class))
 
 
 @bentoml.service(traffic={"timeout": 60}, workers=INFO.serve.workers)

@@ -34,7 +34,9 @@ from vitrine.curation.review import render_review
 from vitrine.data.shards import MANIFEST, ShardReader
 from vitrine.ingest.sources import phash_from_int64
 
-DECISIONS = ("keep", "drop", "relabel")
+# other: the photo is none of the classes (a charger, a box, a screenshot): with params.yaml's
+# other_class set, an example of that class, its copies too; without, dropped like `drop`.
+DECISIONS = ("keep", "drop", "relabel", "other")
 EMBEDDINGS = "embeddings.npy"
 
 
@@ -55,6 +57,7 @@ class DedupeConfig:
     embedding_batch_size: int
     noise: NoiseConfig
     cache_dir: str = ""  # each photo's features (vitrine.curation.features); "": none kept
+    other_class: str = ""  # params.yaml's other_class: what an `other` decision labels ("": drop)
 
     def __post_init__(self) -> None:
         if self.keep != "largest":
@@ -117,6 +120,36 @@ def decisions_without_a_photo(manifest: pd.DataFrame, decisions: pd.DataFrame) -
     """Decided ids that name no collected photo (a typo, or a photo its source no longer
     holds): they change nothing, so the reviewer must hear of them."""
     return sorted(set(decisions["id"]) - set(manifest["id"]))
+
+
+def as_other(decisions: pd.DataFrame, other_class: str) -> pd.DataFrame:
+    """`other` decisions as dedupe applies them: a relabel to `other_class`, or without one a
+    drop (the photo leaves the data set, as it did before the other class existed)."""
+    other = decisions["decision"] == "other"
+    if not other.any():
+        return decisions
+    if not other_class:
+        return decisions.assign(decision=decisions["decision"].mask(other, "drop"))
+    return decisions.assign(
+        decision=decisions["decision"].mask(other, "relabel"),
+        new_label=decisions["new_label"].mask(other, other_class),
+    )
+
+
+def label_copies_other(
+    frame: pd.DataFrame, decisions: pd.DataFrame, other_class: str
+) -> pd.DataFrame:
+    """A photo a reviewer relabelled `other_class` takes its copies (its cluster's members with
+    no decision of their own) along, as a drop takes them out: they are the same off-category
+    photo, and a cluster of two labels would be held back as a label conflict."""
+    if not other_class:
+        return frame
+    relabelled = decisions.loc[decisions["new_label"] == other_class, "id"]
+    clustered = frame["cluster_id"] != ""
+    hit = clustered & frame["id"].isin(relabelled)
+    copies = frame["cluster_id"].isin(set(frame.loc[hit, "cluster_id"])) & clustered
+    copies &= ~frame["id"].isin(decisions["id"])
+    return frame.assign(label=frame["label"].mask(copies, other_class))
 
 
 def apply_relabels(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
@@ -214,13 +247,16 @@ def dedupe(
 ) -> pd.DataFrame:
     """The deduped manifest: every collect row, with cluster_id, representative, status and,
     for kept photos, noise scores. `descriptors` (near-duplicate search) and `embeddings`
-    (semantic, for noise) are the accepted rows', in manifest order."""
+    (semantic, for noise) are the accepted rows', in manifest order. `other` decisions are
+    applied as as_other says."""
+    decisions = as_other(decisions, config.other_class)
     out = apply_relabels(manifest, decisions)
     accepted = out["status"] == "accepted"
     acc = out[accepted]
     labels = clusters(len(acc), duplicate_pairs(acc, descriptors, config))
     out["cluster_id"] = ""
     out.loc[accepted, "cluster_id"] = cluster_keys(acc, labels)
+    out = label_copies_other(out, decisions, config.other_class)
     out = assign_statuses(out, decisions)
     kept = (out["status"] == "kept").to_numpy()
     scores = noise_scores(out[kept], embeddings[kept[accepted.to_numpy()]], config)
@@ -274,6 +310,7 @@ def write_review_page(
     collected: Path,
     out: Path,
     decisions_path: Path,
+    other_class: str = "",
 ) -> None:
     multi = deduped.groupby("cluster_id")["id"].transform("size").gt(1) & (
         deduped["cluster_id"] != ""
@@ -288,6 +325,7 @@ def write_review_page(
             deduped[multi].sort_values(["cluster_id", "status"]),
             thumb,
             str(decisions_path),
+            other_class,
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(page)
@@ -311,7 +349,9 @@ def main() -> None:
     paths.deduped.mkdir(parents=True, exist_ok=True)
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)
     np.save(paths.deduped / EMBEDDINGS, embeddings)
-    write_review_page(deduped, candidates, paths.collected, paths.review, paths.decisions)
+    write_review_page(
+        deduped, candidates, paths.collected, paths.review, paths.decisions, config.other_class
+    )
     orphans = decisions_without_a_photo(manifest, decisions)
     if orphans:
         print(

@@ -13,7 +13,10 @@ the decision rule (vitrine.evaluation.thresholds): each class's confidence thres
 which the photo earns more with its taxonomy back-off answer or a human review (at
 `review_cost`) than with the class, and reports one threshold, a threshold per class and a
 threshold per class with back-off on val and test (evaluate.json `decisions`). The service
-answers by the same rule, read from the packaged model. The test photos that come from the moderators' reviewed catalog
+answers by the same rule, read from the packaged model. With an other class (params.yaml
+other_class), the served rule's open-set figures on val and test (evaluate.json `open_set`,
+vitrine.evaluation.openset): the off-category photos answered other or sent to review, and the
+known photos called other. The test photos that come from the moderators' reviewed catalog
 (params.yaml feedback.catalog, exported by pipeline/feedback.py) are scored on their own too:
 how the winner does on production photos (evaluate.json `reviewed`). The winner's test answers
 are also sliced by kind of photo (evaluate.json `slices`, vitrine.evaluation.slices: orientation,
@@ -57,6 +60,7 @@ from vitrine.evaluation.candidates import (
     served_model,
 )
 from vitrine.evaluation.heatmaps import mistake_heatmaps
+from vitrine.evaluation.openset import RECALL, open_set_report
 from vitrine.evaluation.report import TABLE_COLUMNS, THUMBNAIL_SIDE, costliest, render_report
 from vitrine.evaluation.settings import (
     EvaluateConfig,
@@ -133,6 +137,12 @@ def evaluate(
     abstain = abstain_summary(on_val, on_test, values, fitted)
     manifest = pd.read_parquet(prepared_manifest_path(prepared))
     predictions = predictions_table(manifest, test_proba, values, fitted.rule)
+    open_set = open_set_report(
+        config.other_class,
+        fitted.rule,
+        (y_val, answer(val_proba[winner], fitted.rule)),
+        (y_test, answer(test_proba, fitted.rule)),
+    )
     report = EvaluationReport(
         winner=winner,
         primary_metric=config.primary_metric,
@@ -147,6 +157,7 @@ def evaluate(
         reviewed=reviewed_scores(predictions, values, reviewed),
         decisions=decision_report(fitted, values, on_val, on_test),
         slices=report_slices(predictions, values, deduped, config.slices),
+        open_set=open_set,
     )
     candidates_table = {name: metrics.scalar_scores(s) for name, s in table.items()}
     shown = costliest(predictions, config.mistakes_shown)
@@ -278,6 +289,18 @@ def decisions_summary(decisions: Mapping[str, Any]) -> str:
     )
 
 
+def open_set_summary(open_set: Mapping[str, Any]) -> str:
+    """The open-set figures on test, as evaluate prints them."""
+    test, other = open_set["test"], open_set["other_class"]
+    recall = test[RECALL]
+    return (
+        f"evaluate: test open set: {test['answered_other']} of {test['off_category_photos']} "
+        f"{other} photos answered {other}, {test['abstained']} sent to review (open-set recall "
+        + ("n/a" if recall is None else f"{100 * recall:.1f}%")
+        + f"); {test['known_called_other']} of {test['known_photos']} known photos called {other}"
+    )
+
+
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), load_config(params)
@@ -293,6 +316,8 @@ def main() -> None:
         f"abstain below {report.abstain_threshold:.3f}"
     )
     print(decisions_summary(report.decisions))
+    if report.open_set:
+        print(open_set_summary(report.open_set))
     reviewed = report.reviewed
     if reviewed.n:
         weighted = reviewed.business_weighted_accuracy

@@ -163,11 +163,29 @@ class Paths:
     promotion: Path
 
 
+def other_class(params: Mapping[str, Any]) -> str:
+    """params.yaml's top-level `other_class`: the class of photos that are none of the others
+    (chargers, boxes, screenshots under "phone"), one of `classes`; "" (or no key): none."""
+    other = params.get("other_class") or ""
+    if not isinstance(other, str):
+        raise ConfigError(f'other_class: expected a class name or "", got {other!r}')
+    if other and other not in (params.get("classes") or ()):
+        raise ConfigError(
+            f"other_class {other!r} is not one of the classes {list(params.get('classes') or ())}"
+            ": list it in `classes` (its place there is its output of the models)"
+        )
+    return other
+
+
 def stage_config(cls: type[T], block: str, params: Mapping[str, Any]) -> T:
-    """Load `params[block]`; a config with a `classes` field gets the top-level class list."""
+    """Load `params[block]`; a config with a `classes` field gets the top-level class list, one
+    with an `other_class` field the top-level other_class (checked by `other_class`)."""
     data = dict(params[block] or {})
-    if "classes" in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if "classes" in fields:
         data["classes"] = params["classes"]
+    if "other_class" in fields:
+        data["other_class"] = other_class(params)
     return from_mapping(cls, data, block)
 
 

@@ -173,6 +173,10 @@ class EvaluationReport:
     # threshold of each class, the taxonomy back-off, each rule's expected value on val and
     # test, and the test answers per taxonomy level. {}: a report written before it existed.
     decisions: dict[str, Any] = field(default_factory=dict)
+    # With an other class (params.yaml other_class): the served rule on the held-out
+    # off-category and known photos (vitrine.evaluation.openset.open_set_report). {}: no other
+    # class, and the file has no such key.
+    open_set: dict[str, Any] = field(default_factory=dict)
 
     @property
     def abstain_threshold(self) -> float:
@@ -191,7 +195,12 @@ class EvaluationReport:
 
 
 def write_evaluation(report: EvaluationReport, path: Path) -> None:
-    write_json(report, path)
+    """evaluate.json; without an other class, no `open_set` key (the two-class report as is)."""
+    data = as_dict(report)
+    if not data["open_set"]:
+        del data["open_set"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_evaluation(path: Path) -> EvaluationReport:
@@ -304,6 +313,10 @@ class PackagedModel:
     # The taxonomy's ancestor levels, deepest first, that an answer too unsure for its class
     # backs off to; (): none (flat classes, or a model packaged before back-off existed).
     backoff: tuple[BackoffLevel, ...] = ()
+    # The class of photos that are none of the categories (params.yaml other_class): an answer
+    # of it never matches a declared category, and the upload page says what it means; "":
+    # none (not written to model.json then).
+    other_class: str = ""
 
     @cached_property
     def rule(self) -> decisions.Rule:
@@ -336,10 +349,13 @@ class PackagedModel:
 
 
 def write_packaged(info: PackagedModel, folder: Path) -> None:
-    """model.json, without decision_gain when there is none (BentoML metadata has no null)."""
+    """model.json, without decision_gain when there is none (BentoML metadata has no null),
+    nor other_class when there is none."""
     data = as_dict(info)
     if data["decision_gain"] is None:
         del data["decision_gain"]
+    if not data["other_class"]:
+        del data["other_class"]
     (folder / MODEL_INFO_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -356,7 +372,11 @@ def read_packaged(folder: Path) -> PackagedModel:
 
 def packaged_metadata(info: PackagedModel) -> dict[str, Any]:
     """model.json as the BentoML store's metadata (the same keys, no nulls)."""
-    return {k: v for k, v in as_dict(info).items() if v is not None}
+    return {
+        k: v
+        for k, v in as_dict(info).items()
+        if v is not None and not (k == "other_class" and not v)
+    }
 
 
 @params_block

@@ -25,6 +25,7 @@ from scripts.docs.source import Field, Module, load, resolve
 # stage_config hands the top-level `classes` to every block with a `classes` field.
 SECTIONS: dict[str, tuple[str, str]] = {
     "classes": ("stages.collect", "tuple[str, ...]"),
+    "other_class": ("vitrine.config", "str"),
     "paths": ("vitrine.config", "Paths"),
     "collect": ("stages.collect", "CollectConfig"),
     "compute": ("stages.collect", "ComputeConfig"),

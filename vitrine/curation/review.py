@@ -1,7 +1,8 @@
 """The human review page: noise candidates and near-duplicate clusters as a thumbnail gallery.
 
 A reviewer looks at the page and writes decisions into data/review/decisions.csv
-(id, decision = keep | drop | relabel, new_label, note); dedupe applies them on the next run.
+(id, decision = keep | drop | relabel | other, new_label, note); dedupe applies them on the next
+run. `other` (none of the classes) is offered on the page when params.yaml names an other_class.
 The page is one self-contained HTML file (thumbnails inlined) so it can be mailed or archived.
 
 The layout is the jinja2 template templates/review.html.j2; this module turns the data frames
@@ -70,9 +71,11 @@ def review_page(
     clusters: pd.DataFrame,
     thumb: Callable[[pd.Series], bytes],
     decisions_path: str,
+    other_class: str = "",
 ) -> dict[str, Any]:
     """Everything the template shows, as strings, numbers, lists and dicts."""
     return {
+        "other_class": other_class,
         "candidate_count": len(candidates),
         "cluster_count": clusters["cluster_id"].nunique(),
         "decisions_path": decisions_path,
@@ -86,7 +89,9 @@ def render_review(
     clusters: pd.DataFrame,
     thumb: Callable[[pd.Series], bytes],
     decisions_path: str,
+    other_class: str = "",
 ) -> str:
-    """The review page: candidates (most suspicious first), then multi-photo clusters."""
-    page = review_page(candidates, clusters, thumb, decisions_path)
+    """The review page: candidates (most suspicious first), then multi-photo clusters; with an
+    other_class, each candidate's `other` decision line too."""
+    page = review_page(candidates, clusters, thumb, decisions_path, other_class)
     return pages.template(TEMPLATE).render(page=page)

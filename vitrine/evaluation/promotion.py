@@ -4,8 +4,12 @@ The champion is the model the service loads now (<package.model_name>:latest in 
 store); the challenger is evaluate's winner. package scores both on the same test photos with
 evaluate's primary metric and value model; the challenger replaces the champion only when it
 scores at least `evaluate.promote_margin` higher, so a retrain that is better only by noise
-does not churn the deployment. `decide` is the pure decision; `challenge` scores both packaged
-folders as the service would run them and returns promotion.json's record.
+does not churn the deployment. With an other class (params.yaml other_class) both are also
+scored on the open set (vitrine.evaluation.openset, under each one's own decision rule): the
+challenger must not catch fewer off-category test photos, nor call more known ones other, than
+the champion by more than `evaluate.open_set_max_loss`. `decide` is the pure decision;
+`challenge` scores both packaged folders as the service would run them and returns
+promotion.json's record.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import numpy as np
 from vitrine.contracts import ONNX_MODEL_FILE, ContenderSummary, PromotionRecord, read_packaged
 from vitrine.data.splits import labelled_split
 from vitrine.evaluation import metrics
+from vitrine.evaluation.openset import KNOWN_AS_OTHER, RECALL, scalar_open_set
 from vitrine.evaluation.settings import EvaluateConfig, check_config
+from vitrine.runtime.decisions import answer
 from vitrine.runtime.decisions import decide as decide_answers
 from vitrine.runtime.onnx import onnx_proba
 
@@ -78,10 +84,37 @@ def not_comparable(challenger: Contender, champion: Contender) -> str | None:
     return None
 
 
+def open_set_loss(
+    challenger: dict[str, float | int], champion: dict[str, float | int], max_loss: float
+) -> str | None:
+    """Why the challenger is worse on the open set than the champion by more than `max_loss`
+    (fewer off-category photos caught, or more known photos called other), if it is; None
+    when it is not, or when either lacks the figures."""
+    if RECALL in challenger and RECALL in champion:
+        new, old = float(challenger[RECALL]), float(champion[RECALL])
+        if new < old - max_loss - TOLERANCE:
+            return (
+                f"challenger {RECALL} {new:.4f}, champion {old:.4f}, more than {max_loss:g} lower"
+            )
+    if KNOWN_AS_OTHER in challenger and KNOWN_AS_OTHER in champion:
+        new, old = float(challenger[KNOWN_AS_OTHER]), float(champion[KNOWN_AS_OTHER])
+        if new > old + max_loss + TOLERANCE:
+            return (
+                f"challenger {KNOWN_AS_OTHER} {new:.4f}, champion {old:.4f}, more than "
+                f"{max_loss:g} higher"
+            )
+    return None
+
+
 def decide(
-    challenger: Contender, champion: Contender | None, metric: str, margin: float
+    challenger: Contender,
+    champion: Contender | None,
+    metric: str,
+    margin: float,
+    open_set_max_loss: float = 0.0,
 ) -> Decision:
-    """Promote when there is no comparable champion or the challenger wins by `margin`."""
+    """Promote when there is no comparable champion or the challenger wins by `margin`, and,
+    when both have open-set figures, loses on neither by more than `open_set_max_loss`."""
     if champion is None:
         return Decision(True, "no champion in the model store: the challenger is the first model")
     if champion.model_version == challenger.model_version:
@@ -105,9 +138,14 @@ def decide(
         return Decision(True, reason + ": the challenger replaces it")
     new, old = challenger.scores[metric], champion.scores[metric]
     figures = f"challenger {metric} {new:.4f}, champion {old:.4f}, margin {margin:g}"
-    if new >= old + margin - TOLERANCE:
-        return Decision(True, f"{figures}: the challenger wins by at least the margin")
-    return Decision(False, f"{figures}: the challenger does not win by the margin; champion kept")
+    if new < old + margin - TOLERANCE:
+        return Decision(
+            False, f"{figures}: the challenger does not win by the margin; champion kept"
+        )
+    worse = open_set_loss(challenger.scores, champion.scores, open_set_max_loss)
+    if worse:
+        return Decision(False, f"{figures}, but on the open set {worse}: the champion is kept")
+    return Decision(True, f"{figures}: the challenger wins by at least the margin")
 
 
 def promotion_record(
@@ -155,14 +193,17 @@ def packaged_scores(
 ) -> dict[str, float | int]:
     """The packaged model's scalar scores on the photos, computed as the service computes them:
     its probabilities under ONNX Runtime, answered by the decision rule in its own model.json
-    (a champion packaged before another rule keeps its own), valued by the current value model."""
+    (a champion packaged before another rule keeps its own), valued by the current value model;
+    with an other class, its open-set shares under that rule's thresholds and back-off too."""
     served = read_packaged(folder)
     model = folder / ONNX_MODEL_FILE
     proba = onnx_proba(model, served.input_size, images, config.batch_size, f"test {role}")
     answers = decide_answers(proba, served.gain)
-    return metrics.scalar_scores(
+    scores = metrics.scalar_scores(
         metrics.scores(labels, proba, values, config.top_k, config.taxonomy, answers)
     )
+    open_set = scalar_open_set(labels, answer(proba, served.rule), served.rule, config.other_class)
+    return scores | open_set
 
 
 def challenge(
@@ -185,5 +226,5 @@ def challenge(
         scored = packaged_scores(champion_dir, images, labels, config, values, "champion")
         champion = dataclasses.replace(champion, scores=scored)
     metric, margin = config.primary_metric, config.promote_margin
-    decision = decide(challenger, champion, metric, margin)
+    decision = decide(challenger, champion, metric, margin, config.open_set_max_loss)
     return promotion_record(decision, challenger, champion, metric, margin, len(labels))

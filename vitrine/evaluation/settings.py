@@ -39,6 +39,10 @@ class EvaluateConfig:
     int8: tuple[str, ...]  # candidates served, and so scored, as int8 ONNX when int8 holds up
     int8_calibration_photos: int  # train photos that set the int8 activation ranges
     int8_max_loss: float  # how far below the float model's val primary metric int8 may score
+    # package: how far a challenger's open-set recall may fall below the champion's, and its
+    # share of known photos called other rise above it (vitrine.evaluation.openset)
+    open_set_max_loss: float = 0.02
+    other_class: str = ""  # params.yaml's other_class ("": no open-set figures)
 
 
 def load_config(params: Mapping[str, Any]) -> EvaluateConfig:
@@ -103,8 +107,11 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
     for name in (*counts, "min_val_photos_per_class"):
         if getattr(config, name) < 1:
             raise ValueError(f"evaluate.{name} must be at least 1")
-    if config.int8_max_loss < 0:
-        raise ValueError(f"evaluate.int8_max_loss must be >= 0, got {config.int8_max_loss}")
+    for name in ("int8_max_loss", "open_set_max_loss"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"evaluate.{name} must be >= 0, got {getattr(config, name)}")
+    if config.other_class and config.other_class not in config.classes:
+        raise ValueError(f"other_class {config.other_class!r} is not one of the classes")
     return values
 
 

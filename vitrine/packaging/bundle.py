@@ -187,7 +187,7 @@ def packaged_model(
     """model.json of the package. record: served.json, how evaluate served the model;
     value_gain and review_cost: the value model's, which the review queue and taxonomy back-off
     weigh with; the class thresholds are the report's, backoff the taxonomy's levels
-    (vitrine.evaluation.thresholds.backoff_levels)."""
+    (vitrine.evaluation.thresholds.backoff_levels), the other class the report's open set's."""
     return PackagedModel(
         model=trained.model,
         classes=trained.classes,
@@ -207,6 +207,7 @@ def packaged_model(
         review_cost=float(review_cost),
         class_thresholds=report.class_thresholds(trained.classes),
         backoff=tuple(backoff),
+        other_class=str(report.open_set.get("other_class", "")),
     )
 
 
@@ -264,6 +265,11 @@ def model_card(info: PackagedModel) -> str:
         "",
         f"- Architecture: {info.model} (candidate {info.candidate})",
         f"- Classes (output order): {', '.join(info.classes)}",
+        *(
+            [f"- Off-category photos (none of the categories): answered {info.other_class}"]
+            if info.other_class
+            else []
+        ),
         f"- Input: uint8 RGB (N, {info.image_size}, {info.image_size}, 3) from "
         f"vitrine.images.load_square; the model resizes to {info.input_size} px and "
         "normalises inside",

@@ -7,7 +7,8 @@ the repository): a deployed Bento has no project files. Reading dedupe's manifes
 imported when it is read (the Bento ships no pandas, and never gets here).
 
 The decisions file keeps dedupe's format (columns id,decision,new_label,note; decision keep,
-drop or relabel; new_label a class for a relabel, empty otherwise; read back by
+drop, relabel or other (none of the classes: an example of params.yaml's other_class, or a drop
+without one); new_label a class for a relabel, empty otherwise; read back by
 stages.dedupe.read_decisions): one row per id, a later decision replacing the earlier one, rows
 sorted by id so that it diffs well, rewritten whole to a temporary file then renamed (a reader
 never sees half a file), one writer at a time (an flock on its folder).
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from vitrine.config import Paths, load_params, load_paths
+from vitrine.config import other_class as configured_other_class
 
 COLUMNS = ("id", "decision", "new_label", "note")
-DECISIONS = ("keep", "drop", "relabel")  # stages/dedupe.py's DECISIONS
+DECISIONS = ("keep", "drop", "relabel", "other")  # stages/dedupe.py's DECISIONS
 MANIFEST = "manifest.parquet"  # dedupe's table in paths.deduped (vitrine.data.shards.MANIFEST)
 MAX_NOTE = 500  # characters of a note
 MAX_ID = 1000  # characters of a photo id
@@ -42,7 +44,7 @@ class BadDecision(ValueError):
 @dataclass(frozen=True)
 class Decision:
     id: str
-    decision: str  # keep | drop | relabel
+    decision: str  # keep | drop | relabel | other
     new_label: str = ""  # a class, for a relabel
     note: str = ""
 
@@ -140,6 +142,7 @@ class Project:
     min_outlier_score: float  # dedupe.noise: which kept photos are candidates...
     max_candidates: int  # ...and how many, most suspicious first
     _manifest: tuple[int, Any] | None = field(default=None, repr=False)  # (mtime_ns, frame)
+    other_class: str = ""  # params.yaml's other_class: offered as the `other` decision
 
     @classmethod
     def at(cls, root: Path) -> Project:
@@ -151,6 +154,7 @@ class Project:
             load_paths(params),
             float(noise["min_outlier_score"]),
             int(noise["max_candidates"]),
+            other_class=configured_other_class(params),
         )
 
     def path(self, relative: Path) -> Path:
