@@ -234,6 +234,7 @@ def write_project(tmp_path: Path, rows: list[dict]) -> dict:
     params = load_params(REPO / "params.yaml")
     params["validate"]["min_images_per_class"] = CONFIG.min_images_per_class
     params["classes"] = list(CONFIG.classes)
+    params["other_class"] = ""  # whatever the repo's: CONFIG's classes have none
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     collected = tmp_path / params["paths"]["collected"]
     collected.mkdir(parents=True)
