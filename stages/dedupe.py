@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vitrine.config import load_params, load_paths, params_block, stage_config
+from vitrine.compute import ComputeConfig
+from vitrine.config import from_mapping, load_params, load_paths, params_block, stage_config
 from vitrine.curation.features import accepted_features
 from vitrine.curation.neardup import clusters, near_duplicate_pairs
 from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
@@ -337,7 +338,14 @@ def main() -> None:
     manifest = pd.read_parquet(paths.collected / MANIFEST)
     start = time.perf_counter()
     cache = Path(config.cache_dir) if config.cache_dir else None
-    features = accepted_features(manifest, paths.collected, config.embedding_batch_size, cache)
+    compute = from_mapping(ComputeConfig, params["compute"], "compute")
+    features = accepted_features(
+        manifest,
+        paths.collected,
+        config.embedding_batch_size,
+        cache,
+        scheduler=compute.scheduler,
+    )
     print(
         f"dedupe: per-photo work in {time.perf_counter() - start:.1f} s: {features.computed} "
         f"photos computed, {features.reused} from {config.cache_dir or 'no cache'}"

