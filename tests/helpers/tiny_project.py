@@ -112,6 +112,25 @@ def dvc(repo: Path, *args: str) -> str:
     return done.stdout
 
 
+def two_classes(params: dict[str, Any]) -> dict[str, Any]:
+    """The changes ({"a.b": value}) that switch params.yaml's other class off: the class out of
+    `classes`, of the business values and of the cost matrix ({} when there is none). The tiny
+    archive holds laptops and phones only, and the other class's photos would come from review
+    decisions naming photos it leaves out."""
+    other = params.get("other_class") or ""
+    if not other:
+        return {}
+    evaluate = params["evaluate"]
+    return {
+        "classes": [c for c in params["classes"] if c != other],
+        "other_class": "",
+        "evaluate.business_value": {
+            c: v for c, v in evaluate["business_value"].items() if c != other
+        },
+        "evaluate.cost_matrix": [e for e in evaluate["cost_matrix"] if other not in e[:2]],
+    }
+
+
 def tiny_project(
     dest: Path,
     per_class: int,
@@ -122,8 +141,8 @@ def tiny_project(
 ) -> Path:
     """The repository copied to `dest`, its archive cut to `per_class` photos per class, every
     candidate (or only those named in `candidates`: the others removed, with their int8 and
-    serving entries) trained for one epoch, then `params` ({"a.b": value}) applied; a git
-    repository (DVC wants one), not yet run."""
+    serving entries) trained for one epoch, the other class switched off (two_classes), then
+    `params` ({"a.b": value}) applied; a git repository (DVC wants one), not yet run."""
     copy_repo(dest)
     tiny_archive(dest / "data/raw/avito-raw.tar.gz", per_class, extra)
     current = read_params(dest)
@@ -138,6 +157,6 @@ def tiny_project(
         "evaluate.int8": [n for n in current["evaluate"]["int8"] if n in kept],
         "serve.by_candidate": {n: v for n, v in by_candidate.items() if n in kept},
     }
-    set_params(dest, **(changes | (params or {})))
+    set_params(dest, **(changes | two_classes(current) | (params or {})))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
