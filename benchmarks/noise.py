@@ -1,4 +1,4 @@
-"""Noise figures: how many of the photos a whole review dropped the noise scores flag.
+"""Noise figures: how many of the photos a whole review took out the noise scores flag.
 
     .venv/bin/python benchmarks/noise.py            # dedupe's features, from its cache
     .venv/bin/python benchmarks/noise.py --no-cache # computed afresh (about a minute)
@@ -6,7 +6,8 @@
 The photos dedupe would keep without any review decision (one per near-duplicate cluster of
 collect's accepted photos, label conflicts out), scored as stages/dedupe.py scores them
 (cleanlab's label issues on out-of-fold logistic regression, and the class outlier score at
-params.yaml dedupe.noise.min_outlier_score), against the photos data/review/decisions.csv drops.
+params.yaml dedupe.noise.min_outlier_score), against the photos data/review/decisions.csv takes
+out of the sources' classes (dropped, or decided `other`).
 Needs data/collected (`dvc repro collect`).
 """
 
@@ -57,9 +58,11 @@ def noise_figures(
 ) -> dict[str, int]:
     """kept, cleanlab's flags and how many of them review dropped, the outlier score's flags
     (>= min_outlier_score) and theirs, and both together."""
-    config, classes = params["dedupe"], list(params["classes"])
+    config = params["dedupe"]
     keep = kept_without_review(accepted, descriptors, config["tiers"])
     kept, emb = accepted.iloc[keep], embeddings[keep]
+    # The classes the sources give: without the review no photo is labelled other_class.
+    classes = [c for c in params["classes"] if c in set(kept["label"])]
     y = kept["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
     noise = config["noise"]
     proba = out_of_fold_proba(emb, y, len(classes), noise["folds"], noise["seed"])
@@ -81,8 +84,8 @@ def noise_figures(
 def describe(name: str, figures: dict[str, int]) -> str:
     f = figures
     return (
-        f"{name}: of {f['kept']:,} kept photos ({f['dropped_kept']} dropped by the review), "
-        f"cleanlab flags {f['cleanlab_flags']}, {f['cleanlab_found']} of them dropped; "
+        f"{name}: of {f['kept']:,} kept photos ({f['dropped_kept']} taken out by the review), "
+        f"cleanlab flags {f['cleanlab_flags']}, {f['cleanlab_found']} of them taken out; "
         f"outlier score {f['outlier_flags']}, {f['outlier_found']}; "
         f"both {f['both_flags']}, {f['both_found']}"
     )
@@ -93,7 +96,9 @@ def load_inputs() -> tuple[pd.DataFrame, Path, set[str], dict[str, Any]]:
     paths = load_paths(params)
     manifest = pd.read_parquet(paths.collected / MANIFEST)
     decisions = pd.read_csv(paths.decisions, dtype=str, keep_default_na=False)
-    dropped = set(decisions.loc[decisions["decision"] == "drop", "id"])
+    # Taken out of the sources' classes: dropped, or moved to params.yaml other_class.
+    out = decisions["decision"].isin(["drop", "other"])
+    dropped = set(decisions.loc[out, "id"])
     return manifest, paths.collected, dropped, params
 
 
@@ -107,7 +112,7 @@ def main() -> None:
     features = accepted_features(manifest, collected, config["embedding_batch_size"], cache)
     accepted = manifest[manifest["status"] == "accepted"]
     figures = noise_figures(accepted, features.descriptors, features.embeddings, dropped, params)
-    print(describe(f"{len(dropped)} photos dropped by the review", figures))
+    print(describe(f"{len(dropped)} photos taken out by the review", figures))
 
 
 if __name__ == "__main__":

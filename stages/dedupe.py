@@ -9,10 +9,11 @@ Pairs are merged transitively into clusters. Every collect row is carried over, 
 manifest still accounts for every input; human decisions (data/review/decisions.csv) override
 the automatic choices.
 
-The two networks are nearly all of the stage's time; each distinct photo's features are cached
-by sha256 in dedupe.cache_dir (vitrine.curation.features), so a run after new photos arrived
-runs them on those only, with the outputs of a run without the cache. The search itself is
-rebuilt every run from the cached features: see vitrine.curation.neardup for why.
+The two networks are nearly all of the stage's time. They run under ONNX Runtime on the Dask
+workers of compute.scheduler (vitrine.curation.features; local worker processes by default), and
+each distinct photo's features are cached by sha256 in dedupe.cache_dir, so a run after new
+photos arrived runs them on those only, with the outputs of a run without the cache. The search
+itself is rebuilt every run from the cached features: see vitrine.curation.neardup for why.
 """
 
 from __future__ import annotations

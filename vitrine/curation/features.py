@@ -80,7 +80,7 @@ def features_version(batch_size: int, rounding: dict[str, Any] | None = None) ->
     return code_version(modules, _DISTRIBUTIONS, settings)
 
 
-class _Runner:
+class FeatureRunner:
     """Runs feature_nets.photo_features somewhere: in this process, on a local cluster, or on
     the cluster at an address. The model is exported, and a cluster started, at the first
     batch to compute, so a run the cache answers entirely starts neither."""
@@ -144,7 +144,7 @@ class _Runner:
 def feature_batches(
     batches: Iterable[list[bytes]],
     batch_size: int,
-    runner: _Runner,
+    runner: FeatureRunner,
     *,
     total: int | None = None,
     progress: bool = True,
@@ -205,7 +205,7 @@ def accepted_features(
     descriptors = np.empty((len(digests), DEDUPE_DIM), dtype=np.float32)
     features = np.empty((len(digests), FEATURE_DIM), dtype=np.float32)
     positions = {str(d): i for i, d in enumerate(digests)}
-    runner = _Runner(scheduler, n_workers, batch_size)
+    runner = FeatureRunner(scheduler, n_workers, batch_size)
     store = None
     try:
         if cache_dir is not None:
