@@ -11,7 +11,9 @@
     stages/dedupe.py uses today. Run twice: originals that are clearly distinct (one per loose
     component), then originals that are merely different files (re-uploads, look-alikes).
 (c) The 4,277 Avito photos as they are: clusters and near-duplicate (non-identical) groups.
-(d) Feature throughput on CPU: pHash, dedupe descriptor (96 px), pooled embedding (224 px).
+(d) Feature throughput on CPU: pHash; dedupe's features (96 px descriptor and 224 px embedding,
+    decode included) by the torch networks on 2 threads and as dedupe computes them, ONNX Runtime
+    on --workers Dask worker processes (a local cluster started beforehand).
 (e) embedding_pairs on 100,000 random 448-d vectors (not run by default).
 (f) The hashes of (a) searched by faiss's IndexBinaryMultiHash instead of hash_pairs: time and
     whether the pairs are identical (not run by default).
@@ -32,8 +34,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
+from vitrine.compute import local_cluster
+from vitrine.curation import feature_nets
+from vitrine.curation.feature_nets import EMBED_SIDE
+from vitrine.curation.features import FeatureRunner, feature_batches
 from vitrine.curation.neardup import (
     DEFAULT_TIERS,
     clusters,
@@ -46,7 +53,14 @@ from vitrine.curation.neardup import (
 )
 from vitrine.images import decode_rgb, load_square
 from vitrine.ingest.hashing import phash64
-from vitrine.model.embeddings import dedupe_embed_encoded, embed, load_backbone, load_descriptor
+from vitrine.model.embeddings import (
+    DEDUPE_DIM,
+    DEDUPE_SIZE,
+    dedupe_embed,
+    embed,
+    load_backbone,
+    load_descriptor,
+)
 
 AVITO = Path(__file__).resolve().parents[1] / "data" / "raw" / "avito-raw.tar.gz"
 # What stages/dedupe.py does at the time of writing: pHash <= 8 OR pooled 1280-d cosine >= 0.92,
@@ -57,6 +71,7 @@ EMBEDDING_ONLY_COSINE = DEFAULT_TIERS[1][1]  # 0.965
 # Looser than every tier: photos linked this way are treated as possibly the same photo when
 # choosing "distinct" originals for (b).
 LOOSE_DISTANCE, LOOSE_COSINE = 12, 0.95
+FEATURE_BATCH = 64  # params.yaml dedupe.embedding_batch_size
 T = TypeVar("T")
 
 
@@ -285,7 +300,7 @@ def part_b(
     images = [decode_rgb(blobs[i]) for i in originals]
     copies = [EDITS[name](img) for name in EDITS for img in images]
     all_hashes = np.concatenate([hashes[originals], phashes(copies)])
-    all_emb = np.concatenate([emb[originals], dedupe_embed_encoded(copies)])
+    all_emb = np.concatenate([emb[originals], descriptors(copies)])
     family = np.concatenate([np.arange(count)] * (len(EDITS) + 1))
     edit = np.repeat(["original", *EDITS], count)
     n = len(family)
@@ -378,29 +393,58 @@ def _same_label_pairs(labels: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def features(blobs: list[bytes], repeats: int) -> tuple[np.ndarray, np.ndarray]:
-    print(f"(d) feature throughput on CPU ({torch.get_num_threads()} threads), images/s")
+def dedupe_features(blobs: list[bytes], scheduler: str = "synchronous") -> np.ndarray:
+    """Descriptor and embedding rows as stages/dedupe.py computes them (vitrine.curation
+    .features), in input order, without a cache."""
+    runner = FeatureRunner(scheduler, 0, FEATURE_BATCH)
+    batches = (blobs[i : i + FEATURE_BATCH] for i in range(0, len(blobs), FEATURE_BATCH))
+    try:
+        return np.concatenate(list(feature_batches(batches, FEATURE_BATCH, runner, progress=False)))
+    finally:
+        runner.close()
+
+
+def descriptors(blobs: list[bytes]) -> np.ndarray:
+    return dedupe_features(blobs)[:, :DEDUPE_DIM]
+
+
+def torch_features(
+    blobs: list[bytes], descriptor: torch.nn.Module, backbone: torch.nn.Module
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both features by the torch networks of vitrine.model.embeddings, on 2 threads: the pass
+    dedupe ran before ONNX Runtime, for comparison."""
+    small = np.stack([load_square(b, DEDUPE_SIZE) for b in blobs])
+    large = np.stack([load_square(b, EMBED_SIDE) for b in blobs])
+    return dedupe_embed(small, FEATURE_BATCH, descriptor), embed(large, FEATURE_BATCH, backbone)
+
+
+def features(blobs: list[bytes], repeats: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    print(f"(d) feature throughput on CPU ({cpu_model()}), images/s")
     hashes, best, median = timed(lambda: phashes(blobs), repeats)
     print(
         f"    pHash (decode + 32x32 DCT), {len(blobs)} photos: best {len(blobs) / best:.0f}, "
         f"median {len(blobs) / median:.0f}"
     )
-    descriptor = load_descriptor()
-    dedupe_embed_encoded(blobs[:64], model=descriptor)  # warm-up
-    emb, best, median = timed(lambda: dedupe_embed_encoded(blobs, model=descriptor), repeats)
+    sample = blobs[:512]
+    descriptor, backbone = load_descriptor(), load_backbone()
+    torch_features(sample[:64], descriptor, backbone)  # warm-up
+    _, best, median = timed(lambda: torch_features(sample, descriptor, backbone), repeats)
     print(
-        f"    dedupe descriptor (decode + 96 px, 448-d), {len(blobs)} photos: "
-        f"best {len(blobs) / best:.0f}, median {len(blobs) / median:.0f}"
+        f"    dedupe features, torch ({torch.get_num_threads()} threads; decode, 96 px descriptor "
+        f"+ 224 px embedding), {len(sample)} photos: best {len(sample) / best:.1f}, "
+        f"median {len(sample) / median:.1f}"
     )
-    sample = np.stack([load_square(b, 224) for b in blobs[:256]])
-    backbone = load_backbone()
-    embed(sample[:32], model=backbone)  # warm-up
-    _, best, median = timed(lambda: embed(sample, model=backbone), repeats)
+    feature_nets.onnx_model()  # exported once per run, before the first batch
+    with local_cluster(workers) as cluster:
+        address = cluster.scheduler_address
+        dedupe_features(blobs[:256], address)  # warm-up: each worker loads the model
+        rows, best, median = timed(lambda: dedupe_features(blobs, address), repeats)
     print(
-        f"    pooled embedding (224 px, 1280-d, decoded beforehand), {len(sample)} photos: "
-        f"best {len(sample) / best:.1f}, median {len(sample) / median:.1f}"
+        f"    dedupe features, ONNX Runtime on {workers} Dask worker processes (as dedupe "
+        f"runs them), {len(blobs)} photos: best {len(blobs) / best:.1f}, "
+        f"median {len(blobs) / median:.1f}"
     )
-    return hashes, emb
+    return hashes, rows[:, :DEDUPE_DIM]
 
 
 def main() -> None:
@@ -410,6 +454,7 @@ def main() -> None:
     parser.add_argument("--hashes", type=int, default=1_000_000, help="codes in (a) and (f)")
     parser.add_argument("--originals", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes in (d)")
     parser.add_argument(
         "--skip-stage", action="store_true", help="skip today's stage rule in (c) (2 min)"
     )
@@ -424,9 +469,9 @@ def main() -> None:
     if set(args.parts) & set("bcd"):
         names, blobs = load_avito()
         if "d" in args.parts:
-            hashes, emb = features(blobs, args.repeats)
+            hashes, emb = features(blobs, args.repeats, args.workers)
         else:
-            hashes, emb = phashes(blobs), dedupe_embed_encoded(blobs)
+            hashes, emb = phashes(blobs), descriptors(blobs)
         if "b" in args.parts:
             for strict in (True, False):
                 part_b(blobs, hashes, emb, args.originals, args.seed, strict)

@@ -24,14 +24,15 @@ arrays. faiss's exhaustive IndexBinaryFlat range search is quadratic: 3-4 s at 1
 where this module takes 0.2-0.4 s.
 
 Rebuilt at every run, not kept as an index that new photos are added to: what is expensive is
-the per-photo work behind the search (decoding and the two networks, about 34 ms a photo on 2
+the per-photo work behind the search (decoding and the two networks, about 13 ms a photo on 2
 cores), and that is cached by sha256 (vitrine.curation.features); the search over the cached
 hashes and descriptors is cheap at the catalog's size. Measured on a shared 2-core AMD EPYC:
 near_duplicate_pairs and clusters with dedupe's tiers over the 4,277 bundled photos take 0.5 s,
-against about 145 s for their features; hash_pairs over 1,000,000 codes at distance 8 takes
-5.4-5.5 s (`.venv/bin/python benchmarks/neardup.py --parts ae`); embedding_pairs, the
-quadratic part, 96 s over 100,000 descriptors, where computing those descriptors and embeddings
-takes about 3,400 s. A rebuild also gives exactly the pairs a clean run gives (top_k keeps each
+against about 55 s for their features (`benchmarks/neardup.py --parts d`, 77 photos/s);
+hash_pairs over 1,000,000 codes at distance 8 takes 5.4-5.5 s
+(`.venv/bin/python benchmarks/neardup.py --parts ae`); embedding_pairs, the quadratic part,
+96 s over 100,000 descriptors, where computing those descriptors and embeddings takes about
+1,300 s. A rebuild also gives exactly the pairs a clean run gives (top_k keeps each
 photo's best partners among all photos, which an added photo can change). Past some 100,000
 photos, searching only the new photos' rows against all (new x all instead of all x all) is
 the step to take.
