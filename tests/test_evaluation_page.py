@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.helpers.evaluation_report import page_report
 from tests.helpers.html import HOSTILE, visible
 from vitrine import pages
 from vitrine.evaluation import report as report_module
@@ -35,36 +36,13 @@ def inputs(classes: tuple[str, ...], winner: str = "bright", photo_id: str = "te
         "business_weighted_f1": 0.55,
         "expected_value_per_1000": 562.5,
     }
-    report = {
-        "winner": winner,
-        "primary_metric": "business_weighted_accuracy",
-        "decision": "argmax",
-        "ranking": [winner, "always_phone"],
-        "test": {
-            "n": 4,
-            **scores,
-            "depth_weighted_accuracy": 0.5,
-            "per_class": {
-                c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for c in classes
-            },
-            "taxonomy": {"levels": [{"level": 1, "classes": 2, "accuracy": 0.5, "macro_f1": 0.5}]},
-        },
-        "calibration": {"val_ece": 0.05, "test_ece": 0.07, "bins": 10},
-        "abstain": {"threshold": 0.65, "review_cost": 0.3, "test_accuracy_when_decided": None},
-        "served": {
-            winner: {
-                "precision": "fp32",
-                "checkpoint_sha256": "0" * 64,
-                "int8": None,
-                "calibration": {
-                    "method": "temperature",
-                    "temperature": 1.5,
-                    "val_log_loss": 0.4,
-                    "val_log_loss_uncalibrated": 0.6,
-                },
-            }
-        },
+    calibration = {
+        "method": "temperature",
+        "temperature": 1.5,
+        "val_log_loss": 0.4,
+        "val_log_loss_uncalibrated": 0.6,
     }
+    report = page_report(classes, winner, scores, [winner, "always_phone"], calibration)
     candidates = {winner: scores, "always_phone": scores}
     reliability = [{"bin": 7, "confidence": 0.75, "accuracy": 0.5, "count": 4}]
     images = np.zeros((4, 20, 20, 3), dtype=np.uint8)

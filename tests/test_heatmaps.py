@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.helpers.evaluation_report import page_report
 from tests.helpers.html import Text
 from vitrine.evaluation.heatmaps import heat_maps, last_conv, mistake_heatmaps
 from vitrine.evaluation.metrics import value_model
@@ -140,31 +141,7 @@ def page_inputs() -> list:
         "business_weighted_f1": 0.2,
         "expected_value_per_1000": -125.0,
     }
-    report = {
-        "winner": "cnn64",
-        "primary_metric": "business_weighted_accuracy",
-        "decision": "argmax",
-        "ranking": ["cnn64"],
-        "test": {
-            "n": 4,
-            **scores,
-            "depth_weighted_accuracy": 0.25,
-            "per_class": {
-                c: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for c in classes
-            },
-            "taxonomy": {"levels": [{"level": 1, "classes": 2, "accuracy": 0.25, "macro_f1": 0.2}]},
-        },
-        "calibration": {"val_ece": 0.05, "test_ece": 0.07, "bins": 10},
-        "abstain": {"threshold": 0.65, "review_cost": 0.3, "test_accuracy_when_decided": None},
-        "served": {
-            "cnn64": {
-                "precision": "fp32",
-                "checkpoint_sha256": "0" * 64,
-                "int8": None,
-                "calibration": {"method": "none"},
-            }
-        },
-    }
+    report = page_report(classes, "cnn64", scores)
     reliability = [{"bin": 7, "confidence": 0.75, "accuracy": 0.5, "count": 4}]
     images = photos(4)
     return [report, {"cnn64": scores}, predictions, reliability, images, values]
