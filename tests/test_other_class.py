@@ -14,7 +14,7 @@ import pytest
 
 from stages import validate
 from stages.dedupe import DedupeConfig, NoiseConfig, as_other, dedupe, read_decisions
-from stages.validate import ValidateConfig
+from tests.helpers.validate_config import validate_config
 from vitrine.config import ConfigError, stage_config
 from vitrine.contracts import (
     EvaluationReport,
@@ -307,18 +307,7 @@ def test_other_class_must_be_one_of_the_classes() -> None:
         stage_config(DedupeConfig, "dedupe", params)
 
 
-VALIDATE = ValidateConfig(
-    min_images_per_class=3,
-    max_quarantine_rate=0.1,
-    min_side=32,
-    max_side=10000,
-    max_aspect_ratio=4.0,
-    min_file_bytes=500,
-    max_file_bytes=20_000_000,
-    max_class_imbalance=3.0,
-    classes=CLASSES,
-    other_class="other",
-)
+VALIDATE = validate_config(classes=CLASSES, other_class="other")
 
 
 def validate_rows(per_class: int) -> pd.DataFrame:

@@ -14,20 +14,11 @@ import yaml
 
 from stages import validate
 from stages.validate import ValidateConfig
+from tests.helpers.validate_config import validate_config
 from vitrine.config import load_params, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = ValidateConfig(
-    min_images_per_class=3,
-    max_quarantine_rate=0.1,
-    min_side=32,
-    max_side=10000,
-    max_aspect_ratio=4.0,
-    min_file_bytes=500,
-    max_file_bytes=20_000_000,
-    max_class_imbalance=3.0,
-    classes=("laptop", "phone"),
-)
+CONFIG = validate_config()
 
 
 def row(id: str, label: str = "laptop", **overrides) -> dict:
