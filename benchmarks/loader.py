@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also from the tests
+from synthetic import synthetic_prepared
 
 from vitrine.config import load_params, stage_config
 from vitrine.data.splits import PackedDataModule, prepared_manifest_path, split_images_path
@@ -39,21 +42,6 @@ from vitrine.model.training import CandidateConfig, TrainConfig, build_module, c
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = {"train": 2363, "val": 535}  # the bundled data's split, at prepare.image_size 128
-
-
-def synthetic_prepared(root: Path, classes: list[str], size: int = 128) -> Path:
-    """Random photos in prepare's layout, for a checkout without data/prepared."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for split, n in SYNTHETIC.items():
-        np.save(split_images_path(root, split), rng.integers(0, 256, (n, size, size, 3), np.uint8))
-        labels = rng.integers(0, len(classes), n)
-        rows += [
-            {"id": f"{split}-{i}", "label": classes[y], "split": split, "index": i}
-            for i, y in enumerate(labels)
-        ]
-    pd.DataFrame(rows).to_parquet(prepared_manifest_path(root))
-    return root
 
 
 def rate(run_once: Callable[[], int], seconds: float) -> float:
@@ -122,7 +110,7 @@ def main() -> None:
         prepared = args.prepared
         if not prepared_manifest_path(prepared).exists():
             print(f"{prepared} has no prepared data: using a synthetic set of the same shape")
-            prepared = synthetic_prepared(Path(tmp), list(config.classes))
+            prepared = synthetic_prepared(Path(tmp), list(config.classes), SYNTHETIC)
         train_images = np.load(split_images_path(prepared, "train"), mmap_mode="r")
         shape = train_images.shape
         train_images.sum()  # in the page cache, as in every epoch but a run's first

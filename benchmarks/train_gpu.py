@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also from the tests
+import synthetic
+
 from vitrine.config import load_params, stage_config
-from vitrine.data.splits import prepared_manifest_path, split_images_path
 from vitrine.model.training import (
     CandidateConfig,
     TrainConfig,
@@ -50,32 +51,13 @@ from vitrine.model.training import (
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 128  # prepare.image_size
-CHUNK = 2000  # photos generated and written at a time
 
 
 def synthetic_prepared(root: Path, classes: list[str], photos: int, seed: int = 0) -> Path:
     """--photos random training photos (and a fiftieth as many for val, 16 for test) in
-    prepare's layout, written chunk by chunk so memory stays small."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    prepare's layout."""
     sizes = {"train": photos, "val": max(64, photos // 50), "test": 16}
-    rows = []
-    for split, n in sizes.items():
-        out = np.lib.format.open_memmap(
-            split_images_path(root, split), mode="w+", dtype=np.uint8, shape=(n, SIDE, SIDE, 3)
-        )
-        for start in range(0, n, CHUNK):
-            stop = min(start + CHUNK, n)
-            out[start:stop] = rng.integers(0, 256, (stop - start, SIDE, SIDE, 3), dtype=np.uint8)
-        out.flush()
-        del out
-        labels = rng.integers(0, len(classes), n)
-        rows += [
-            {"id": f"{split}-{i}", "label": classes[y], "split": split, "index": i}
-            for i, y in enumerate(labels)
-        ]
-    pd.DataFrame(rows).to_parquet(prepared_manifest_path(root))
-    return root
+    return synthetic.synthetic_prepared(root, classes, sizes, SIDE, seed)
 
 
 def synchronize(device: torch.device) -> None:
