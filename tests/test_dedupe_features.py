@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers.photos import photo_bytes
-from vitrine.compute import local_cluster
+from vitrine.compute import local_cluster, pack
 from vitrine.curation import feature_nets
 from vitrine.curation.features import accepted_features
 from vitrine.data.shards import ShardWriter
@@ -60,7 +60,7 @@ def test_padding_keeps_the_rows_and_refuses_a_batch_too_large():
 
 def test_onnx_runtime_computes_what_the_torch_networks_compute(photos):
     model = feature_nets.onnx_model()
-    payload, ends = feature_nets.pack(photos[:3])
+    payload, ends = pack(photos[:3])
     rows = feature_nets.photo_features(payload, ends, model, feature_nets.model_digest(model), 3)
     small = np.stack([load_square(b, DEDUPE_SIZE) for b in photos[:3]])
     large = np.stack([load_square(b, feature_nets.EMBED_SIDE) for b in photos[:3]])
@@ -72,8 +72,8 @@ def test_onnx_runtime_computes_what_the_torch_networks_compute(photos):
 def test_a_photos_features_do_not_depend_on_the_others_in_its_batch(photos):
     model = feature_nets.onnx_model()
     digest = feature_nets.model_digest(model)
-    together = feature_nets.photo_features(*feature_nets.pack(photos[:3]), model, digest, BATCH)
-    alone = feature_nets.photo_features(*feature_nets.pack(photos[2:3]), model, digest, BATCH)
+    together = feature_nets.photo_features(*pack(photos[:3]), model, digest, BATCH)
+    alone = feature_nets.photo_features(*pack(photos[2:3]), model, digest, BATCH)
     np.testing.assert_array_equal(together[2:], alone)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitrine.compute import unpack
 from vitrine.images import load_square
 from vitrine.model.embeddings import (
     DEDUPE_DIM,
@@ -145,20 +145,6 @@ def loaded(digest: str, model: bytes) -> Any:
         _SESSIONS.clear()
         found = _SESSIONS[digest] = session(model)
     return found
-
-
-def pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Byte strings as one uint8 array and the end offset of each (Dask ships the array
-    without pickling each bytes object)."""
-    ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-    return np.frombuffer(b"".join(blobs), np.uint8), ends
-
-
-def unpack(payload: np.ndarray, ends: np.ndarray) -> Iterator[bytes]:
-    start = 0
-    for end in ends.tolist():
-        yield payload[start:end].tobytes()
-        start = end
 
 
 def padded(pixels: np.ndarray, batch_size: int) -> np.ndarray:

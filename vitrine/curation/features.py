@@ -127,7 +127,7 @@ class FeatureRunner:
                 if self.in_process
                 else self.connect().client.scatter(model, broadcast=True, hash=False)
             )
-        payload, ends = feature_nets.pack(blobs)
+        payload, ends = compute.pack(blobs)
         args = (payload, ends, self._model, self._digest, self.batch_size)
         if self.in_process:
             return feature_nets.photo_features(*args)

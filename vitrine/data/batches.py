@@ -64,32 +64,18 @@ class DeviceAugmentedData(PackedDataModule):
     """PackedDataModule for `augment_on: device`: unaugmented uint8 batches from the loader,
     the training batch augmented by kornia on the accelerator (on_after_batch_transfer)."""
 
-    def __init__(
-        self,
-        prepared: Path,
-        classes: list[str],
-        batch_size: int,
-        num_workers: int = 0,
-        augment: list[dict[str, Any]] | None = None,
-        seed: int = 0,
-        imbalance: str = "none",
-    ):
-        super().__init__(prepared, classes, batch_size, num_workers, None, seed, imbalance)
-        self.device_augment = build_device_augment(augment or [])
+    def host_augment(self, steps: list[dict[str, Any]], seed: int) -> None:
+        """None: the loader hands the photos over as read. `steps` become the kornia pipeline
+        that augments the training batch on the device (device_augment)."""
+        self.device_augment = build_device_augment(steps)
+        return None
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = PackedBatches(*load_split(self.prepared, "train", self.classes))
         self.val_set = PackedBatches(*load_split(self.prepared, "val", self.classes))
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=as_batched,
-            pin_memory=on_cuda(self),
-            **kwargs,
-        )
+        return super()._loader(dataset, collate_fn=as_batched, pin_memory=on_cuda(self), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:  # as PackedDataModule.train_dataloader

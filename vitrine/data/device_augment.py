@@ -25,6 +25,8 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
+from vitrine.data.splits import named_steps
+
 Pair = tuple[float, float]
 
 
@@ -85,9 +87,7 @@ def build_device_augment(steps: Sequence[dict[str, Any]]) -> DeviceAugment | Non
     if not steps:
         return None
     transforms = []
-    for step in steps:
-        kwargs = dict(step)
-        name = kwargs.pop("name")
+    for name, kwargs in named_steps(steps):
         if name not in DEVICE_TRANSFORMS:
             raise ValueError(
                 f"train augment {name!r} has no device (kornia) equivalent; augment_on: device "

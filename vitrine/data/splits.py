@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,16 @@ def load_split(prepared: Path, split: str, classes: list[str]) -> tuple[np.ndarr
     return images, labels
 
 
+def named_steps(steps: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """A candidate's `augment` list, e.g. [{name: HorizontalFlip, p: 0.5}], as (name, the
+    transform's arguments) pairs; a step without a name is a KeyError."""
+    pairs = []
+    for step in steps:
+        arguments = dict(step)
+        pairs.append((arguments.pop("name"), arguments))
+    return pairs
+
+
 def build_augment(steps: list[dict[str, Any]], seed: int) -> A.Compose | None:
     """An albumentations pipeline from params, e.g. [{name: HorizontalFlip, p: 0.5}].
 
@@ -51,9 +62,7 @@ def build_augment(steps: list[dict[str, Any]], seed: int) -> A.Compose | None:
     if not steps:
         return None
     transforms = []
-    for step in steps:
-        kwargs = dict(step)
-        name = kwargs.pop("name")
+    for name, kwargs in named_steps(steps):
         if not hasattr(A, name):
             raise ValueError(f"unknown albumentations transform {name!r} in train augment")
         transforms.append(getattr(A, name)(**kwargs))
@@ -145,13 +154,17 @@ class PackedDataModule(L.LightningDataModule):
         self.classes = classes
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.augment = build_augment(augment or [], seed)
+        self.augment = self.host_augment(augment or [], seed)
         self.imbalance = imbalance
         self.seed = seed
         # The loader's own generators, not torch's global one: when Lightning creates the
         # iterator (before or after the epoch's hooks) then shifts no draw of the network's.
         self.order_rng = torch.Generator()  # shuffle or balanced draws
         self.worker_rng = torch.Generator()  # seeds of the loader's worker processes
+
+    def host_augment(self, steps: list[dict[str, Any]], seed: int) -> A.Compose | None:
+        """What augments each training photo in the loader: build_augment's pipeline."""
+        return build_augment(steps, seed)
 
     def reseed(self, seed: int) -> None:
         """Restart the train split's draws: order, worker seeds, augmentation (see EpochSeed)."""
@@ -170,12 +183,11 @@ class PackedDataModule(L.LightningDataModule):
         return class_weights(load_split(self.prepared, "train", self.classes)[1], len(self.classes))
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        """A loader of `dataset` in batches; `kwargs` add to or replace DataLoader's options
+        (collate_fn: collate unless given)."""
+        options: dict[str, Any] = {"collate_fn": collate, **kwargs}
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            **kwargs,
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, **options
         )
 
     def train_dataloader(self) -> DataLoader:

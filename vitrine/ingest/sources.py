@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vitrine.compute import local_cluster
+from vitrine.compute import local_cluster, pack, unpack
 from vitrine.config import params_block
 from vitrine.images import Rejected, first_frame, load_checked, open_capped, upright_rgb
 from vitrine.ingest.hashing import HASH_SIDE, phash64, phash64_grays
@@ -178,12 +178,6 @@ class _Packed:
     thumb_ends: np.ndarray  # int64: thumbnail i is thumbs[thumb_ends[i - 1]:thumb_ends[i]]
 
 
-def _concat(chunks: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Byte strings as one uint8 array and the end offset of each (see _Packed for why)."""
-    ends = np.cumsum([len(c) for c in chunks], dtype=np.int64)
-    return np.frombuffer(b"".join(chunks), np.uint8), ends
-
-
 def _gray32(rgb: Image.Image) -> bytes:
     # The reduction phash64 does, without its per-image DCT: the batch does one matrix product.
     # Raw bytes, not an array: numpy's per-call overhead is a third of the cost at this size.
@@ -191,7 +185,7 @@ def _gray32(rgb: Image.Image) -> bytes:
 
 
 def _ingest_packed(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) -> _Packed:
-    """ingest_image over the images of a batch packed by _concat: one Dask task."""
+    """ingest_image over the images of a batch packed by compute.pack: one Dask task."""
     rejected: dict[int, tuple[str, str]] = {}
     digests: list[bytes] = []
     widths: list[int] = []
@@ -199,9 +193,7 @@ def _ingest_packed(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) 
     formats: list[str] = []
     thumbs: list[bytes] = []
     grays: list[bytes] = []
-    start = 0
-    for i, end in enumerate(ends.tolist()):
-        data, start = payload[start:end].tobytes(), end
+    for i, data in enumerate(unpack(payload, ends)):
         try:
             rgb, sha256, width, height, fmt, thumb = _examine(data, config)
             grays.append(_gray32(rgb))
@@ -216,7 +208,7 @@ def _ingest_packed(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) 
         heights.append(height)
         formats.append(fmt)
         thumbs.append(thumb)
-    thumbs_array, thumb_ends = _concat(thumbs)
+    thumbs_array, thumb_ends = pack(thumbs)
     return _Packed(
         rejected=rejected,
         sha256=np.frombuffer(b"".join(digests), np.uint8),
@@ -256,7 +248,7 @@ def _unpack(packed: _Packed, n: int) -> Iterator[ImageFacts | Rejected]:
 def ingest_batch(blobs: list[bytes], config: IngestConfig) -> list[ImageFacts | Rejected]:
     """ingest_image over a batch, Rejected returned rather than raised, with the pHash DCTs of
     the whole batch done at once (the same hashes as one by one)."""
-    return list(_unpack(_ingest_packed(*_concat(blobs), config), len(blobs)))
+    return list(_unpack(_ingest_packed(*pack(blobs), config), len(blobs)))
 
 
 # --- a stream ------------------------------------------------------------------------------
@@ -318,7 +310,7 @@ class _Runner:
         return 2 * max(1, workers) + 2
 
     def submit(self, blobs: list[bytes]) -> Any:
-        payload, ends = _concat(blobs)
+        payload, ends = pack(blobs)
         if self.in_process:
             return _ingest_packed(payload, ends, self.config)
         # pure=False: no hashing of the bytes for a key, and equal batches stay two tasks.

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vitrine.compute import connect
+from vitrine.compute import connect, pack
 from vitrine.contracts import ONNX_MODEL_FILE, PackagedModel, read_packaged
 from vitrine.images import Rejected
 from vitrine.ingest.download import DownloadConfig
@@ -88,7 +88,7 @@ class _Runner:
         return 2 * max(1, sum(self._client.nthreads().values())) + 2
 
     def submit(self, blobs: list[bytes]) -> Any:
-        payload, ends = worker.pack(blobs)
+        payload, ends = pack(blobs)
         args = (payload, ends, self._model, self.digest, self.info, self.batch_size, self.threads)
         if self.in_process:
             return worker.score_packed(*args)

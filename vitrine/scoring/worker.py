@@ -1,7 +1,7 @@
 """One chunk of photos -> class probabilities, where a Dask worker (or the caller) runs it.
 
 A chunk's photos travel as one uint8 array and their end offsets (Dask ships numpy arrays
-without copying each bytes object, see vitrine.ingest.sources._Packed). Each photo goes through
+without copying each bytes object: vitrine.compute.pack). Each photo goes through
 the service's checks and pixels (vitrine.runtime.answers), the accepted ones through model.onnx
 behind the shared resize (vitrine.runtime.onnx.OnnxPredictor, as the service runs it) a batch
 at a time, and the probabilities are the service's softmax of the logits.
@@ -15,12 +15,12 @@ local workers from it stays safe.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from vitrine.compute import unpack
 from vitrine.contracts import PackagedModel
 from vitrine.images import Rejected
 from vitrine.runtime.answers import model_input
@@ -34,19 +34,6 @@ class Scored:
 
     rejected: dict[int, tuple[str, str]]  # index in the chunk -> (reason, detail)
     probabilities: np.ndarray  # float32 (accepted photos, classes), the accepted in order
-
-
-def pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Byte strings as one uint8 array and the end offset of each."""
-    ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-    return np.frombuffer(b"".join(blobs), np.uint8), ends
-
-
-def unpack(payload: np.ndarray, ends: np.ndarray) -> Iterator[bytes]:
-    start = 0
-    for end in ends.tolist():
-        yield payload[start:end].tobytes()
-        start = end
 
 
 def predictor(digest: str, model: bytes, info: PackagedModel, threads: int) -> Any:
