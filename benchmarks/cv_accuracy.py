@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
-from vitrine.data.splits import load_split, prepared_manifest_path, split_images_path
+from vitrine.data.layout import load_split, prepared_manifest_path, split_images_path
 from vitrine.evaluation import metrics
 from vitrine.evaluation.candidates import calibrated, load_candidate
 from vitrine.evaluation.settings import check_config, load_config

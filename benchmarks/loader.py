@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also f
 from synthetic import synthetic_prepared
 
 from vitrine.config import load_params, stage_config
-from vitrine.data.splits import PackedDataModule, prepared_manifest_path, split_images_path
+from vitrine.data.layout import prepared_manifest_path, split_images_path
+from vitrine.data.splits import PackedDataModule
 from vitrine.model.training import CandidateConfig, TrainConfig, build_module, candidate_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitrine.data.splits import prepared_manifest_path, split_images_path
+from vitrine.data.layout import prepared_manifest_path, split_images_path
 
 CHUNK = 2000  # photos generated and written at a time, so memory stays small
 

@@ -94,7 +94,7 @@ def load_monitor_config(project_dir: Path) -> MonitorConfig:
 
 
 def inputs(project_dir: Path) -> Inputs:
-    from vitrine.data.splits import split_images_path  # with torch: only when the flow runs
+    from vitrine.data.layout import split_images_path
 
     params = load_params(project_dir / "params.yaml")
     paths = load_paths(params)

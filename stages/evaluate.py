@@ -50,7 +50,7 @@ from vitrine.contracts import (
     write_evaluation,
     write_served,
 )
-from vitrine.data.splits import labelled_split, prepared_manifest_path
+from vitrine.data.layout import labelled_split, prepared_manifest_path
 from vitrine.evaluation import metrics
 from vitrine.evaluation.candidates import (
     ServedModel,

@@ -17,8 +17,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from vitrine.config import load_params, load_paths, params_block, stage_config
+from vitrine.data.layout import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.data.shards import MANIFEST, ShardReader
-from vitrine.data.splits import SPLITS, prepared_manifest_path, split_images_path
 from vitrine.images import load_square
 
 SPLIT_RULES = ("hash", "column")

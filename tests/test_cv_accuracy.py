@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.cv_accuracy import pooled_photos, results_folder
-from vitrine.data.splits import prepared_manifest_path
+from vitrine.data.layout import prepared_manifest_path
 
 
 def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -> None:

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from tests.helpers.tiny_prepared import CLASSES, write_prepared
+from vitrine.data.layout import load_split
 from vitrine.data.splits import (
     PackedDataModule,
     balanced_sampler,
     class_weights,
-    load_split,
 )
 
 FLIP = [{"name": "HorizontalFlip", "p": 1.0}]

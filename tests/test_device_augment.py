@@ -10,7 +10,8 @@ from tests.helpers.tiny_prepared import CLASSES, candidate_params, train_params,
 from vitrine.config import ConfigError, from_mapping, stage_config
 from vitrine.data.batches import DeviceAugmentedData, PackedBatches, photo_data
 from vitrine.data.device_augment import build_device_augment
-from vitrine.data.splits import PackedDataModule, load_split
+from vitrine.data.layout import load_split
+from vitrine.data.splits import PackedDataModule
 from vitrine.model.training import CandidateConfig, TrainConfig, train
 
 # effnet_finetune's list in params.yaml, at the tiny photos' size.

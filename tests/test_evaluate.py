@@ -30,7 +30,7 @@ from tests.helpers.candidates import (
 from tests.helpers.candidates import evaluate_config as config
 from vitrine.config import load_params, load_paths
 from vitrine.contracts import as_dict, read_evaluation
-from vitrine.data.splits import load_split, prepared_manifest_path
+from vitrine.data.layout import load_split, prepared_manifest_path
 from vitrine.evaluation.candidates import rank_candidates
 from vitrine.evaluation.metrics import Taxonomy, value_model
 from vitrine.evaluation.report import MAX_MATRIX_CLASSES, confusion_section

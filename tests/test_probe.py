@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.helpers.tiny_prepared import CLASSES, candidate_params, train_params, write_prepared
 from vitrine.config import from_mapping, stage_config
-from vitrine.data.splits import load_split
+from vitrine.data.layout import load_split
 from vitrine.model.embeddings import load_backbone
 from vitrine.model.export import export_onnx
 from vitrine.model.networks import ImageClassifier, build_predictor

@@ -18,7 +18,7 @@ from tests.helpers.candidates import (
 from tests.helpers.html import Text
 from vitrine.config import load_params, load_paths
 from vitrine.contracts import read_evaluation
-from vitrine.data.splits import prepared_manifest_path
+from vitrine.data.layout import prepared_manifest_path
 from vitrine.evaluation.slices import (
     SliceConfig,
     check_slices,

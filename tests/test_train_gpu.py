@@ -7,7 +7,7 @@ import pandas as pd
 
 from benchmarks.train_gpu import main, synthetic_prepared
 from tests.helpers.tiny_prepared import CLASSES
-from vitrine.data.splits import load_split, prepared_manifest_path
+from vitrine.data.layout import load_split, prepared_manifest_path
 
 
 def test_the_synthetic_set_is_in_prepares_layout(tmp_path):

@@ -26,7 +26,7 @@ from vitrine.contracts import (
     write_served,
     write_trained,
 )
-from vitrine.data.splits import prepared_manifest_path, split_images_path
+from vitrine.data.layout import prepared_manifest_path, split_images_path
 from vitrine.evaluation.calibration import Calibration
 from vitrine.evaluation.metrics import Taxonomy
 from vitrine.evaluation.settings import EvaluateConfig

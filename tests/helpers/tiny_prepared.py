@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from tests.helpers import REPO
-from vitrine.data.splits import prepared_manifest_path, split_images_path
+from vitrine.data.layout import prepared_manifest_path, split_images_path
 
 CLASSES = ("laptop", "phone")
 SPLIT_SIZES = {"train": 32, "val": 16, "test": 16}

@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from vitrine.data.device_augment import build_device_augment
+from vitrine.data.layout import load_split
 from vitrine.data.splits import (
     PackedDataModule,
     PackedImages,
     balanced_sampler,
     epoch_seed,
-    load_split,
 )
 
 AUGMENT_ON = ("host", "device")

@@ -9,7 +9,6 @@ from typing import Any
 import albumentations as A
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import (
     DataLoader,
@@ -20,27 +19,9 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-SPLITS = ("train", "val", "test")
+from vitrine.data.layout import load_split
+
 IMBALANCE = ("none", "loss_weights", "balanced_sampler")
-
-
-def split_images_path(prepared: Path, split: str) -> Path:
-    return Path(prepared) / f"{split}.npy"
-
-
-def prepared_manifest_path(prepared: Path) -> Path:
-    return Path(prepared) / "manifest.parquet"
-
-
-def load_split(prepared: Path, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped images of one split and their class indices, in array order."""
-    manifest = pd.read_parquet(prepared_manifest_path(prepared))
-    rows = manifest[manifest["split"] == split].sort_values("index")
-    labels = rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
-    images = np.load(split_images_path(prepared, split), mmap_mode="r")
-    if len(images) != len(labels):
-        raise ValueError(f"{split}: {len(images)} images but {len(labels)} manifest rows")
-    return images, labels
 
 
 def named_steps(steps: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -206,17 +187,3 @@ class PackedDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False, persistent_workers=self.num_workers > 0)
-
-
-def labelled_split(
-    prepared: Path, split: str, classes: tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    """load_split, after checking the split has photos and only photos of known classes."""
-    manifest = pd.read_parquet(prepared_manifest_path(prepared), columns=["split", "label"])
-    labels = manifest.loc[manifest["split"] == split, "label"]
-    if labels.empty:
-        raise ValueError(f"{prepared}: the {split} split has no photos")
-    unknown = sorted(set(labels) - set(classes))
-    if unknown:
-        raise ValueError(f"{prepared}: {split} photos labelled {unknown[:10]}, not in `classes`")
-    return load_split(prepared, split, list(classes))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vitrine.contracts import ONNX_MODEL_FILE, ContenderSummary, PromotionRecord, read_packaged
-from vitrine.data.splits import labelled_split
+from vitrine.data.layout import labelled_split
 from vitrine.evaluation import metrics
 from vitrine.evaluation.openset import KNOWN_AS_OTHER, RECALL, scalar_open_set
 from vitrine.evaluation.settings import EvaluateConfig, check_config

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vitrine.data.batches import as_batched, epoch_sampler
-from vitrine.data.splits import PackedDataModule, epoch_seed, load_split
+from vitrine.data.layout import load_split
+from vitrine.data.splits import PackedDataModule, epoch_seed
 from vitrine.model.networks import ImageClassifier, Predictor, PretrainedClassifier
 from vitrine.runtime.network_input import network_input
 

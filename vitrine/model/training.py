@@ -31,12 +31,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from vitrine.config import from_mapping, params_block
 from vitrine.contracts import CHECKPOINT, TrainedModel, write_trained
 from vitrine.data.batches import photo_data
-from vitrine.data.splits import (
-    PackedDataModule,
-    epoch_seed,
-    prepared_manifest_path,
-    split_images_path,
-)
+from vitrine.data.layout import prepared_manifest_path, split_images_path
+from vitrine.data.splits import PackedDataModule, epoch_seed
 from vitrine.model.networks import ImageClassifier
 from vitrine.model.probe import CachedFeatures, HeadOnly, flip_probability, is_probe
 
