@@ -111,7 +111,10 @@ def main() -> None:
     cache = None if args.no_cache or not config["cache_dir"] else Path(config["cache_dir"])
     features = accepted_features(manifest, collected, config["embedding_batch_size"], cache)
     accepted = manifest[manifest["status"] == "accepted"]
-    figures = noise_figures(accepted, features.descriptors, features.embeddings, dropped, params)
+    rows = features.row_photo  # per accepted row, as the figures are counted
+    figures = noise_figures(
+        accepted, features.descriptors[rows], features.embeddings[rows], dropped, params
+    )
     print(describe(f"{len(dropped)} photos taken out by the review", figures))
 
 

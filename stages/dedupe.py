@@ -12,8 +12,9 @@ the automatic choices.
 The two networks are nearly all of the stage's time. They run under ONNX Runtime on the Dask
 workers of compute.scheduler (vitrine.curation.features; local worker processes by default), and
 each distinct photo's features are cached by sha256 in dedupe.cache_dir, so a run after new
-photos arrived runs them on those only, with the outputs of a run without the cache. The search
-itself is rebuilt every run from the cached features: see vitrine.curation.neardup for why.
+photos arrived runs them on those only, with the outputs of a run without the cache. The
+near-copy search keeps its candidates there too (vitrine.curation.pair_index): new photos are
+searched against all, not all against all.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import pandas as pd
 
 from vitrine.compute import ComputeConfig
 from vitrine.config import from_mapping, load_params, load_paths, params_block, stage_config
-from vitrine.curation.features import accepted_features
-from vitrine.curation.neardup import clusters, near_duplicate_pairs
+from vitrine.curation.features import PhotoFeatures, accepted_features
+from vitrine.curation.neardup import HASH_SEARCH_MAX_DISTANCE, clusters, near_duplicate_pairs
 from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
+from vitrine.curation.pair_index import PAIRS_FILE, indexed_pairs
 from vitrine.curation.review import render_review
 from vitrine.data.shards import MANIFEST, ShardReader
 from vitrine.ingest.sources import phash_from_int64
@@ -59,6 +61,7 @@ class DedupeConfig:
     embedding_batch_size: int
     noise: NoiseConfig
     cache_dir: str = ""  # each photo's features (vitrine.curation.features); "": none kept
+    cache_keep_days: float = 30.0  # a photo no run has had for this long leaves the cache
     other_class: str = ""  # params.yaml's other_class: what an `other` decision labels ("": drop)
 
     def __post_init__(self) -> None:
@@ -78,12 +81,25 @@ def exact_pairs(sha256: pd.Series) -> np.ndarray:
 
 
 def duplicate_pairs(
-    accepted: pd.DataFrame, descriptors: np.ndarray, config: DedupeConfig
+    accepted: pd.DataFrame,
+    features: PhotoFeatures,
+    config: DedupeConfig,
+    pair_index: Path | None = None,
 ) -> np.ndarray:
-    """All evidence that two accepted photos are the same photo, as (i, j) positions."""
-    hashes = np.array([phash_from_int64(int(h)) for h in accepted["phash"]], dtype=np.uint64)
-    near = near_duplicate_pairs(hashes, descriptors, config.tiers)
-    return np.concatenate([exact_pairs(accepted["sha256"]), near])
+    """All evidence that two accepted photos are the same photo, as (i, j) positions in
+    `accepted`: rows of the same bytes, and near copies searched among the distinct photos
+    (with `pair_index`, new photos against the index of the last run's)."""
+    first_row = np.unique(features.row_photo, return_index=True)[1]  # photo -> its first row
+    phash = accepted["phash"].to_numpy()[first_row]
+    hashes = np.array([phash_from_int64(int(h)) for h in phash], dtype=np.uint64)
+    wide = [c for d, c in config.tiers if d > HASH_SEARCH_MAX_DISTANCE]
+    scored = None
+    if wide:
+        scored = indexed_pairs(
+            features.digests, features.descriptors, min(wide), pair_index, features.version
+        )
+    near = near_duplicate_pairs(hashes, features.descriptors, config.tiers, scored=scored)
+    return np.concatenate([exact_pairs(accepted["sha256"]), first_row[near]])
 
 
 def cluster_keys(accepted: pd.DataFrame, labels: np.ndarray) -> pd.Series:
@@ -242,26 +258,28 @@ def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfi
 
 def dedupe(
     manifest: pd.DataFrame,
-    descriptors: np.ndarray,
-    embeddings: np.ndarray,
+    features: PhotoFeatures,
     decisions: pd.DataFrame,
     config: DedupeConfig,
+    pair_index: Path | None = None,
 ) -> pd.DataFrame:
     """The deduped manifest: every collect row, with cluster_id, representative, status and,
-    for kept photos, noise scores. `descriptors` (near-duplicate search) and `embeddings`
-    (semantic, for noise) are the accepted rows', in manifest order. `other` decisions are
-    applied as as_other says."""
+    for kept photos, noise scores. `features`: the accepted rows' photos' descriptors
+    (near-duplicate search) and embeddings (semantic, for noise); `pair_index`: where the
+    near-duplicate candidates are kept between runs (None: searched afresh). `other`
+    decisions are applied as as_other says."""
     decisions = as_other(decisions, config.other_class)
     out = apply_relabels(manifest, decisions)
     accepted = out["status"] == "accepted"
     acc = out[accepted]
-    labels = clusters(len(acc), duplicate_pairs(acc, descriptors, config))
+    labels = clusters(len(acc), duplicate_pairs(acc, features, config, pair_index))
     out["cluster_id"] = ""
     out.loc[accepted, "cluster_id"] = cluster_keys(acc, labels)
     out = label_copies_other(out, decisions, config.other_class)
     out = assign_statuses(out, decisions)
     kept = (out["status"] == "kept").to_numpy()
-    scores = noise_scores(out[kept], embeddings[kept[accepted.to_numpy()]], config)
+    kept_photos = features.row_photo[kept[accepted.to_numpy()]]
+    scores = noise_scores(out[kept], features.embeddings[kept_photos], config)
     out = out.join(scores)
     out["noise_score"] = out["noise_score"].fillna(0.0)
     out["outlier_score"] = out["outlier_score"].fillna(0.0)
@@ -333,6 +351,21 @@ def write_review_page(
     (out / "index.html").write_text(page)
 
 
+def save_row_embeddings(path: Path, features: PhotoFeatures, chunk: int = 8192) -> None:
+    """Each accepted row's embedding, in manifest order, written in chunks: the per-row array
+    is never whole in memory beside the per-photo one."""
+    rows = np.lib.format.open_memmap(
+        path,
+        mode="w+",
+        dtype=np.float32,
+        shape=(len(features.row_photo), features.embeddings.shape[1]),
+    )
+    for start in range(0, len(rows), chunk):
+        rows[start : start + chunk] = features.embeddings[features.row_photo[start : start + chunk]]
+    rows.flush()
+    del rows
+
+
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
@@ -346,18 +379,18 @@ def main() -> None:
         config.embedding_batch_size,
         cache,
         scheduler=compute.scheduler,
+        keep_s=config.cache_keep_days * 86400,
     )
     print(
         f"dedupe: per-photo work in {time.perf_counter() - start:.1f} s: {features.computed} "
         f"photos computed, {features.reused} from {config.cache_dir or 'no cache'}"
     )
-    embeddings = features.embeddings
     decisions = read_decisions(paths.decisions, config.classes)
-    deduped = dedupe(manifest, features.descriptors, embeddings, decisions, config)
+    deduped = dedupe(manifest, features, decisions, config, cache / PAIRS_FILE if cache else None)
     candidates = review_candidates(deduped, config)
     paths.deduped.mkdir(parents=True, exist_ok=True)
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)
-    np.save(paths.deduped / EMBEDDINGS, embeddings)
+    save_row_embeddings(paths.deduped / EMBEDDINGS, features)
     write_review_page(
         deduped, candidates, paths.collected, paths.review, paths.decisions, config.other_class
     )

@@ -107,14 +107,20 @@ def split_manifest(deduped: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame
 
 
 def pack_split(rows: pd.DataFrame, shards: ShardReader, size: int, out: Path) -> None:
-    """Decode and resize one split into an (N, size, size, 3) uint8 .npy, written in place so
-    memory stays flat however large the split."""
-    images = np.lib.format.open_memmap(
-        out, mode="w+", dtype=np.uint8, shape=(len(rows), size, size, 3)
-    )
-    for row in tqdm(rows.itertuples(), total=len(rows), desc=f"prepare {out.stem}", unit="img"):
-        images[row.index] = load_square(shards.read(row.shard, row.offset, row.length), size)
-    images.flush()
+    """Decode and resize one split into an (N, size, size, 3) uint8 .npy, in `index` order.
+
+    Written photo by photo through a plain file, not a memory map: a map's written pages count
+    in the process's resident memory until the kernel writes them back (7.5 GiB for 160,000
+    photos at 128 px), a file's do not.
+    """
+    rows = rows.sort_values("index")
+    if not np.array_equal(rows["index"].to_numpy(), np.arange(len(rows))):
+        raise ValueError(f"{out.name}: the split's indices are not 0..{len(rows) - 1}")
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size, 3)}
+    with out.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for row in tqdm(rows.itertuples(), total=len(rows), desc=f"prepare {out.stem}", unit="img"):
+            f.write(load_square(shards.read(row.shard, row.offset, row.length), size).tobytes())
 
 
 def leaked(split: pd.Series, cluster_id: pd.Series) -> int:

@@ -14,9 +14,10 @@ import pytest
 from tests.helpers.photos import photo_bytes
 from vitrine.compute import local_cluster, pack
 from vitrine.curation import feature_nets
-from vitrine.curation.features import accepted_features
+from vitrine.curation.features import FEATURES_FILE, accepted_features
 from vitrine.data.shards import ShardWriter
 from vitrine.images import load_square
+from vitrine.ingest.photo_cache import PhotoCache
 from vitrine.model.embeddings import DEDUPE_DIM, DEDUPE_SIZE, FEATURE_DIM, dedupe_embed, embed
 
 BATCH = 4
@@ -84,8 +85,8 @@ def test_dask_workers_and_a_cluster_by_address_give_the_in_process_features(tmp_
         manifest=manifest, collected=tmp_path / "collected", batch_size=BATCH, progress=False
     )
     here = accepted_features(**run, scheduler="synchronous")
-    assert (here.computed, here.reused) == (7, 0) and len(here.descriptors) == 8
-    np.testing.assert_array_equal(here.embeddings[0], here.embeddings[7])  # the repeated photo
+    assert (here.computed, here.reused) == (7, 0) and len(here.descriptors) == 7
+    assert len(here.row_photo) == 8 and here.row_photo[0] == here.row_photo[7]  # the repeated photo
     local = accepted_features(**run, scheduler="", n_workers=2)
     with local_cluster(2) as cluster:
         remote = accepted_features(**run, scheduler=cluster.scheduler_address)
@@ -100,11 +101,22 @@ def test_the_cache_answers_a_rerun_and_a_new_photo_alone_is_computed(tmp_path, p
     manifest = collected(root, photos)
     cache = tmp_path / "cache"
     first = accepted_features(
-        manifest.iloc[:5], root, BATCH, cache, scheduler="", n_workers=2, progress=False
+        manifest.iloc[:5], root, BATCH, cache, scheduler="", n_workers=2, progress=False, keep_s=9e4
     )
     assert (first.computed, first.reused) == (5, 0)
-    again = accepted_features(manifest, root, BATCH, cache, scheduler="synchronous", progress=False)
+    again = accepted_features(
+        manifest, root, BATCH, cache, scheduler="synchronous", progress=False, keep_s=9e4
+    )
     assert (again.computed, again.reused) == (2, 5)
     clean = accepted_features(manifest, root, BATCH, scheduler="synchronous", progress=False)
     np.testing.assert_array_equal(again.descriptors, clean.descriptors)
     np.testing.assert_array_equal(again.embeddings, clean.embeddings)
+    # The sources lose photos 1-4: after a run told to keep nothing unseen, the cache forgets them.
+    later = accepted_features(
+        manifest.iloc[5:], root, BATCH, cache, scheduler="synchronous", progress=False, keep_s=0
+    )
+    assert (later.computed, later.reused) == (0, 3)
+    with PhotoCache(cache / FEATURES_FILE, later.version) as store:
+        assert store.count() == 3 and set(store.get_many(later.digests.tolist())) == set(
+            later.digests.tolist()
+        )

@@ -20,6 +20,7 @@ from stages.prepare import (
     pack_split,
     split_manifest,
 )
+from vitrine.curation.features import given_features
 from vitrine.data.shards import ShardReader
 from vitrine.ingest.download import DownloadConfig
 
@@ -73,7 +74,7 @@ def run(rows, decisions=NO_DECISIONS, embeddings=None):
     m = frame(rows)
     n_acc = int((m["status"] == "accepted").sum())
     emb = distinct_embeddings(n_acc) if embeddings is None else embeddings
-    return dedupe(m, emb, emb, decisions, CONFIG).set_index("id")
+    return dedupe(m, given_features(m, emb, emb), decisions, CONFIG).set_index("id")
 
 
 def test_exact_copies_form_one_cluster_keeping_the_largest():
@@ -103,7 +104,9 @@ def test_near_duplicates_need_hash_and_descriptor_to_agree():
     desc[2] = desc[0] * 0.999 + desc[2] * 0.001  # descriptor alone nearly equal: tier 3
     m.loc[3, "phash"] = m.loc[0, "phash"] ^ 0b1  # hash alone close, descriptor far: no tier
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    d = dedupe(m, desc, distinct_embeddings(5), NO_DECISIONS, CONFIG).set_index("id")
+    d = dedupe(m, given_features(m, desc, distinct_embeddings(5)), NO_DECISIONS, CONFIG).set_index(
+        "id"
+    )
     assert (
         d.loc["0.jpg", "cluster_id"] == d.loc["1.jpg", "cluster_id"] == d.loc["2.jpg", "cluster_id"]
     )
@@ -255,7 +258,7 @@ def test_prepare_packs_each_split_from_the_shards(class_folder, tmp_path):
         collect(cfg, class_folder.parent, tmp_path / "c", cache=tmp_path / "cache")
     )
     emb = distinct_embeddings(len(collected))
-    deduped = dedupe(collected, emb, emb, NO_DECISIONS, CONFIG)
+    deduped = dedupe(collected, given_features(collected, emb, emb), NO_DECISIONS, CONFIG)
     prepared = split_manifest(deduped, PREP)
     assert len(prepared) == 24 and set(prepared["split"]) <= {"train", "val", "test"}
     train = prepared[prepared["split"] == "train"]

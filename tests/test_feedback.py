@@ -36,6 +36,7 @@ from tests.helpers.collect_runs import config, run
 from tests.helpers.feedback import feedback_params, record_answer
 from tests.helpers.photos import encode
 from tests.helpers.records import sample_answer
+from vitrine.curation.features import given_features
 from vitrine.ingest.inventory import inventory_digest
 from vitrine.ingest.records import Source
 from vitrine.production.photos import PhotoStore
@@ -270,7 +271,9 @@ def test_a_reviewed_near_copy_of_a_test_photo_lands_in_the_test_split(
     noise = NoiseConfig(folds=3, seed=0, min_outlier_score=3.0, max_candidates=10)
     dedupe_config = DedupeConfig(("laptop", "phone"), "largest", ((6, 0.95),), 8, noise)
     no_decisions = pd.DataFrame(columns=["id", "decision", "new_label", "note"])
-    deduped = dedupe(manifest, descriptors, descriptors, no_decisions, dedupe_config)
+    deduped = dedupe(
+        manifest, given_features(manifest, descriptors, descriptors), no_decisions, dedupe_config
+    )
 
     rows = deduped.set_index("id")
     assert rows.loc[answer.request_id, "cluster_id"] == rows.loc[tested[0], "cluster_id"]

@@ -24,6 +24,7 @@ from vitrine.contracts import (
     write_evaluation,
     write_packaged,
 )
+from vitrine.curation.features import given_features
 from vitrine.curation.review import render_review
 from vitrine.evaluation import metrics
 from vitrine.evaluation.openset import (
@@ -243,7 +244,7 @@ def decisions(*rows: tuple[str, str, str]) -> pd.DataFrame:
 def run_dedupe(config: DedupeConfig, decided: pd.DataFrame) -> pd.DataFrame:
     m = collected()
     emb = embeddings(len(m))
-    return dedupe(m, emb, emb, decided, config).set_index("id")
+    return dedupe(m, given_features(m, emb, emb), decided, config).set_index("id")
 
 
 def test_an_other_decision_makes_an_example_of_the_other_class_with_its_copies() -> None:

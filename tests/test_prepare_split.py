@@ -17,6 +17,7 @@ from stages.prepare import (
     pack_split,
     split_manifest,
 )
+from vitrine.curation.features import given_features
 from vitrine.data.shards import ShardReader
 from vitrine.ingest.download import DownloadConfig
 
@@ -142,7 +143,9 @@ def test_taxonomy_catalog_through_collect_dedupe_and_prepare(class_folder, tmp_p
     no_decisions = pd.DataFrame(columns=["id", "decision", "new_label", "note"])
     noise = NoiseConfig(folds=3, seed=0, min_outlier_score=3.0, max_candidates=10)
     dedupe_config = DedupeConfig(CLASSES, "largest", ((6, 0.95),), 8, noise)
-    prepared = split_manifest(dedupe(collected, emb, emb, no_decisions, dedupe_config), COLUMN)
+    prepared = split_manifest(
+        dedupe(collected, given_features(collected, emb, emb), no_decisions, dedupe_config), COLUMN
+    )
     assert len(prepared) == 24 and set(prepared["label"]) == set(CLASSES)
     assert (
         prepared["split"]

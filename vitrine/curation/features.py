@@ -60,12 +60,31 @@ _DISTRIBUTIONS = (
 
 @dataclass(frozen=True)
 class PhotoFeatures:
-    """The accepted rows' features, in manifest order, and how they were obtained."""
+    """The features of each distinct accepted photo, and how they were obtained.
 
-    descriptors: np.ndarray  # (n, DEDUPE_DIM) float32, unit norm: near-duplicate search
-    embeddings: np.ndarray  # (n, FEATURE_DIM) float32, unit norm: noise scores
+    Kept per photo, not per manifest row: rows of the same bytes share one, and a per-row copy
+    of the embeddings alone is 0.8 GB at 160,000 photos. `row_photo` maps rows to photos.
+    """
+
+    digests: np.ndarray  # (p,) the distinct sha256s, sorted
+    row_photo: np.ndarray  # (n,) each accepted row's position in digests, in manifest order
+    descriptors: np.ndarray  # (p, DEDUPE_DIM) float32, unit norm: near-duplicate search
+    embeddings: np.ndarray  # (p, FEATURE_DIM) float32, unit norm: noise scores
     computed: int  # distinct photos run through the networks
     reused: int  # distinct photos answered by the cache
+    version: str  # what the features were computed by (features_version)
+
+
+def given_features(
+    manifest: pd.DataFrame, descriptors: np.ndarray, embeddings: np.ndarray
+) -> PhotoFeatures:
+    """PhotoFeatures of the accepted rows of `manifest` from per-row arrays computed elsewhere
+    (rows of the same sha256 take the first one's), as accepted_features returns them."""
+    sha256 = manifest.loc[manifest["status"] == "accepted", "sha256"].to_numpy(dtype=str)
+    digests, first, row_photo = np.unique(sha256, return_index=True, return_inverse=True)
+    return PhotoFeatures(
+        digests, row_photo.ravel(), descriptors[first], embeddings[first], len(digests), 0, ""
+    )
 
 
 def features_version(batch_size: int, rounding: dict[str, Any] | None = None) -> str:
@@ -188,11 +207,13 @@ def accepted_features(
     scheduler: str = compute.SYNCHRONOUS,
     n_workers: int = 0,
     progress: bool = True,
+    keep_s: float | None = None,
 ) -> PhotoFeatures:
     """Descriptors and embeddings of the accepted rows of collect's `manifest` (shards under
     `collected`), each distinct photo computed once, or read from the cache in `cache_dir`
     (None: no cache). `scheduler` as compute.scheduler; n_workers: a local cluster's worker
-    processes (0: one per core)."""
+    processes (0: one per core). keep_s: after the run, the cache forgets the photos that no run
+    has had for that long (PhotoCache.prune; None: keeps them)."""
     acc = manifest[manifest["status"] == "accepted"]
     digests, row_photo = np.unique(acc["sha256"].to_numpy(dtype=str), return_inverse=True)
     refs = dict(
@@ -208,8 +229,8 @@ def accepted_features(
     runner = FeatureRunner(scheduler, n_workers, batch_size)
     store = None
     try:
+        version = features_version(batch_size, runner.rounding())
         if cache_dir is not None:
-            version = features_version(batch_size, runner.rounding())
             store = PhotoCache(cache_dir / FEATURES_FILE, version)
         todo = list(positions)
         if store is not None:
@@ -226,12 +247,14 @@ def accepted_features(
                         store.put(digest, row.tobytes())
                 if store is not None:
                     store.flush()  # a killed run keeps every finished batch
+        if store is not None and keep_s is not None:
+            store.prune(keep_s)
     finally:
         runner.close()
         if store is not None:
             store.close()
     return PhotoFeatures(
-        descriptors[row_photo], features[row_photo], len(todo), len(digests) - len(todo)
+        digests, row_photo, descriptors, features, len(todo), len(digests) - len(todo), version
     )
 
 

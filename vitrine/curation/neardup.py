@@ -23,19 +23,13 @@ set, where this module handles one substring and flip mask for all codes at once
 arrays. faiss's exhaustive IndexBinaryFlat range search is quadratic: 3-4 s at 100,000 codes,
 where this module takes 0.2-0.4 s.
 
-Rebuilt at every run, not kept as an index that new photos are added to: what is expensive is
-the per-photo work behind the search (decoding and the two networks, about 13 ms a photo on 2
-cores), and that is cached by sha256 (vitrine.curation.features); the search over the cached
-hashes and descriptors is cheap at the catalog's size. Measured on a shared 2-core AMD EPYC:
-near_duplicate_pairs and clusters with dedupe's tiers over the 4,277 bundled photos take 0.5 s,
-against about 55 s for their features (`benchmarks/neardup.py --parts d`, 77 photos/s);
-hash_pairs over 1,000,000 codes at distance 8 takes 5.4-5.5 s
-(`.venv/bin/python benchmarks/neardup.py --parts ae`); embedding_pairs, the quadratic part,
-96 s over 100,000 descriptors, where computing those descriptors and embeddings takes about
-1,300 s. A rebuild also gives exactly the pairs a clean run gives (top_k keeps each
-photo's best partners among all photos, which an added photo can change). Past some 100,000
-photos, searching only the new photos' rows against all (new x all instead of all x all) is
-the step to take.
+The pHash search is rebuilt at every run: hash_pairs over 1,000,000 codes at distance 8 takes
+5.4-5.5 s (`.venv/bin/python benchmarks/neardup.py --parts ae`, a shared 2-core AMD EPYC). The
+descriptor search is the quadratic part (96 s over 100,000 descriptors): `scored_pairs` searches
+only the rows flagged new against all, and vitrine.curation.pair_index keeps its pairs between
+runs, so a run after new photos arrived costs new x all. Both return every pair above the
+cosine, scored pair by pair; `top_k_pairs` then bounds a crowded row's partners, on the full
+set, so that an index that grew photo by photo and a search from scratch agree exactly.
 """
 
 from __future__ import annotations
@@ -217,6 +211,71 @@ def brute_force_hash_pairs(hashes: np.ndarray, max_distance: int) -> Pairs:
 # ---------------------------------------------------------------------------------------------
 
 
+# Candidates are searched a little below the asked cosine and then judged on cosines recomputed
+# pair by pair: a matrix product's rounding depends on the shape of the block a pair falls in, and
+# an index that adds photos must find exactly the pairs a search over all photos finds.
+_SEARCH_SLACK = 1e-4
+
+
+def scored_pairs(
+    emb: np.ndarray,
+    min_cosine: float,
+    new: np.ndarray | None = None,
+    *,
+    block_elements: int = 1 << 24,
+) -> tuple[Pairs, np.ndarray]:
+    """Every pair (i, j), i < j, of L2-normalised rows with cosine >= min_cosine that involves a
+    row flagged in `new` (a boolean mask; None: all rows), and its cosine.
+
+    Rows are searched in blocks against the rows that can pair with them (with every row new,
+    only the upper triangle), with at most `block_elements` similarities in memory at a time.
+    Adding rows to a set costs new x all products, not all x all.
+    """
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    n = len(emb)
+    is_new = np.ones(n, dtype=bool) if new is None else np.asarray(new, dtype=bool)
+    new_rows = np.flatnonzero(is_new)
+    everything_new = len(new_rows) == n
+    rows = max(1, block_elements // max(n, 1))
+    found = [np.empty((0, 2), dtype=np.int64)]
+    for start in range(0, len(new_rows), rows):
+        block = new_rows[start : start + rows]
+        first = int(block[0]) if everything_new else 0  # columns before it cannot pair
+        sims = emb[block] @ emb[first:].T  # column c is row first + c
+        cols = np.arange(first, n)
+        # A new column pairs with a new row only after it, so that each pair is searched once.
+        sims[is_new[cols][None, :] & (cols[None, :] <= block[:, None])] = -np.inf
+        r, c = np.nonzero(sims >= min_cosine - _SEARCH_SLACK)
+        i, j = block[r], cols[c]
+        found.append(np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1))
+    pairs = np.concatenate(found).astype(np.int64)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    cos = pair_cosines(emb, pairs)
+    keep = cos >= min_cosine
+    return pairs[keep], cos[keep]
+
+
+def pair_cosines(emb: np.ndarray, pairs: Pairs) -> np.ndarray:
+    """The cosine of each pair's rows, computed pair by pair (the same bits in any block)."""
+    return np.einsum("ij,ij->i", emb[pairs[:, 0]], emb[pairs[:, 1]])
+
+
+def top_k_pairs(pairs: Pairs, cos: np.ndarray, top_k: int | None) -> Pairs:
+    """For each row i, at most its top_k most similar partners j > i (ties: the smaller j).
+
+    Enough to connect a group of copies into one cluster while bounding the output when
+    thousands of rows are alike; None keeps every pair. Rows (i, j) sorted and unique.
+    """
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if top_k is not None and len(pairs):
+        order = np.lexsort((pairs[:, 1], -cos, pairs[:, 0]))
+        by_row = pairs[order]
+        starts = np.flatnonzero(np.r_[True, by_row[1:, 0] != by_row[:-1, 0]])
+        rank = np.arange(len(by_row)) - np.repeat(starts, np.diff(np.r_[starts, len(by_row)]))
+        pairs = by_row[rank < top_k]
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
 def embedding_pairs(
     emb: np.ndarray,
     min_cosine: float,
@@ -224,49 +283,10 @@ def embedding_pairs(
     top_k: int | None = 32,
     block_elements: int = 1 << 24,
 ) -> Pairs:
-    """Pairs (i, j), i < j, of L2-normalised rows with cosine similarity >= min_cosine.
-
-    Row blocks are multiplied against the rows after them only (the upper triangle), with at
-    most `block_elements` similarities in memory at a time. `top_k` keeps, for each row i, only
-    its k most similar rows j > i: enough to connect a group of copies into one cluster while
-    bounding the output when thousands of rows are alike (None keeps every pair).
-    """
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    n = len(emb)
-    rows = max(1, block_elements // max(n, 1))
-    found = []
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        sims = emb[start:stop] @ emb[start:].T  # column c is row start + c
-        # Only j > i: blank the diagonal and the lower triangle of the leading square.
-        sims[np.tril_indices(stop - start, m=sims.shape[1])] = -np.inf
-        r, c = np.nonzero(sims >= min_cosine)
-        if top_k is not None:
-            r, c = _keep_top_k(sims, r, c, top_k)
-        found.append(np.stack([start + r, start + c], axis=1))
-    pairs = np.concatenate([np.empty((0, 2), dtype=np.int64), *found]).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
-
-
-def _keep_top_k(
-    sims: np.ndarray, r: np.ndarray, c: np.ndarray, top_k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Of the (row, column) hits, keep at most top_k per row: the most similar ones.
-
-    Only rows with more than top_k hits are partitioned; nearly every row has a handful, so the
-    blocks are scanned once instead of being partially sorted row by row.
-    """
-    counts = np.bincount(r, minlength=len(sims))
-    crowded = np.flatnonzero(counts > top_k)
-    if not crowded.size:
-        return r, c
-    calm = ~np.isin(r, crowded)
-    # All top_k of a crowded row are hits: the row has more than top_k values >= min_cosine.
-    best = np.argpartition(sims[crowded], -top_k, axis=1)[:, -top_k:]
-    return (
-        np.concatenate([r[calm], np.repeat(crowded, top_k)]),
-        np.concatenate([c[calm], best.ravel()]),
-    )
+    """Pairs (i, j), i < j, of L2-normalised rows with cosine similarity >= min_cosine, at most
+    `top_k` per row i (see top_k_pairs)."""
+    pairs, cos = scored_pairs(emb, min_cosine, block_elements=block_elements)
+    return top_k_pairs(pairs, cos, top_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,11 +354,14 @@ def near_duplicate_pairs(
     tiers: tuple[Tier, ...] = DEFAULT_TIERS,
     *,
     top_k: int | None = 32,
+    scored: tuple[Pairs, np.ndarray] | None = None,
 ) -> Pairs:
     """Pairs (i, j), i < j, meeting any tier: pHash distance <= d and descriptor cosine >= c.
 
     Each signal proposes candidates (hash_pairs for the narrow tiers, embedding_pairs for the
-    others) and every candidate is then judged on both.
+    others) and every candidate is then judged on both. `scored`: the descriptor pairs at or
+    above the wide tiers' lowest cosine with their cosines (scored_pairs, or a
+    vitrine.curation.pair_index kept between runs); None: searched here.
     """
     hashes = np.asarray(hashes, dtype=np.uint64).ravel()
     emb = np.ascontiguousarray(emb, dtype=np.float32)
@@ -350,11 +373,11 @@ def near_duplicate_pairs(
     if by_hash:
         candidates.append(hash_pairs(hashes, max(by_hash)))
     if by_emb:
-        candidates.append(embedding_pairs(emb, min(by_emb), top_k=top_k))
+        pairs, cos = scored if scored is not None else scored_pairs(emb, min(by_emb))
+        candidates.append(top_k_pairs(pairs, cos, top_k))
     pairs = np.unique(np.concatenate(candidates), axis=0)
-    i, j = pairs[:, 0], pairs[:, 1]
-    dist = np.bitwise_count(hashes[i] ^ hashes[j])
-    cos = np.einsum("ij,ij->i", emb[i], emb[j])
+    dist = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
+    cos = pair_cosines(emb, pairs)
     keep = np.zeros(len(pairs), dtype=bool)
     for max_distance, min_cosine in tiers:
         keep |= (dist <= max_distance) & (cos >= min_cosine)
