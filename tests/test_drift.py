@@ -302,3 +302,26 @@ def test_the_benchmark_summarises_every_row_it_inserts(capsys: pytest.CaptureFix
     assert benchmark(["--rows", "3000", "--reviews", "100", "--repeat", "1"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("rows 3000  seconds ") and " rows/s " in last and " cpu " in last
+
+
+def test_the_baseline_counts_answers_at_the_level_they_were_given() -> None:
+    """With a taxonomy, the service records an answer backed off to `Fruit/Apple` under that name:
+    the test set's mix counts the same names, so a backed-off answer is no new class."""
+    predictions = pd.DataFrame(
+        {
+            "label": ["Fruit/Apple/Granny", "Fruit/Apple/Golden", "Fruit/Pear/Conference"],
+            "predicted": ["Fruit/Apple/Golden", "Fruit/Apple/Golden", "Fruit/Pear/Conference"],
+            "answer": ["Fruit/Apple", "Fruit/Apple/Golden", "Fruit/Pear/Conference"],
+            "confidence": [0.5, 0.9, 0.95],
+            "abstained": [False, False, False],
+        }
+    )
+    base = drift.baseline(predictions, BINS)
+    assert base.by_label == {"Fruit/Apple": 1, "Fruit/Apple/Golden": 1, "Fruit/Pear/Conference": 1}
+    assert (
+        drift.chi_square(
+            base.by_label,
+            {"Fruit/Apple": 10, "Fruit/Apple/Golden": 10, "Fruit/Pear/Conference": 10},
+        )[1]
+        > 0.9
+    )

@@ -55,6 +55,7 @@ from vitrine.runtime.onnx import load_onnx, onnx_proba
 from vitrine.scoring.parts import parts_dir
 from vitrine.scoring.run import ScoreJob, score, summary_path
 from vitrine.scoring.sources import ScoreSource
+from vitrine.scoring.summary import Summary, describe
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
@@ -596,3 +597,34 @@ def test_a_real_server_gives_the_answers_the_scorer_writes(tmp_path: Path) -> No
                 assert_same_answer(row, body)
     finally:
         stop(running)
+
+
+def test_the_summary_counts_answers_by_taxonomy_level_and_says_so_when_some_backed_off() -> None:
+    summary = Summary("m-1", "")
+    summary.add(
+        pa.table(
+            {
+                "status": ["accepted", "accepted", "accepted", "quarantined"],
+                "reason": ["", "", "", "undecodable"],
+                "label": ["Fruit/Apple", "Fruit/Apple/Golden", "Fruit/Apple/Golden", None],
+                "abstain": [False, False, True, None],
+                "level": [2, 3, 3, None],
+            }
+        )
+    )
+    counted = summary.as_dict()
+    assert counted["answered_by_level"] == {"2": 1, "3": 1}  # the abstained photo is no answer
+    assert "answered at taxonomy level: 2: 1, 3: 1" in describe(counted)
+    one_level = Summary("m-1", "")
+    one_level.add(
+        pa.table(
+            {
+                "status": ["accepted"],
+                "reason": [""],
+                "label": ["phone"],
+                "abstain": [False],
+                "level": [1],
+            }
+        )
+    )
+    assert "taxonomy level" not in describe(one_level.as_dict())

@@ -271,11 +271,14 @@ def photo_sample(store: RecordStore, since: datetime, until: datetime, limit: in
 
 
 def baseline(predictions: pd.DataFrame, bins: int) -> Baseline:
-    """The test set's figures from evaluate's predictions table (label, predicted, confidence,
-    abstained per photo)."""
+    """The test set's figures from evaluate's predictions table (label, predicted, answer,
+    confidence, abstained per photo). The class mix counts what the service answers, as the
+    answers table does: the taxonomy node a photo was answered at (`answer`), which is the
+    predicted class unless the answer backed off to an ancestor."""
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
     histogram = np.bincount(confidence_bin(confidence, bins), minlength=bins)
-    counts = predictions["predicted"].astype(str).value_counts()
+    answered = "answer" if "answer" in predictions else "predicted"
+    counts = predictions[answered].astype(str).value_counts()
     n = len(predictions)
     right = (predictions["label"] == predictions["predicted"]).to_numpy()
     return Baseline(

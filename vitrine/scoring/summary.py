@@ -27,6 +27,7 @@ class Summary:
         self.by_reason: Counter[str] = Counter()
         self.by_label: Counter[str] = Counter()
         self.abstained = 0
+        self.by_level: Counter[int] = Counter()  # answers given, by taxonomy level (1: coarsest)
         self.with_category = 0  # accepted rows with a declared category
         self.matches = 0
         self.unknown_categories = 0  # declared, but none of the model's classes
@@ -42,6 +43,8 @@ class Summary:
                 continue
             self.by_label[data["label"][i]] += 1
             self.abstained += bool(data["abstain"][i])
+            if not data["abstain"][i] and "level" in columns and data["level"][i] is not None:
+                self.by_level[int(data["level"][i])] += 1
             if "category" not in columns or data["category"][i] is None:
                 continue
             self.with_category += 1
@@ -73,6 +76,7 @@ class Summary:
             "by_label": dict(self.by_label.most_common()),
             "abstained": self.abstained,
             "abstain_rate": self.abstained / accepted if accepted else None,
+            "answered_by_level": {str(k): v for k, v in sorted(self.by_level.items())},
         }
         if self.with_category:
             summary["category"] = {
@@ -97,6 +101,11 @@ def describe(summary: dict[str, Any]) -> str:
         f"class mix: {mix}; abstained: {summary['abstained']}"
         + (f" ({rate:.1%})" if rate is not None else ""),
     ]
+    levels = summary.get("answered_by_level", {})
+    if len(levels) > 1:  # some answers backed off to an ancestor in the taxonomy
+        lines.append(
+            "answered at taxonomy level: " + ", ".join(f"{k}: {v}" for k, v in levels.items())
+        )
     if "scored_now" in summary:
         lines.append(
             f"this run scored {summary['scored_now']} photos; "
