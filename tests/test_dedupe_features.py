@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers.photos import photo_bytes
 from vitrine.compute import local_cluster, pack
-from vitrine.curation import feature_nets
+from vitrine.curation import feature_nets, features
 from vitrine.curation.features import FEATURES_FILE, accepted_features
 from vitrine.data.shards import ShardWriter
 from vitrine.images import load_square
@@ -79,7 +79,10 @@ def test_a_photos_features_do_not_depend_on_the_others_in_its_batch(photos):
 
 
 @pytest.mark.slow
-def test_dask_workers_and_a_cluster_by_address_give_the_in_process_features(tmp_path, photos):
+def test_dask_workers_and_a_cluster_by_address_give_the_in_process_features(
+    tmp_path, photos, monkeypatch
+):
+    monkeypatch.setattr(features, "IN_PROCESS_BATCHES", 0)  # a local cluster even for 2 batches
     manifest = collected(tmp_path / "collected", photos)
     run = dict(
         manifest=manifest, collected=tmp_path / "collected", batch_size=BATCH, progress=False
@@ -120,3 +123,28 @@ def test_the_cache_answers_a_rerun_and_a_new_photo_alone_is_computed(tmp_path, p
         assert store.count() == 3 and set(store.get_many(later.digests.tolist())) == set(
             later.digests.tolist()
         )
+
+
+@pytest.mark.slow
+def test_a_few_new_photos_start_no_cluster_and_the_exported_networks_are_kept(
+    tmp_path, photos, monkeypatch
+):
+    root = tmp_path / "collected"
+    manifest = collected(root, photos)
+    cache = tmp_path / "cache"
+    first = accepted_features(manifest, root, BATCH, cache, scheduler="", progress=False)
+    kept = cache / f"{features.MODEL_PREFIX}{first.version}.onnx"
+    assert kept.is_file()
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a few photos")
+
+    def no_export():
+        raise AssertionError("the networks were exported again")
+
+    monkeypatch.setattr(features.compute, "connect", no_cluster)
+    monkeypatch.setattr(features.feature_nets, "onnx_model", no_export)
+    (cache / features.FEATURES_FILE).unlink()  # every photo to compute again, in this process
+    again = accepted_features(manifest, root, BATCH, cache, scheduler="", progress=False)
+    np.testing.assert_array_equal(again.descriptors, first.descriptors)
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)

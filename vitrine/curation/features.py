@@ -46,6 +46,7 @@ from vitrine.model.embeddings import DEDUPE_DIM, FEATURE_DIM
 from vitrine.runtime import network_input
 
 FEATURES_FILE = "features.sqlite"
+MODEL_PREFIX = "features-net-"  # <cache_dir>/features-net-<version>.onnx: the exported networks
 LOOKUP_CHUNK = 4096  # cached photos read back at a time
 _DISTRIBUTIONS = (
     "torch",
@@ -99,17 +100,31 @@ def features_version(batch_size: int, rounding: dict[str, Any] | None = None) ->
     return code_version(modules, _DISTRIBUTIONS, settings)
 
 
+# A local cluster's worker processes take about 3 s to start and import the networks on
+# 2 cores; up to this many batches run faster in the stage's own process, with the same bits
+# (tests/test_dedupe_features.py). A cluster by address is always used: its machines may differ.
+IN_PROCESS_BATCHES = 4
+
+
 class FeatureRunner:
     """Runs feature_nets.photo_features somewhere: in this process, on a local cluster, or on
-    the cluster at an address. The model is exported, and a cluster started, at the first
-    batch to compute, so a run the cache answers entirely starts neither."""
+    the cluster at an address. The model is exported (or read from `model_file`), and a cluster
+    started, at the first batch to compute, so a run the cache answers entirely starts neither."""
 
-    def __init__(self, scheduler: str, n_workers: int, batch_size: int):
+    def __init__(
+        self, scheduler: str, n_workers: int, batch_size: int, model_file: Path | None = None
+    ):
         self.scheduler, self.n_workers, self.batch_size = scheduler, n_workers, batch_size
         self.in_process = scheduler == compute.SYNCHRONOUS
+        self.model_file = model_file
         self.connection: compute.Connection | None = None
         self._model: Any = None
         self._digest = ""
+
+    def expect(self, photos: int) -> None:
+        """A local run of a few batches stays in this process (IN_PROCESS_BATCHES)."""
+        if not self.scheduler and photos <= IN_PROCESS_BATCHES * self.batch_size:
+            self.in_process = True
 
     def connect(self) -> compute.Connection:
         if self.connection is None:
@@ -138,7 +153,7 @@ class FeatureRunner:
 
     def submit(self, blobs: list[bytes]) -> Any:
         if self._model is None:
-            model = feature_nets.onnx_model()
+            model = exported_model(self.model_file)
             self._digest = feature_nets.model_digest(model)
             # Once to every worker; each task then names it, and finds it there.
             self._model = (
@@ -158,6 +173,21 @@ class FeatureRunner:
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
+
+
+def exported_model(path: Path | None) -> bytes:
+    """feature_nets.onnx_model, kept at `path` (named by the features' version, so another
+    version exports afresh): exporting and checking it takes 1.4 s of every run otherwise."""
+    if path is not None and path.is_file():
+        return path.read_bytes()
+    model = feature_nets.onnx_model()
+    if path is not None:
+        for old in path.parent.glob(f"{MODEL_PREFIX}*.onnx"):
+            old.unlink(missing_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(model)
+        partial.replace(path)
+    return model
 
 
 def feature_batches(
@@ -232,9 +262,11 @@ def accepted_features(
         version = features_version(batch_size, runner.rounding())
         if cache_dir is not None:
             store = PhotoCache(cache_dir / FEATURES_FILE, version)
+            runner.model_file = cache_dir / f"{MODEL_PREFIX}{version}.onnx"
         todo = list(positions)
         if store is not None:
             todo = _read_cached(store, digests, descriptors, features)
+        runner.expect(len(todo))
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with ShardReader(collected) as shards:
             blobs = ([shards.read(*refs[d]) for d in batch] for batch in batches)
