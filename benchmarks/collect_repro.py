@@ -61,16 +61,27 @@ def _role(p: psutil.Process) -> str:
     return "dask" if parent and "stages.collect" in " ".join(parent.cmdline()) else "stage"
 
 
+PSS_EVERY_S = 0.5  # reading a process's PSS walks its mappings: about 13 ms a process
+
+
 def peak_rss(proc: psutil.Process, stop: threading.Event, out: dict[str, int]) -> None:
     """Sample the RSS of the stage's whole process tree (DVC, python, Dask workers), and of
-    each role in it: DVC itself, the stage's process, the Dask processes together."""
+    each role in it: DVC itself, the stage's process, the Dask processes together; every
+    PSS_EVERY_S also the tree's PSS ("pss_tree"), which counts the pages the processes share
+    (torch's and ONNX Runtime's libraries, mapped by each worker) once, as the machine does,
+    where a sum of RSS counts them once per process."""
+    last_pss = 0.0
     while not stop.is_set():
         try:
             roles: dict[str, int] = {}
-            for p in [proc, *proc.children(recursive=True)]:
+            tree = [proc, *proc.children(recursive=True)]
+            for p in tree:
                 role = _role(p)  # the tree's root is `dvc repro collect` itself
                 roles[role] = roles.get(role, 0) + p.memory_info().rss
             roles["tree"] = sum(roles.values())
+            if time.monotonic() - last_pss >= PSS_EVERY_S:
+                last_pss = time.monotonic()
+                roles["pss_tree"] = sum(p.memory_full_info().pss for p in tree)
             for role, rss in roles.items():
                 out[role] = max(out.get(role, 0), rss)
         except psutil.Error:
