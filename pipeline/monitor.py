@@ -87,6 +87,7 @@ class Inputs:
     predictions: Path
     test_images: Path
     image_size: int
+    resize: str  # the prepared set's (vitrine.images.RESIZE_MODES), as the test photos were made
 
 
 def load_monitor_config(project_dir: Path) -> MonitorConfig:
@@ -94,7 +95,7 @@ def load_monitor_config(project_dir: Path) -> MonitorConfig:
 
 
 def inputs(project_dir: Path) -> Inputs:
-    from vitrine.data.layout import split_images_path
+    from vitrine.data.layout import prepared_resize, split_images_path
 
     params = load_params(project_dir / "params.yaml")
     paths = load_paths(params)
@@ -113,6 +114,7 @@ def inputs(project_dir: Path) -> Inputs:
         predictions=project_dir / paths.predictions,
         test_images=split_images_path(project_dir / paths.prepared, "test"),
         image_size=int(params["prepare"]["image_size"]),
+        resize=prepared_resize(project_dir / paths.prepared),
     )
 
 
@@ -170,7 +172,7 @@ def image_drift(
             missing += 1  # deleted by retention; its answer's row outlives it
             continue
         try:
-            pixels.append(load_square(data, source.image_size))
+            pixels.append(load_square(data, source.image_size, source.resize))
         except (Rejected, OSError, ValueError):
             unreadable += 1
     figures: dict[str, Any] = {

@@ -17,9 +17,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from vitrine.config import load_params, load_paths, params_block, stage_config
-from vitrine.data.layout import SPLITS, prepared_manifest_path, split_images_path
+from vitrine.data.layout import (
+    SPLITS,
+    prepared_manifest_path,
+    split_images_path,
+    write_preprocessing,
+)
 from vitrine.data.shards import MANIFEST, ShardReader
-from vitrine.images import load_square
+from vitrine.images import RESIZE_MODES, SQUEEZE, load_square
 
 SPLIT_RULES = ("hash", "column")
 
@@ -33,12 +38,15 @@ class PrepareConfig:
     seed: int
     split: str = "hash"  # hash: by cluster key and seed | column: as the source gives it
     split_column: str = "split"  # the catalog column (kept in `meta`) read by split: column
+    resize: str = SQUEEZE  # how a photo becomes the square (vitrine.images.RESIZE_MODES)
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction + self.test_fraction < 1:
             raise ValueError("prepare: val_fraction + test_fraction must be in (0, 1)")
         if self.split not in SPLIT_RULES:
             raise ValueError(f"prepare.split must be one of {SPLIT_RULES}, got {self.split!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"prepare.resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
 
 class SplitError(ValueError):
@@ -106,7 +114,9 @@ def split_manifest(deduped: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame
     return kept[columns].reset_index(drop=True)
 
 
-def pack_split(rows: pd.DataFrame, shards: ShardReader, size: int, out: Path) -> None:
+def pack_split(
+    rows: pd.DataFrame, shards: ShardReader, size: int, out: Path, resize: str = SQUEEZE
+) -> None:
     """Decode and resize one split into an (N, size, size, 3) uint8 .npy, in `index` order.
 
     Written photo by photo through a plain file, not a memory map: a map's written pages count
@@ -120,7 +130,8 @@ def pack_split(rows: pd.DataFrame, shards: ShardReader, size: int, out: Path) ->
     with out.open("wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         for row in tqdm(rows.itertuples(), total=len(rows), desc=f"prepare {out.stem}", unit="img"):
-            f.write(load_square(shards.read(row.shard, row.offset, row.length), size).tobytes())
+            data = shards.read(row.shard, row.offset, row.length)
+            f.write(load_square(data, size, resize).tobytes())
 
 
 def leaked(split: pd.Series, cluster_id: pd.Series) -> int:
@@ -186,10 +197,12 @@ def main() -> None:
     with ShardReader(paths.collected) as shards:
         for split in SPLITS:
             rows = prepared[prepared["split"] == split]
-            pack_split(rows, shards, config.image_size, split_images_path(paths.prepared, split))
+            out = split_images_path(paths.prepared, split)
+            pack_split(rows, shards, config.image_size, out, config.resize)
     prepared.drop(columns=["shard", "offset", "length"]).to_parquet(
         prepared_manifest_path(paths.prepared), index=False
     )
+    write_preprocessing(paths.prepared, config.image_size, config.resize)
     report = {**prepare_report(prepared), "leakage": leakage_report(deduped, prepared, config)}
     paths.prepare_report.write_text(json.dumps(report, indent=2) + "\n")
     print(f"prepare: {report}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.helpers.tiny_prepared import CLASSES, write_prepared
-from vitrine.data.layout import load_split
+from vitrine.data.layout import load_split, prepared_resize, write_preprocessing
 from vitrine.data.splits import (
     PackedDataModule,
     balanced_sampler,
@@ -115,3 +115,9 @@ def test_loader_workers_augment_independently(tmp_path):
     first, second = [x for x, _ in data.train_dataloader()][:2]  # from workers 0 and 1
     original = torch.from_numpy(images[:1].copy()).expand(8, -1, -1, -1)
     assert flipped(first, original) != flipped(second, original)
+
+
+def test_a_prepared_set_names_its_resize_rule_and_an_older_one_squeezed(tmp_path):
+    assert prepared_resize(tmp_path) == "squeeze"  # prepared before the rule was recorded
+    write_preprocessing(tmp_path, 128, "letterbox")
+    assert prepared_resize(tmp_path) == "letterbox"

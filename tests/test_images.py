@@ -4,6 +4,10 @@ from PIL import Image
 
 from tests.helpers.photos import encode, png_header_only
 from vitrine.images import (
+    CENTER_CROP,
+    LETTERBOX,
+    RESIZE_MODES,
+    SQUEEZE,
     Rejected,
     checked_square,
     decode_rgb,
@@ -156,3 +160,42 @@ def test_load_checked_square_judges_size_on_the_original_not_the_dct_scaled_deco
     with pytest.raises(Rejected) as err:
         load_checked_square(data, 128, min_side=257, max_pixels=10**6)
     assert err.value.detail.startswith("1024x256")
+
+
+def two_colour_photo() -> bytes:
+    """A 40x20 PNG: left half red, right half blue (lossless, so pixels can be checked)."""
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)
+    arr[:, 20:] = (0, 0, 255)
+    return encode(Image.fromarray(arr), "PNG")
+
+
+def test_squeeze_stretches_the_whole_photo_to_the_square():
+    square = load_square(two_colour_photo(), 8, SQUEEZE)
+    assert (square[:, :3] == (255, 0, 0)).all() and (square[:, 5:] == (0, 0, 255)).all()
+
+
+def test_letterbox_keeps_the_shape_on_white_bands():
+    square = load_square(two_colour_photo(), 8, LETTERBOX)
+    # 40x20 scaled to 8x4, centred: rows 0-1 and 6-7 are white bands.
+    assert (square[:2] == 255).all() and (square[6:] == 255).all()
+    assert (square[2:6, :3] == (255, 0, 0)).all() and (square[2:6, 5:] == (0, 0, 255)).all()
+
+
+def test_center_crop_keeps_the_middle_square_at_its_shape():
+    square = load_square(two_colour_photo(), 8, CENTER_CROP)
+    # The middle 20x20 of 40x20: half red, half blue, with nothing white.
+    assert (square[:, :3] == (255, 0, 0)).all() and (square[:, 5:] == (0, 0, 255)).all()
+    assert not (square == 255).all(axis=2).any()
+
+
+@pytest.mark.parametrize("resize", RESIZE_MODES)
+def test_the_services_single_decode_makes_the_same_square_for_every_rule(make_photo, resize):
+    data = make_photo(9, (640, 360))
+    checked = checked_square(open_capped(data, 10**6), 128, min_side=32, resize=resize)
+    np.testing.assert_array_equal(checked, load_square(data, 128, resize))
+
+
+def test_an_unknown_rule_is_refused_by_name():
+    with pytest.raises(ValueError, match="resize must be one of"):
+        load_square(two_colour_photo(), 8, "stretch")

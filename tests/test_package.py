@@ -440,3 +440,14 @@ def test_a_served_model_of_another_checkpoint_is_refused(tmp_path: Path) -> None
         export_package(
             tmp_path / "train1", served, evaluation, tmp_path / "package", SERVE, PROVENANCE, None
         )
+
+
+def test_the_packaged_model_makes_photos_square_by_its_training_rule(tmp_path: Path) -> None:
+    """train's card names prepare's resize rule; package writes it to model.json, where the
+    service, the scorer and the heat maps read it (tests/test_service.py)."""
+    torch.manual_seed(0)
+    module = ImageClassifier("cnn64", list(CLASSES), lr=1e-3)
+    write_checkpoint(module, tmp_path / "train", image_size=128, resize="letterbox")
+    info = export(tmp_path / "train", write_report(tmp_path / "evaluate.json"), tmp_path / "pkg")
+    assert info["resize"] == "letterbox" and read_packaged(tmp_path / "pkg").resize == "letterbox"
+    assert "vitrine.images.load_square (letterbox)" in (tmp_path / "pkg/model_card.md").read_text()

@@ -68,6 +68,11 @@ def test_every_stage_left_its_outputs(repo):
     }
     assert json.loads((repo / "reports/promotion.json").read_text())["promoted"] is True
     assert (repo / "models/package/model.pt").exists()
+    # prepare's resize rule travels with the arrays to the packaged model the service reads.
+    prepare = yaml.safe_load((repo / "params.yaml").read_text())["prepare"]
+    made = json.loads((repo / "data/prepared/preprocessing.json").read_text())
+    assert made == {"image_size": prepare["image_size"], "resize": prepare["resize"]}
+    assert json.loads((repo / "models/package/model.json").read_text())["resize"] == made["resize"]
 
 
 def test_second_repro_runs_nothing_but_the_inventory(repo):

@@ -68,6 +68,9 @@ def test_promotes_over_a_champion_that_cannot_be_compared() -> None:
     assert decision.promoted and "other classes" in decision.reason
     smaller = contender("old", None, image_size=64)
     assert "64 px" in decide(contender("new", 0.1), smaller, METRIC, 0.005).reason
+    letterboxed = dataclasses.replace(contender("old", None), resize="letterbox")
+    reason = decide(contender("new", 0.1), letterboxed, METRIC, 0.005).reason
+    assert "made square by letterbox" in reason and "by squeeze" in reason
 
 
 def test_the_same_weights_are_repackaged() -> None:

@@ -56,6 +56,7 @@ from tests.helpers.server import start_server, stop
 from tests.helpers.tiny_package import CLASSES, package_tiny_model
 from vitrine.contracts import PackagedModel, ServeConfig, read_packaged
 from vitrine.images import Rejected, load_square
+from vitrine.runtime.answers import model_input
 from vitrine.runtime.decisions import decide
 from vitrine.runtime.onnx import onnx_proba
 
@@ -826,3 +827,18 @@ def test_upload_page_confirms_or_switches_the_category(server: Server, tmp_path:
             else:
                 assert f"looks like a {predicted}, not a {other}" in message.inner_text()
         assert blocked == []
+
+
+@pytest.mark.parametrize("resize", ["letterbox", "center_crop"])
+def test_uploads_are_made_square_by_the_packaged_models_rule(resize: str) -> None:
+    """The packaged model.json names how prepare made the training squares; the service, and
+    the scorer and heat maps through the same function, make uploads square the same way."""
+    info = replace(package_info(0.5), resize=resize)
+    ramp = np.repeat(np.linspace(0, 255, 160, dtype=np.uint8)[None, :, None], 90, axis=0)
+    buf = io.BytesIO()
+    Image.fromarray(np.repeat(ramp, 3, axis=2)).save(buf, "JPEG")  # dark left, light right
+    photo = buf.getvalue()
+    np.testing.assert_array_equal(
+        model_input(photo, info), load_square(photo, info.image_size, resize)
+    )
+    assert not np.array_equal(model_input(photo, info), load_square(photo, info.image_size))

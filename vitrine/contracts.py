@@ -83,6 +83,7 @@ class TrainedModel:
     classes: tuple[str, ...]
     image_size: int  # side of the prepared square arrays: what the Predictor is fed
     input_size: int  # the network's own input side (the Predictor resizes to it)
+    resize: str = "squeeze"  # how prepare made the squares (vitrine.images.RESIZE_MODES)
 
 
 def write_trained(trained: TrainedModel, folder: Path) -> None:
@@ -317,6 +318,9 @@ class PackagedModel:
     # of it never matches a declared category, and the upload page says what it means; "":
     # none (not written to model.json then).
     other_class: str = ""
+    # How a photo becomes the image_size square (vitrine.images.RESIZE_MODES), as prepare made
+    # the training photos; models packaged before it existed squeezed.
+    resize: str = "squeeze"
 
     @cached_property
     def rule(self) -> decisions.Rule:

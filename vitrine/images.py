@@ -132,21 +132,40 @@ def upright_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else _to_rgb(img)
 
 
-def resize_square(img: Image.Image, size: int) -> np.ndarray:
-    """Resize (without cropping: product photos are often framed edge to edge) to size x size."""
-    resized = img.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+# How a photo becomes a square (prepare.resize; the packaged model carries it to the service):
+# - squeeze: the whole photo, stretched to the square (a portrait laptop comes out tall);
+# - letterbox: the whole photo at its own shape, centred on white bands (a listing's background);
+# - center_crop: the middle square of the photo, at its own shape (the ends of the long side lost).
+SQUEEZE, LETTERBOX, CENTER_CROP = "squeeze", "letterbox", "center_crop"
+RESIZE_MODES = (SQUEEZE, LETTERBOX, CENTER_CROP)
+LETTERBOX_FILL = (255, 255, 255)
 
 
-def load_square(data: bytes, size: int) -> np.ndarray:
+def resize_square(img: Image.Image, size: int, resize: str = SQUEEZE) -> np.ndarray:
+    """An upright RGB image to a (size, size, 3) uint8 array by the `resize` rule (bilinear)."""
+    bilinear = Image.Resampling.BILINEAR
+    if resize == SQUEEZE:
+        square = img.resize((size, size), bilinear)
+    elif resize == LETTERBOX:
+        square = ImageOps.pad(img, (size, size), method=bilinear, color=LETTERBOX_FILL)
+    elif resize == CENTER_CROP:
+        square = ImageOps.fit(img, (size, size), method=bilinear)
+    else:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    return np.asarray(square, dtype=np.uint8)
+
+
+def load_square(data: bytes, size: int, resize: str = SQUEEZE) -> np.ndarray:
     """Encoded bytes to a (size, size, 3) uint8 array: what training and serving both see."""
-    return resize_square(decode_rgb(data, draft_size=size), size)
+    return resize_square(decode_rgb(data, draft_size=size), size, resize)
 
 
-def checked_square(img: Image.Image, size: int, *, min_side: int) -> np.ndarray:
+def checked_square(
+    img: Image.Image, size: int, *, min_side: int, resize: str = SQUEEZE
+) -> np.ndarray:
     """The rest of inspect_image's checks, then load_square's pixels, from a single decode of an
     image open_capped returned: the service's path for untrusted uploads, which decides from the
     opened header where to decode (a bomb was refused by open_capped)."""
     header_size = img.size
     load_checked(first_frame(img, (size, size)), header_size, min_side)
-    return resize_square(upright_rgb(img), size)
+    return resize_square(upright_rgb(img), size, resize)

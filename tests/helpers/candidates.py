@@ -95,7 +95,9 @@ def brightness_classifier() -> ImageClassifier:
     return module
 
 
-def write_checkpoint(module: ImageClassifier, model_dir: Path, image_size: int = SIDE) -> Path:
+def write_checkpoint(
+    module: ImageClassifier, model_dir: Path, image_size: int = SIDE, resize: str = "squeeze"
+) -> Path:
     """What train leaves in <paths.model>/<candidate>: a Lightning checkpoint and model.json."""
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -107,7 +109,8 @@ def write_checkpoint(module: ImageClassifier, model_dir: Path, image_size: int =
         model_dir / "best.ckpt",
     )
     classes = tuple(module.hparams.classes)
-    trained = TrainedModel(module.hparams.model, classes, image_size, module.predictor.input_size)
+    input_size = module.predictor.input_size
+    trained = TrainedModel(module.hparams.model, classes, image_size, input_size, resize)
     write_trained(trained, model_dir)
     return model_dir
 

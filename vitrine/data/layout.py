@@ -7,6 +7,7 @@ albumentations (about 3 s and 1 GB of start-up per process).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,19 @@ def split_images_path(prepared: Path, split: str) -> Path:
 
 def prepared_manifest_path(prepared: Path) -> Path:
     return Path(prepared) / "manifest.parquet"
+
+
+def write_preprocessing(prepared: Path, image_size: int, resize: str) -> None:
+    """How the squares were made, for train to hand on to the packaged model."""
+    data = {"image_size": image_size, "resize": resize}
+    (Path(prepared) / "preprocessing.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def prepared_resize(prepared: Path) -> str:
+    """The resize rule of a prepared set (vitrine.images.RESIZE_MODES); a set prepared before
+    the rule was recorded squeezed."""
+    path = Path(prepared) / "preprocessing.json"
+    return str(json.loads(path.read_text())["resize"]) if path.is_file() else "squeeze"
 
 
 def load_split(prepared: Path, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:

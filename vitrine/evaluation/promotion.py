@@ -45,6 +45,7 @@ class Contender:
     image_size: int  # side of the square uint8 images it takes
     scores: dict[str, float | int] | None
     servable: bool = True  # packaged with model.onnx, which the service runs
+    resize: str = "squeeze"  # how a photo becomes its square (vitrine.images.RESIZE_MODES)
 
     def summary(self, metric: str) -> ContenderSummary:
         return ContenderSummary(
@@ -80,6 +81,11 @@ def not_comparable(challenger: Contender, champion: Contender) -> str | None:
         return (
             f"the champion {champion.model_version} takes {champion.image_size} px images, the "
             f"prepared test photos are {challenger.image_size} px, so no score compares them"
+        )
+    if champion.resize != challenger.resize:
+        return (
+            f"the champion {champion.model_version} takes photos made square by {champion.resize},"
+            f" the prepared test photos by {challenger.resize}, so no score compares them"
         )
     return None
 
@@ -180,6 +186,7 @@ def describe(folder: Path) -> Contender:
         image_size=info.image_size,
         scores=None,
         servable=(folder / ONNX_MODEL_FILE).is_file(),
+        resize=info.resize,
     )
 
 

@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from vitrine.config import from_mapping, params_block
 from vitrine.contracts import CHECKPOINT, TrainedModel, write_trained
 from vitrine.data.batches import photo_data
-from vitrine.data.layout import prepared_manifest_path, split_images_path
+from vitrine.data.layout import prepared_manifest_path, prepared_resize, split_images_path
 from vitrine.data.splits import PackedDataModule, epoch_seed
 from vitrine.model.networks import ImageClassifier
 from vitrine.model.probe import CachedFeatures, HeadOnly, flip_probability, is_probe
@@ -296,7 +296,8 @@ def train(
 def model_card(config: TrainConfig, candidate: CandidateConfig, prepared: Path) -> TrainedModel:
     """What a consumer of the checkpoint needs to feed it: classes and image sizes."""
     image_size = int(np.load(split_images_path(prepared, "train"), mmap_mode="r").shape[1])
-    return TrainedModel(candidate.model, config.classes, image_size, candidate.input_size)
+    resize = prepared_resize(prepared)
+    return TrainedModel(candidate.model, config.classes, image_size, candidate.input_size, resize)
 
 
 def publish(result: TrainResult, card: TrainedModel, out: Path, report: Path) -> None:

@@ -208,6 +208,7 @@ def packaged_model(
         class_thresholds=report.class_thresholds(trained.classes),
         backoff=tuple(backoff),
         other_class=str(report.open_set.get("other_class", "")),
+        resize=trained.resize,
     )
 
 
@@ -271,8 +272,8 @@ def model_card(info: PackagedModel) -> str:
             else []
         ),
         f"- Input: uint8 RGB (N, {info.image_size}, {info.image_size}, 3) from "
-        f"vitrine.images.load_square; the model resizes to {info.input_size} px and "
-        "normalises inside",
+        f"vitrine.images.load_square ({info.resize}); the model resizes to "
+        f"{info.input_size} px and normalises inside",
         f"- Runs as: {runs_as(info)}",
         f"- Probabilities: {calibrated_as(info)}",
         f"- Answers with {answers(info)}; {answered_from(info)}",

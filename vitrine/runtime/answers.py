@@ -36,7 +36,9 @@ def open_upload(data: bytes, info: PackagedModel) -> Image.Image:
 def prepare_image(img: Image.Image, info: PackagedModel) -> np.ndarray:
     """An opened photo -> the (size, size, 3) uint8 array the model takes; Rejected otherwise."""
     try:
-        return checked_square(img, info.image_size, min_side=info.serve.min_side)
+        return checked_square(
+            img, info.image_size, min_side=info.serve.min_side, resize=info.resize
+        )
     except (OSError, ValueError, SyntaxError) as err:
         raise Rejected("undecodable", str(err)) from None
 
