@@ -118,3 +118,28 @@ def test_a_variable_the_page_lacks_is_an_error() -> None:
         template.render(page=page)
     with pytest.raises(jinja2.UndefinedError):
         template.render()
+
+
+def test_the_off_category_photos_have_their_own_table_only_with_an_other_class() -> None:
+    args = inputs(("phone", "laptop", "other"))
+    assert "none of the categories" not in visible(render_report(*args))
+
+    def split(off: int, caught: int, held: int, known: int, wrong: int) -> dict[str, Any]:
+        return {
+            "off_category_photos": off,
+            "answered_other": caught,
+            "abstained": held,
+            "open_set_recall": (caught + held) / off,
+            "known_photos": known,
+            "known_called_other": wrong,
+            "known_called_other_rate": wrong / known,
+        }
+
+    args[0]["open_set"] = {
+        "other_class": "other",
+        "val": split(20, 8, 2, 100, 3),
+        "test": split(10, 4, 0, 50, 1),
+    }
+    text = visible(render_report(*args))
+    assert "Photos that are none of the categories" in text
+    assert "val 20 8 2 0.5000 100 3 0.0300" in text and "test 10 4 0 0.4000 50 1 0.0200" in text

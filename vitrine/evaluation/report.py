@@ -24,6 +24,7 @@ from PIL import Image
 
 from vitrine import pages
 from vitrine.evaluation.metrics import ValueModel
+from vitrine.evaluation.openset import KNOWN_AS_OTHER, RECALL
 from vitrine.evaluation.slices import slices_page
 
 MAX_MATRIX_CLASSES = 50
@@ -339,6 +340,35 @@ def decisions_section(decisions: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def open_set_section(open_set: dict[str, Any]) -> dict[str, Any] | None:
+    """The off-category photos (evaluate.json `open_set`): on val and test, how many the served
+    rule answered the other class or sent to review, and how many known photos it called other;
+    None without an other class."""
+    if not open_set:
+        return None
+    header = [
+        "split",
+        "off-category photos",
+        "answered other",
+        "sent to review",
+        "open-set recall",
+        "known photos",
+        "known called other",
+        "share",
+    ]
+    keys = ("off_category_photos", "answered_other", "abstained", RECALL, "known_photos")
+    rows = [
+        [
+            split,
+            *("n/a" if open_set[split][k] is None else open_set[split][k] for k in keys),
+            open_set[split]["known_called_other"],
+            "n/a" if open_set[split][KNOWN_AS_OTHER] is None else open_set[split][KNOWN_AS_OTHER],
+        ]
+        for split in ("val", "test")
+    ]
+    return {"other_class": open_set["other_class"], "table": table(header, rows)}
+
+
 def evaluation_page(
     report: dict[str, Any],
     candidates: dict[str, dict[str, Any]],
@@ -358,6 +388,7 @@ def evaluation_page(
         "calibration": calibration(report, reliability),
         "decisions": decisions_section(report.get("decisions") or {}),
         "slices": slices_page(report.get("slices") or {}),
+        "open_set": open_set_section(report.get("open_set") or {}),
         "mistakes": mistakes(predictions, test_images, mistakes_shown, heatmaps),
     }
 
