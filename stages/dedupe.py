@@ -235,9 +235,12 @@ def assign_statuses(frame: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFram
 # --- noise -----------------------------------------------------------------------------------
 
 
-def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfig) -> pd.DataFrame:
+def noise_scores(
+    kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfig, rows: np.ndarray | None = None
+) -> pd.DataFrame:
     """Per kept photo: label-issue score and suggested label (cleanlab's confident learning on
-    out-of-fold probabilities) and an outlier score within its class."""
+    out-of-fold probabilities) and an outlier score within its class. `rows`: each kept photo's
+    row of `embeddings` (None: in order)."""
     classes = list(config.classes)
     y = kept["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
     counts = np.bincount(y, minlength=len(classes))
@@ -246,13 +249,14 @@ def noise_scores(kept: pd.DataFrame, embeddings: np.ndarray, config: DedupeConfi
         return scores.assign(
             noise_score=0.0, suggested_label=kept["label"], label_issue=False, outlier_score=0.0
         )
-    proba = out_of_fold_proba(embeddings, y, len(classes), config.noise.folds, config.noise.seed)
+    noise = config.noise
+    proba = out_of_fold_proba(embeddings, y, len(classes), noise.folds, noise.seed, rows)
     issues = find_label_issues(proba, y)
     return scores.assign(
         noise_score=issues.score,
         suggested_label=[classes[i] for i in issues.suggested],
         label_issue=issues.is_issue,
-        outlier_score=class_outlier_scores(embeddings, y),
+        outlier_score=class_outlier_scores(embeddings, y, rows),
     )
 
 
@@ -279,7 +283,7 @@ def dedupe(
     out = assign_statuses(out, decisions)
     kept = (out["status"] == "kept").to_numpy()
     kept_photos = features.row_photo[kept[accepted.to_numpy()]]
-    scores = noise_scores(out[kept], features.embeddings[kept_photos], config)
+    scores = noise_scores(out[kept], features.embeddings, config, kept_photos)
     out = out.join(scores)
     out["noise_score"] = out["noise_score"].fillna(0.0)
     out["outlier_score"] = out["outlier_score"].fillna(0.0)

@@ -32,18 +32,26 @@ QUALITY_SCORE = "self_confidence"  # p(given class); for two classes it ranks as
 
 
 def out_of_fold_proba(
-    embeddings: np.ndarray, labels: np.ndarray, n_classes: int, folds: int, seed: int
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    folds: int,
+    seed: int,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n, n_classes) probabilities, each predicted by a model that never saw that photo."""
+    """(n, n_classes) probabilities, each predicted by a model that never saw that photo.
+    `rows`: photo i's row of `embeddings` (None: row i), so that a caller holding one row per
+    distinct photo needs no per-photo copy of them (0.75 GB at 160,000 photos)."""
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
     proba = np.zeros((len(labels), n_classes), dtype=np.float64)
     min_count = np.bincount(labels, minlength=n_classes).min()
     splitter = StratifiedKFold(
         n_splits=min(folds, max(2, min_count)), shuffle=True, random_state=seed
     )
-    for train_idx, test_idx in splitter.split(embeddings, labels):
+    for train_idx, test_idx in splitter.split(np.zeros(len(labels)), labels):
         model = LogisticRegression(max_iter=2000, C=1.0)
-        model.fit(embeddings[train_idx], labels[train_idx])
-        proba[np.ix_(test_idx, model.classes_)] = model.predict_proba(embeddings[test_idx])
+        model.fit(embeddings[rows[train_idx]], labels[train_idx])
+        proba[np.ix_(test_idx, model.classes_)] = model.predict_proba(embeddings[rows[test_idx]])
     return proba
 
 
@@ -69,15 +77,20 @@ def find_label_issues(proba: np.ndarray, labels: np.ndarray) -> LabelIssues:
     return LabelIssues(is_issue, suggested, 1.0 - quality)
 
 
-def class_outlier_scores(embeddings: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def class_outlier_scores(
+    embeddings: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Robust z-score of each photo's cosine distance to its class's mean embedding: how far
-    from everything else in its class a photo is (an accessory among phones)."""
+    from everything else in its class a photo is (an accessory among phones). `rows` as in
+    out_of_fold_proba."""
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
     scores = np.zeros(len(labels))
     for c in np.unique(labels):
         members = labels == c
-        centroid = embeddings[members].mean(axis=0)
+        own = embeddings[rows[members]]
+        centroid = own.mean(axis=0)
         centroid /= np.linalg.norm(centroid) or 1.0
-        distance = 1.0 - embeddings[members] @ centroid
+        distance = 1.0 - own @ centroid
         median = np.median(distance)
         mad = np.median(np.abs(distance - median)) * 1.4826 or 1e-9
         scores[members] = (distance - median) / mad
