@@ -8,7 +8,7 @@ squares upsampled by vitrine.runtime.network_input, as training's resize). The e
 refused unless ONNX Runtime's outputs match the eager networks' (`PARITY_ATOL`).
 
 Why ONNX Runtime at these sizes: on 2 cores (`python benchmarks/neardup.py --parts d`) the
-torch networks give about 25 photos/s for both features, ONNX Runtime 6-7 times that, with the
+torch networks give about 25 photos/s for both features, ONNX Runtime 5-6 times that, with the
 dedupe and noise figures unchanged (`benchmarks/neardup.py`, `benchmarks/noise.py`). Smaller
 embedding inputs are cheaper still but change what the noise scores flag (measured on the
 Avito photos without review decisions: at 128 px cleanlab flags 73 photos, 15 of them dropped
