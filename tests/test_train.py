@@ -91,7 +91,13 @@ def test_a_run_publishes_checkpoint_card_report_and_curves(baseline):
         "model.json",
     ]
     card = json.loads((project / "models/train" / NAME / "model.json").read_text())
-    assert card == {"model": "cnn64", "classes": list(CLASSES), "image_size": 32, "input_size": 32}
+    assert card == {
+        "model": "cnn64",
+        "classes": list(CLASSES),
+        "image_size": 32,
+        "input_size": 32,
+        "resize": "squeeze",  # a prepared set without preprocessing.json was squeezed
+    }
     assert report["epochs"] == 4 and report["stopped_by"] == "max_epochs"
     assert report["resumed_at_epoch"] is None
     assert set(report["final"]) == {"train_loss", "train_acc", "val_loss", "val_acc"}
