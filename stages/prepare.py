@@ -120,7 +120,7 @@ def pack_split(
     """Decode and resize one split into an (N, size, size, 3) uint8 .npy, in `index` order.
 
     Written photo by photo through a plain file, not a memory map: a map's written pages count
-    in the process's resident memory until the kernel writes them back (7.5 GiB for 160,000
+    in the process's resident memory until the kernel writes them back (7.3 GiB for 160,000
     photos at 128 px), a file's do not.
     """
     rows = rows.sort_values("index")

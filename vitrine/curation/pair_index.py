@@ -2,8 +2,9 @@
 against all.
 
 The descriptor search is quadratic: with every photo new it multiplies all descriptors by all
-(about 36 s at 40,000 photos and 10 minutes at 160,000 on 2 cores), where the photos that
-arrived since the last run need only new x all. The index keeps, for the distinct photos
+(about 1.5e-8 s a pair on 2 cores: 11.8 s at 40,000 random descriptors, some 3 minutes at
+160,000), where the photos that arrived since the last run need only new x all (0.42 s for
+400 new against 40,000). The index keeps, for the distinct photos
 (sha256) of the last run, every pair whose descriptor cosine reaches `min_cosine`, and on the
 next run:
 - drops the photos that are gone and their pairs (one that comes back is new again),

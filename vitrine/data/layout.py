@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitrine.images import SQUEEZE
+
 SPLITS = ("train", "val", "test")
 
 
@@ -24,17 +26,21 @@ def prepared_manifest_path(prepared: Path) -> Path:
     return Path(prepared) / "manifest.parquet"
 
 
+def preprocessing_path(prepared: Path) -> Path:
+    return Path(prepared) / "preprocessing.json"
+
+
 def write_preprocessing(prepared: Path, image_size: int, resize: str) -> None:
     """How the squares were made, for train to hand on to the packaged model."""
     data = {"image_size": image_size, "resize": resize}
-    (Path(prepared) / "preprocessing.json").write_text(json.dumps(data, indent=2) + "\n")
+    preprocessing_path(prepared).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def prepared_resize(prepared: Path) -> str:
     """The resize rule of a prepared set (vitrine.images.RESIZE_MODES); a set prepared before
     the rule was recorded squeezed."""
-    path = Path(prepared) / "preprocessing.json"
-    return str(json.loads(path.read_text())["resize"]) if path.is_file() else "squeeze"
+    path = preprocessing_path(prepared)
+    return str(json.loads(path.read_text())["resize"]) if path.is_file() else SQUEEZE
 
 
 def load_split(prepared: Path, split: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
