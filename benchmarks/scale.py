@@ -72,6 +72,11 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return r, g, b
 
 
+def true_class(index: int, seed: int) -> int:
+    """Distinct photo `index`'s class (an index into CLASSES): scene's first draw."""
+    return int(np.random.default_rng([seed, index]).integers(len(CLASSES)))
+
+
 def scene(index: int, seed: int) -> tuple[Image.Image, int]:
     """Distinct photo `index`: its pixels and its true class (an index into CLASSES)."""
     rng = np.random.default_rng([seed, index])
@@ -248,32 +253,54 @@ class CopyCheck:
     copies: int  # injected near copies
     found: int  # of them, in their original's cluster
     merged: int  # distinct photos in a cluster with another distinct photo
+    mislabelled: int = 0  # kept photos filed under another class than their own
+    flagged_mislabelled: int = 0  # of them, flagged as label issues
+    flagged_others: int = 0  # kept photos flagged though filed under their own class
 
 
-def check_clusters(project: Path) -> CopyCheck:
-    """Do dedupe's clusters match the injected copies? (Read from its manifest.)"""
+def check_clusters(project: Path, seed: int) -> CopyCheck:
+    """Do dedupe's clusters match the injected copies, and its label issues the injected
+    label noise? (Read from its manifest.)"""
     deduped = pd.read_parquet(
-        project / "data/deduped/manifest.parquet", columns=["id", "cluster_id"]
+        project / "data/deduped/manifest.parquet",
+        columns=["id", "cluster_id", "status", "label", "label_issue"],
     )
     cluster: dict[int, str] = {}
     copies: list[tuple[int, int]] = []  # (copy, original)
-    for photo_id, cluster_id in zip(deduped["id"], deduped["cluster_id"], strict=True):
+    wrong = np.zeros(len(deduped), dtype=bool)
+    for row, (photo_id, cluster_id, label) in enumerate(
+        zip(deduped["id"], deduped["cluster_id"], deduped["label"], strict=True)
+    ):
         found = NAME.search(photo_id)
         assert found, photo_id
         cluster[int(found[1])] = cluster_id
+        distinct = int(found[1]) if found[2] is None else int(found[2])
+        wrong[row] = label != CLASSES[true_class(distinct, seed)]
         if found[2] is not None:
             copies.append((int(found[1]), int(found[2])))
     found_copies = sum(cluster[c] == cluster[o] for c, o in copies)
     copy_ids = {c for c, _ in copies}
-    distinct = pd.Series([k for i, k in cluster.items() if i not in copy_ids])
-    merged = int(distinct.duplicated(keep=False).sum())
-    return CopyCheck(len(copies), found_copies, merged)
+    distinct_ids = pd.Series([k for i, k in cluster.items() if i not in copy_ids])
+    merged = int(distinct_ids.duplicated(keep=False).sum())
+    kept = (deduped["status"] == "kept").to_numpy()
+    issue = deduped["label_issue"].fillna(False).to_numpy(dtype=bool)
+    return CopyCheck(
+        len(copies),
+        found_copies,
+        merged,
+        int((kept & wrong).sum()),
+        int((kept & wrong & issue).sum()),
+        int((kept & ~wrong & issue).sum()),
+    )
 
 
 def copies_line(check: CopyCheck) -> str:
     return (
         f"near copies in their original's cluster: {check.found:,} of {check.copies:,}; "
-        f"distinct photos merged with another: {check.merged:,}"
+        f"distinct photos merged with another: {check.merged:,}\n"
+        f"  kept photos filed under a wrong class flagged as label issues: "
+        f"{check.flagged_mislabelled:,} of {check.mislabelled:,}; others flagged: "
+        f"{check.flagged_others:,}"
     )
 
 
@@ -318,7 +345,7 @@ def catalog_run(
         with local_cluster(workers, project) if workers else nullcontext("") as address:
             set_scheduler(project, address)
             first = run_stages(project, size)
-        check = check_clusters(project)
+        check = check_clusters(project, seed)
         again = None
         if new_share:
             new = max(1, round(size * new_share))

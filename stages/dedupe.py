@@ -50,6 +50,7 @@ class NoiseConfig:
     seed: int
     min_outlier_score: float  # robust z-score within the class
     max_candidates: int  # on the review page, most suspicious first
+    max_fit: int = 0  # photos the regressions are fitted on, at most (noise.fit_sample); 0: all
 
 
 @params_block
@@ -63,6 +64,7 @@ class DedupeConfig:
     cache_dir: str = ""  # each photo's features (vitrine.curation.features); "": none kept
     cache_keep_days: float = 30.0  # a photo no run has had for this long leaves the cache
     other_class: str = ""  # params.yaml's other_class: what an `other` decision labels ("": drop)
+    review_clusters: int = 0  # clusters on the review page, the largest first (0: all)
 
     def __post_init__(self) -> None:
         if self.keep != "largest":
@@ -74,9 +76,9 @@ class DedupeConfig:
 
 def exact_pairs(sha256: pd.Series) -> np.ndarray:
     """Each photo paired with the first photo of the same bytes (positions in `sha256`)."""
-    first = sha256.groupby(sha256.to_numpy()).transform(lambda s: s.index[0])
-    pos = pd.Series(np.arange(len(sha256)), index=sha256.index)
-    pairs = np.stack([pos[first].to_numpy(), pos.to_numpy()], axis=1)
+    codes = pd.factorize(sha256.to_numpy())[0]
+    first = np.unique(codes, return_index=True)[1]  # each distinct sha256's first position
+    pairs = np.stack([first[codes], np.arange(len(sha256))], axis=1)
     return pairs[pairs[:, 0] != pairs[:, 1]]
 
 
@@ -250,7 +252,9 @@ def noise_scores(
             noise_score=0.0, suggested_label=kept["label"], label_issue=False, outlier_score=0.0
         )
     noise = config.noise
-    proba = out_of_fold_proba(embeddings, y, len(classes), noise.folds, noise.seed, rows)
+    proba = out_of_fold_proba(
+        embeddings, y, len(classes), noise.folds, noise.seed, rows, noise.max_fit
+    )
     issues = find_label_issues(proba, y)
     return scores.assign(
         noise_score=issues.score,
@@ -335,10 +339,19 @@ def write_review_page(
     out: Path,
     decisions_path: Path,
     other_class: str = "",
+    max_clusters: int = 0,
 ) -> None:
-    multi = deduped.groupby("cluster_id")["id"].transform("size").gt(1) & (
-        deduped["cluster_id"] != ""
-    )
+    """reports/review: the noise candidates, and the clusters of more than one photo (at most
+    `max_clusters` of them, the largest, ties by id; 0: all): at catalog scale every cluster
+    would make a page of hundreds of megabytes."""
+    size = deduped.groupby("cluster_id")["id"].transform("size")
+    multi = size.gt(1) & (deduped["cluster_id"] != "")
+    sizes = size[multi].groupby(deduped.loc[multi, "cluster_id"]).first()
+    shown = sizes.index.to_numpy()
+    if max_clusters and len(shown) > max_clusters:
+        ranked = sizes.reset_index().sort_values(["id", "cluster_id"], ascending=[False, True])
+        shown = ranked["cluster_id"].to_numpy()[:max_clusters]
+    members = deduped[multi & deduped["cluster_id"].isin(shown)]
     with ShardReader(collected) as thumbs:
 
         def thumb(row: pd.Series) -> bytes:
@@ -346,10 +359,11 @@ def write_review_page(
 
         page = render_review(
             candidates,
-            deduped[multi].sort_values(["cluster_id", "status"]),
+            members.sort_values(["cluster_id", "status"]),
             thumb,
             str(decisions_path),
             other_class,
+            len(sizes),
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").write_text(page)
@@ -396,7 +410,13 @@ def main() -> None:
     deduped.to_parquet(paths.deduped / MANIFEST, index=False)
     save_row_embeddings(paths.deduped / EMBEDDINGS, features)
     write_review_page(
-        deduped, candidates, paths.collected, paths.review, paths.decisions, config.other_class
+        deduped,
+        candidates,
+        paths.collected,
+        paths.review,
+        paths.decisions,
+        config.other_class,
+        config.review_clusters,
     )
     orphans = decisions_without_a_photo(manifest, decisions)
     if orphans:

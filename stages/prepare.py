@@ -24,6 +24,7 @@ from vitrine.data.layout import (
     write_preprocessing,
 )
 from vitrine.data.shards import MANIFEST, ShardReader
+from vitrine.data.square_cache import Squares, keep, squares_version
 from vitrine.images import RESIZE_MODES, SQUEEZE, load_square
 
 SPLIT_RULES = ("hash", "column")
@@ -39,6 +40,7 @@ class PrepareConfig:
     split: str = "hash"  # hash: by cluster key and seed | column: as the source gives it
     split_column: str = "split"  # the catalog column (kept in `meta`) read by split: column
     resize: str = SQUEEZE  # how a photo becomes the square (vitrine.images.RESIZE_MODES)
+    cache_dir: str = ""  # the last run's squares by sha256 (vitrine.data.square_cache); "": none
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction + self.test_fraction < 1:
@@ -115,23 +117,38 @@ def split_manifest(deduped: pd.DataFrame, config: PrepareConfig) -> pd.DataFrame
 
 
 def pack_split(
-    rows: pd.DataFrame, shards: ShardReader, size: int, out: Path, resize: str = SQUEEZE
-) -> None:
-    """Decode and resize one split into an (N, size, size, 3) uint8 .npy, in `index` order.
+    rows: pd.DataFrame,
+    shards: ShardReader,
+    size: int,
+    out: Path,
+    resize: str = SQUEEZE,
+    squares: Squares | None = None,
+) -> int:
+    """Decode and resize one split into an (N, size, size, 3) uint8 .npy, in `index` order,
+    taking the squares `squares` already holds from there: how many photos were decoded.
 
     Written photo by photo through a plain file, not a memory map: a map's written pages count
     in the process's resident memory until the kernel writes them back (7.3 GiB for 160,000
-    photos at 128 px), a file's do not.
+    photos at 128 px), a file's do not. A fresh file renamed into place: `out` may be a hard
+    link of the squares cache, which must not change under it.
     """
     rows = rows.sort_values("index")
     if not np.array_equal(rows["index"].to_numpy(), np.arange(len(rows))):
         raise ValueError(f"{out.name}: the split's indices are not 0..{len(rows) - 1}")
     header = {"descr": "|u1", "fortran_order": False, "shape": (len(rows), size, size, 3)}
-    with out.open("wb") as f:
+    partial = out.with_name(out.name + ".partial")
+    decoded = 0
+    with partial.open("wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         for row in tqdm(rows.itertuples(), total=len(rows), desc=f"prepare {out.stem}", unit="img"):
-            data = shards.read(row.shard, row.offset, row.length)
-            f.write(load_square(data, size, resize).tobytes())
+            square = squares.get(row.sha256) if squares is not None else None
+            if square is None:
+                data = shards.read(row.shard, row.offset, row.length)
+                square = load_square(data, size, resize).tobytes()
+                decoded += 1
+            f.write(square)
+    partial.replace(out)
+    return decoded
 
 
 def leaked(split: pd.Series, cluster_id: pd.Series) -> int:
@@ -194,11 +211,20 @@ def main() -> None:
     except SplitError as err:
         raise SystemExit(f"prepare: {err}") from None
     paths.prepared.mkdir(parents=True, exist_ok=True)
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    version = squares_version(config.image_size, config.resize)
+    squares = Squares(cache, version, config.image_size)
+    arrays = {split: split_images_path(paths.prepared, split) for split in SPLITS}
+    decoded = 0
     with ShardReader(paths.collected) as shards:
-        for split in SPLITS:
+        for split, out in arrays.items():
             rows = prepared[prepared["split"] == split]
-            out = split_images_path(paths.prepared, split)
-            pack_split(rows, shards, config.image_size, out, config.resize)
+            decoded += pack_split(rows, shards, config.image_size, out, config.resize, squares)
+    reused = f", {len(prepared) - decoded} reused from {cache}" if cache is not None else ""
+    print(f"prepare: {decoded} of {len(prepared)} squares decoded{reused}")
+    squares.close()
+    if cache is not None and not keep(cache, version, arrays, prepared):
+        print(f"prepare: {cache} cannot hold hard links of {paths.prepared}: no squares kept")
     prepared.drop(columns=["shard", "offset", "length"]).to_parquet(
         prepared_manifest_path(paths.prepared), index=False
     )

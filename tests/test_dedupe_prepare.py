@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import stages.dedupe
 from stages.collect import CollectConfig, Source, collect
 from stages.dedupe import (
     DedupeConfig,
@@ -11,6 +12,7 @@ from stages.dedupe import (
     decisions_without_a_photo,
     dedupe,
     read_decisions,
+    write_review_page,
 )
 from stages.prepare import (
     PrepareConfig,
@@ -296,3 +298,30 @@ def test_leaked_counts_val_test_photos_with_a_cluster_mate_in_train():
     split = pd.Series(["train", "val", "test", "val"])
     cluster = pd.Series(["a", "a", "b", "a"])
     assert leaked(split, cluster) == 2
+
+
+def test_the_review_page_shows_the_largest_clusters_and_counts_them_all(tmp_path, monkeypatch):
+    cluster_id = ["c1", "c1", "c2", "c2", "c2", "c3", "c3", "c4", ""]
+    deduped = pd.DataFrame(
+        {
+            "id": [f"p{i}.jpg" for i in range(len(cluster_id))],
+            "label": "phone",
+            "status": "kept",
+            "reason": "",
+            "cluster_id": cluster_id,
+        }
+    )
+    seen = {}
+
+    def render(candidates, members, thumb, decisions, other_class, total):
+        seen.update(clusters=sorted(set(members["cluster_id"])), total=total)
+        return "page"
+
+    monkeypatch.setattr(stages.dedupe, "render_review", render)
+    review = tmp_path / "review"
+    write_review_page(deduped, deduped.head(0), tmp_path, review, tmp_path / "d.csv", "", 2)
+    # c2 has the most photos; c1 and c3 tie and c1 comes first by id; c4 is one photo alone
+    assert seen == {"clusters": ["c1", "c2"], "total": 3}
+    assert (review / "index.html").read_text() == "page"
+    write_review_page(deduped, deduped.head(0), tmp_path, review, tmp_path / "d.csv", "", 0)
+    assert seen == {"clusters": ["c1", "c2", "c3"], "total": 3}

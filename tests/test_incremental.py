@@ -1,6 +1,6 @@
-"""Incremental runs: collect and dedupe after new photos arrived compute only those (their
-per-photo caches answer for the others), and write byte for byte what a run from scratch
-writes."""
+"""Incremental runs: collect, dedupe and prepare after new photos arrived compute only those
+(their per-photo caches answer for the others), and write byte for byte what a run from
+scratch writes."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from PIL import Image
 
 import stages.collect
 import stages.dedupe
+import stages.prepare
 import vitrine.ingest.sources
 from tests.helpers import REPO
 from tests.helpers.photos import photo_bytes
@@ -29,7 +30,7 @@ from vitrine.ingest.facts_cache import FACTS_FILE, FactsCache, decode, encode, f
 from vitrine.ingest.photo_cache import PhotoCache
 from vitrine.ingest.sources import ImageFacts, IngestConfig, ingest_image
 
-OUTPUTS = ("data/collected", "data/deduped", "reports")
+OUTPUTS = ("data/collected", "data/deduped", "data/prepared", "reports")
 
 
 def write_project(root: Path, cache: bool) -> None:
@@ -43,6 +44,7 @@ def write_project(root: Path, cache: bool) -> None:
     # computed alone rounds differently from one in a full batch unless the batch is padded.
     dedupe.update(embedding_batch_size=3, cache_dir=".cache/dedupe" if cache else "")
     dedupe["noise"]["folds"] = 3
+    params["prepare"].update(image_size=32, cache_dir=".cache/prepare" if cache else "")
     params["compute"]["scheduler"] = "synchronous"
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -69,8 +71,9 @@ class Counted:
     """Photos that reached the per-image work and the networks (the caches' misses)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        self.decoded = self.embedded = 0
+        self.decoded = self.embedded = self.squared = 0
         ingest, batch = vitrine.ingest.sources._ingest_packed, feature_nets.photo_features
+        square = stages.prepare.load_square
 
         def counted_ingest(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) -> Any:
             self.decoded += len(ends)
@@ -80,21 +83,30 @@ class Counted:
             self.embedded += len(ends)
             return batch(payload, ends, *args)
 
+        def counted_square(*args: Any) -> np.ndarray:
+            self.squared += 1
+            return square(*args)
+
         monkeypatch.setattr(vitrine.ingest.sources, "_ingest_packed", counted_ingest)
         monkeypatch.setattr(feature_nets, "photo_features", counted_batch)
+        monkeypatch.setattr(stages.prepare, "load_square", counted_square)
 
-    def take(self) -> tuple[int, int]:
-        counts, self.decoded, self.embedded = (self.decoded, self.embedded), 0, 0
+    def take(self) -> tuple[int, int, int]:
+        counts = (self.decoded, self.embedded, self.squared)
+        self.decoded = self.embedded = self.squared = 0
         return counts
 
 
 def run_stages(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> str:
-    """collect then dedupe, as `python -m stages.<name>` runs them in `project`: their output."""
+    """collect, dedupe and prepare, as `python -m stages.<name>` runs them in `project`: their
+    output. prepare's previous outputs stay in place (DVC would delete them): it must not write
+    into them, as they are its cache's hard links."""
     monkeypatch.chdir(project)
     stages.collect.main()
     stages.dedupe.main()
+    stages.prepare.main()
     return capsys.readouterr().out
 
 
@@ -132,19 +144,23 @@ def test_a_rerun_computes_only_new_photos_and_writes_what_a_clean_run_writes(
     add_photos(incremental / "data/raw/photos", first)
     out = run_stages(incremental, monkeypatch, capsys)
     assert summary(out, "collect") == (25, 0) and summary(out, "dedupe") == (24, 0)
-    assert counted.take() == (25, 24)  # 24 distinct photos; collect met both copies at once
+    # 24 distinct photos; collect met both copies at once; prepare squares the 24 kept
+    assert counted.take() == (25, 24, 24)
+    assert "prepare: 24 of 24 squares decoded, 0 reused" in out
 
     add_photos(incremental / "data/raw/photos", later)
     out = run_stages(incremental, monkeypatch, capsys)
     assert summary(out, "collect") == (4, 25) and summary(out, "dedupe") == (4, 24)
-    assert counted.take() == (4, 4)  # only the new photos were decoded and embedded
+    # only the new photos were decoded and embedded; the near copy is not kept, so not squared
+    assert counted.take() == (4, 4, 3)
+    assert "prepare: 3 of 27 squares decoded, 24 reused" in out
 
     clean = tmp_path / "clean"
     write_project(clean, cache=False)
     add_photos(clean / "data/raw/photos", first | later)
     run_stages(clean, monkeypatch, capsys)
-    assert counted.take() == (29, 28)
-    assert not (clean / ".cache/collect").exists() and not (clean / ".cache/dedupe").exists()
+    assert counted.take() == (29, 28, 27)
+    assert not (clean / ".cache").exists()
 
     incremental_files, clean_files = files(incremental), files(clean)
     assert {"data/collected/shards/shard-00002.tar", "data/deduped/embeddings.npy"} <= set(

@@ -1,6 +1,11 @@
 import numpy as np
 
-from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
+from vitrine.curation.noise import (
+    class_outlier_scores,
+    find_label_issues,
+    fit_sample,
+    out_of_fold_proba,
+)
 
 
 def blobs(n_per_class: int = 60, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -63,3 +68,29 @@ def test_an_off_category_photo_is_an_outlier_of_its_class() -> None:
     x[5] = -x[5]  # points away from every class
     scores = class_outlier_scores(x, y)
     assert scores.argmax() == 5 and scores[5] > 3
+
+
+def test_a_bounded_fit_is_the_plain_k_fold_up_to_its_size_and_still_finds_flips_above() -> None:
+    x, y = blobs(n_per_class=300, seed=4)
+    given = y.copy()
+    flipped = [3, 50, 310, 555]
+    given[flipped] = 1 - given[flipped]
+    plain = out_of_fold_proba(x, given, 2, 5, 0)
+    np.testing.assert_array_equal(out_of_fold_proba(x, given, 2, 5, 0, max_fit=600), plain)
+    bounded = out_of_fold_proba(x, given, 2, 5, 0, max_fit=200)
+    assert not np.array_equal(bounded, plain)
+    np.testing.assert_allclose(bounded.sum(axis=1), 1.0)  # every photo predicted, once
+    issues = find_label_issues(bounded, given)
+    found = set(np.flatnonzero(issues.is_issue))
+    assert len(found) >= 2 and found <= set(flipped)  # as conservative as the plain k-fold
+    assert set(np.argsort(-issues.score)[: len(flipped)]) == set(flipped)
+
+
+def test_the_fit_sample_is_stratified_and_keeps_a_rare_class_whole() -> None:
+    labels = np.repeat([0, 1, 2], [5000, 3000, 30])
+    sample = fit_sample(labels, 1000, seed=0)
+    counts = np.bincount(labels[sample])
+    assert counts.tolist() == [623, 374, 30]  # in proportion; the 30 all kept (< 50)
+    assert np.array_equal(sample, np.unique(sample))
+    np.testing.assert_array_equal(fit_sample(labels, 1000, seed=0), sample)  # deterministic
+    assert len(fit_sample(labels, 0, seed=0)) == len(labels)

@@ -57,6 +57,9 @@ def test_page_shows_counts_cards_and_clusters_in_order() -> None:
         parsed.images[0] == "data:image/jpeg;base64," + base64.b64encode(b"jpeg of a.jpg").decode()
     )
     assert len(parsed.images) == 5
+    parsed = Text()
+    parsed.feed(render_review(candidates(), clusters(), thumb, "d.csv", cluster_total=900))
+    assert "2 noise candidates and 900 near-duplicate clusters (the 2 largest shown" in parsed.text
 
 
 def test_hostile_labels_ids_and_notes_are_escaped() -> None:

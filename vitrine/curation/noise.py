@@ -31,6 +31,25 @@ FILTER_BY = "prune_by_noise_rate"
 QUALITY_SCORE = "self_confidence"  # p(given class); for two classes it ranks as the margin does
 
 
+PREDICT_CHUNK = 16384  # photos predicted at a time outside the fitted sample
+
+
+def fit_sample(labels: np.ndarray, max_fit: int, seed: int, min_per_class: int = 50) -> np.ndarray:
+    """The sorted rows the regressions are fitted on: all of them when there are at most
+    `max_fit` (or max_fit is 0), else a stratified draw of about that many that keeps every
+    photo of a class with fewer than `min_per_class` and at least that many of the others."""
+    n = len(labels)
+    if not max_fit or n <= max_fit:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        quota = max(round(max_fit * len(members) / n), min_per_class)
+        chosen.append(rng.permutation(members)[: min(len(members), quota)])
+    return np.sort(np.concatenate(chosen))
+
+
 def out_of_fold_proba(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -38,20 +57,33 @@ def out_of_fold_proba(
     folds: int,
     seed: int,
     rows: np.ndarray | None = None,
+    max_fit: int = 0,
 ) -> np.ndarray:
     """(n, n_classes) probabilities, each predicted by a model that never saw that photo.
     `rows`: photo i's row of `embeddings` (None: row i), so that a caller holding one row per
-    distinct photo needs no per-photo copy of them (0.75 GB at 160,000 photos)."""
+    distinct photo needs no per-photo copy of them (0.75 GB at 160,000 photos).
+
+    `max_fit` bounds the regressions' cost in a large catalog (0: no bound): the folds split
+    a stratified sample of that many photos (fit_sample), and each photo outside it gets the
+    mean of the folds' models, none of which saw it. At most max_fit photos, the sample is
+    all of them and the folds are those of a plain k-fold.
+    """
     rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+    fitted = fit_sample(labels, max_fit, seed)
+    rest = np.setdiff1d(np.arange(len(labels)), fitted, assume_unique=True)
     proba = np.zeros((len(labels), n_classes), dtype=np.float64)
-    min_count = np.bincount(labels, minlength=n_classes).min()
-    splitter = StratifiedKFold(
-        n_splits=min(folds, max(2, min_count)), shuffle=True, random_state=seed
-    )
-    for train_idx, test_idx in splitter.split(np.zeros(len(labels)), labels):
+    min_count = np.bincount(labels[fitted], minlength=n_classes).min()
+    n_splits = min(folds, max(2, min_count))
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for train_idx, test_idx in splitter.split(np.zeros(len(fitted)), labels[fitted]):
+        train, test = fitted[train_idx], fitted[test_idx]
         model = LogisticRegression(max_iter=2000, C=1.0)
-        model.fit(embeddings[rows[train_idx]], labels[train_idx])
-        proba[np.ix_(test_idx, model.classes_)] = model.predict_proba(embeddings[rows[test_idx]])
+        model.fit(embeddings[rows[train]], labels[train])
+        proba[np.ix_(test, model.classes_)] = model.predict_proba(embeddings[rows[test]])
+        for start in range(0, len(rest), PREDICT_CHUNK):
+            chunk = rest[start : start + PREDICT_CHUNK]
+            share = model.predict_proba(embeddings[rows[chunk]]) / n_splits
+            proba[np.ix_(chunk, model.classes_)] += share
     return proba
 
 

@@ -72,12 +72,16 @@ def review_page(
     thumb: Callable[[pd.Series], bytes],
     decisions_path: str,
     other_class: str = "",
+    cluster_total: int = 0,
 ) -> dict[str, Any]:
-    """Everything the template shows, as strings, numbers, lists and dicts."""
+    """Everything the template shows, as strings, numbers, lists and dicts. `cluster_total`:
+    how many clusters there are when `clusters` holds only some of them (0: all shown)."""
+    shown = clusters["cluster_id"].nunique()
     return {
         "other_class": other_class,
         "candidate_count": len(candidates),
-        "cluster_count": clusters["cluster_id"].nunique(),
+        "cluster_count": shown,
+        "cluster_total": max(cluster_total, shown),
         "decisions_path": decisions_path,
         "candidates": candidate_cards(candidates, thumb),
         "clusters": cluster_rows(clusters, thumb),
@@ -90,8 +94,9 @@ def render_review(
     thumb: Callable[[pd.Series], bytes],
     decisions_path: str,
     other_class: str = "",
+    cluster_total: int = 0,
 ) -> str:
     """The review page: candidates (most suspicious first), then multi-photo clusters; with an
     other_class, each candidate's `other` decision line too."""
-    page = review_page(candidates, clusters, thumb, decisions_path, other_class)
+    page = review_page(candidates, clusters, thumb, decisions_path, other_class, cluster_total)
     return pages.template(TEMPLATE).render(page=page)
