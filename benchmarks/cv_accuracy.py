@@ -36,7 +36,13 @@ import numpy as np
 import pandas as pd
 
 from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
-from vitrine.data.layout import load_split, prepared_manifest_path, split_images_path
+from vitrine.data.layout import (
+    load_split,
+    prepared_manifest_path,
+    prepared_resize,
+    preprocessing_path,
+    split_images_path,
+)
 from vitrine.evaluation import metrics
 from vitrine.evaluation.candidates import calibrated, load_candidate
 from vitrine.evaluation.settings import check_config, load_config
@@ -87,6 +93,8 @@ def write_fold(prepared: Path, rows: pd.DataFrame, fold: int, out: Path) -> None
         part["split"], part["index"] = split, np.arange(len(part))
         parts.append(part)
     shutil.copyfile(split_images_path(prepared, "val"), split_images_path(out, "val"))
+    if preprocessing_path(prepared).is_file():  # how the squares were made, for the model card
+        shutil.copyfile(preprocessing_path(prepared), preprocessing_path(out))
     manifest = pd.read_parquet(prepared_manifest_path(prepared))
     val = manifest[manifest["split"] == "val"]
     pd.concat([*parts, val]).drop(columns="fold").to_parquet(
@@ -139,9 +147,12 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def results_folder(out: Path, candidate: str, folds: int, seed: int, overrides: list) -> Path:
-    """Where one recipe's folds are kept: the overrides, if any, hashed into the name."""
-    name = f"{candidate}-k{folds}-s{seed}"
+def results_folder(
+    out: Path, candidate: str, folds: int, seed: int, overrides: list, resize: str
+) -> Path:
+    """Where one recipe's folds are kept: the prepared set's resize rule in the name, and the
+    overrides, if any, hashed into it."""
+    name = f"{candidate}-{resize}-k{folds}-s{seed}"
     if overrides:
         digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
         name += f"-{digest}"
@@ -160,10 +171,13 @@ def main() -> None:
     params = load_params(REPO / "params.yaml")
     for key, value in args.overrides:
         set_dotted(params, key, value)
-    root = results_folder(args.out, args.candidate, args.folds, args.seed, args.overrides)
+    resize = prepared_resize(args.prepared)
+    root = results_folder(args.out, args.candidate, args.folds, args.seed, args.overrides, resize)
     root.mkdir(parents=True, exist_ok=True)
     (root / "overrides.json").write_text(json.dumps(dict(args.overrides), indent=2) + "\n")
-    print(f"results in {root}; overrides {dict(args.overrides) or 'none'}")
+    print(
+        f"results in {root}; photos squared by {resize}; overrides {dict(args.overrides) or 'none'}"
+    )
     rows = pooled_photos(args.prepared, args.folds, args.seed)
     sizes = rows["fold"].value_counts().sort_index().tolist()
     print(f"{len(rows)} pooled photos in {args.folds} folds of {sizes}")

@@ -25,9 +25,12 @@ def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -
 
 
 def test_each_recipe_keeps_its_results_apart(tmp_path: Path) -> None:
-    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [])
-    assert plain == tmp_path / "effnet_finetune-k5-s0"
+    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [], "squeeze")
+    assert plain == tmp_path / "effnet_finetune-squeeze-k5-s0"
     no_cutmix = [("candidates.effnet_finetune.cutmix_p", 0.0)]
-    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix)
-    assert varied not in (plain, results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)]))
-    assert varied == results_folder(tmp_path, "effnet_finetune", 5, 0, list(no_cutmix))
+    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix, "squeeze")
+    other = results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)], "squeeze")
+    assert varied not in (plain, other)
+    assert varied == results_folder(tmp_path, "effnet_finetune", 5, 0, list(no_cutmix), "squeeze")
+    # photos squared another way are another recipe
+    assert results_folder(tmp_path, "effnet_finetune", 5, 0, [], "letterbox") != plain

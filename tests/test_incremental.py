@@ -263,3 +263,14 @@ def test_a_cache_from_before_the_seen_table_keeps_its_photos_for_the_full_age(
         assert cache.prune(3600.0) == 0 and cache.count() == 1
     with PhotoCache(tmp_path / "old.sqlite", "v") as cache:
         assert cache.prune(3600.0, now=time.time() + 7200) == 1 and cache.count() == 0
+
+
+def test_missing_names_what_a_version_does_not_hold_without_reading_values(tmp_path: Path) -> None:
+    cache = PhotoCache(tmp_path / "c.sqlite", "v1")
+    cache.put("a" * 64, b"1")
+    cache.flush()
+    cache.put("c" * 64, b"3")  # buffered, not yet committed: held all the same
+    assert cache.missing(["b" * 64, "a" * 64, "c" * 64, "b" * 64]) == ["b" * 64]
+    assert (cache.hits, cache.misses) == (0, 0)  # lookups of values only are counted
+    cache.close()
+    assert PhotoCache(tmp_path / "c.sqlite", "v2").missing(["a" * 64]) == ["a" * 64]

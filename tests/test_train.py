@@ -336,3 +336,52 @@ def test_dvc_exp_run_lists_a_variant_beside_the_baseline(tmp_path):
     assert (baseline_lr, variant_lr) == (0.001, 0.003)
     assert baseline_report["epochs"] == variant_report["epochs"] == 1
     assert baseline_report["best_val_loss"] != variant_report["best_val_loss"]
+
+
+def test_a_smaller_training_side_gives_way_to_the_full_one_for_the_last_epochs(
+    tmp_path, monkeypatch
+):
+    from lightning.pytorch.callbacks import Callback
+
+    from vitrine.model import networks
+
+    sides: list[int] = []  # the sides network_input resized to, and -(e + 1) as epoch e starts
+    real = networks.network_input
+
+    def spy(images, size):
+        sides.append(size)
+        return real(images, size)
+
+    class Epochs(Callback):
+        def on_train_epoch_start(self, trainer, module):
+            sides.append(-trainer.current_epoch - 1)
+
+    monkeypatch.setattr(networks, "network_input", spy)
+    config = stage_config(TrainConfig, "train", {"classes": list(CLASSES), "train": train_params()})
+    recipe = candidate_params(
+        model="effnet_lite0",
+        options={"mode": "finetune"},
+        input_size=64,
+        max_epochs=3,
+        train_input_size=32,
+        full_size_epochs=1,
+    )
+    candidate = from_mapping(CandidateConfig, recipe)
+    prepared = write_prepared(tmp_path / "prepared", size=48)
+    train(config, candidate, prepared, tmp_path / "work", tmp_path / "live", callbacks=[Epochs()])
+    epochs: dict[int, list[int]] = {}
+    for side in sides:
+        if side < 0:
+            epoch = -side - 1
+            epochs[epoch] = []
+        elif epochs:
+            epochs[epoch].append(side)
+    train_batches = 32 // 8  # then the val batches, at the served side
+    assert {e: s[:train_batches] for e, s in epochs.items()} == {
+        0: [32] * 4,
+        1: [32] * 4,
+        2: [64] * 4,
+    }
+    assert all(set(s[train_batches:]) == {64} for s in epochs.values())
+    with pytest.raises(ValueError, match="must be >= 0"):
+        candidate_config({"candidates": {NAME: candidate_params(train_input_size=-1)}}, NAME)

@@ -10,7 +10,8 @@ compute.scheduler says (vitrine.compute: local worker processes, one per core, b
 running cluster by address; or this process), with a few batches per worker in flight; the
 model is exported once and scattered to the workers, each of which loads it once. Results come
 back in order and are written by this process only, committed a batch at a time, so a killed
-run keeps every finished batch.
+run keeps every finished batch; the stage reads them all back from the cache once the workers
+have gone, so its memory and theirs never add up.
 
 Identical to a run without the cache, bit for bit, wherever it runs: on a CPU, a photo's
 features depend on the shape of the batch it is computed in (an odd-sized or single-photo batch
@@ -173,6 +174,7 @@ class FeatureRunner:
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
+            self.connection = None
 
 
 def exported_model(path: Path | None) -> bytes:
@@ -263,9 +265,7 @@ def accepted_features(
         if cache_dir is not None:
             store = PhotoCache(cache_dir / FEATURES_FILE, version)
             runner.model_file = cache_dir / f"{MODEL_PREFIX}{version}.onnx"
-        todo = list(positions)
-        if store is not None:
-            todo = _read_cached(store, digests, descriptors, features)
+        todo = list(positions) if store is None else store.missing(positions)
         runner.expect(len(todo))
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         with ShardReader(collected) as shards:
@@ -273,14 +273,22 @@ def accepted_features(
             rows = feature_batches(blobs, batch_size, runner, total=len(todo), progress=progress)
             for batch, values in zip(batches, rows, strict=True):
                 for digest, row in zip(batch, values, strict=True):
-                    i = positions[digest]
-                    descriptors[i], features[i] = row[:DEDUPE_DIM], row[DEDUPE_DIM:]
-                    if store is not None:
+                    if store is None:
+                        i = positions[digest]
+                        descriptors[i], features[i] = row[:DEDUPE_DIM], row[DEDUPE_DIM:]
+                    else:
                         store.put(digest, row.tobytes())
                 if store is not None:
                     store.flush()  # a killed run keeps every finished batch
-        if store is not None and keep_s is not None:
-            store.prune(keep_s)
+        # The workers go before the features are read back: at 160,000 photos they are 1.1 GB,
+        # which beside two workers' 1.2 GB each would be the stage's peak.
+        runner.close()
+        if store is not None:
+            left = _read_cached(store, digests, descriptors, features)
+            if left:
+                raise RuntimeError(f"dedupe features: {len(left)} computed photos not cached")
+            if keep_s is not None:
+                store.prune(keep_s)
     finally:
         runner.close()
         if store is not None:

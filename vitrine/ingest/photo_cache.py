@@ -145,6 +145,21 @@ class PhotoCache:
         self.misses += len(wanted) - len(found)
         return found
 
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """The digests this version holds no value for, in order (the values are not read)."""
+        wanted = list(dict.fromkeys(digests))
+        held = {d for d in wanted if d in self._buffer}
+        rest = [d for d in wanted if d not in held]
+        for start in range(0, len(rest), _LOOKUP_CHUNK):
+            chunk = rest[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT sha256 FROM results WHERE version = ? AND sha256 IN ({marks})",
+                [self.version, *chunk],
+            )
+            held.update(d for (d,) in rows)
+        return [d for d in wanted if d not in held]
+
     def put(self, digest: str, value: bytes) -> None:
         self._buffer[digest] = value
         self._run.add(bytes.fromhex(digest))

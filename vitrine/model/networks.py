@@ -203,6 +203,9 @@ class ImageClassifier(L.LightningModule):
     class_weights: per-class loss weights (imbalance handling), None for plain cross-entropy.
     cosine_epochs: anneal the learning rate to 0 over this many epochs (0 = constant rate).
     cutmix_p: the probability that a training batch is CutMix-ed (`cutmix`, with cutmix_alpha).
+    train_input_size, small_epochs: the first small_epochs training epochs resize to this side
+    instead of the predictor's input_size (train_side); validation and serving always use
+    input_size.
     """
 
     class_weights: Tensor | None  # a buffer, registered in __init__
@@ -220,6 +223,8 @@ class ImageClassifier(L.LightningModule):
         cosine_epochs: int = 0,
         cutmix_p: float = 0.0,
         cutmix_alpha: float = 1.0,
+        train_input_size: int = 0,
+        small_epochs: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -229,6 +234,16 @@ class ImageClassifier(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.predictor(images)
+
+    def train_side(self) -> int:
+        """The side training batches are resized to this epoch. A smaller side early costs
+        (small / input_size)^2 of the compute; the full-size epochs at the end then adapt the
+        network, its batch-norm statistics above all, to the side it is served at (Touvron et
+        al., 2019, "Fixing the train-test resolution discrepancy")."""
+        small, epochs = self.hparams["train_input_size"], self.hparams["small_epochs"]
+        if small and self.current_epoch < epochs:
+            return int(small)
+        return self.predictor.input_size
 
     def _loss(self, logits: Tensor, labels: Tensor, stage: str) -> Tensor:
         smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
@@ -242,7 +257,10 @@ class ImageClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
-        logits = self(images)
+        if stage == "train":
+            logits = self.predictor.normalised(network_input(images, self.train_side()))
+        else:
+            logits = self(images)
         loss = self._loss(logits, labels, stage)
         self._log(stage, loss, logits, labels)
         return loss
@@ -252,7 +270,7 @@ class ImageClassifier(L.LightningModule):
         its partner's by the box's (train_acc counts the image's own label)."""
         images, labels = batch
         mixed, partner, kept = cutmix(
-            network_input(images, self.predictor.input_size), self.hparams["cutmix_alpha"]
+            network_input(images, self.train_side()), self.hparams["cutmix_alpha"]
         )
         logits = self.predictor.normalised(mixed)
         loss = kept * self._loss(logits, labels, "train") + (1 - kept) * self._loss(

@@ -76,12 +76,18 @@ class CandidateConfig:
     augment: tuple[dict[str, Any], ...]  # albumentations transforms, train split only
     cutmix_p: float = 0.0  # probability that a training batch is CutMix-ed (0 = never)
     cutmix_alpha: float = 1.0  # the pasted box's area is 1 - Beta(alpha, alpha)
+    # Training epochs at a smaller side, then the last full_size_epochs at input_size
+    # (ImageClassifier.train_side); 0: input_size throughout.
+    train_input_size: int = 0
+    full_size_epochs: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.cutmix_p <= 1:
             raise ValueError(f"cutmix_p must be in [0, 1], got {self.cutmix_p}")
         if self.cutmix_alpha <= 0:
             raise ValueError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
+        if self.train_input_size < 0 or self.full_size_epochs < 0:
+            raise ValueError("train_input_size and full_size_epochs must be >= 0")
 
 
 def candidate_config(params: dict[str, Any], name: str) -> CandidateConfig:
@@ -187,6 +193,8 @@ def build_module(
         cosine_epochs=candidate.max_epochs if candidate.cosine_schedule else 0,
         cutmix_p=candidate.cutmix_p,
         cutmix_alpha=candidate.cutmix_alpha,
+        train_input_size=candidate.train_input_size,
+        small_epochs=max(candidate.max_epochs - candidate.full_size_epochs, 0),
     )
 
 
