@@ -344,14 +344,12 @@ def write_review_page(
     """reports/review: the noise candidates, and the clusters of more than one photo (at most
     `max_clusters` of them, the largest, ties by id; 0: all): at catalog scale every cluster
     would make a page of hundreds of megabytes."""
-    size = deduped.groupby("cluster_id")["id"].transform("size")
-    multi = size.gt(1) & (deduped["cluster_id"] != "")
-    sizes = size[multi].groupby(deduped.loc[multi, "cluster_id"]).first()
-    shown = sizes.index.to_numpy()
-    if max_clusters and len(shown) > max_clusters:
-        ranked = sizes.reset_index().sort_values(["id", "cluster_id"], ascending=[False, True])
-        shown = ranked["cluster_id"].to_numpy()[:max_clusters]
-    members = deduped[multi & deduped["cluster_id"].isin(shown)]
+    counts = deduped.loc[deduped["cluster_id"] != "", "cluster_id"].value_counts()
+    sizes = counts[counts > 1].rename_axis("cluster").reset_index(name="photos")
+    shown = sizes.sort_values(["photos", "cluster"], ascending=[False, True])["cluster"]
+    if max_clusters:
+        shown = shown[:max_clusters]
+    members = deduped[deduped["cluster_id"].isin(shown)]
     with ShardReader(collected) as thumbs:
 
         def thumb(row: pd.Series) -> bytes:
