@@ -257,10 +257,11 @@ class ImageClassifier(L.LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
-        if stage == "train":
-            logits = self.predictor.normalised(network_input(images, self.train_side()))
+        side = self.train_side() if stage == "train" else self.predictor.input_size
+        if side == self.predictor.input_size:
+            logits = self(images)  # a subclass may feed something else (the probe: features)
         else:
-            logits = self(images)
+            logits = self.predictor.normalised(network_input(images, side))
         loss = self._loss(logits, labels, stage)
         self._log(stage, loss, logits, labels)
         return loss
