@@ -40,7 +40,7 @@ import hashlib
 import importlib.metadata
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
@@ -132,15 +132,7 @@ class PhotoCache:
         wanted = list(dict.fromkeys(digests))
         self._run.update(bytes.fromhex(d) for d in wanted)
         found = {d: self._buffer[d] for d in wanted if d in self._buffer}
-        rest = [d for d in wanted if d not in found]
-        for start in range(0, len(rest), _LOOKUP_CHUNK):
-            chunk = rest[start : start + _LOOKUP_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT sha256, value FROM results WHERE version = ? AND sha256 IN ({marks})",
-                [self.version, *chunk],
-            )
-            found.update(rows)
+        found.update(self._select("sha256, value", [d for d in wanted if d not in found]))
         self.hits += len(found)
         self.misses += len(wanted) - len(found)
         return found
@@ -149,16 +141,18 @@ class PhotoCache:
         """The digests this version holds no value for, in order (the values are not read)."""
         wanted = list(dict.fromkeys(digests))
         held = {d for d in wanted if d in self._buffer}
-        rest = [d for d in wanted if d not in held]
-        for start in range(0, len(rest), _LOOKUP_CHUNK):
-            chunk = rest[start : start + _LOOKUP_CHUNK]
+        held.update(d for (d,) in self._select("sha256", [d for d in wanted if d not in held]))
+        return [d for d in wanted if d not in held]
+
+    def _select(self, columns: str, digests: list[str]) -> Iterator[tuple[Any, ...]]:
+        """`columns` of this version's committed rows for `digests`, a chunk of them a query."""
+        for start in range(0, len(digests), _LOOKUP_CHUNK):
+            chunk = digests[start : start + _LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT sha256 FROM results WHERE version = ? AND sha256 IN ({marks})",
+            yield from self._db.execute(
+                f"SELECT {columns} FROM results WHERE version = ? AND sha256 IN ({marks})",
                 [self.version, *chunk],
             )
-            held.update(d for (d,) in rows)
-        return [d for d in wanted if d not in held]
 
     def put(self, digest: str, value: bytes) -> None:
         self._buffer[digest] = value
