@@ -109,7 +109,7 @@ def schedule_seconds(recipe: dict, figures: dict, n_train: int, n_val: int) -> f
     total = epochs * n_val / figures["infer"]
     for side, count in plan:
         if count > 0:
-            rate_at = figures["step"].get(str(side), figures["step"].get(side))
+            rate_at = figures["step"].get(str(side))  # JSON keys: the sides as strings
             if rate_at is None:
                 return None
             total += count * n_train / rate_at
