@@ -15,7 +15,10 @@ A fold holds about as many photos as prepare's test split and trains on about as
 train split, so each fold's figure is a sample of what the pipeline's one test figure measures.
 
 Prints each fold's accuracy and business-weighted accuracy, then the pooled accuracy over every
-pooled photo with its 95% Wilson interval. A fold's trained model is kept under --out, so a
+pooled photo with its 95% Wilson interval. With an other class (params.yaml other_class), the
+accuracy is over the known classes' photos, comparable with a run without the class, and a last
+line pools the open-set figures: off-category photos answered other or abstained under the
+served rule, and known photos called other. A fold's trained model is kept under --out, so a
 re-run only scores finished folds (a fold takes as long as the candidate's training; scoring,
 half a minute).
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
@@ -45,7 +48,9 @@ from vitrine.data.layout import (
 )
 from vitrine.evaluation import metrics
 from vitrine.evaluation.candidates import calibrated, load_candidate
+from vitrine.evaluation.openset import open_set_scores
 from vitrine.evaluation.settings import check_config, load_config
+from vitrine.evaluation.thresholds import fit_rules
 from vitrine.model.export import export_onnx
 from vitrine.model.training import (
     TrainConfig,
@@ -55,6 +60,7 @@ from vitrine.model.training import (
     run_fingerprint,
     train,
 )
+from vitrine.runtime.decisions import answer
 from vitrine.runtime.onnx import onnx_logits, onnx_proba
 
 Photos = tuple[np.ndarray, np.ndarray]  # uint8 (N, H, W, 3) images and class indices
@@ -120,7 +126,9 @@ def train_fold(params: dict, candidate: str, folder: Path) -> dict:
 
 def score_fold(params: dict, folder: Path, val: Photos, test: Photos) -> dict:
     """The fold's model as evaluate would serve it in float (ONNX, calibrated on val), scored
-    on the fold's test photos."""
+    on the fold's test photos. With an other class, accuracy is over the known classes' photos
+    and the open-set counts are taken under the served rule (thresholds fitted on val), as
+    evaluate reports them. The calibrated probabilities are kept in the fold's proba.npz."""
     evaluate = load_config(params)
     values = check_config(evaluate)
     predictor = load_candidate(folder / "model", evaluate.classes)
@@ -130,13 +138,38 @@ def score_fold(params: dict, folder: Path, val: Photos, test: Photos) -> dict:
     model, _ = calibrated(model, val_logits, val[1], evaluate)
     images, labels = test
     proba = onnx_proba(model, size, images, evaluate.batch_size, "test")
-    scores = metrics.scores(labels, proba, values, evaluate.top_k, evaluate.taxonomy)
-    return {
-        "n": len(labels),
-        "correct": int((values.decide(proba) == labels).sum()),
+    val_proba = onnx_proba(model, size, val[0], evaluate.batch_size, "val")
+    np.savez(folder / "proba.npz", val=val_proba, test=proba, y_val=val[1], y_test=labels)
+    known = np.ones(len(labels), dtype=bool)
+    result: dict = {}
+    if evaluate.other_class:
+        rule = fit_rules(
+            val[1], val_proba, values, evaluate.taxonomy, evaluate.min_val_photos_per_class
+        ).rule
+        other = evaluate.classes.index(evaluate.other_class)
+        known = labels != other
+        result = open_set_scores(labels, answer(proba, rule), rule, other)
+    scores = metrics.scores(labels[known], proba[known], values, evaluate.top_k, evaluate.taxonomy)
+    return result | {
+        "n": int(known.sum()),
+        "correct": int((values.decide(proba) == labels)[known].sum()),
         "accuracy": scores["accuracy"],
         "business_weighted_accuracy": scores["business_weighted_accuracy"],
     }
+
+
+def open_set_line(results: list[dict]) -> str:
+    """The pooled open-set figures of the folds, with the recall's 95% interval."""
+    off = sum(r["off_category_photos"] for r in results)
+    kept = sum(r["answered_other"] + r["abstained"] for r in results)
+    flagged = sum(r["known_called_other"] for r in results)
+    known = sum(r["known_photos"] for r in results)
+    low, high = wilson(kept, off)
+    return (
+        f"open set: {kept}/{off} off-category photos answered other or abstained = "
+        f"{kept / off:.2%} (95% interval {low:.2%}-{high:.2%}); known photos called other "
+        f"{flagged}/{known} = {flagged / known:.2%}"
+    )
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -148,11 +181,11 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def results_folder(
-    out: Path, candidate: str, folds: int, seed: int, overrides: list, resize: str
+    out: Path, candidate: str, folds: int, seed: int, overrides: list, resize: str, other: str
 ) -> Path:
-    """Where one recipe's folds are kept: the prepared set's resize rule in the name, and the
-    overrides, if any, hashed into it."""
-    name = f"{candidate}-{resize}-k{folds}-s{seed}"
+    """Where one recipe's folds are kept: the prepared set's resize rule and other class in the
+    name, and the overrides, if any, hashed into it."""
+    name = f"{candidate}-{resize}{f'-{other}' if other else ''}-k{folds}-s{seed}"
     if overrides:
         digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
         name += f"-{digest}"
@@ -172,7 +205,10 @@ def main() -> None:
     for key, value in args.overrides:
         set_dotted(params, key, value)
     resize = prepared_resize(args.prepared)
-    root = results_folder(args.out, args.candidate, args.folds, args.seed, args.overrides, resize)
+    other = params.get("other_class") or ""
+    root = results_folder(
+        args.out, args.candidate, args.folds, args.seed, args.overrides, resize, other
+    )
     root.mkdir(parents=True, exist_ok=True)
     (root / "overrides.json").write_text(json.dumps(dict(args.overrides), indent=2) + "\n")
     print(
@@ -208,6 +244,8 @@ def main() -> None:
         f"pooled: {correct}/{n} = {correct / n:.2%} (95% interval {low:.2%}-{high:.2%}); "
         f"folds {min(accuracies):.2%}-{max(accuracies):.2%}"
     )
+    if "off_category_photos" in results[0]:
+        print(open_set_line(results))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""benchmarks/cv_accuracy.py: folds that never split a cluster, results kept per recipe."""
+"""benchmarks/cv_accuracy.py: folds that never split a cluster, results kept per recipe, open-set
+figures pooled over folds."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.cv_accuracy import pooled_photos, results_folder
+from benchmarks.cv_accuracy import open_set_line, pooled_photos, results_folder
 from vitrine.data.layout import prepared_manifest_path
 
 
@@ -25,12 +26,39 @@ def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -
 
 
 def test_each_recipe_keeps_its_results_apart(tmp_path: Path) -> None:
-    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [], "squeeze")
+    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [], "squeeze", "")
     assert plain == tmp_path / "effnet_finetune-squeeze-k5-s0"
     no_cutmix = [("candidates.effnet_finetune.cutmix_p", 0.0)]
-    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix, "squeeze")
-    other = results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)], "squeeze")
+    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix, "squeeze", "")
+    other = results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)], "squeeze", "")
     assert varied not in (plain, other)
-    assert varied == results_folder(tmp_path, "effnet_finetune", 5, 0, list(no_cutmix), "squeeze")
+    assert varied == results_folder(
+        tmp_path, "effnet_finetune", 5, 0, list(no_cutmix), "squeeze", ""
+    )
     # photos squared another way are another recipe
-    assert results_folder(tmp_path, "effnet_finetune", 5, 0, [], "letterbox") != plain
+    assert results_folder(tmp_path, "effnet_finetune", 5, 0, [], "letterbox", "") != plain
+    # and a prepared set with an other class holds other photos
+    with_other = results_folder(tmp_path, "effnet_finetune", 5, 0, [], "squeeze", "other")
+    assert with_other == tmp_path / "effnet_finetune-squeeze-other-k5-s0"
+
+
+def test_open_set_figures_pool_every_folds_photos() -> None:
+    folds = [
+        {
+            "off_category_photos": 10,
+            "answered_other": 6,
+            "abstained": 2,
+            "known_called_other": 1,
+            "known_photos": 90,
+        },
+        {
+            "off_category_photos": 10,
+            "answered_other": 3,
+            "abstained": 1,
+            "known_called_other": 0,
+            "known_photos": 110,
+        },
+    ]
+    line = open_set_line(folds)
+    assert "12/20 off-category photos answered other or abstained = 60.00%" in line
+    assert "known photos called other 1/200 = 0.50%" in line
