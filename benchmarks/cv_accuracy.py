@@ -38,7 +38,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vitrine.config import add_overrides_option, load_params, set_dotted, stage_config
+from vitrine.config import (
+    add_overrides_option,
+    load_params,
+    other_class,
+    set_dotted,
+    stage_config,
+)
 from vitrine.data.layout import (
     load_split,
     prepared_manifest_path,
@@ -205,9 +211,8 @@ def main() -> None:
     for key, value in args.overrides:
         set_dotted(params, key, value)
     resize = prepared_resize(args.prepared)
-    other = params.get("other_class") or ""
     root = results_folder(
-        args.out, args.candidate, args.folds, args.seed, args.overrides, resize, other
+        args.out, args.candidate, args.folds, args.seed, args.overrides, resize, other_class(params)
     )
     root.mkdir(parents=True, exist_ok=True)
     (root / "overrides.json").write_text(json.dumps(dict(args.overrides), indent=2) + "\n")
