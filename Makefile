@@ -56,9 +56,10 @@ flow: setup
 	$(BIN)/python -m pipeline.flows
 
 # The pipeline on GroceryStore in build/grocery (docs/how-to/grocery.md): GROCERY_TAR names the
-# tar (default ../shared/datasets/grocery-store.tar); STAGES=prepare stops after prepare.
+# tar (default ../shared/datasets/grocery-store.tar); STAGES=prepare stops after prepare;
+# PROFILE=gpu adds configs/grocery-gpu.yaml's settings (a GPU machine).
 grocery: setup
-	$(BIN)/python -m scripts.grocery $(STAGES)
+	$(BIN)/python -m scripts.grocery $(if $(PROFILE),--profile $(PROFILE)) $(STAGES)
 
 clean:
 	rm -rf data/collected data/deduped data/prepared models reports .bentoml site

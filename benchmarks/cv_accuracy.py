@@ -22,7 +22,9 @@ served rule, and known photos called other. A fold's trained model is kept under
 re-run only scores finished folds (a fold takes as long as the candidate's training; scoring,
 half a minute).
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
-on the same folds; each set of overrides keeps its results in a folder of its own.
+on the same folds; each set of overrides keeps its results in a folder of its own, named after
+the prepared photos too (resize rule, side, other class), e.g.
+.cache/cv_accuracy/effnet_finetune-squeeze-128px-k5-s0.
 """
 
 from __future__ import annotations
@@ -187,11 +189,17 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def results_folder(
-    out: Path, candidate: str, folds: int, seed: int, overrides: list, resize: str, other: str
+    out: Path,
+    candidate: str,
+    folds: int,
+    seed: int,
+    overrides: list,
+    prepared: tuple[str, int, str],
 ) -> Path:
-    """Where one recipe's folds are kept: the prepared set's resize rule and other class in the
-    name, and the overrides, if any, hashed into it."""
-    name = f"{candidate}-{resize}{f'-{other}' if other else ''}-k{folds}-s{seed}"
+    """Where one recipe's folds are kept: the prepared set's resize rule, side and other class
+    (`prepared`) in the name, and the overrides, if any, hashed into it."""
+    resize, side, other = prepared
+    name = f"{candidate}-{resize}-{side}px{f'-{other}' if other else ''}-k{folds}-s{seed}"
     if overrides:
         digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
         name += f"-{digest}"
@@ -211,14 +219,19 @@ def main() -> None:
     for key, value in args.overrides:
         set_dotted(params, key, value)
     resize = prepared_resize(args.prepared)
+    side = int(np.load(split_images_path(args.prepared, "train"), mmap_mode="r").shape[1])
     root = results_folder(
-        args.out, args.candidate, args.folds, args.seed, args.overrides, resize, other_class(params)
+        args.out,
+        args.candidate,
+        args.folds,
+        args.seed,
+        args.overrides,
+        (resize, side, other_class(params)),
     )
     root.mkdir(parents=True, exist_ok=True)
     (root / "overrides.json").write_text(json.dumps(dict(args.overrides), indent=2) + "\n")
-    print(
-        f"results in {root}; photos squared by {resize}; overrides {dict(args.overrides) or 'none'}"
-    )
+    varied = dict(args.overrides) or "none"
+    print(f"results in {root}; {side} px photos squared by {resize}; overrides {varied}")
     rows = pooled_photos(args.prepared, args.folds, args.seed)
     sizes = rows["fold"].value_counts().sort_index().tolist()
     print(f"{len(rows)} pooled photos in {args.folds} folds of {sizes}")

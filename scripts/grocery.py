@@ -1,6 +1,6 @@
 """Run the whole pipeline on the GroceryStore dataset in its own workspace (`make grocery`).
 
-    python -m scripts.grocery [--tar PATH] [--workspace DIR] [STAGE ...]
+    python -m scripts.grocery [--tar PATH] [--workspace DIR] [--profile NAME] [STAGE ...]
 
 1. copies the project's files (tracked and untracked, not ignored; not params.yaml, dvc.lock or
    data/raw/) into the workspace, default build/grocery (ignored by git), changed files only;
@@ -10,7 +10,8 @@
    split (train, val or test, as published);
 3. writes <workspace>/params.yaml: this project's params.yaml with every key of
    configs/grocery.yaml set (dotted keys, as `dvc exp run -S`; a key params.yaml lacks is an
-   error), so the variant follows every other change of params.yaml;
+   error), so the variant follows every other change of params.yaml; `--profile gpu` then sets
+   configs/grocery-gpu.yaml's keys too (a profile: the same dotted keys, for other hardware);
 4. runs `dvc repro [STAGE ...]` there (DVC without git: the workspace is a build folder).
 """
 
@@ -217,9 +218,32 @@ def ignore_build_folder(repo: Path, workspace: Path) -> None:
         (folder / ".gitignore").write_text("*\n")
 
 
-def set_up(repo: Path, workspace: Path, tar: Path, variant: Path = VARIANT) -> int:
+def profile_path(name: str) -> Path:
+    """configs/grocery-<name>.yaml, which must exist."""
+    path = VARIANT.with_name(f"{VARIANT.stem}-{name}.yaml")
+    if not path.is_file():
+        known = sorted(p.stem.removeprefix(f"{VARIANT.stem}-") for p in profiles())
+        raise VariantError(f"no profile {name!r} ({path} is missing); known: {known}")
+    return path
+
+
+def profiles() -> list[Path]:
+    return sorted(VARIANT.parent.glob(f"{VARIANT.stem}-*.yaml"))
+
+
+def variant_overrides(variant: Path, profile: Path | None = None) -> dict[str, Any]:
+    """The variant's dotted keys, then the profile's: a key both set takes the profile's value."""
+    overrides = dict(yaml.safe_load(variant.read_text()))
+    if profile is not None:
+        overrides.update(yaml.safe_load(profile.read_text()) or {})
+    return overrides
+
+
+def set_up(
+    repo: Path, workspace: Path, tar: Path, variant: Path = VARIANT, profile: Path | None = None
+) -> int:
     """Everything but the run; returns the number of photos in the catalog."""
-    overrides = yaml.safe_load(variant.read_text())
+    overrides = variant_overrides(variant, profile)
     ignore_build_folder(repo, workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     sync_project(repo, workspace)
@@ -251,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tar", type=Path, default=Path(DEFAULT_TAR))
     parser.add_argument("--workspace", type=Path, default=Path(DEFAULT_WORKSPACE))
     parser.add_argument("--setup-only", action="store_true", help="prepare the workspace only")
+    parser.add_argument(
+        "--profile", default="", help="also set configs/grocery-<PROFILE>.yaml's keys, e.g. gpu"
+    )
     args = parser.parse_args(argv)
     try:
-        photos = set_up(REPO, args.workspace, args.tar)
+        profile = profile_path(args.profile) if args.profile else None
+        photos = set_up(REPO, args.workspace, args.tar, profile=profile)
     except VariantError as err:
         print(f"grocery: {err}", file=sys.stderr)
         return 2

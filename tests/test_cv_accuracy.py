@@ -26,20 +26,21 @@ def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -
 
 
 def test_each_recipe_keeps_its_results_apart(tmp_path: Path) -> None:
-    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [], "squeeze", "")
-    assert plain == tmp_path / "effnet_finetune-squeeze-k5-s0"
+    squeezed = ("squeeze", 128, "")
+    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [], squeezed)
+    assert plain == tmp_path / "effnet_finetune-squeeze-128px-k5-s0"
     no_cutmix = [("candidates.effnet_finetune.cutmix_p", 0.0)]
-    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix, "squeeze", "")
-    other = results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)], "squeeze", "")
+    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix, squeezed)
+    other = results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)], squeezed)
     assert varied not in (plain, other)
-    assert varied == results_folder(
-        tmp_path, "effnet_finetune", 5, 0, list(no_cutmix), "squeeze", ""
-    )
-    # photos squared another way are another recipe
-    assert results_folder(tmp_path, "effnet_finetune", 5, 0, [], "letterbox", "") != plain
+    assert varied == results_folder(tmp_path, "effnet_finetune", 5, 0, list(no_cutmix), squeezed)
+    # photos squared another way, or prepared at another side, are another recipe
+    letterboxed = results_folder(tmp_path, "effnet_finetune", 5, 0, [], ("letterbox", 128, ""))
+    larger = results_folder(tmp_path, "effnet_finetune", 5, 0, [], ("squeeze", 192, ""))
+    assert len({plain, letterboxed, larger}) == 3
     # and a prepared set with an other class holds other photos
-    with_other = results_folder(tmp_path, "effnet_finetune", 5, 0, [], "squeeze", "other")
-    assert with_other == tmp_path / "effnet_finetune-squeeze-other-k5-s0"
+    with_other = results_folder(tmp_path, "effnet_finetune", 5, 0, [], ("squeeze", 128, "other"))
+    assert with_other == tmp_path / "effnet_finetune-squeeze-128px-other-k5-s0"
 
 
 def test_open_set_figures_pool_every_folds_photos() -> None:

@@ -16,8 +16,11 @@ from scripts.grocery import (
     catalog_rows,
     check_classes,
     extract_dataset,
+    profile_path,
+    profiles,
     set_up,
     taxonomy_labels,
+    variant_overrides,
     write_variant_params,
 )
 from stages.collect import CollectConfig
@@ -27,6 +30,7 @@ from stages.validate import ValidateConfig
 from tests.helpers import REPO
 from tests.helpers.photos import photo_bytes
 from vitrine.config import load_params, stage_config
+from vitrine.model.training import TrainConfig, candidate_config
 
 CLASSES_CSV = (
     "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
@@ -166,6 +170,31 @@ def test_the_variant_applies_to_params_yaml_and_loads_into_every_data_stage(tmp_
     ]:
         stage_config(cls, block, params)
     assert stage_config(PrepareConfig, "prepare", params).split == "column"
+
+
+def test_a_profile_sets_its_keys_over_the_variants_and_trains(tmp_path):
+    assert [p.name for p in profiles()] == ["grocery-gpu.yaml"]
+    with pytest.raises(VariantError, match=r"no profile 'tpu'.*known: \['gpu'\]"):
+        profile_path("tpu")
+    variant = variant_overrides(VARIANT)
+    overrides = variant_overrides(VARIANT, profile_path("gpu"))
+    out = tmp_path / "params.yaml"
+    write_variant_params(REPO / "params.yaml", overrides, out)
+    params = load_params(out)
+    assert params["classes"] == variant["classes"]  # the variant's keys the profile leaves
+    assert params["prepare"]["split"] == "column"
+    # a key both set takes the profile's value
+    assert variant["candidates.effnet_finetune.input_size"] == 224
+    finetune = candidate_config(params, "effnet_finetune")
+    assert (finetune.model, finetune.input_size, finetune.train_input_size) == (
+        "effnet_lite1",
+        320,
+        0,
+    )
+    train = stage_config(TrainConfig, "train", params)
+    assert (train.trainer["accelerator"], train.augment_on) == ("gpu", "device")
+    for name in params["candidates"]:
+        candidate_config(params, name)
 
 
 @pytest.mark.slow
