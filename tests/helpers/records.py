@@ -13,10 +13,11 @@ from typing import TypeVar
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from vitrine.contracts import RecordConfig
 from vitrine.production.recorder import photo_sha256
-from vitrine.production.records import AnswerRecord, new_request_id
+from vitrine.production.records import AnswerRecord, RecordStore, new_request_id
 
 T = TypeVar("T")
 
@@ -35,9 +36,22 @@ def record_config(root: Path, url: str | None = None, **settings: object) -> Rec
 
 def metric(url: str, name: str) -> float:
     """The sum of a metric's samples in the server's /metrics (every worker's)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    # Patient: under load the scrape waits its turn behind every request the workers hold.
+    text = httpx.get(f"{url}/metrics", timeout=60).text
     pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
     return sum(float(value) for value in pattern.findall(text))
+
+
+def rows_stored(url: str) -> int:
+    """How many answers the database holds, read from the database itself (not the busy
+    server); 0 while no worker has created the table yet."""
+    store = RecordStore(url)
+    try:
+        return store.count()
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # no answers table yet
+        return 0
+    finally:
+        store.close()
 
 
 def wait_for(check: Callable[[], T], timeout_s: float = 30.0, every_s: float = 0.1) -> T:
