@@ -7,7 +7,13 @@ import torch
 
 from tests.helpers.tiny_prepared import CLASSES, trainer_args, write_prepared
 from vitrine.model.embeddings import load_backbone
-from vitrine.model.networks import MODELS, ImageClassifier, build_predictor, cutmix
+from vitrine.model.networks import (
+    MODELS,
+    ImageClassifier,
+    build_predictor,
+    cutmix,
+    fold_batch_norm,
+)
 from vitrine.model.training import CandidateConfig, EarlyStoppingConfig, TrainConfig, train
 
 # A small input size per model keeps the tests fast; a new entry in MODELS must be added here.
@@ -73,6 +79,34 @@ def test_dropout_and_stochastic_depth_act_in_training_only():
         assert not torch.allclose(regularised(photos), regularised(photos))
         plain.train()
         assert torch.equal(plain(photos), plain(photos))
+
+
+def test_folded_batch_norms_compute_what_the_network_does_on_a_copy():
+    predictor = build_predictor("effnet_lite0", 2, 64, {"mode": "finetune"}).train()
+    folded = fold_batch_norm(predictor)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    # The network itself keeps its norms, its mode and its gradients: training goes on.
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.modules()) == 49
+    assert predictor.training and all(p.requires_grad for p in predictor.parameters())
+    photos = torch.randint(0, 256, (3, 50, 70, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(folded(photos), predictor.eval()(photos), atol=1e-4)
+    plain = build_predictor("cnn64", 2)  # no batch norm: nothing to fold, no copy
+    assert fold_batch_norm(plain) is plain
+
+
+def test_validation_runs_a_folded_copy_that_no_checkpoint_or_optimizer_sees():
+    module = ImageClassifier("effnet_lite0", list(CLASSES), 0.01, input_size=32)
+    keys, parameters = set(module.state_dict()), len(list(module.parameters()))
+    module.on_validation_epoch_start()
+    assert set(module.state_dict()) == keys and len(list(module.parameters())) == parameters
+    photos = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        eager = module.eval()(photos)
+        assert torch.allclose(module.folded["val"](photos), eager, atol=1e-4)
+    module.on_validation_epoch_end()
+    assert not module.folded  # training changes the weights: the next epoch folds afresh
 
 
 @pytest.fixture(scope="module")

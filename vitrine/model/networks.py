@@ -10,6 +10,8 @@ in MODELS; params.yaml's `candidates` block then names it (and its options).
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vitrine.model.embeddings import FEATURE_DIM, PIXEL_MEAN, PIXEL_STD, load_backbone
 from vitrine.runtime.network_input import network_input
@@ -163,6 +166,50 @@ class AfterResize(nn.Module):
         return self.predictor.normalised(x)
 
 
+FOLD_ATOL = 1e-4  # a folded network's logits against the eager one's, on a fixed batch
+
+
+def fold_batch_norm(predictor: Predictor) -> Predictor:
+    """An inference-only copy of `predictor` (eval mode, no gradient) with each batch norm
+    folded into the convolution registered just before it (torch's fuse_conv_bn_eval), as
+    ONNX Runtime folds them on load; the copy is refused, and the predictor itself returned,
+    unless its logits match the predictor's on a fixed batch.
+
+    Why: in eval mode an unfolded batch norm is a pass of its own over every activation. On 2
+    cores (AVX-512 EPYC), the frozen EfficientNet-Lite0 at 192 px, batch 64, computes 70 photos/s
+    as is and 123 folded (channels-last; 74 and 133 contiguous), logits within 1e-5. The probe
+    caches its features (5,091 passes per run) and the fine-tune validates 535 photos an epoch
+    through this copy."""
+    folded = copy.deepcopy(predictor).eval().requires_grad_(False)
+    fused = 0
+    for module in folded.modules():
+        names = list(module._modules)
+        for conv_name, norm_name in itertools.pairwise(names):
+            conv, norm = module._modules[conv_name], module._modules[norm_name]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)):
+                continue
+            if norm.running_mean is None or norm.running_var is None:
+                continue
+            module._modules[conv_name] = fuse_conv_bn_eval(conv, norm)
+            # timm's BatchNormAct2d applies its dropout and activation after the norm.
+            after = [getattr(norm, name) for name in ("drop", "act") if hasattr(norm, name)]
+            module._modules[norm_name] = nn.Sequential(*after) if after else nn.Identity()
+            fused += 1
+    if not fused:
+        return predictor
+    weight = next(p for p in predictor.parameters() if p.dim() == 4)
+    if weight.is_contiguous(memory_format=torch.channels_last):  # the fused weights as theirs
+        folded = folded.to(memory_format=torch.channels_last)
+    device = weight.device
+    batch = torch.randint(0, 256, (2, predictor.input_size, predictor.input_size, 3))
+    batch = batch.to(device=device, dtype=torch.uint8)
+    was_training = predictor.training
+    with torch.no_grad():
+        same = torch.allclose(folded(batch), predictor.eval()(batch), atol=FOLD_ATOL)
+    predictor.train(was_training)
+    return folded if same else predictor
+
+
 def build_predictor(
     name: str,
     num_classes: int,
@@ -231,6 +278,9 @@ class ImageClassifier(L.LightningModule):
         self.predictor = build_predictor(model, len(classes), input_size, options)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
+        # This epoch's weights with batch norms folded, for validation (fold_batch_norm); in a
+        # dict, so the copy is no submodule: not in checkpoints, not seen by the optimizer.
+        self.folded: dict[str, Predictor] = {}
 
     def forward(self, images: Tensor) -> Tensor:
         return self.predictor(images)
@@ -258,7 +308,9 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
         side = self.train_side() if stage == "train" else self.predictor.input_size
-        if side == self.predictor.input_size:
+        if stage == "val" and "val" in self.folded:
+            logits = self.folded["val"](images)
+        elif side == self.predictor.input_size:
             logits = self(images)  # a subclass may feed something else (the probe: features)
         else:
             logits = self.predictor.normalised(network_input(images, side))
@@ -285,6 +337,12 @@ class ImageClassifier(L.LightningModule):
         if self.hparams["cutmix_p"] > 0 and float(torch.rand(())) < self.hparams["cutmix_p"]:
             return self._cutmix_step(batch)
         return self._step(batch, "train")
+
+    def on_validation_epoch_start(self) -> None:
+        self.folded["val"] = fold_batch_norm(self.predictor)
+
+    def on_validation_epoch_end(self) -> None:
+        self.folded.clear()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")

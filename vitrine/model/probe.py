@@ -32,7 +32,12 @@ from tqdm import tqdm
 from vitrine.data.batches import as_batched, epoch_sampler
 from vitrine.data.layout import load_split
 from vitrine.data.splits import PackedDataModule, epoch_seed
-from vitrine.model.networks import ImageClassifier, Predictor, PretrainedClassifier
+from vitrine.model.networks import (
+    ImageClassifier,
+    Predictor,
+    PretrainedClassifier,
+    fold_batch_norm,
+)
 from vitrine.runtime.network_input import network_input
 
 FEATURE_BATCH = 64  # photos per backbone pass when caching
@@ -66,9 +71,11 @@ def frozen_features(
 ) -> Tensor:
     """The backbone's features (N, D) of uint8 (N, H, W, 3) photos, mirrored when flip, computed
     as the Predictor computes them before its head (resize, normalisation, backbone)."""
-    net = predictor.net
-    if not isinstance(net, PretrainedClassifier) or not net.frozen:
-        raise TypeError(f"cached features need a frozen PretrainedClassifier, not {type(net)}")
+    if not isinstance(predictor.net, PretrainedClassifier) or not predictor.net.frozen:
+        raise TypeError(
+            f"cached features need a frozen PretrainedClassifier, not {type(predictor.net)}"
+        )
+    net = cast(PretrainedClassifier, fold_batch_norm(predictor).net)  # batch norms folded
     chunks = []
     # no_grad, not inference_mode: the head's backward saves these features.
     with torch.no_grad():
@@ -171,6 +178,9 @@ class HeadOnly(ImageClassifier):
 
     def forward(self, features: Tensor) -> Tensor:
         return cast(PretrainedClassifier, self.predictor.net).head(features)
+
+    def on_validation_epoch_start(self) -> None:
+        pass  # its val batches are cached features: nothing to fold
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
