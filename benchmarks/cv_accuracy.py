@@ -20,7 +20,8 @@ accuracy is over the known classes' photos, comparable with a run without the cl
 line pools the open-set figures: off-category photos answered other or abstained under the
 served rule, and known photos called other. A fold's trained model is kept under --out, so a
 re-run only scores finished folds (a fold takes as long as the candidate's training; scoring,
-half a minute).
+half a minute). --flip-tta scores the same models with each photo's logits averaged with its
+mirror image's, inside the exported network.
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
 on the same folds; each set of overrides keeps its results in a folder of its own, named after
 the prepared photos too (resize rule, side, other class), e.g.
@@ -39,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torch import Tensor, nn
 
 from vitrine.config import (
     add_overrides_option,
@@ -132,14 +135,31 @@ def train_fold(params: dict, candidate: str, folder: Path) -> dict:
     }
 
 
-def score_fold(params: dict, folder: Path, val: Photos, test: Photos) -> dict:
+class FlipAveraged(nn.Module):
+    """A network whose logits are the mean of a photo's and its mirror image's (test-time
+    augmentation inside the exported graph, so the service would run it as is)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * (self.net(x) + self.net(torch.flip(x, dims=[3])))
+
+
+def score_fold(
+    params: dict, folder: Path, val: Photos, test: Photos, flip_tta: bool = False
+) -> dict:
     """The fold's model as evaluate would serve it in float (ONNX, calibrated on val), scored
     on the fold's test photos. With an other class, accuracy is over the known classes' photos
     and the open-set counts are taken under the served rule (thresholds fitted on val), as
-    evaluate reports them. The calibrated probabilities are kept in the fold's proba.npz."""
+    evaluate reports them. The calibrated probabilities are kept in the fold's proba.npz
+    (proba-flip.npz with flip_tta, the network's logits averaged with its mirror image's)."""
     evaluate = load_config(params)
     values = check_config(evaluate)
     predictor = load_candidate(folder / "model", evaluate.classes)
+    if flip_tta:
+        predictor.net = FlipAveraged(predictor.net)
     size = predictor.input_size
     model = export_onnx(predictor, val[0].shape[1])
     val_logits = onnx_logits(model, size, val[0], evaluate.batch_size, "val")
@@ -147,7 +167,8 @@ def score_fold(params: dict, folder: Path, val: Photos, test: Photos) -> dict:
     images, labels = test
     proba = onnx_proba(model, size, images, evaluate.batch_size, "test")
     val_proba = onnx_proba(model, size, val[0], evaluate.batch_size, "val")
-    np.savez(folder / "proba.npz", val=val_proba, test=proba, y_val=val[1], y_test=labels)
+    saved = folder / ("proba-flip.npz" if flip_tta else "proba.npz")
+    np.savez(saved, val=val_proba, test=proba, y_val=val[1], y_test=labels)
     known = np.ones(len(labels), dtype=bool)
     result: dict = {}
     if evaluate.other_class:
@@ -213,6 +234,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "cv_accuracy")
+    parser.add_argument(
+        "--flip-tta",
+        action="store_true",
+        help="score each fold's model with horizontal-flip test-time augmentation",
+    )
     add_overrides_option(parser)
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
@@ -247,7 +273,8 @@ def main() -> None:
             shutil.rmtree(folder / "prepared")  # the arrays are rebuilt cheaply; keep the model
         part = rows[rows["fold"] == fold]
         test = gathered(args.prepared, part), part["label"].map(classes.index).to_numpy()
-        result = {**json.loads(trained.read_text()), **score_fold(params, folder, val, test)}
+        scored = score_fold(params, folder, val, test, args.flip_tta)
+        result = {**json.loads(trained.read_text()), **scored}
         results.append(result)
         print(
             f"fold {fold}: {result['n']} test photos, accuracy {result['accuracy']:.2%}, "

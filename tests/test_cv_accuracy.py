@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from benchmarks.cv_accuracy import open_set_line, pooled_photos, results_folder
+from benchmarks.cv_accuracy import FlipAveraged, open_set_line, pooled_photos, results_folder
 from vitrine.data.layout import prepared_manifest_path
 
 
@@ -63,3 +64,14 @@ def test_open_set_figures_pool_every_folds_photos() -> None:
     line = open_set_line(folds)
     assert "12/20 off-category photos answered other or abstained = 60.00%" in line
     assert "known photos called other 1/200 = 0.50%" in line
+
+
+def test_flip_averaged_logits_are_the_same_for_a_photo_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    photos = torch.rand(2, 3, 8, 8)
+    averaged = FlipAveraged(net)
+    with torch.no_grad():
+        mirrored = averaged(torch.flip(photos, dims=[3]))
+        assert torch.allclose(averaged(photos), mirrored, atol=1e-6)
+        assert not torch.allclose(net(photos), net(torch.flip(photos, dims=[3])))
