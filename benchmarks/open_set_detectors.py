@@ -98,9 +98,10 @@ def main() -> None:
         off_train = np.concatenate([(rows.loc[~in_test, "label"] == other).to_numpy(), val_off])
         scores = {"p(other)": saved["test"][:, classes.index(other)]}
         scores |= fold_scores(train, off_train, features[in_test])
-        scores["rank average"] = rankdata(scores["p(other)"]) + rankdata(
-            scores["ImageNet logistic regression"]
-        )
+        # Ranks as fractions of the fold, so folds of different sizes pool on one scale.
+        scores["rank average"] = (
+            rankdata(scores["p(other)"]) + rankdata(scores["ImageNet logistic regression"])
+        ) / (2 * len(off))
         for name, values in scores.items():
             pooled.setdefault(name, []).append(values)
         offs.append(off)
