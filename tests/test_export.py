@@ -71,6 +71,20 @@ def test_int8_keeps_high_resolution_and_depthwise_convolutions_in_float() -> Non
     assert all_float == [False] * 6
 
 
+def test_a_retry_reads_the_first_calibrations_ranges_and_gets_the_same_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = export_onnx(Predictor(Strided(), 32, 127.5, 127.5).eval(), 32)
+    photos = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    ranges = tmp_path / "ranges.json"
+    assert quantize_int8(model, photos, 32, ranges=ranges) == quantize_int8(model, photos, 32)
+    assert ranges.is_file()
+    # Black photos would calibrate other ranges: the retry reads the file instead.
+    black = np.zeros_like(photos)
+    retried = quantize_int8(model, black, 32, float_strides=(8,), ranges=ranges)
+    assert retried == quantize_int8(model, photos, 32, float_strides=(8,))
+    assert retried != quantize_int8(model, black, 32, float_strides=(8,))
+
+
 def test_quantizable_strides_are_listed_coarsest_first() -> None:
     deeper = Strided()
     deeper.convs.append(nn.Conv2d(4, 4, 3, stride=2, padding=1))  # stride 16

@@ -9,6 +9,7 @@ those of that very file under ONNX Runtime.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +84,15 @@ def served_precision(
     metric = config.primary_metric
     fp32_score = fp32_scores[metric]
     # Int8 as planned first; if it loses, each coarser stage in float in turn (a network's
-    # most rounding-sensitive stage differs from one training run to the next).
-    for float_strides in [(), *((s,) for s in quantizable_strides(fp32))]:
-        int8 = quantize_int8(fp32, photos, size, float_strides)
-        int8_logits, int8_scores = scored(int8, f"val {name} int8")
-        holds = int8_scores[metric] >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
-        if holds:
-            break
+    # most rounding-sensitive stage differs from one training run to the next), every try on
+    # the ranges the first calibrated.
+    with tempfile.TemporaryDirectory(prefix="vitrine-ranges-") as tmp:
+        for float_strides in [(), *((s,) for s in quantizable_strides(fp32))]:
+            int8 = quantize_int8(fp32, photos, size, float_strides, Path(tmp) / "ranges.json")
+            int8_logits, int8_scores = scored(int8, f"val {name} int8")
+            holds = int8_scores[metric] >= fp32_score - config.int8_max_loss - SCORE_TOLERANCE
+            if holds:
+                break
     changed = values.decide(softmax(fp32_logits)) != values.decide(softmax(int8_logits))
     trial = Int8Trial(
         metric=metric,
