@@ -4,10 +4,10 @@ misses? Scores of "none of these" compared on the folds of a three-class cross-v
     python benchmarks/open_set_detectors.py --prepared <three-class prepared set>
                                             --cv <its benchmarks/cv_accuracy.py results folder>
 
-Run cv_accuracy.py first with the other class switched on (docs/concepts/value-model.md);
-the class names come from its folds' model cards. For
-each fold, every score ranks that fold's test photos, off-category against known, and is fitted
-on the fold's training photos (and prepare's val photos) only:
+Run cv_accuracy.py first with the other class switched on (docs/concepts/value-model.md); the
+class names come from its folds' model cards. For each fold, every score ranks that fold's test
+photos, off-category against known, and is fitted on the fold's training photos (and prepare's
+val photos) only:
 - p(other): the fold's three-class network, its calibrated probability (cv_accuracy's
   proba.npz);
 - ImageNet logistic regression: frozen ImageNet EfficientNet-Lite0 embeddings (the 1280-d ones
