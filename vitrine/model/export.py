@@ -43,7 +43,7 @@ from torch import Tensor
 
 from vitrine.contracts import ONNX_MODEL_FILE, ServedRecord, read_served
 from vitrine.evaluation.calibration import Calibration
-from vitrine.model.networks import AfterResize, Predictor
+from vitrine.model.networks import AfterResize, Predictor, parity_batch
 from vitrine.runtime.network_input import network_input
 from vitrine.runtime.onnx import OnnxPredictor
 
@@ -54,13 +54,6 @@ ONNX_PARITY_ATOL = 5e-5
 ONNX_OPSET = 17
 CALIBRATION_BATCH = 1  # equal shapes: ORT's percentile calibrator stacks every batch's outputs
 HIGH_RES_STRIDE = 4  # convolutions with outputs at this stride or finer stay float (docstring)
-
-
-def parity_batch(image_size: int, n: int = 4, seed: int = 0) -> Tensor:
-    """Fixed uint8 (n, size, size, 3) inputs on which exported and eager outputs are compared."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = (n, image_size, image_size, 3)
-    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
 
 
 def max_output_diff(a: torch.nn.Module, b: torch.nn.Module, batch: Tensor) -> float:

@@ -169,6 +169,15 @@ class AfterResize(nn.Module):
 FOLD_ATOL = 1e-4  # a folded network's logits against the eager one's, on a fixed batch
 
 
+def parity_batch(image_size: int, n: int = 4, seed: int = 0) -> Tensor:
+    """Fixed uint8 (n, size, size, 3) inputs on which two versions of a network are compared
+    (folded and eager, exported and eager); drawn from a generator of their own, so a check
+    during training leaves torch's global random stream as it was."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, image_size, image_size, 3)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+
+
 def fold_batch_norm(predictor: Predictor) -> Predictor:
     """An inference-only copy of `predictor` (eval mode, no gradient) with each batch norm
     folded into the convolution registered just before it (torch's fuse_conv_bn_eval), as
@@ -200,9 +209,7 @@ def fold_batch_norm(predictor: Predictor) -> Predictor:
     weight = next(p for p in predictor.parameters() if p.dim() == 4)
     if weight.is_contiguous(memory_format=torch.channels_last):  # the fused weights as theirs
         folded = folded.to(memory_format=torch.channels_last)
-    device = weight.device
-    batch = torch.randint(0, 256, (2, predictor.input_size, predictor.input_size, 3))
-    batch = batch.to(device=device, dtype=torch.uint8)
+    batch = parity_batch(predictor.input_size, n=2).to(weight.device)
     was_training = predictor.training
     with torch.no_grad():
         same = torch.allclose(folded(batch), predictor.eval()(batch), atol=FOLD_ATOL)
