@@ -4,6 +4,7 @@ CPU without AVX-512.
 
     python benchmarks/train_cpu.py [--candidates effnet_finetune] [--sides 192,160,128]
                                    [--isa native avx2] [--seconds 15]
+                                   [-S candidates.effnet_finetune.options.frozen_blocks=2 ...]
 
 Per --isa, in a child process (the setting must be made before torch loads): native is what
 torch picks on this machine; avx2 caps ATen's kernels (ATEN_CPU_CAPABILITY=avx2) and oneDNN's
@@ -16,7 +17,8 @@ for at least --seconds) at each --side, and inference at input_size (the validat
 the candidate's schedule as params.yaml sets it (max_epochs, of which all but full_size_epochs
 at train_input_size when set), each epoch over the prepared train split with a validation pass,
 in seconds. Augmentation, CutMix and loader time are left out (benchmarks/loader.py measures the
-loader: about 10x faster than the fastest step), so a stage run takes somewhat longer.
+loader: about 10x faster than the fastest step), so a stage run takes somewhat longer. -S
+overrides params.yaml for this run only (as `dvc exp run -S`), e.g. to price a recipe change.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from vitrine.config import add_overrides_option
 
 REPO = Path(__file__).resolve().parents[1]
 ISA_ENV = {
@@ -46,17 +50,25 @@ def rate(run_once: Callable[[], int], seconds: float) -> float:
     return images / elapsed
 
 
-def measure(name: str, sides: list[int], seconds: float) -> dict:
+def load_recipe_params(overrides: list) -> dict:
+    """params.yaml with the -S overrides applied."""
+    from vitrine.config import load_params, set_dotted
+
+    params = load_params(REPO / "params.yaml")
+    for key, value in overrides:
+        set_dotted(params, key, value)
+    return params
+
+
+def measure(name: str, sides: list[int], seconds: float, params: dict) -> dict:
     """Training-step images/s per side and inference images/s at input_size (in this process)."""
     import torch
     import torch.nn.functional as F
 
-    from vitrine.config import load_params
     from vitrine.model.networks import ImageClassifier
     from vitrine.model.training import candidate_config
     from vitrine.runtime.network_input import network_input
 
-    params = load_params(REPO / "params.yaml")
     recipe = candidate_config(params, name)
     torch.manual_seed(0)
     module = ImageClassifier(
@@ -134,18 +146,17 @@ def main() -> None:
     parser.add_argument("--isa", nargs="*", default=["native", "avx2"], choices=sorted(ISA_ENV))
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_overrides_option(parser)
     args = parser.parse_args()
     sides = [int(s) for s in args.sides.split(",")]
+    params = load_recipe_params(args.overrides)
     if args.child:
-        print(json.dumps(measure(args.child, sides, args.seconds)))
+        print(json.dumps(measure(args.child, sides, args.seconds, params)))
         return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from machine import cpu_model
 
-    from vitrine.config import load_params
-
-    params = load_params(REPO / "params.yaml")
     n_train, n_val = split_sizes()
     print(f"{cpu_model()}, {os.cpu_count()} cores; {n_train} train and {n_val} val photos")
     header = " ".join(f"{f'step@{s}':>10}" for s in sides)
@@ -157,6 +168,7 @@ def main() -> None:
         for name in args.candidates:
             command = [sys.executable, __file__, "--child", name, "--sides", args.sides]
             command += ["--seconds", str(args.seconds)]
+            command += [f"-S{key}={json.dumps(value)}" for key, value in args.overrides]
             out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"{isa} {name} failed:\n{out.stderr}")

