@@ -47,7 +47,6 @@ from vitrine.config import (
     add_overrides_option,
     load_params,
     other_class,
-    set_dotted,
     stage_config,
 )
 from vitrine.data.layout import (
@@ -241,9 +240,7 @@ def main() -> None:
     )
     add_overrides_option(parser)
     args = parser.parse_args()
-    params = load_params(REPO / "params.yaml")
-    for key, value in args.overrides:
-        set_dotted(params, key, value)
+    params = load_params(REPO / "params.yaml", args.overrides)
     resize = prepared_resize(args.prepared)
     side = int(np.load(split_images_path(args.prepared, "train"), mmap_mode="r").shape[1])
     root = results_folder(

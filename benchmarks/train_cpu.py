@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vitrine.config import add_overrides_option
+from vitrine.config import add_overrides_option, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 ISA_ENV = {
@@ -48,16 +48,6 @@ def rate(run_once: Callable[[], int], seconds: float) -> float:
     while (elapsed := time.perf_counter() - started) < seconds or images == 0:
         images += run_once()
     return images / elapsed
-
-
-def load_recipe_params(overrides: list) -> dict:
-    """params.yaml with the -S overrides applied."""
-    from vitrine.config import load_params, set_dotted
-
-    params = load_params(REPO / "params.yaml")
-    for key, value in overrides:
-        set_dotted(params, key, value)
-    return params
 
 
 def measure(name: str, sides: list[int], seconds: float, params: dict) -> dict:
@@ -149,7 +139,7 @@ def main() -> None:
     add_overrides_option(parser)
     args = parser.parse_args()
     sides = [int(s) for s in args.sides.split(",")]
-    params = load_recipe_params(args.overrides)
+    params = load_params(REPO / "params.yaml", args.overrides)
     if args.child:
         print(json.dumps(measure(args.child, sides, args.seconds, params)))
         return

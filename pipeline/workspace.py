@@ -30,7 +30,7 @@ from dvc.fs import localfs
 from dvc.rwlock import _edit_rwlock  # DVC's own guarded read-modify-write of its rwlock
 from dvc.utils.serialize import modify_yaml
 
-from vitrine.config import ConfigError, set_dotted
+from vitrine.config import ConfigError, apply_overrides
 from vitrine.ingest.inventory import inventory_digest
 
 STATE_DIR = Path(".dvc/tmp/pipeline")  # ignored by git (.dvc/.gitignore) and by DVC
@@ -137,11 +137,10 @@ def params_overridden(project_dir: Path, overrides: Mapping[str, Any] | None) ->
     _write_atomically(backup, original)
     try:
         with modify_yaml(params) as data:
-            for dotted, value in overrides.items():
-                try:
-                    set_dotted(data, dotted, value)
-                except ConfigError as err:
-                    raise OverrideError(f"override {err}") from err
+            try:
+                apply_overrides(data, overrides.items())
+            except ConfigError as err:
+                raise OverrideError(f"override {err}") from err
         yield
     finally:
         _write_atomically(params, original)

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 from dvc.utils.serialize import modify_yaml
 
-from vitrine.config import ConfigError, set_dotted
+from vitrine.config import ConfigError, apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = REPO / "configs" / "grocery.yaml"
@@ -195,11 +195,10 @@ def write_variant_params(base: Path, overrides: Mapping[str, Any], out: Path) ->
     draft = out.with_name(out.name + ".draft")
     shutil.copyfile(base, draft)
     with modify_yaml(draft) as params:
-        for dotted, value in overrides.items():
-            try:
-                set_dotted(params, dotted, value)
-            except ConfigError as err:
-                raise VariantError(str(err)) from err
+        try:
+            apply_overrides(params, overrides.items())
+        except ConfigError as err:
+            raise VariantError(str(err)) from err
     if out.is_file() and filecmp.cmp(draft, out, shallow=False):
         draft.unlink()
     else:

@@ -61,3 +61,12 @@ def test_overrides_parse_as_yaml_and_set_only_existing_keys():
     for typo, missing in [("train.lrr", "train.lrr"), ("train.lr.x", "train.lr.x"), ("t.lr", "t")]:
         with pytest.raises(ConfigError, match=rf"params\.yaml has no key '{missing}'"):
             set_dotted(params, typo, 0)
+
+
+def test_params_load_with_overrides_applied_in_order(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.1\n  trainer: {devices: 1}\n")
+    overrides = [("train.lr", 0.01), ("train.trainer.devices", 2), ("train.lr", 0.001)]
+    assert load_params(path, overrides) == {"train": {"lr": 0.001, "trainer": {"devices": 2}}}
+    with pytest.raises(ConfigError, match=r"no key 'train\.epochs'"):
+        load_params(path, [("train.epochs", 3)])

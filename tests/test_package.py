@@ -28,7 +28,7 @@ from tests.helpers.candidates import (
     write_prepared,
 )
 from tests.helpers.tiny_project import two_classes
-from vitrine.config import ConfigError, load_params, set_dotted, stage_config
+from vitrine.config import ConfigError, apply_overrides, load_params, stage_config
 from vitrine.contracts import Provenance, read_evaluation, read_packaged, read_trained
 from vitrine.evaluation.calibration import Calibration
 from vitrine.evaluation.settings import check_config, load_config
@@ -320,8 +320,7 @@ def test_stage_promotes_a_first_model_then_keeps_the_better_champion(tmp_path: P
     for name in ("params.yaml", "bentofile.yaml"):
         shutil.copy(REPO / name, tmp_path)
     params = load_params(tmp_path / "params.yaml")
-    for key, value in two_classes(params).items():  # the fixture's photos: laptops and phones
-        set_dotted(params, key, value)
+    apply_overrides(params, two_classes(params).items())  # the fixture's laptops and phones
     params["candidates"]["bright"] = params["candidates"]["cnn64"]
     params["serve"]["by_candidate"] = {"bright": {"workers": 3}}  # its own, kept or promoted
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, dataclass_transform
 
@@ -24,9 +24,14 @@ class ConfigError(ValueError):
     """A params block does not match its stage's config dataclass."""
 
 
-def load_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+def load_params(
+    path: Path = PARAMS_FILE, overrides: Iterable[tuple[str, Any]] = ()
+) -> dict[str, Any]:
+    """params.yaml, with `-S`-style (dotted key, value) overrides applied."""
     with open(path) as f:
-        return yaml.safe_load(f)
+        params = yaml.safe_load(f)
+    apply_overrides(params, overrides)
+    return params
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -62,6 +67,12 @@ def set_dotted(params: Any, dotted: str, value: Any) -> None:
         if depth < len(keys) - 1:
             node = node[key]
     node[keys[-1]] = value
+
+
+def apply_overrides(params: Any, overrides: Iterable[tuple[str, Any]]) -> None:
+    """set_dotted for each (dotted key, value) pair, in order."""
+    for dotted, value in overrides:
+        set_dotted(params, dotted, value)
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))

@@ -83,18 +83,17 @@ class PretrainedClassifier(nn.Module):
         frozen_blocks: int = 0,
     ):
         super().__init__()
-        self.backbone = backbone.requires_grad_(not frozen)
+        self.backbone = backbone.requires_grad_(True)  # load_backbone hands it over frozen
         self.head = nn.Linear(features, num_classes)
-        self.frozen = frozen
-        self.frozen_prefix = frozen_prefix(backbone, frozen_blocks)
-        for module in self.frozen_prefix:
+        self.frozen = frozen  # the whole backbone: vitrine.model.probe caches its features
+        # A plain list, not a ModuleList: the modules are registered once, under backbone.
+        self.frozen_modules = [backbone] if frozen else frozen_prefix(backbone, frozen_blocks)
+        for module in self.frozen_modules:
             module.requires_grad_(False)
 
     def train(self, mode: bool = True) -> PretrainedClassifier:
         super().train(mode)
-        if self.frozen:
-            self.backbone.eval()
-        for module in self.frozen_prefix:
+        for module in self.frozen_modules:
             module.eval()
         return self
 
