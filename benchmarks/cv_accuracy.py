@@ -21,7 +21,8 @@ line pools the open-set figures: off-category photos answered other or abstained
 served rule, and known photos called other. A fold's trained model is kept under --out, so a
 re-run only scores finished folds (a fold takes as long as the candidate's training; scoring,
 half a minute). --flip-tta scores the same models with each photo's logits averaged with its
-mirror image's, inside the exported network.
+mirror image's, inside the exported network. --against RESULTS_FOLDER compares the run photo by
+photo with another one over the same folds (right only here, only there, McNemar's exact p).
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
 on the same folds; each set of overrides keeps its results in a folder of its own, named after
 the prepared photos too (resize rule, side, other class), e.g.
@@ -36,10 +37,12 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
 from torch import Tensor, nn
 
@@ -166,8 +169,7 @@ def score_fold(
     images, labels = test
     proba = onnx_proba(model, size, images, evaluate.batch_size, "test")
     val_proba = onnx_proba(model, size, val[0], evaluate.batch_size, "val")
-    saved = folder / ("proba-flip.npz" if flip_tta else "proba.npz")
-    np.savez(saved, val=val_proba, test=proba, y_val=val[1], y_test=labels)
+    np.savez(folder / proba_file(flip_tta), val=val_proba, test=proba, y_val=val[1], y_test=labels)
     known = np.ones(len(labels), dtype=bool)
     result: dict = {}
     if evaluate.other_class:
@@ -198,6 +200,35 @@ def open_set_line(results: list[dict]) -> str:
         f"{kept / off:.2%} (95% interval {low:.2%}-{high:.2%}); known photos called other "
         f"{flagged}/{known} = {flagged / known:.2%}"
     )
+
+
+def paired_line(here: Sequence[np.ndarray], there: Sequence[np.ndarray], other: Path) -> str:
+    """Photo by photo against another run over the same folds (each fold's test photos right or
+    wrong there and here): how many are right only here, only there, and McNemar's exact p,
+    the binomial test of those two counts, which one test split's accuracy cannot give."""
+    only_here = int(sum((a & ~b).sum() for a, b in zip(here, there, strict=True)))
+    only_there = int(sum((b & ~a).sum() for a, b in zip(here, there, strict=True)))
+    disagree = only_here + only_there
+    p = scipy.stats.binomtest(only_here, disagree).pvalue if disagree else 1.0
+    return (
+        f"against {other.name}: {only_here} photos right only here, {only_there} only there, "
+        f"McNemar exact p = {p:.2f}"
+    )
+
+
+def proba_file(flip_tta: bool) -> str:
+    return "proba-flip.npz" if flip_tta else "proba.npz"
+
+
+def fold_rights(
+    saved_proba: Path, values: metrics.ValueModel, known_only: int | None
+) -> np.ndarray:
+    """Whether each of a scored fold's test photos is answered right (its saved probabilities,
+    the decision rule of `values`), known-class photos only when known_only is the other class."""
+    saved = np.load(saved_proba)
+    labels = saved["y_test"]
+    right = values.decide(saved["test"]) == labels
+    return right if known_only is None else right[labels != known_only]
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -237,6 +268,12 @@ def main() -> None:
         "--flip-tta",
         action="store_true",
         help="score each fold's model with horizontal-flip test-time augmentation",
+    )
+    parser.add_argument(
+        "--against",
+        type=Path,
+        metavar="RESULTS_FOLDER",
+        help="another run's results folder over the same folds: compare the two photo by photo",
     )
     add_overrides_option(parser)
     args = parser.parse_args()
@@ -288,6 +325,24 @@ def main() -> None:
     )
     if "off_category_photos" in results[0]:
         print(open_set_line(results))
+    if args.against:
+        print(compared(root, args.against, args.folds, params, proba_file(args.flip_tta)))
+
+
+def compared(root: Path, against: Path, folds: int, params: dict, name: str) -> str:
+    """paired_line of this run's folds against another run's, refused unless the other run
+    scored the same photos in each fold."""
+    evaluate = load_config(params)
+    values = check_config(evaluate)
+    other = evaluate.classes.index(evaluate.other_class) if evaluate.other_class else None
+    here, there = [], []
+    for fold in range(folds):
+        mine, theirs = root / f"fold{fold}" / name, against / f"fold{fold}" / name
+        if not np.array_equal(np.load(mine)["y_test"], np.load(theirs)["y_test"]):
+            raise SystemExit(f"{theirs}: not the photos of {mine}; compare runs of the same folds")
+        here.append(fold_rights(mine, values, other))
+        there.append(fold_rights(theirs, values, other))
+    return paired_line(here, there, against)
 
 
 if __name__ == "__main__":

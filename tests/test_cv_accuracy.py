@@ -1,14 +1,21 @@
 """benchmarks/cv_accuracy.py: folds that never split a cluster, results kept per recipe, open-set
-figures pooled over folds."""
+figures pooled over folds, two runs compared photo by photo."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.cv_accuracy import FlipAveraged, open_set_line, pooled_photos, results_folder
+from benchmarks.cv_accuracy import (
+    FlipAveraged,
+    open_set_line,
+    paired_line,
+    pooled_photos,
+    results_folder,
+)
 from vitrine.data.layout import prepared_manifest_path
 
 
@@ -75,3 +82,18 @@ def test_flip_averaged_logits_are_the_same_for_a_photo_and_its_mirror() -> None:
         mirrored = averaged(torch.flip(photos, dims=[3]))
         assert torch.allclose(averaged(photos), mirrored, atol=1e-6)
         assert not torch.allclose(net(photos), net(torch.flip(photos, dims=[3])))
+
+
+def test_two_runs_are_compared_photo_by_photo() -> None:
+    here = [np.array([True, True, False, True]), np.array([True, False])]
+    there = [np.array([True, False, False, False]), np.array([False, True])]
+    line = paired_line(here, there, Path("runs/frozen3"))
+    # only here: photos 1 and 3 of the first fold, 0 of the second; only there: 1 of the second
+    assert line.startswith("against frozen3: 3 photos right only here, 1 only there")
+    assert line.endswith("McNemar exact p = 0.62")  # two-sided binomial test of 3 of 4
+    same = [np.array([True, False])]
+    assert line_p(paired_line(same, same, Path("x"))) == 1.0  # no disagreement, no evidence
+
+
+def line_p(line: str) -> float:
+    return float(line.rsplit("= ", 1)[1])
