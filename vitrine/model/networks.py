@@ -111,9 +111,9 @@ def frozen_prefix(backbone: nn.Module, blocks: int) -> list[nn.Module]:
 
     Why freeze them: they run at the largest feature maps, so their backward pass is the most
     expensive part of a training step on CPU, and their edge and texture filters are what
-    ImageNet already taught well. EfficientNet-Lite0's step on 2 cores, batch 32: 52.6 images/s
-    at 192 px and 140.7 at 128 with three stages frozen, against 30.4 and 91.0 with none
-    (`python benchmarks/train_cpu.py -S candidates.effnet_finetune.options.frozen_blocks=3`).
+    ImageNet already taught well. EfficientNet-Lite0's step on 2 cores, batch 32: 64.9 images/s
+    at 192 px and 171.0 at 128 with five stages frozen, against 30.4 and 91.0 with none
+    (`python benchmarks/train_cpu.py -S candidates.effnet_finetune.options.frozen_blocks=5`).
     """
     stages = getattr(backbone, "blocks", None)
     if not blocks:
