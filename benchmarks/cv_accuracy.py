@@ -277,6 +277,8 @@ def main() -> None:
     )
     add_overrides_option(parser)
     args = parser.parse_args()
+    if args.against and not (args.against / "fold0").is_dir():  # before hours of training
+        parser.error(f"--against {args.against}: not a results folder (no fold0 in it)")
     params = load_params(REPO / "params.yaml", args.overrides)
     resize = prepared_resize(args.prepared)
     side = int(np.load(split_images_path(args.prepared, "train"), mmap_mode="r").shape[1])

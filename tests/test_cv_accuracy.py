@@ -7,15 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from benchmarks.cv_accuracy import (
     FlipAveraged,
+    compared,
     open_set_line,
     paired_line,
     pooled_photos,
     results_folder,
 )
+from vitrine.config import load_params
 from vitrine.data.layout import prepared_manifest_path
 
 
@@ -93,6 +96,17 @@ def test_two_runs_are_compared_photo_by_photo() -> None:
     assert line.endswith("McNemar exact p = 0.62")  # two-sided binomial test of 3 of 4
     same = [np.array([True, False])]
     assert line_p(paired_line(same, same, Path("x"))) == 1.0  # no disagreement, no evidence
+
+
+def test_runs_over_other_folds_are_not_compared(tmp_path: Path) -> None:
+    for run, labels in [("here", [0, 1, 1]), ("there", [1, 0, 1])]:
+        (tmp_path / run / "fold0").mkdir(parents=True)
+        proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+        np.savez(tmp_path / run / "fold0" / "proba.npz", test=proba, y_test=np.array(labels))
+    with pytest.raises(SystemExit, match="not the photos of"):
+        compared(tmp_path / "here", tmp_path / "there", 1, load_params(), "proba.npz")
+    line = compared(tmp_path / "here", tmp_path / "here", 1, load_params(), "proba.npz")
+    assert line.startswith("against here: 0 photos right only here, 0 only there")
 
 
 def line_p(line: str) -> float:
