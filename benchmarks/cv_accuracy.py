@@ -37,7 +37,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -220,12 +220,9 @@ def proba_file(flip_tta: bool) -> str:
     return "proba-flip.npz" if flip_tta else "proba.npz"
 
 
-def fold_rights(
-    saved_proba: Path, values: metrics.ValueModel, known_only: int | None
-) -> np.ndarray:
+def fold_rights(saved: Mapping, values: metrics.ValueModel, known_only: int | None) -> np.ndarray:
     """Whether each of a scored fold's test photos is answered right (its saved probabilities,
     the decision rule of `values`), known-class photos only when known_only is the other class."""
-    saved = np.load(saved_proba)
     labels = saved["y_test"]
     right = values.decide(saved["test"]) == labels
     return right if known_only is None else right[labels != known_only]
@@ -340,10 +337,11 @@ def compared(root: Path, against: Path, folds: int, params: dict, name: str) -> 
     here, there = [], []
     for fold in range(folds):
         mine, theirs = root / f"fold{fold}" / name, against / f"fold{fold}" / name
-        if not np.array_equal(np.load(mine)["y_test"], np.load(theirs)["y_test"]):
+        saved_here, saved_there = np.load(mine), np.load(theirs)
+        if not np.array_equal(saved_here["y_test"], saved_there["y_test"]):
             raise SystemExit(f"{theirs}: not the photos of {mine}; compare runs of the same folds")
-        here.append(fold_rights(mine, values, other))
-        there.append(fold_rights(theirs, values, other))
+        here.append(fold_rights(saved_here, values, other))
+        there.append(fold_rights(saved_there, values, other))
     return paired_line(here, there, against)
 
 
