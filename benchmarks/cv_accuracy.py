@@ -24,14 +24,16 @@ half a minute). --flip-tta scores the same models with each photo's logits avera
 mirror image's, inside the exported network. --against RESULTS_FOLDER compares the run photo by
 photo with another one over the same folds (right only here, only there, McNemar's exact p).
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
-on the same folds; each set of overrides keeps its results in a folder of its own, named after
-the prepared photos too (resize rule, side, other class), e.g.
-.cache/cv_accuracy/effnet_finetune-squeeze-128px-k5-s0.
+on the same folds. Each recipe keeps its results in a folder of its own, named after the
+prepared photos (resize rule, side, other class) and a hash of the recipe as resolved, e.g.
+.cache/cv_accuracy/effnet_finetune-squeeze-128px-k5-s0-1f2e3d4c, with the recipe in its
+recipe.json: editing params.yaml starts a new folder as an override does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -236,22 +238,31 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def recipe_settings(params: dict, candidate: str) -> dict:
+    """Everything a fold's training reads from params: the train block and the candidate's, as
+    resolved (params.yaml with the overrides applied)."""
+    return {
+        "train": dataclasses.asdict(stage_config(TrainConfig, "train", params)),
+        "candidate": dataclasses.asdict(candidate_config(params, candidate)),
+    }
+
+
 def results_folder(
     out: Path,
     candidate: str,
     folds: int,
     seed: int,
-    overrides: list,
+    recipe: Mapping,
     prepared: tuple[str, int, str],
 ) -> Path:
     """Where one recipe's folds are kept: the prepared set's resize rule, side and other class
-    (`prepared`) in the name, and the overrides, if any, hashed into it."""
+    (`prepared`) in the name, and a hash of the resolved recipe (`recipe_settings`), so a fold
+    trained before params.yaml changed is never scored as the new recipe's, and the same recipe
+    finds its folds again whether set in params.yaml or by -S."""
     resize, side, other = prepared
     name = f"{candidate}-{resize}-{side}px{f'-{other}' if other else ''}-k{folds}-s{seed}"
-    if overrides:
-        digest = hashlib.sha256(json.dumps(sorted(overrides)).encode()).hexdigest()[:8]
-        name += f"-{digest}"
-    return out / name
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
+    return out / f"{name}-{digest.hexdigest()[:8]}"
 
 
 def main() -> None:
@@ -284,11 +295,12 @@ def main() -> None:
         args.candidate,
         args.folds,
         args.seed,
-        args.overrides,
+        recipe_settings(params, args.candidate),
         (resize, side, other_class(params)),
     )
     root.mkdir(parents=True, exist_ok=True)
-    (root / "overrides.json").write_text(json.dumps(dict(args.overrides), indent=2) + "\n")
+    recipe = {"overrides": dict(args.overrides), **recipe_settings(params, args.candidate)}
+    (root / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     varied = dict(args.overrides) or "none"
     print(f"results in {root}; {side} px photos squared by {resize}; overrides {varied}")
     rows = pooled_photos(args.prepared, args.folds, args.seed)

@@ -3,6 +3,7 @@ figures pooled over folds, two runs compared photo by photo."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from benchmarks.cv_accuracy import (
     open_set_line,
     paired_line,
     pooled_photos,
+    recipe_settings,
     results_folder,
 )
 from vitrine.config import load_params
@@ -37,21 +39,37 @@ def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -
 
 
 def test_each_recipe_keeps_its_results_apart(tmp_path: Path) -> None:
+    params = load_params()
+    shipped = recipe_settings(params, "effnet_finetune")
     squeezed = ("squeeze", 128, "")
-    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, [], squeezed)
-    assert plain == tmp_path / "effnet_finetune-squeeze-128px-k5-s0"
-    no_cutmix = [("candidates.effnet_finetune.cutmix_p", 0.0)]
-    varied = results_folder(tmp_path, "effnet_finetune", 5, 0, no_cutmix, squeezed)
-    other = results_folder(tmp_path, "effnet_finetune", 5, 0, [("a", 1)], squeezed)
-    assert varied not in (plain, other)
-    assert varied == results_folder(tmp_path, "effnet_finetune", 5, 0, list(no_cutmix), squeezed)
+    plain = results_folder(tmp_path, "effnet_finetune", 5, 0, shipped, squeezed)
+    assert plain.parent == tmp_path
+    assert plain.name.startswith("effnet_finetune-squeeze-128px-k5-s0-")
+    # an override, or the same change made in params.yaml, is another recipe...
+    no_cutmix = load_params(overrides=[("candidates.effnet_finetune.cutmix_p", 0.0)])
+    varied = results_folder(
+        tmp_path, "effnet_finetune", 5, 0, recipe_settings(no_cutmix, "effnet_finetune"), squeezed
+    )
+    assert varied != plain
+    edited = copy.deepcopy(params)
+    edited["candidates"]["effnet_finetune"]["cutmix_p"] = 0.0
+    assert varied == results_folder(
+        tmp_path, "effnet_finetune", 5, 0, recipe_settings(edited, "effnet_finetune"), squeezed
+    )
+    # ...while an override that restates params.yaml is the same one
+    lr = params["candidates"]["effnet_finetune"]["lr"]
+    restated = load_params(overrides=[("candidates.effnet_finetune.lr", lr)])
+    same = recipe_settings(restated, "effnet_finetune")
+    assert results_folder(tmp_path, "effnet_finetune", 5, 0, same, squeezed) == plain
     # photos squared another way, or prepared at another side, are another recipe
-    letterboxed = results_folder(tmp_path, "effnet_finetune", 5, 0, [], ("letterbox", 128, ""))
-    larger = results_folder(tmp_path, "effnet_finetune", 5, 0, [], ("squeeze", 192, ""))
+    letterboxed = results_folder(tmp_path, "effnet_finetune", 5, 0, shipped, ("letterbox", 128, ""))
+    larger = results_folder(tmp_path, "effnet_finetune", 5, 0, shipped, ("squeeze", 192, ""))
     assert len({plain, letterboxed, larger}) == 3
     # and a prepared set with an other class holds other photos
-    with_other = results_folder(tmp_path, "effnet_finetune", 5, 0, [], ("squeeze", 128, "other"))
-    assert with_other == tmp_path / "effnet_finetune-squeeze-128px-other-k5-s0"
+    with_other = results_folder(
+        tmp_path, "effnet_finetune", 5, 0, shipped, ("squeeze", 128, "other")
+    )
+    assert with_other.name.startswith("effnet_finetune-squeeze-128px-other-k5-s0-")
 
 
 def test_open_set_figures_pool_every_folds_photos() -> None:
