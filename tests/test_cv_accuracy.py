@@ -14,6 +14,7 @@ import torch
 from benchmarks.cv_accuracy import (
     FlipAveraged,
     compared,
+    most_probable_line,
     open_set_line,
     paired_line,
     pooled_photos,
@@ -129,3 +130,13 @@ def test_runs_over_other_folds_are_not_compared(tmp_path: Path) -> None:
 
 def line_p(line: str) -> float:
     return float(line.rsplit("= ", 1)[1])
+
+
+def test_most_probable_class_accuracy_is_pooled_beside_the_served_rule() -> None:
+    folds = [
+        {"n": 100, "correct": 95, "most_probable_correct": 97},
+        {"n": 50, "correct": 45, "most_probable_correct": 44},
+    ]
+    line = most_probable_line(folds, "expected_value")
+    assert line.startswith("most probable class: 141/150 = 94.00% (95% interval ")
+    assert line.endswith("served rule (expected_value): 140")

@@ -32,6 +32,7 @@ from vitrine.model.training import (
     TrainConfig,
     candidate_config,
     checkpoint_epoch,
+    epochs_before_stopping,
     model_card,
     run_fingerprint,
     train,
@@ -385,3 +386,31 @@ def test_a_smaller_training_side_gives_way_to_the_full_one_for_the_last_epochs(
     assert all(set(s[train_batches:]) == {64} for s in epochs.values())
     with pytest.raises(ValueError, match="must be >= 0"):
         candidate_config({"candidates": {NAME: candidate_params(train_input_size=-1)}}, NAME)
+
+
+def test_early_stopping_waits_for_the_first_epoch_at_the_served_side(tmp_path):
+    # No epoch improves val_loss by min_delta, so early stopping ends a run after epoch 2
+    # (epoch 0, then `patience` epochs), unless that comes before the first epoch at input_size.
+    never = {"monitor": "val_loss", "mode": "min", "patience": 2, "min_delta": 100.0}
+    block = {"classes": list(CLASSES), "train": train_params(early_stopping=never)}
+    config = stage_config(TrainConfig, "train", block)
+    recipe = candidate_params(
+        model="effnet_lite0",
+        options={"mode": "finetune"},
+        input_size=64,
+        max_epochs=6,
+        train_input_size=32,
+        full_size_epochs=2,
+    )
+    prepared = write_prepared(tmp_path / "prepared", size=48)
+    runs = {}
+    for small in (32, 0):  # epochs 0-3 at 32 px, then 64; or 64 px throughout
+        candidate = from_mapping(CandidateConfig, {**recipe, "train_input_size": small})
+        work = tmp_path / f"side{small}"
+        runs[small] = train(config, candidate, prepared, work / "work", work / "live").metrics
+    assert runs[0]["stopped_by"] == runs[32]["stopped_by"] == "early_stopping"
+    assert runs[0]["epochs"] == 3
+    assert runs[32]["epochs"] == 5  # through epoch 4, the first at 64 px, then stopped
+    assert epochs_before_stopping(from_mapping(CandidateConfig, recipe)) == 5
+    same_side = from_mapping(CandidateConfig, {**recipe, "train_input_size": 64})
+    assert epochs_before_stopping(same_side) == 0
