@@ -199,11 +199,8 @@ def most_probable_line(results: list[dict], decision: str) -> str:
     mistake costs, not by which class is likelier)."""
     right = sum(r["most_probable_correct"] for r in results)
     n = sum(r["n"] for r in results)
-    low, high = wilson(right, n)
-    return (
-        f"most probable class: {right}/{n} = {right / n:.2%} (95% interval {low:.2%}-"
-        f"{high:.2%}); served rule ({decision}): {sum(r['correct'] for r in results)}"
-    )
+    served = sum(r["correct"] for r in results)
+    return f"most probable class: {share(right, n)}; served rule ({decision}): {served}"
 
 
 def open_set_line(results: list[dict]) -> str:
@@ -252,6 +249,12 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def share(count: int, n: int) -> str:
+    """count/n as a percentage with its 95% Wilson interval, as every pooled figure prints."""
+    low, high = wilson(count, n)
+    return f"{count}/{n} = {count / n:.2%} (95% interval {low:.2%}-{high:.2%})"
 
 
 def recipe_settings(params: dict, candidate: str) -> dict:
@@ -344,12 +347,8 @@ def main() -> None:
             flush=True,
         )
     correct, n = sum(r["correct"] for r in results), sum(r["n"] for r in results)
-    low, high = wilson(correct, n)
     accuracies = [r["accuracy"] for r in results]
-    print(
-        f"pooled: {correct}/{n} = {correct / n:.2%} (95% interval {low:.2%}-{high:.2%}); "
-        f"folds {min(accuracies):.2%}-{max(accuracies):.2%}"
-    )
+    print(f"pooled: {share(correct, n)}; folds {min(accuracies):.2%}-{max(accuracies):.2%}")
     print(most_probable_line(results, params["evaluate"]["decision"]))
     if "off_category_photos" in results[0]:
         print(open_set_line(results))

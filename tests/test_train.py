@@ -339,6 +339,17 @@ def test_dvc_exp_run_lists_a_variant_beside_the_baseline(tmp_path):
     assert baseline_report["best_val_loss"] != variant_report["best_val_loss"]
 
 
+def small_side_recipe(**overrides) -> dict:
+    """A fine-tune candidate that trains at 32 px before its last full_size_epochs at 64."""
+    return candidate_params(
+        model="effnet_lite0",
+        options={"mode": "finetune"},
+        input_size=64,
+        train_input_size=32,
+        **overrides,
+    )
+
+
 def test_a_smaller_training_side_gives_way_to_the_full_one_for_the_last_epochs(
     tmp_path, monkeypatch
 ):
@@ -359,14 +370,7 @@ def test_a_smaller_training_side_gives_way_to_the_full_one_for_the_last_epochs(
 
     monkeypatch.setattr(networks, "network_input", spy)
     config = stage_config(TrainConfig, "train", {"classes": list(CLASSES), "train": train_params()})
-    recipe = candidate_params(
-        model="effnet_lite0",
-        options={"mode": "finetune"},
-        input_size=64,
-        max_epochs=3,
-        train_input_size=32,
-        full_size_epochs=1,
-    )
+    recipe = small_side_recipe(max_epochs=3, full_size_epochs=1)
     candidate = from_mapping(CandidateConfig, recipe)
     prepared = write_prepared(tmp_path / "prepared", size=48)
     train(config, candidate, prepared, tmp_path / "work", tmp_path / "live", callbacks=[Epochs()])
@@ -394,14 +398,7 @@ def test_early_stopping_waits_for_the_first_epoch_at_the_served_side(tmp_path):
     never = {"monitor": "val_loss", "mode": "min", "patience": 2, "min_delta": 100.0}
     block = {"classes": list(CLASSES), "train": train_params(early_stopping=never)}
     config = stage_config(TrainConfig, "train", block)
-    recipe = candidate_params(
-        model="effnet_lite0",
-        options={"mode": "finetune"},
-        input_size=64,
-        max_epochs=6,
-        train_input_size=32,
-        full_size_epochs=2,
-    )
+    recipe = small_side_recipe(max_epochs=6, full_size_epochs=2)
     prepared = write_prepared(tmp_path / "prepared", size=48)
     runs = {}
     for small in (32, 0):  # epochs 0-3 at 32 px, then 64; or 64 px throughout
