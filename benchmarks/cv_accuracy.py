@@ -309,16 +309,17 @@ def main() -> None:
     params = load_params(REPO / "params.yaml", args.overrides)
     resize = prepared_resize(args.prepared)
     side = int(np.load(split_images_path(args.prepared, "train"), mmap_mode="r").shape[1])
+    settings = recipe_settings(params, args.candidate)
     root = results_folder(
         args.out,
         args.candidate,
         args.folds,
         args.seed,
-        recipe_settings(params, args.candidate),
+        settings,
         (resize, side, other_class(params)),
     )
     root.mkdir(parents=True, exist_ok=True)
-    recipe = {"overrides": dict(args.overrides), **recipe_settings(params, args.candidate)}
+    recipe = {"overrides": dict(args.overrides), **settings}
     (root / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     varied = dict(args.overrides) or "none"
     print(f"results in {root}; {side} px photos squared by {resize}; overrides {varied}")
