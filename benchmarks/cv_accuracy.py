@@ -25,6 +25,8 @@ re-run only scores finished folds (a fold takes as long as the candidate's train
 half a minute). --flip-tta scores the same models with each photo's logits averaged with its
 mirror image's, inside the exported network. --against RESULTS_FOLDER compares the run photo by
 photo with another one over the same folds (right only here, only there, McNemar's exact p).
+--average RESULTS_FOLDER (repeatable) scores each photo's probabilities averaged over this run
+and the others', as serving their networks together would answer.
 -S overrides params.yaml for this run only (as `dvc exp run -S`), so two recipes can be compared
 on the same folds. Each recipe keeps its results in a folder of its own, named after the
 prepared photos (resize rule, side, other class) and a hash of the recipe as resolved, e.g.
@@ -41,6 +43,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -302,10 +305,20 @@ def main() -> None:
         metavar="RESULTS_FOLDER",
         help="another run's results folder over the same folds: compare the two photo by photo",
     )
+    parser.add_argument(
+        "--average",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RESULTS_FOLDER",
+        help="other runs' results folders over the same folds: score the mean of every run's "
+        "probabilities (repeatable)",
+    )
     add_overrides_option(parser)
     args = parser.parse_args()
-    if args.against and not (args.against / "fold0").is_dir():  # before hours of training
-        parser.error(f"--against {args.against}: not a results folder (no fold0 in it)")
+    for option, folder in [("--against", args.against), *(("--average", f) for f in args.average)]:
+        if folder and not (folder / "fold0").is_dir():  # before hours of training
+            parser.error(f"{option} {folder}: not a results folder (no fold0 in it)")
     params = load_params(REPO / "params.yaml", args.overrides)
     resize = prepared_resize(args.prepared)
     side = int(np.load(split_images_path(args.prepared, "train"), mmap_mode="r").shape[1])
@@ -355,23 +368,66 @@ def main() -> None:
         print(open_set_line(results))
     if args.against:
         print(compared(root, args.against, args.folds, params, proba_file(args.flip_tta)))
+    if args.average:
+        print(averaged_line(root, args.average, args.folds, params, proba_file(args.flip_tta)))
+
+
+def other_class_index(params: dict) -> int | None:
+    """The other class's index when params declare one (its photos are left out of accuracy)."""
+    evaluate = load_config(params)
+    return evaluate.classes.index(evaluate.other_class) if evaluate.other_class else None
+
+
+def saved_folds(root: Path, folds: int, name: str) -> list:
+    """A results folder's saved probabilities, fold by fold."""
+    return [np.load(root / f"fold{fold}" / name) for fold in range(folds)]
+
+
+def check_same_photos(mine: Sequence, theirs: Sequence, root: Path, other: Path) -> None:
+    """Refuses two runs unless they scored the same photos in each fold."""
+    for fold, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        if not np.array_equal(a["y_test"], b["y_test"]):
+            raise SystemExit(
+                f"{other}/fold{fold}: not the photos of {root}/fold{fold}; "
+                "compare runs of the same folds"
+            )
 
 
 def compared(root: Path, against: Path, folds: int, params: dict, name: str) -> str:
     """paired_line of this run's folds against another run's, refused unless the other run
     scored the same photos in each fold."""
-    evaluate = load_config(params)
-    values = check_config(evaluate)
-    other = evaluate.classes.index(evaluate.other_class) if evaluate.other_class else None
-    here, there = [], []
-    for fold in range(folds):
-        mine, theirs = root / f"fold{fold}" / name, against / f"fold{fold}" / name
-        saved_here, saved_there = np.load(mine), np.load(theirs)
-        if not np.array_equal(saved_here["y_test"], saved_there["y_test"]):
-            raise SystemExit(f"{theirs}: not the photos of {mine}; compare runs of the same folds")
-        here.append(fold_rights(saved_here, values, other))
-        there.append(fold_rights(saved_there, values, other))
+    values = check_config(load_config(params))
+    other = other_class_index(params)
+    mine, theirs = saved_folds(root, folds, name), saved_folds(against, folds, name)
+    check_same_photos(mine, theirs, root, against)
+    here = [fold_rights(saved, values, other) for saved in mine]
+    there = [fold_rights(saved, values, other) for saved in theirs]
     return paired_line(here, there, against)
+
+
+def averaged_line(root: Path, others: Sequence[Path], folds: int, params: dict, name: str) -> str:
+    """The served rule on each photo's probabilities averaged over this run and others of the
+    same folds: what serving all their networks at once would score, at the sum of their costs;
+    then the photos every run answers wrong, by class: what no averaging can mend."""
+    evaluate = load_config(params)
+    values, other = check_config(evaluate), other_class_index(params)
+    runs = [saved_folds(root, folds, name)]
+    for folder in others:
+        runs.append(saved_folds(folder, folds, name))
+        check_same_photos(runs[0], runs[-1], root, folder)
+    right, n, never_right = 0, 0, Counter[str]()
+    for fold, saved in enumerate(runs[0]):
+        mean = np.mean([run[fold]["test"] for run in runs], axis=0)
+        right += int(fold_rights({"test": mean, "y_test": saved["y_test"]}, values, other).sum())
+        n += len(fold_rights(saved, values, other))
+        wrong = ~np.any([values.decide(run[fold]["test"]) == saved["y_test"] for run in runs], 0)
+        wrong &= saved["y_test"] != other  # known photos only, as accuracy (all when None)
+        never_right.update(evaluate.classes[label] for label in saved["y_test"][wrong])
+    by_class = ", ".join(f"{label} {count}" for label, count in sorted(never_right.items()))
+    return (
+        f"averaged with {', '.join(f.name for f in others)}: {share(right, n)}; "
+        f"wrong in every run: {never_right.total()} ({by_class or 'none'})"
+    )
 
 
 if __name__ == "__main__":

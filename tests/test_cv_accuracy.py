@@ -13,7 +13,9 @@ import torch
 
 from benchmarks.cv_accuracy import (
     FlipAveraged,
+    averaged_line,
     compared,
+    fold_rights,
     most_probable_line,
     open_set_line,
     paired_line,
@@ -23,6 +25,7 @@ from benchmarks.cv_accuracy import (
 )
 from vitrine.config import load_params
 from vitrine.data.layout import prepared_manifest_path
+from vitrine.evaluation.settings import check_config, load_config
 
 
 def test_folds_pool_train_and_test_and_keep_each_cluster_whole(tmp_path: Path) -> None:
@@ -126,6 +129,34 @@ def test_runs_over_other_folds_are_not_compared(tmp_path: Path) -> None:
         compared(tmp_path / "here", tmp_path / "there", 1, load_params(), "proba.npz")
     line = compared(tmp_path / "here", tmp_path / "here", 1, load_params(), "proba.npz")
     assert line.startswith("against here: 0 photos right only here, 0 only there")
+
+
+def test_averaged_runs_answer_from_each_photos_mean_probabilities(tmp_path: Path) -> None:
+    # each run wrong on one photo (a phone is answered from p(phone) 0.375 on) where the other is
+    # sure, so the mean of their probabilities gets all four right
+    labels = np.array([0, 0, 1, 1])
+    runs = {
+        "sure_of_laptops": [[0.9, 0.1], [0.9, 0.1], [0.8, 0.2], [0.1, 0.9]],
+        "sure_of_phones": [[0.5, 0.5], [0.9, 0.1], [0.05, 0.95], [0.2, 0.8]],
+    }
+    values = check_config(load_config(load_params()))
+    for run, proba in runs.items():
+        (tmp_path / run / "fold0").mkdir(parents=True)
+        saved = {"test": np.array(proba), "y_test": labels}
+        np.savez(tmp_path / run / "fold0" / "proba.npz", **saved)
+        assert fold_rights(saved, values, None).sum() == 3
+    here, there = tmp_path / "sure_of_laptops", [tmp_path / "sure_of_phones"]
+    line = averaged_line(here, there, 1, load_params(), "proba.npz")
+    assert line.startswith("averaged with sure_of_phones: 4/4 = 100.00%")
+    assert line.endswith("wrong in every run: 0 (none)")
+    both_unsure = {"test": np.array([[0.5, 0.5], [0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])}
+    np.savez(there[0] / "fold0" / "proba.npz", **both_unsure, y_test=labels)
+    line = averaged_line(here, there, 1, load_params(), "proba.npz")
+    assert line.endswith("wrong in every run: 1 (phone 1)")
+    other_photos = {"test": np.eye(2)[labels], "y_test": labels[::-1]}
+    np.savez(there[0] / "fold0" / "proba.npz", **other_photos)
+    with pytest.raises(SystemExit, match="not the photos of"):
+        averaged_line(here, there, 1, load_params(), "proba.npz")
 
 
 def line_p(line: str) -> float:

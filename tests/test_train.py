@@ -32,7 +32,7 @@ from vitrine.model.training import (
     TrainConfig,
     candidate_config,
     checkpoint_epoch,
-    epochs_before_stopping,
+    first_judged_epoch,
     model_card,
     run_fingerprint,
     train,
@@ -392,13 +392,13 @@ def test_a_smaller_training_side_gives_way_to_the_full_one_for_the_last_epochs(
         candidate_config({"candidates": {NAME: candidate_params(train_input_size=-1)}}, NAME)
 
 
-def test_early_stopping_waits_for_the_first_epoch_at_the_served_side(tmp_path):
-    # No epoch improves val_loss by min_delta, so early stopping ends a run after epoch 2
-    # (epoch 0, then `patience` epochs), unless that comes before the first epoch at input_size.
+def test_early_stopping_judges_only_the_epochs_at_the_served_side(tmp_path):
+    # No epoch improves val_loss by min_delta, so early stopping ends a run `patience` epochs
+    # after the first it judges: epoch 0, or the first at input_size.
     never = {"monitor": "val_loss", "mode": "min", "patience": 2, "min_delta": 100.0}
     block = {"classes": list(CLASSES), "train": train_params(early_stopping=never)}
     config = stage_config(TrainConfig, "train", block)
-    recipe = small_side_recipe(max_epochs=6, full_size_epochs=2)
+    recipe = small_side_recipe(max_epochs=8, full_size_epochs=4)
     prepared = write_prepared(tmp_path / "prepared", size=48)
     runs = {}
     for small in (32, 0):  # epochs 0-3 at 32 px, then 64; or 64 px throughout
@@ -407,7 +407,9 @@ def test_early_stopping_waits_for_the_first_epoch_at_the_served_side(tmp_path):
         runs[small] = train(config, candidate, prepared, work / "work", work / "live").metrics
     assert runs[0]["stopped_by"] == runs[32]["stopped_by"] == "early_stopping"
     assert runs[0]["epochs"] == 3
-    assert runs[32]["epochs"] == 5  # through epoch 4, the first at 64 px, then stopped
-    assert epochs_before_stopping(from_mapping(CandidateConfig, recipe)) == 5
+    # judged from epoch 4, the first at 64 px: stopped after epoch 6, not on the 32 px plateau
+    # (after epoch 2) nor as soon as that plateau let it (after epoch 4)
+    assert runs[32]["epochs"] == 7
+    assert first_judged_epoch(from_mapping(CandidateConfig, recipe)) == 4
     same_side = from_mapping(CandidateConfig, {**recipe, "train_input_size": 64})
-    assert epochs_before_stopping(same_side) == 0
+    assert first_judged_epoch(same_side) == 0

@@ -89,6 +89,10 @@ class CandidateConfig:
         if self.train_input_size < 0 or self.full_size_epochs < 0:
             raise ValueError("train_input_size and full_size_epochs must be >= 0")
 
+    def small_side_epochs(self) -> int:
+        """The epochs before the last full_size_epochs: at train_input_size when it is set."""
+        return max(self.max_epochs - self.full_size_epochs, 0)
+
 
 def candidate_config(params: dict[str, Any], name: str) -> CandidateConfig:
     candidates = params.get("candidates") or {}
@@ -194,13 +198,13 @@ def build_module(
         cutmix_p=candidate.cutmix_p,
         cutmix_alpha=candidate.cutmix_alpha,
         train_input_size=candidate.train_input_size,
-        small_epochs=max(candidate.max_epochs - candidate.full_size_epochs, 0),
+        small_epochs=candidate.small_side_epochs(),
     )
 
 
-def epochs_before_stopping(candidate: CandidateConfig) -> int:
-    """The epochs early stopping may not cut short (Lightning's min_epochs): with a smaller
-    train_input_size, every epoch up to the first at input_size.
+def first_judged_epoch(candidate: CandidateConfig) -> int:
+    """The first epoch early stopping judges: with a smaller train_input_size, the first at
+    input_size (0 otherwise).
 
     Validation runs at input_size, so until then it judges a network that has not yet learnt to
     read photos at that side: on a fold of the bundled photos its val loss levels off at
@@ -210,7 +214,27 @@ def epochs_before_stopping(candidate: CandidateConfig) -> int:
     """
     if not candidate.train_input_size or candidate.train_input_size == candidate.input_size:
         return 0
-    return min(candidate.max_epochs - candidate.full_size_epochs + 1, candidate.max_epochs)
+    return min(candidate.small_side_epochs(), candidate.max_epochs - 1)
+
+
+class EarlyStoppingFrom(EarlyStopping):
+    """Lightning's EarlyStopping, blind to the epochs before `first_epoch`: its patience counts
+    from there. Lightning's min_epochs cannot do this: a stop requested on the earlier plateau
+    stays requested, so the run ends at min_epochs whatever the epochs at the full side do
+    (GroceryStore's fine-tune, five stages frozen, would end after the first of its four
+    epochs at 224 px)."""
+
+    def __init__(self, first_epoch: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.first_epoch = first_epoch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.first_epoch:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch >= self.first_epoch:
+            super().on_train_epoch_end(trainer, pl_module)
 
 
 def data_and_module(
@@ -250,8 +274,12 @@ def train(
     seed_everything(config.seed, workers=True, verbose=False)
     data, module = data_and_module(config, candidate, prepared)
     es = config.early_stopping
-    stopper = EarlyStopping(
-        monitor=es.monitor, mode=es.mode, patience=es.patience, min_delta=es.min_delta
+    stopper = EarlyStoppingFrom(
+        first_judged_epoch(candidate),
+        monitor=es.monitor,
+        mode=es.mode,
+        patience=es.patience,
+        min_delta=es.min_delta,
     )
     checkpoints = ModelCheckpoint(
         dirpath=workdir,
@@ -272,7 +300,6 @@ def train(
     resume_from, resumed_epoch = resume if resume else (None, 0)
     trainer = L.Trainer(
         max_epochs=candidate.max_epochs,
-        min_epochs=epochs_before_stopping(candidate),
         callbacks=[stopper, checkpoints, latest, EpochSeed(config.seed, data), *callbacks],
         logger=StageLogger(
             dir=str(live_dir),
