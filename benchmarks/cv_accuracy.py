@@ -417,12 +417,13 @@ def averaged_line(root: Path, others: Sequence[Path], folds: int, params: dict, 
         check_same_photos(runs[0], runs[-1], root, folder)
     right, n, never_right = 0, 0, Counter[str]()
     for fold, saved in enumerate(runs[0]):
+        labels = saved["y_test"]
+        known = labels if other is None else labels[labels != other]
         mean = np.mean([run[fold]["test"] for run in runs], axis=0)
-        right += int(fold_rights({"test": mean, "y_test": saved["y_test"]}, values, other).sum())
-        n += len(fold_rights(saved, values, other))
-        wrong = ~np.any([values.decide(run[fold]["test"]) == saved["y_test"] for run in runs], 0)
-        wrong &= saved["y_test"] != other  # known photos only, as accuracy (all when None)
-        never_right.update(evaluate.classes[label] for label in saved["y_test"][wrong])
+        right += int(fold_rights({"test": mean, "y_test": labels}, values, other).sum())
+        n += len(known)
+        wrong = ~np.any([fold_rights(run[fold], values, other) for run in runs], axis=0)
+        never_right.update(evaluate.classes[label] for label in known[wrong])
     by_class = ", ".join(f"{label} {count}" for label, count in sorted(never_right.items()))
     return (
         f"averaged with {', '.join(f.name for f in others)}: {share(right, n)}; "
