@@ -69,7 +69,7 @@ from vitrine.data.layout import (
 from vitrine.evaluation import metrics
 from vitrine.evaluation.candidates import calibrated, load_candidate
 from vitrine.evaluation.openset import open_set_scores
-from vitrine.evaluation.settings import check_config, load_config
+from vitrine.evaluation.settings import EvaluateConfig, check_config, load_config
 from vitrine.evaluation.thresholds import fit_rules
 from vitrine.model.export import export_onnx
 from vitrine.model.training import (
@@ -372,9 +372,8 @@ def main() -> None:
         print(averaged_line(root, args.average, args.folds, params, proba_file(args.flip_tta)))
 
 
-def other_class_index(params: dict) -> int | None:
+def other_class_index(evaluate: EvaluateConfig) -> int | None:
     """The other class's index when params declare one (its photos are left out of accuracy)."""
-    evaluate = load_config(params)
     return evaluate.classes.index(evaluate.other_class) if evaluate.other_class else None
 
 
@@ -396,8 +395,8 @@ def check_same_photos(mine: Sequence, theirs: Sequence, root: Path, other: Path)
 def compared(root: Path, against: Path, folds: int, params: dict, name: str) -> str:
     """paired_line of this run's folds against another run's, refused unless the other run
     scored the same photos in each fold."""
-    values = check_config(load_config(params))
-    other = other_class_index(params)
+    evaluate = load_config(params)
+    values, other = check_config(evaluate), other_class_index(evaluate)
     mine, theirs = saved_folds(root, folds, name), saved_folds(against, folds, name)
     check_same_photos(mine, theirs, root, against)
     here = [fold_rights(saved, values, other) for saved in mine]
@@ -410,7 +409,7 @@ def averaged_line(root: Path, others: Sequence[Path], folds: int, params: dict, 
     same folds: what serving all their networks at once would score, at the sum of their costs;
     then the photos every run answers wrong, by class: what no averaging can mend."""
     evaluate = load_config(params)
-    values, other = check_config(evaluate), other_class_index(params)
+    values, other = check_config(evaluate), other_class_index(evaluate)
     runs = [saved_folds(root, folds, name)]
     for folder in others:
         runs.append(saved_folds(folder, folds, name))
