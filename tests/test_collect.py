@@ -307,7 +307,7 @@ def test_csv_catalog_with_urls_and_paths(photo_server, class_folder, tmp_path):
     assert json.loads(by["ad-1", "phone"].meta) == {"price": "100"}
     assert by["ad-2", "phone"].reason == "http_404"
     assert by["ad-3", "laptop"].reason == "not_an_image"
-    assert by["ad-1", "laptop"].reason == "duplicate_id"
+    assert by["ad-1#repeat-2", "laptop"].reason == "duplicate_id"  # the manifest's key stays unique
     assert by["ad-4", "laptop"].status == "accepted"
     assert by["ad-5", "laptop"].reason == "outside_source_root"
     assert by["ad-6", "laptop"].reason == "bad_url"

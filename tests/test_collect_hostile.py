@@ -143,6 +143,47 @@ def test_a_field_over_the_csv_limit_and_a_line_over_the_row_cap_cost_their_row(
     assert found["next"].code == "missing_location"
 
 
+def test_a_quote_never_closed_costs_its_row_and_the_rows_after_it_are_read(class_folder, tmp_path):
+    m = catalog(
+        class_folder.parent,
+        "c.csv",
+        b"id,label,path\n"
+        b"a1,phone,photos/phone/000.jpg\n"
+        b'a2,"phone,photos/phone/001.jpg\n'
+        b"a3,phone,photos/phone/002.jpg\n"
+        b"a4,laptop,photos/laptop/000.jpg\n",
+        tmp_path,
+    )
+    assert sorted(m.index) == ["a1", "a3", "a4", "row-2"]  # every line of the file accounted for
+    assert (m.loc[["a1", "a3", "a4"], "status"] == "accepted").all()
+    assert m.loc["row-2", "reason"] == "bad_row"
+    assert "line 3: a quote opened here is never closed" in m.loc["row-2", "detail"]
+
+
+def test_a_quoted_field_with_line_breaks_is_one_field_even_over_the_csv_limit(
+    class_folder, tmp_path
+):
+    """A quoted note with line breaks is one field; one over the csv module's limit is one bad
+    row, and the lines inside it never become rows (a line that looks like one included)."""
+    note = b'"first line\nn1,phone,photos/phone/003.jpg\n' + b"x" * 140_000 + b'\nlast"'
+    m = catalog(
+        class_folder.parent,
+        "c.csv",
+        b"id,label,path,note\n"
+        b'i1,phone,photos/phone/000.jpg,"line one\nn9,phone,photos/phone/004.jpg\n15"" screen"\n'
+        b"i2,phone,photos/phone/001.jpg," + note + b"\n"
+        b'i3,laptop,photos/laptop/000.jpg,15" MacBook\n',
+        tmp_path,
+    )
+    assert sorted(m.index) == ["i1", "i3", "row-2"]
+    assert (m.loc[["i1", "i3"], "status"] == "accepted").all()
+    assert json.loads(m.loc["i1", "meta"]) == {
+        "note": 'line one\nn9,phone,photos/phone/004.jpg\n15" screen'
+    }
+    assert json.loads(m.loc["i3", "meta"]) == {"note": '15" MacBook'}  # a quote mid-field
+    assert m.loc["row-2", "reason"] == "bad_row" and "line 5" in m.loc["row-2", "detail"]
+
+
 # --- links, special files, names ------------------------------------------------------------
 
 
@@ -338,6 +379,32 @@ def test_a_zip_header_is_not_trusted_either_way(make_photo, tmp_path):
         result = read_record(record, CLASSES)[1]
         codes[name] = result if isinstance(result, bytes) else result.code
     assert codes == {"small.zip": "too_large", "fine.zip": photo}
+
+
+def test_a_name_twice_in_an_archive_or_a_catalog_keeps_the_first_and_the_key_unique(
+    make_photo, tmp_path
+):
+    """`tar -rf` appends a file again under its name; a catalog repeats an id. The first is
+    kept, the repeat quarantined, and (source, id), the manifest's key that validate checks, stays
+    unique."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    first, second = make_photo(1), make_photo(2)
+    tar_of(raw / "a.tar", [("phone/a.jpg", first), ("laptop/b.jpg", second)])
+    tar_of(raw / "a.tar", [("phone/a.jpg", second)], mode="a")
+    (raw / "c.csv").write_text("id,label,path\nx,phone,a.jpg\nx,laptop,a.jpg\nx,phone,a.jpg\n")
+    (raw / "a.jpg").write_bytes(first)
+    cfg = config(Source("archive", "a.tar"), Source("catalog", "c.csv"))
+    m = run(cfg, raw, tmp_path).reset_index()
+    assert not m.duplicated(["source", "id"]).any()
+    by = m.set_index(["source", "id"])
+    assert by.loc[("archive:a.tar", "phone/a.jpg"), "status"] == "accepted"
+    repeat = by.loc[("archive:a.tar", "phone/a.jpg#repeat-2")]
+    assert repeat["reason"] == "duplicate_id" and "earlier member" in repeat["detail"]
+    assert by.loc[("catalog:c.csv", "x"), "status"] == "accepted"
+    repeats = ["x#repeat-2", "x#repeat-3"]
+    assert (by.loc[[("catalog:c.csv", r) for r in repeats], "reason"] == "duplicate_id").all()
+    assert len(m) == 6  # every member and row accounted for
 
 
 def test_zip_members_that_cannot_be_read_are_one_row_each(make_photo, tmp_path):

@@ -158,6 +158,12 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
                 self.reply(302, b"", "text/plain", Location="/loop")
             elif path == "/to-ftp":
                 self.reply(302, b"", "text/plain", Location="ftp://example.com/a.jpg")
+            elif path == "/to-bad-punycode":  # IDNA cannot decode xn--a
+                self.reply(302, b"", "text/plain", Location="http://xn--a.com/x.jpg")
+            elif path == "/to-long-label":  # no DNS name has a 64-character label
+                self.reply(302, b"", "text/plain", Location=f"http://{'b' * 64}.com/x.jpg")
+            elif path == "/to-empty-label":
+                self.reply(302, b"", "text/plain", Location="//a..b.com/x.jpg")
             elif path == "/to-metadata":  # a seller's URL aimed at the cloud's metadata service
                 self.reply(302, b"", "text/plain", Location="http://169.254.169.254/latest/")
             elif path == "/to-other-loopback":
@@ -274,6 +280,22 @@ def test_non_http_urls_are_refused_without_a_request(site, tmp_path):
     r = fetch(site, urls, tmp_path)
     assert {u: (x.code, x.attempts) for u, x in r.items()} == {u: ("bad_url", 0) for u in urls}
     assert requests(site) == 0
+
+
+GUARDED = DownloadConfig(max_attempts=1, allowed_networks=("127.0.0.1/32",))
+
+
+@pytest.mark.parametrize("policy", [QUICK, GUARDED], ids=["open", "guarded"])
+def test_host_names_no_machine_can_have_are_bad_urls_not_crashes(site, tmp_path, policy):
+    """Empty or over-long labels and undecodable punycode, in the URL or a redirect's Location:
+    the name lookup would raise UnicodeError (not an OSError), under either network policy."""
+    urls = ["http://a..b.com/x.jpg", "http://.example.com/x.jpg", f"http://{'a' * 64}.com/x"]
+    urls += ["http://xn--a.com/x.jpg", "http://" + "a." * 130 + "com/x.jpg"]
+    redirects = ["/to-bad-punycode", "/to-long-label", "/to-empty-label"]
+    r = fetch(site, urls + redirects, tmp_path, policy)
+    assert {u: x.code for u, x in r.items()} == {u: "bad_url" for u in urls + redirects}
+    assert all(r[u].attempts == 0 for u in urls)  # refused without a request
+    assert "invalid host name" in r["/to-bad-punycode"].detail
 
 
 def test_503_twice_then_success_after_retries(site, tmp_path):

@@ -357,7 +357,8 @@ def write_catalog(path: Path, server: str) -> tuple[list[str], dict[str, bytes]]
         "tv,img/2.jpg,,television",  # a category the model does not know
     ]
     path.write_text("\n".join(lines) + "\n")
-    return [line.split(",")[0] for line in lines[1:]], photos
+    ids = [line.split(",")[0] for line in lines[1:]]
+    return [rid if n != 9 else "p0#repeat-2" for n, rid in enumerate(ids)], photos  # the repeat
 
 
 def test_a_catalog_of_paths_and_urls_gives_one_row_per_row_and_the_disagreements(
@@ -375,7 +376,7 @@ def test_a_catalog_of_paths_and_urls_gives_one_row_per_row_and_the_disagreements
     quarantined = out[out["status"] == "quarantined"].set_index("id")["reason"].to_dict()
     assert quarantined == {
         "u9": "http_404",
-        "p0": "duplicate_id",
+        "p0#repeat-2": "duplicate_id",
         "bad": "bad_row",
         "nowhere": "missing_location",
         "gone": "unreadable",

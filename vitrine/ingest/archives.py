@@ -47,6 +47,7 @@ from vitrine.ingest.records import (
     not_regular,
     read_stream_capped,
     reject,
+    repeats_refused,
 )
 
 _MAX_READ = CHUNK + tarfile.BLOCKSIZE
@@ -147,9 +148,11 @@ def archive_records(
     """Records from a tar (any compression) or zip holding a class tree; read member by member
     into memory, so a large archive is streamed rather than extracted to disk."""
     if not _is_tar(path) and zipfile.is_zipfile(path):
-        yield from _zip_records(path, source, classes, max_bytes)
+        members = _zip_records(path, source, classes, max_bytes)
     else:
-        yield from _tar_records(path, source, classes, max_bytes)
+        members = _tar_records(path, source, classes, max_bytes)
+    # A name twice (`tar -rf` appends a file again): the first is kept, as a catalog's first row.
+    yield from repeats_refused(members, "member")
 
 
 def _broken(path: Path, source: str, n: int, why: str) -> InputRecord:

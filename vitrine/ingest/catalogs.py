@@ -11,12 +11,14 @@ Quarantine reasons decided here:
 
 - bad_row: a JSONL line that is not JSON, or JSON but not an object ([1, 2], null, "text",
   42); a CSV row with more fields than the header, or one the csv module cannot parse (a field
-  over its 128 KiB limit); a line over MAX_ROW_CHARS characters; JSON nested deeper than
-  MAX_DEPTH levels.
+  over its 128 KiB limit); a CSV row whose quote is never closed (the lines after it are then
+  read as rows of their own, not as its text); a line, or a CSV row with its quoted line
+  breaks, over MAX_ROW_CHARS characters; JSON nested deeper than MAX_DEPTH levels.
 - invalid_utf8: a row holding text that is not valid UTF-8 (a byte that does not decode, such
   as one latin-1 byte in a UTF-8 file, or a lone surrogate escaped in JSON); the detail shows
   it with \\xNN escapes.
-- missing_id: no id. duplicate_id: an id already seen in this catalog (the first one wins).
+- missing_id: no id. duplicate_id: an id already seen in this catalog (the first one wins; the
+  repeat is listed as `<id>#repeat-<k>`, see `vitrine.ingest.records.repeats_refused`).
 - missing_location: neither a url nor a path.
 - bad_url: a url that is not http(s) with a host (the downloader's own check).
 - outside_source_root: a path leading out of the catalog's folder (.., an absolute path, a
@@ -29,6 +31,7 @@ blocked_address, ...: see `vitrine.ingest.download`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -46,6 +49,7 @@ from vitrine.ingest.records import (
     is_valid_text,
     read_file_capped,
     reject,
+    repeats_refused,
     within,
 )
 
@@ -113,43 +117,110 @@ def _jsonl_rows(f: TextIO, max_chars: int) -> Iterator[tuple[Row, Problem]]:
                 yield here, ("bad_row", f"line {n}: JSON {type(value).__name__}, not an object")
 
 
-def _csv_rows(f: TextIO, max_chars: int) -> Iterator[tuple[Row, Problem]]:
-    """csv.DictReader's rows (a short row's missing columns are None), but a row with more
-    fields than the header, or one the csv module refuses, is a bad row, not an error."""
-    lines = _Lines(f, max_chars)
-    reader = csv.reader(lines)
-    header: list[str] | None = None
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:  # the reader goes on at the next line
-            lines.take_cut()
-            yield {}, ("bad_row", f"line {reader.line_num}: {err}")
+def _quote_open_after(line: str, quoted: bool) -> bool:
+    """Whether a quoted field is still open at the end of `line`, given whether one was open at
+    its start: the csv module's own reading (a quote opens a field only at its start, `""`
+    inside one is a quote, a quote anywhere else is a character, as in `15" screen`)."""
+    if not quoted and '"' not in line:
+        return False
+    at_field_start, i = not quoted, 0
+    while i < len(line):
+        char = line[i]
+        if quoted:
+            if char == '"':
+                if line.startswith('"', i + 1):
+                    i += 1  # "" is a quote inside the field
+                else:
+                    quoted = False
+        elif char == '"' and at_field_start:
+            quoted = True
+        at_field_start = char == "," and not quoted
+        i += 1
+    return quoted
+
+
+def _csv_records(
+    lines: _Lines, first_line: int, max_chars: int
+) -> Iterator[tuple[int, str, Problem]]:
+    """Each CSV record's first line number and text (several lines when a quoted field holds
+    line breaks), or why it is bad. Records are found before the csv module parses them, one
+    at a time, so a record it refuses, or one whose quote is never closed, costs that record
+    only: the lines after it are never read as part of it. A record over max_chars characters
+    is bad as a whole (a long line is too)."""
+    number, quoted, start, parts, size, cut = first_line - 1, False, 0, list[str](), 0, False
+    for line in lines:
+        number += 1
+        if not quoted:
+            start, parts, size, cut = number, [], 0, False
+        cut = lines.take_cut() or cut or size + len(line) > max_chars
+        if not cut:
+            parts.append(line)
+            size += len(line)
+        quoted = _quote_open_after(line, quoted)
+        if quoted:
             continue
-        cut = lines.take_cut()
-        if not fields:  # an empty line
-            continue
-        if header is None:
-            header = fields
-            continue
-        row: Row = dict(zip(header, fields, strict=False))
-        for key in header[len(fields) :]:
-            row[key] = None
         if cut:
-            yield row, ("bad_row", f"line {reader.line_num}: over {max_chars} characters")
-        elif len(fields) > len(header):
-            detail = f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}"
-            yield row, ("bad_row", detail)
+            span = f"lines {start}-{number}" if number > start else f"line {start}"
+            yield start, "", ("bad_row", f"{span}: a record over {max_chars} characters")
         else:
-            yield row, None
+            yield start, "".join(parts), None
+    if quoted:
+        yield start, "", ("unclosed_quote", f"line {start}: a quote opened here is never closed")
+
+
+def _csv_rows(open_lines: Callable[[], _Lines], max_chars: int) -> Iterator[tuple[Row, Problem]]:
+    """csv.DictReader's rows (a short row's missing columns are None), but a row with more
+    fields than the header, or one the csv module refuses, is a bad row, not an error. A quote
+    that is never closed makes its record bad, and the lines after it are read again as rows
+    of their own."""
+    header: list[str] | None = None
+    first_line = 1
+    while first_line:
+        lines = open_lines()
+        for _ in range(first_line - 1):  # the lines already read as rows
+            next(lines, None)
+        restart, first_line = first_line, 0
+        for number, text, problem in _csv_records(lines, restart, max_chars):
+            if problem is not None and problem[0] == "unclosed_quote":
+                yield {}, ("bad_row", problem[1] + "; the lines after it are read as rows")
+                first_line = number + 1
+                break
+            if problem is not None:
+                yield {}, problem
+                continue
+            try:
+                fields = next(csv.reader([text]), [])
+            except csv.Error as err:  # a field over the csv module's 128 KiB, say
+                yield {}, ("bad_row", f"line {number}: {err}")
+                continue
+            if not fields:  # an empty line
+                continue
+            if header is None:
+                header = fields
+                continue
+            row: Row = dict(zip(header, fields, strict=False))
+            for key in header[len(fields) :]:
+                row[key] = None
+            if len(fields) > len(header):
+                detail = f"line {number}: {len(fields)} fields, the header has {len(header)}"
+                yield row, ("bad_row", detail)
+            else:
+                yield row, None
 
 
 def _catalog_rows(path: Path, max_chars: int) -> Iterator[tuple[Row, Problem]]:
-    jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
-    with open(path, "rb") as binary, _text_stream(binary, None if jsonl else "") as f:
-        yield from (_jsonl_rows if jsonl else _csv_rows)(f, max_chars)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(path, "rb") as binary, _text_stream(binary, None) as f:
+            yield from _jsonl_rows(f, max_chars)
+        return
+    with contextlib.ExitStack() as files:
+
+        def open_lines() -> _Lines:  # the CSV read from its start again after a bad quote
+            files.close()
+            binary = files.enter_context(open(path, "rb"))
+            return _Lines(files.enter_context(_text_stream(binary, "")), max_chars)
+
+        yield from _csv_rows(open_lines, max_chars)
 
 
 def _nested_over(value: Any, limit: int) -> bool:
@@ -250,9 +321,14 @@ def catalog_records(
     """Rows of a CSV/JSONL catalog: id, label and url or path (relative to the catalog's folder).
     Other columns are kept as metadata; a repeated id is refused (the first one wins). A URL
     row reads its body from `fetched`, filled by download_catalogs before anything is read."""
+    return repeats_refused(_rows_as_records(path, source, fetched, max_bytes, max_row_chars), "row")
+
+
+def _rows_as_records(
+    path: Path, source: str, fetched: Mapping[str, FetchResult], max_bytes: int, max_chars: int
+) -> Iterator[InputRecord]:
     root = os.path.realpath(path.parent)
-    seen: set[str] = set()
-    for n, (parsed, problem_parsing) in enumerate(_catalog_rows(path, max_row_chars), 1):
+    for n, (parsed, problem_parsing) in enumerate(_catalog_rows(path, max_chars), 1):
         row, problem = _checked(parsed, problem_parsing)
         rid = _text(row.get("id")).strip()
         label = _text(row.get("label"))
@@ -263,8 +339,6 @@ def catalog_records(
             yield InputRecord(rid or f"row-{n}", label, source, reject(*problem), meta)
         elif not rid:
             yield InputRecord(f"row-{n}", label, source, reject("missing_id", f"row {n}"), meta)
-        elif rid in seen:
-            yield InputRecord(rid, label, source, reject("duplicate_id", rid), meta, url)
         elif url:
             why = _url_problem(url)
             read = reject("bad_url", why) if why else functools.partial(_from_cache, fetched, url)
@@ -275,4 +349,3 @@ def catalog_records(
             yield InputRecord(
                 rid, label, source, reject("missing_location", "no url or path"), meta
             )
-        seen.add(rid)

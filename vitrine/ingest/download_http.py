@@ -43,13 +43,31 @@ def parse_url(url: str) -> tuple[httpx.URL | None, str]:
     """(parsed, "") for a fetchable http(s) URL, else (None, why it is refused)."""
     try:
         parsed = httpx.URL(url)
+        host = parsed.host  # decodes IDNA: an invalid xn-- label raises a UnicodeError here
     except (httpx.InvalidURL, TypeError, ValueError) as err:
         return None, f"malformed URL ({err}): {str(url)[:120]}"
     if parsed.scheme not in _DEFAULT_PORTS:
         return None, f"only http and https are fetched: {url[:120]}"
-    if not parsed.host:
+    if not host:
         return None, f"no host in URL: {url[:120]}"
+    why = host_problem(parsed.raw_host.decode("ascii", "replace"))
+    if why:
+        return None, f"{why}: {url[:120]}"
     return parsed, ""
+
+
+def host_problem(host: str) -> str:
+    """Why a URL's host (as sent, IDNA-encoded) can name no machine, or "": a label empty or
+    over 63 characters, or a name over 253. Refused here rather than at the name lookup,
+    which raises UnicodeError for them, not an OSError. (An IP address passes: its labels are
+    digits, or it has no dot.)"""
+    name = host.removesuffix(".")
+    if len(name) > 253:
+        return f"host name over 253 characters ({len(name)})"
+    for label in name.split("."):
+        if not 0 < len(label) <= 63:
+            return f"host name {host[:80]!r} has an empty or over 63-character label"
+    return ""
 
 
 def url_problem(url: str) -> str | None:
@@ -134,11 +152,20 @@ def make_client(
         # (a gzip bomb's first chunk would inflate before any cap could see it). A server
         # that compresses anyway yields a body that collect's decoder quarantines.
         headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
+        event_hooks={"request": [_check_host]},
     )
     # httpx offers no setter that keeps a Cookies subclass, hence the private attribute;
     # the store keeps its cookies and behaviour (see _LazyCookies).
     client._cookies = _LazyCookies(client.cookies)
     return client
+
+
+async def _check_host(request: httpx.Request) -> None:
+    """Every request, each redirect hop's too: a host no machine can have is a bad URL, under
+    either network policy, before any name lookup."""
+    why = host_problem(request.url.raw_host.decode("ascii", "replace"))
+    if why:
+        raise httpx.InvalidURL(f"redirected to a {why}")
 
 
 async def attempt(
@@ -157,6 +184,8 @@ async def attempt(
         return Outcome("too_many_redirects", f"too many redirects: {url}")
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as err:
         return Outcome("bad_url", f"{err}: {url}")  # e.g. redirected to ftp://
+    except UnicodeError as err:  # a redirect to a host IDNA cannot encode (xn--a, a..b)
+        return Outcome("bad_url", f"redirected to an invalid host name ({err}): {url}")
     except BlockedAddress as err:  # the URL itself or a redirect hop (see download_guard)
         return Outcome("blocked_address", f"{err}: {url}")
     except (httpx.HTTPError, OSError) as err:  # refused, reset, TLS, malformed response

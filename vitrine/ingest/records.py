@@ -39,7 +39,7 @@ import functools
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Annotated, Any, Protocol
@@ -90,6 +90,28 @@ class _reject:
 def reject(code: str, detail: str) -> Callable[[], bytes]:
     """A record's reader that refuses with `code` before anything is read."""
     return _reject(code, detail)
+
+
+def repeats_refused(records: Iterable[InputRecord], first: str) -> Iterator[InputRecord]:
+    """A source's records, each id once: a record with the id of an earlier one is quarantined
+    as duplicate_id, the first kept. The manifest is keyed by source and id, so the repeat
+    is listed as `<id>#repeat-<k>` (k counting on past any id already listed); a repeat already
+    refused for a reason of its own (a bad row) keeps that reason. `first` says what the first
+    one is, e.g. "row", "member"."""
+    listed: set[str] = set()
+    for record in records:
+        if record.id not in listed:
+            listed.add(record.id)
+            yield record
+            continue
+        k = 2
+        while f"{record.id}#repeat-{k}" in listed:
+            k += 1
+        detail = f"{record.id!r} is the id of an earlier {first}, which is kept (repeat {k})"
+        renamed = f"{record.id}#repeat-{k}"
+        listed.add(renamed)
+        read = record.read if isinstance(record.read, _reject) else reject("duplicate_id", detail)
+        yield dataclasses.replace(record, id=renamed, read=read)
 
 
 def eager(read: Callable[[], bytes]) -> Callable[[], bytes]:
