@@ -184,6 +184,84 @@ def test_a_quoted_field_with_line_breaks_is_one_field_even_over_the_csv_limit(
     assert m.loc["row-2", "reason"] == "bad_row" and "line 5" in m.loc["row-2", "detail"]
 
 
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        (
+            "c.json",
+            b'[{"id": "a", "label": "phone", "path": "photos/phone/000.jpg"}, 5,\n'
+            b' {"ID": "b", "Label": "laptop", "Path": "photos/laptop/000.jpg"}]',
+        ),
+        (
+            "c.json",
+            b'{"id": "a", "label": "phone", "path": "photos/phone/000.jpg"}\n[5]\n'
+            b'{"id": "b", "label": "laptop", "path": "photos/laptop/000.jpg"}\n',
+        ),
+        (
+            "c.csv",
+            b"ID, Label ,PATH\na,phone,photos/phone/000.jpg\nx\nb,laptop,photos/laptop/000.jpg\n",
+        ),
+        (
+            "c.csv",
+            b'id;label;path\na;phone;photos/phone/000.jpg\n"b;";x\n'
+            b"b;laptop;photos/laptop/000.jpg\n",
+        ),
+        (
+            "c.tsv",
+            b"id\tlabel\tpath\na\tphone\tphotos/phone/000.jpg\nx\n"
+            b"b\tlaptop\tphotos/laptop/000.jpg\n",
+        ),
+        (
+            "c.csv",
+            "id,label,path\na,phone,photos/phone/000.jpg\nx\n"
+            "b,laptop,photos/laptop/000.jpg\n".encode("utf-16"),
+        ),
+    ],
+    ids=["json-array", "json-lines", "header-spelling", "semicolons", "tabs", "utf-16"],
+)
+def test_catalogs_as_spreadsheets_and_scripts_write_them_are_read(
+    class_folder, tmp_path, name, data
+):
+    """A .json array or JSON lines, ID/Label/PATH headers, ; or tab separators, Excel's UTF-16:
+    the two photos accepted, and the one bad row in between quarantined with its reason."""
+    m = catalog(class_folder.parent, name, data, tmp_path)
+    assert (m.loc[["a", "b"], "status"] == "accepted").all()
+    assert m.loc["a", "label"] == "phone" and m.loc["b", "label"] == "laptop"
+    assert len(m) == 3 and m.drop(index=["a", "b"])["status"].tolist() == ["quarantined"]
+
+
+def test_a_header_without_the_columns_collect_reads_says_so(class_folder, tmp_path):
+    raw = class_folder.parent
+    m = catalog(raw, "c.csv", b"ident,label,photo\na,phone,photos/phone/000.jpg\n", tmp_path)
+    assert m.loc["row-1", "reason"] == "missing_id"
+    assert "no id column, its columns are ['ident', 'label', 'photo']" in m.loc["row-1", "detail"]
+    m = catalog(raw, "d.csv", b"id,label,photo\na,phone,photos/phone/000.jpg\n", tmp_path / "d")
+    assert m.loc["a", "reason"] == "missing_location"
+    assert "no url or path column" in m.loc["a", "detail"]
+
+
+def test_archives_from_tar_of_a_dot_folder_and_from_a_macs_compress(make_photo, tmp_path):
+    """`tar czf x.tgz ./photos` writes ./ before every name; a Mac's Compress adds __MACOSX/
+    beside the top folder. Neither hides the class folders; a zip cut short says it is a zip."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    tar_of(raw / "a.tgz", [("./photos/phone/a.jpg", make_photo(1))], mode="w:gz")
+    with zipfile.ZipFile(raw / "b.zip", "w") as zf:
+        zf.writestr("photos/phone/a.jpg", make_photo(2))
+        zf.writestr("__MACOSX/photos/phone/._a.jpg", b"\x00\x05\x16\x07 resource fork")
+        zf.writestr("photos/laptop/b.jpg", make_photo(3))
+    whole = (raw / "b.zip").read_bytes()
+    (raw / "cut.zip").write_bytes(whole[: len(whole) // 2])
+    sources = [Source("archive", n) for n in ("a.tgz", "b.zip", "cut.zip")]
+    m = run(config(*sources), raw, tmp_path).reset_index().set_index(["source", "id"])
+    assert m.loc[("archive:a.tgz", "phone/a.jpg"), "status"] == "accepted"
+    assert m.loc[("archive:b.zip", "phone/a.jpg"), "status"] == "accepted"
+    assert m.loc[("archive:b.zip", "laptop/b.jpg"), "status"] == "accepted"
+    fork = m.loc[("archive:b.zip", "__MACOSX/photos/phone/._a.jpg")]
+    assert fork["status"] == "quarantined"  # accounted for, not a photo of any class
+    assert "BadZipFile" in m.loc[("archive:cut.zip", "cut.zip#0"), "detail"]
+
+
 # --- links, special files, names ------------------------------------------------------------
 
 

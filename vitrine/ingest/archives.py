@@ -18,6 +18,11 @@ Quarantine reasons decided here:
 - unreadable: a member whose content cannot be read (truncated, bad CRC, encrypted, an
   unsupported compression method).
 - too_large: a member whose header claims, or whose inflated content reaches, over max_bytes.
+- duplicate_id: a member with the name of an earlier one (`tar -rf` appends a file again): the
+  first is kept, the repeat listed as `<name>#repeat-<k>`.
+
+A leading ./ is not part of a member's name (`tar -czf x.tgz ./photos`), and a __MACOSX/
+folder of resource forks (a Mac's "Compress") is not a second top folder.
 
 Names that are not valid UTF-8 (invalid_utf8) and labels (label_not_in_classes) are checked by
 `vitrine.ingest.records.read_record`, as for every source.
@@ -121,11 +126,25 @@ def _decompressed(file: BinaryIO, kind: str) -> Any:
     return file
 
 
+_MACOS_FORKS = "__MACOSX"  # the top folder of resource forks a Mac's "Compress" adds to a zip
+
+
+def _plain(name: str) -> str:
+    """A member name without the ./ that `tar -czf x.tgz ./photos` writes before each."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _tree_prefix(names: Iterable[str], classes: tuple[str, ...]) -> str:
-    """An archive often wraps the class tree in one top folder (raw_data/laptop/...): strip it."""
+    """An archive often wraps the class tree in one top folder (raw_data/laptop/...): strip it.
+    __MACOSX/ beside it does not count as a second top folder (its members are records of their
+    own, which no class matches)."""
     tops: set[str] = set()
-    for name in names:
+    for name in map(_plain, names):
         top, slash, _ = name.partition("/")
+        if top == _MACOS_FORKS and slash:
+            continue
         if not slash or (tops and top not in tops):  # a file at the top, or a second top
             return ""
         tops.add(top)
@@ -147,12 +166,22 @@ def archive_records(
 ) -> Iterator[InputRecord]:
     """Records from a tar (any compression) or zip holding a class tree; read member by member
     into memory, so a large archive is streamed rather than extracted to disk."""
-    if not _is_tar(path) and zipfile.is_zipfile(path):
+    if not _is_tar(path) and (zipfile.is_zipfile(path) or _starts_as_zip(path)):
         members = _zip_records(path, source, classes, max_bytes)
     else:
         members = _tar_records(path, source, classes, max_bytes)
     # A name twice (`tar -rf` appends a file again): the first is kept, as a catalog's first row.
     yield from repeats_refused(members, "member")
+
+
+def _starts_as_zip(path: Path) -> bool:
+    """A zip's first local header, where its directory at the end is gone (a cut download):
+    read as a zip, so the row says what a zip reader finds, not what a tar reader does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _broken(path: Path, source: str, n: int, why: str) -> InputRecord:
@@ -163,7 +192,8 @@ def _broken(path: Path, source: str, n: int, why: str) -> InputRecord:
 def _member_record(
     name: str, prefix: str, source: str, data: Callable[[], bytes], bad: str | None
 ) -> InputRecord:
-    rel = name[len(prefix) :] if name.startswith(prefix) else name
+    rel = _plain(name)
+    rel = rel[len(prefix) :] if rel.startswith(prefix) else rel
     label = rel.split("/", 1)[0] if "/" in rel else ""
     if not _safe_member(name):
         return InputRecord(rel, label, source, reject("outside_source_root", name))

@@ -1,25 +1,32 @@
 """Records from catalogs: CSV or JSONL rows of id, label and a url or a path.
 
-A catalog is read as UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" writes one),
-with undecodable bytes kept aside (surrogate escapes) so that one bad byte costs only its own
-row. A line is read at most MAX_ROW_CHARS characters at a time: the rest of a longer one is
-skipped, never held. Columns other than id, label, url and path are the record's metadata. A
-path is relative to the catalog's folder; a URL's body comes from the download cache, filled by
-collect before anything is read.
+The format comes from the file (`_sniffed`): .jsonl/.ndjson are JSON lines; .json is one JSON
+array of rows when it starts with [, else JSON lines; .tsv/.tab are tab-separated; any other
+file is delimited by whichever of , ; tab | its first line holds most. The columns id, label,
+url and path are found whatever their case and surrounding spaces (`ID`, ` Label`). A catalog is
+read as UTF-8, a leading byte-order mark dropped (Excel's "CSV UTF-8" writes one), or as UTF-16
+when it starts with that byte-order mark (Excel's "Unicode text"), with undecodable bytes kept
+aside (surrogate escapes) so that one bad byte costs only its own row. A line is read at most
+MAX_ROW_CHARS characters at a time: the rest of a longer one is skipped, never held. Columns
+other than id, label, url and path are the record's metadata. A path is relative to the
+catalog's folder; a URL's body comes from the download cache, filled by collect before anything
+is read.
 
 Quarantine reasons decided here:
 
-- bad_row: a JSONL line that is not JSON, or JSON but not an object ([1, 2], null, "text",
-  42); a CSV row with more fields than the header, or one the csv module cannot parse (a field
-  over its 128 KiB limit); a CSV row whose quote is never closed (the lines after it are then
-  read as rows of their own, not as its text); a line, or a CSV row with its quoted line
-  breaks, over MAX_ROW_CHARS characters; JSON nested deeper than MAX_DEPTH levels.
+- bad_row: a JSONL line, or an element of a .json array, that is not JSON, or JSON but not an
+  object ([1, 2], null, "text", 42); a .json file that is neither; a CSV row with more fields
+  than the header, or one the csv module cannot parse (a field over its 128 KiB limit); a CSV
+  row whose quote is never closed (the lines after it are then read as rows of their own, not
+  as its text); a line, or a CSV row with its quoted line breaks, over MAX_ROW_CHARS
+  characters; JSON nested deeper than MAX_DEPTH levels.
 - invalid_utf8: a row holding text that is not valid UTF-8 (a byte that does not decode, such
   as one latin-1 byte in a UTF-8 file, or a lone surrogate escaped in JSON); the detail shows
   it with \\xNN escapes.
-- missing_id: no id. duplicate_id: an id already seen in this catalog (the first one wins; the
-  repeat is listed as `<id>#repeat-<k>`, see `vitrine.ingest.records.repeats_refused`).
-- missing_location: neither a url nor a path.
+- missing_id: no id (the detail names the header's columns when it has no id column at all).
+  duplicate_id: an id already seen in this catalog (the first one wins; the repeat is listed
+  as `<id>#repeat-<k>`, see `vitrine.ingest.records.repeats_refused`).
+- missing_location: neither a url nor a path (the columns named likewise when there are none).
 - bad_url: a url that is not http(s) with a host (the downloader's own check).
 - outside_source_root: a path leading out of the catalog's folder (.., an absolute path, a
   symbolic link).
@@ -38,6 +45,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -90,8 +98,47 @@ class _Lines:
         return cut
 
 
-def _text_stream(binary: io.BufferedReader, newline: str | None) -> io.TextIOWrapper:
-    return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+def _text_stream(
+    binary: io.BufferedReader, newline: str | None, encoding: str = "utf-8-sig"
+) -> io.TextIOWrapper:
+    return io.TextIOWrapper(binary, encoding=encoding, errors="surrogateescape", newline=newline)
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How a catalog file is read: JSON lines, one JSON array of rows, or delimited text."""
+
+    kind: str  # "jsonl" | "json_array" | "csv"
+    encoding: str  # "utf-8-sig" (a leading byte-order mark dropped) or "utf-16"
+    delimiter: str = ","
+
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_TAB_SUFFIXES = (".tsv", ".tab")
+_DELIMITERS = (",", ";", "\t", "|")  # the first line's most frequent one, ties to the earliest
+_SNIFF_BYTES = 1 << 16
+
+
+def _sniffed(path: Path) -> _Format:
+    """The catalog's format, from its suffix and first bytes: .jsonl/.ndjson are JSON lines,
+    .json a JSON array when it starts with [ (else JSON lines), .tsv/.tab tab-separated, and
+    any other file delimited by whichever of , ; tab | its first line holds most. A UTF-16
+    byte-order mark (Excel's "Unicode text") makes it UTF-16, else it is UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    utf16 = head.startswith((b"\xff\xfe", b"\xfe\xff"))
+    encoding = "utf-16" if utf16 else "utf-8-sig"
+    text = head.decode(encoding, errors="replace") if len(head) % 2 == 0 or not utf16 else ""
+    text = text.removeprefix("\ufeff")
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        return _Format("jsonl", encoding)
+    if suffix == ".json":
+        return _Format("json_array" if text.lstrip().startswith("[") else "jsonl", encoding)
+    if suffix in _TAB_SUFFIXES:
+        return _Format("csv", encoding, "\t")
+    first = text.splitlines()[0] if text else ""
+    return _Format("csv", encoding, max(_DELIMITERS, key=first.count))
 
 
 def _jsonl_rows(f: TextIO, max_chars: int) -> Iterator[tuple[Row, Problem]]:
@@ -117,7 +164,27 @@ def _jsonl_rows(f: TextIO, max_chars: int) -> Iterator[tuple[Row, Problem]]:
                 yield here, ("bad_row", f"line {n}: JSON {type(value).__name__}, not an object")
 
 
-def _quote_open_after(line: str, quoted: bool) -> bool:
+def _json_array_rows(f: TextIO) -> Iterator[tuple[Row, Problem]]:
+    """The rows of a catalog that is one JSON array of objects (read whole: for catalogs of
+    millions of rows, JSON lines stream instead)."""
+    try:
+        value = json.load(f)
+    except (ValueError, RecursionError) as err:
+        yield {"id": "file"}, ("bad_row", f"not one JSON array of rows: {err}")
+        return
+    if not isinstance(value, list):
+        detail = f"a JSON {type(value).__name__}, not an array of rows"
+        yield {"id": "file"}, ("bad_row", detail)
+        return
+    for n, item in enumerate(value, 1):
+        if isinstance(item, dict):
+            yield item, None
+        else:
+            detail = f"element {n}: JSON {type(item).__name__}, not an object"
+            yield {"id": f"element-{n}"}, ("bad_row", detail)
+
+
+def _quote_open_after(line: str, quoted: bool, delimiter: str = ",") -> bool:
     """Whether a quoted field is still open at the end of `line`, given whether one was open at
     its start: the csv module's own reading (a quote opens a field only at its start, `""`
     inside one is a quote, a quote anywhere else is a character, as in `15" screen`)."""
@@ -134,13 +201,13 @@ def _quote_open_after(line: str, quoted: bool) -> bool:
                     quoted = False
         elif char == '"' and at_field_start:
             quoted = True
-        at_field_start = char == "," and not quoted
+        at_field_start = char == delimiter and not quoted
         i += 1
     return quoted
 
 
 def _csv_records(
-    lines: _Lines, first_line: int, max_chars: int
+    lines: _Lines, first_line: int, max_chars: int, delimiter: str
 ) -> Iterator[tuple[int, str, Problem]]:
     """Each CSV record's first line number and text (several lines when a quoted field holds
     line breaks), or why it is bad. Records are found before the csv module parses them, one
@@ -156,7 +223,7 @@ def _csv_records(
         if not cut:
             parts.append(line)
             size += len(line)
-        quoted = _quote_open_after(line, quoted)
+        quoted = _quote_open_after(line, quoted, delimiter)
         if quoted:
             continue
         if cut:
@@ -168,7 +235,9 @@ def _csv_records(
         yield start, "", ("unclosed_quote", f"line {start}: a quote opened here is never closed")
 
 
-def _csv_rows(open_lines: Callable[[], _Lines], max_chars: int) -> Iterator[tuple[Row, Problem]]:
+def _csv_rows(
+    open_lines: Callable[[], _Lines], max_chars: int, delimiter: str
+) -> Iterator[tuple[Row, Problem]]:
     """csv.DictReader's rows (a short row's missing columns are None), but a row with more
     fields than the header, or one the csv module refuses, is a bad row, not an error. A quote
     that is never closed makes its record bad, and the lines after it are read again as rows
@@ -180,7 +249,7 @@ def _csv_rows(open_lines: Callable[[], _Lines], max_chars: int) -> Iterator[tupl
         for _ in range(first_line - 1):  # the lines already read as rows
             next(lines, None)
         restart, first_line = first_line, 0
-        for number, text, problem in _csv_records(lines, restart, max_chars):
+        for number, text, problem in _csv_records(lines, restart, max_chars, delimiter):
             if problem is not None and problem[0] == "unclosed_quote":
                 yield {}, ("bad_row", problem[1] + "; the lines after it are read as rows")
                 first_line = number + 1
@@ -189,14 +258,14 @@ def _csv_rows(open_lines: Callable[[], _Lines], max_chars: int) -> Iterator[tupl
                 yield {}, problem
                 continue
             try:
-                fields = next(csv.reader([text]), [])
+                fields = next(csv.reader([text], delimiter=delimiter), [])
             except csv.Error as err:  # a field over the csv module's 128 KiB, say
                 yield {}, ("bad_row", f"line {number}: {err}")
                 continue
             if not fields:  # an empty line
                 continue
             if header is None:
-                header = fields
+                header = [_column_name(cell) for cell in fields]
                 continue
             row: Row = dict(zip(header, fields, strict=False))
             for key in header[len(fields) :]:
@@ -209,18 +278,43 @@ def _csv_rows(open_lines: Callable[[], _Lines], max_chars: int) -> Iterator[tupl
 
 
 def _catalog_rows(path: Path, max_chars: int) -> Iterator[tuple[Row, Problem]]:
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with open(path, "rb") as binary, _text_stream(binary, None) as f:
-            yield from _jsonl_rows(f, max_chars)
+    found = _sniffed(path)
+    if found.kind != "csv":
+        with open(path, "rb") as binary, _text_stream(binary, None, found.encoding) as f:
+            array = found.kind == "json_array"
+            rows = _json_array_rows(f) if array else _jsonl_rows(f, max_chars)
+            yield from ((_known_columns(row), problem) for row, problem in rows)
         return
     with contextlib.ExitStack() as files:
 
         def open_lines() -> _Lines:  # the CSV read from its start again after a bad quote
             files.close()
             binary = files.enter_context(open(path, "rb"))
-            return _Lines(files.enter_context(_text_stream(binary, "")), max_chars)
+            return _Lines(files.enter_context(_text_stream(binary, "", found.encoding)), max_chars)
 
-        yield from _csv_rows(open_lines, max_chars)
+        yield from _csv_rows(open_lines, max_chars, found.delimiter)
+
+
+def _column_name(name: str) -> str:
+    """A header's column as collect reads it: id, label, url and path whatever their case and
+    surrounding spaces (`ID`, ` Label`), any other column as written."""
+    folded = name.strip().lower()
+    return folded if folded in _COLUMNS else name
+
+
+def _known_columns(row: Row) -> Row:
+    """A JSON row with its id, label, url and path keys found as _column_name finds them (a key
+    spelt exactly so wins over another spelling)."""
+    if all(key in _COLUMNS or _column_name(key) not in _COLUMNS for key in row):
+        return row
+    renamed: Row = {}
+    for key, value in row.items():
+        name = _column_name(key)
+        if name == key or name not in row:
+            renamed.setdefault(name, value)
+        else:
+            renamed[key] = value
+    return renamed
 
 
 def _nested_over(value: Any, limit: int) -> bool:
@@ -286,6 +380,15 @@ def _checked(row: Row, problem: Problem) -> tuple[Row, Problem]:
     return row, problem
 
 
+def _absent_columns(row: Row, wanted: tuple[str, ...]) -> str:
+    """When the row has none of the `wanted` columns at all (not merely empty ones), the
+    columns it has: a header collect does not read ("; the catalog has no id column: ...")."""
+    if any(name in row for name in wanted):
+        return ""
+    names = " or ".join(wanted)
+    return f"; the catalog has no {names} column, its columns are {list(row)[:12]}"
+
+
 def _from_cache(fetched: Mapping[str, FetchResult], url: str) -> bytes:
     result = fetched.get(url)
     if result is None:
@@ -338,7 +441,8 @@ def _rows_as_records(
         if problem is not None:
             yield InputRecord(rid or f"row-{n}", label, source, reject(*problem), meta)
         elif not rid:
-            yield InputRecord(f"row-{n}", label, source, reject("missing_id", f"row {n}"), meta)
+            detail = f"row {n}" + _absent_columns(row, ("id",))
+            yield InputRecord(f"row-{n}", label, source, reject("missing_id", detail), meta)
         elif url:
             why = _url_problem(url)
             read = reject("bad_url", why) if why else functools.partial(_from_cache, fetched, url)
@@ -346,6 +450,5 @@ def _rows_as_records(
         elif location:
             yield InputRecord(rid, label, source, _path_reader(root, location, max_bytes), meta)
         else:
-            yield InputRecord(
-                rid, label, source, reject("missing_location", "no url or path"), meta
-            )
+            detail = "no url or path" + _absent_columns(row, ("url", "path"))
+            yield InputRecord(rid, label, source, reject("missing_location", detail), meta)

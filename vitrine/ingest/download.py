@@ -21,8 +21,10 @@ Contract
   ==================== ================================================ ======== ==========
   code                 meaning                                          retried  cached
   ==================== ================================================ ======== ==========
-  bad_url              not an http(s) URL (ftp:, file:, malformed);      no       no
-                       nothing is requested (also: a redirect there)
+  bad_url              not an http(s) URL (ftp:, file:, malformed), or   no       no
+                       a host no machine can have (an empty or
+                       64-character label, bad punycode); nothing is
+                       requested (also: a redirect there)
   http_<status>        final answer not 2xx, e.g. http_404, http_503     408, 425, 4xx / 3xx;
                        (after retries were exhausted)                   429, 5xx  others for
                                                                                   a delay
