@@ -58,6 +58,7 @@ from PIL import Image
 from pipeline.workspace import WorkspaceBusy, workspace_lock
 from vitrine.config import ConfigError, from_mapping, load_params, params_block
 from vitrine.contracts import RecordConfig
+from vitrine.images import READ_FORMATS
 from vitrine.production.records import AnswerRecord, RecordStore, record_url
 from vitrine.production.reviews import Review, latest
 
@@ -137,7 +138,7 @@ def photo_extension(path: Path) -> str:
     """`.jpg`, `.png`, ... from the photo's header; "" when Pillow cannot tell (collect then
     quarantines the photo with its reason)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=READ_FORMATS) as image:
             return "." + EXTENSIONS.get(image.format or "", (image.format or "bin").lower())
     except (OSError, ValueError, Image.DecompressionBombError):
         return ""

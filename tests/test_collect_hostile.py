@@ -252,14 +252,25 @@ def test_archives_from_tar_of_a_dot_folder_and_from_a_macs_compress(make_photo, 
         zf.writestr("photos/laptop/b.jpg", make_photo(3))
     whole = (raw / "b.zip").read_bytes()
     (raw / "cut.zip").write_bytes(whole[: len(whole) // 2])
-    sources = [Source("archive", n) for n in ("a.tgz", "b.zip", "cut.zip")]
-    m = run(config(*sources), raw, tmp_path).reset_index().set_index(["source", "id"])
+    with zipfile.ZipFile(raw / "windows.zip", "w") as zf:  # \\ where the format asks for /
+        zf.writestr("photos\\phone\\c.jpg", make_photo(4))
+        zf.writestr("photos\\..\\..\\escape.jpg", make_photo(5))
+    (raw / "top.jpg").write_bytes(make_photo(6))  # beside the archives, in no class folder
+    sources = [Source("archive", n) for n in ("a.tgz", "b.zip", "cut.zip", "windows.zip")]
+    m = run(config(*sources, Source("folder", ".")), raw, tmp_path)
+    m = m.reset_index().set_index(["source", "id"])
     assert m.loc[("archive:a.tgz", "phone/a.jpg"), "status"] == "accepted"
     assert m.loc[("archive:b.zip", "phone/a.jpg"), "status"] == "accepted"
     assert m.loc[("archive:b.zip", "laptop/b.jpg"), "status"] == "accepted"
     fork = m.loc[("archive:b.zip", "__MACOSX/photos/phone/._a.jpg")]
     assert fork["status"] == "quarantined"  # accounted for, not a photo of any class
     assert "BadZipFile" in m.loc[("archive:cut.zip", "cut.zip#0"), "detail"]
+    assert m.loc[("archive:windows.zip", "phone/c.jpg"), "status"] == "accepted"
+    assert m.loc[("archive:windows.zip", "../../escape.jpg"), "reason"] == "outside_source_root"
+    top = m.loc[("folder:.", "top.jpg")]
+    assert (
+        top["reason"] == "label_not_in_classes" and "folder named after its class" in top["detail"]
+    )
 
 
 # --- links, special files, names ------------------------------------------------------------

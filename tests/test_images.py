@@ -61,6 +61,18 @@ def test_html_is_described_as_html(check):
 
 
 @BOTH_CHECKS
+def test_postscript_is_never_rendered(check, monkeypatch):
+    """PIL renders EPS by running Ghostscript: an upload must not start an outside program."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"
+    started = []
+    monkeypatch.setattr("subprocess.Popen.__init__", lambda *a, **k: started.append(a))
+    with pytest.raises(Rejected) as err:
+        check(eps, min_side=1, max_pixels=10**6)
+    assert err.value.code == "not_an_image" and "PostScript (EPS)" in err.value.detail
+    assert started == []
+
+
+@BOTH_CHECKS
 @pytest.mark.parametrize("size", [(200, 150), (640, 480)])  # 640x480 decodes at 1/2 DCT scale
 def test_truncated_jpeg_is_refused(make_photo, check, size):
     data = make_photo(2, size)

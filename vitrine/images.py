@@ -15,6 +15,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # We enforce our own pixel cap from the header (see inspect_image); PIL's global one would
 # raise or warn with a message we cannot map to a stable reason code.
 Image.MAX_IMAGE_PIXELS = None
+Image.init()
+# Every raster format PIL reads but EPS, which PIL renders by running Ghostscript, an outside
+# program that a seller's upload or a catalog's file must never start: PostScript is no photo.
+READ_FORMATS = tuple(f for f in Image.OPEN if f != "EPS")
 
 
 class Rejected(Exception):
@@ -37,6 +41,8 @@ def _describe_non_image(data: bytes) -> str:
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
         return "HTML document"
+    if head.startswith(b"%!ps") or data.startswith(b"\xc5\xd0\xd3\xc6"):
+        return "PostScript (EPS) document, not read: rendering it would run Ghostscript"
     try:
         head.decode("utf-8")
         return "text file"
@@ -48,7 +54,7 @@ def _open(data: bytes) -> Image.Image:
     if not data:
         raise Rejected("empty", "0 bytes")
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except UnidentifiedImageError:
         raise Rejected("not_an_image", _describe_non_image(data)) from None
 

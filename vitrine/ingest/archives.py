@@ -21,8 +21,9 @@ Quarantine reasons decided here:
 - duplicate_id: a member with the name of an earlier one (`tar -rf` appends a file again): the
   first is kept, the repeat listed as `<name>#repeat-<k>`.
 
-A leading ./ is not part of a member's name (`tar -czf x.tgz ./photos`), and a __MACOSX/
-folder of resource forks (a Mac's "Compress") is not a second top folder.
+A leading ./ is not part of a member's name (`tar -czf x.tgz ./photos`), a zip's \\ separates
+folders as / does (zips written by some Windows tools), and a __MACOSX/ folder of resource
+forks (a Mac's "Compress") is not a second top folder.
 
 Names that are not valid UTF-8 (invalid_utf8) and labels (label_not_in_classes) are checked by
 `vitrine.ingest.records.read_record`, as for every source.
@@ -487,10 +488,16 @@ def _zip_records(
         return
     with zf, open(path, "rb") as file:
         infos = [i for i in zf.infolist() if not i.is_dir()]
-        prefix = _tree_prefix([i.filename for i in infos], classes)
+        prefix = _tree_prefix([_zip_name(i) for i in infos], classes)
         for info in infos:
 
             def read(info: zipfile.ZipInfo = info) -> bytes:
                 return _zip_read(file, info, max_bytes)
 
-            yield _member_record(info.filename, prefix, source, read, _zip_kind(info))
+            yield _member_record(_zip_name(info), prefix, source, read, _zip_kind(info))
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """A member's path with / between its folders: the zip format asks for /, and zips some
+    Windows tools write use \\ (phone\\a.jpg), which names the same tree."""
+    return info.filename.replace("\\", "/")

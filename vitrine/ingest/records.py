@@ -26,7 +26,8 @@ Quarantine reasons decided here (stable codes of the manifest's `reason` column)
 - invalid_utf8: a file or archive member name that is not valid UTF-8; the id keeps the name
   with its undecodable bytes written as \\xNN, so the row stays traceable.
 - label_not_in_classes: a label that is none of `classes` (trimmed, case-insensitively); the
-  detail names the nearest class when one is close.
+  detail names the nearest class when one is close, or says that a file sits outside any class
+  folder.
 - label_dropped: a label that `collect.label_map` drops; the detail is the reason the map
   states for it.
 """
@@ -323,6 +324,8 @@ def _unmatched(label: str, classes: tuple[str, ...]) -> str:
     """The detail of label_not_in_classes: the nearest class if one is obviously meant."""
     index = _classes(classes)
     key = label.strip().casefold()
+    if not key:  # a folder's or an archive's file outside any class folder, a blank label
+        return "no label: a photo of a folder or an archive sits in a folder named after its class"
     if len(index.folded.get(key, ())) > 1:
         return f"{label!r} matches several classes: {list(index.folded[key])}"
     near = difflib.get_close_matches(key, list(index.folded), n=1, cutoff=_NEAREST_CUTOFF)
