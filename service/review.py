@@ -45,7 +45,7 @@ from PIL import Image, ImageOps
 from service.core import detached, error_body, status_of
 from service.responses import page_policy
 from vitrine.contracts import PackagedModel
-from vitrine.images import Rejected, open_capped
+from vitrine.images import Rejected, open_capped, undecodable
 from vitrine.production.curation import (
     BadDecision,
     Decision,
@@ -145,7 +145,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
             raise Rejected("too_large", f"the JSON body exceeds {MAX_JSON_BYTES} bytes")
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise Rejected("bad_json", "the body is not JSON") from None
     if not isinstance(data, dict):
         raise Rejected("bad_json", "the body must be a JSON object")
@@ -158,12 +158,17 @@ def _text(data: dict[str, Any], name: str, default: str | None = None) -> str:
         raise Rejected("missing_field", f"no field {name!r} in the JSON body")
     if not isinstance(value, str):
         raise Rejected("bad_json", f"{name!r} must be a string")
+    if not value.isascii():  # JSON's \ud800 escapes decode to text no database can store
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected("bad_json", f"{name!r} holds a lone surrogate, not text") from None
     return value
 
 
 def _count(request: Request, name: str, default: int, most: int) -> int:
     text = request.query_params.get(name, str(default))
-    if not text.isdigit() or not 1 <= int(text) <= most:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:  # not '²
         raise Rejected("bad_parameter", f"{name} must be a whole number from 1 to {most}")
     return int(text)
 
@@ -178,8 +183,8 @@ def thumbnail(data: bytes, max_pixels: int) -> bytes:
         small.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
         out = io.BytesIO()
         small.save(out, "JPEG", quality=85)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise Rejected("undecodable", str(err)) from None
+    except Exception as err:  # PIL's many ways of failing on a bad file
+        raise undecodable(err) from None
     return out.getvalue()
 
 

@@ -80,7 +80,9 @@ async def read_form(request: Request, *, max_body_bytes: int, max_images: int) -
     except MultiPartException as err:
         # Starlette's own wording for a count over max_files; any other failure is malformed.
         if str(err).startswith("Too many files"):
-            raise Rejected("too_many_images", f"more than {max_images} images") from None
+            # Starlette counts every file part: a text field sent as a file counts too.
+            detail = f"more than {max_images} file parts (images go in `image`, fields as text)"
+            raise Rejected("too_many_images", detail) from None
         raise Rejected("bad_multipart", str(err)) from None
     except (KeyError, ValueError) as err:  # KeyError: no Content-Type parameters at all
         raise Rejected("bad_multipart", str(err) or type(err).__name__) from None

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers.photos import encode, png_header_only
+from tests.helpers.photos import broken_avif, encode, png_header_only, spider_image
 from vitrine.images import (
     CENTER_CROP,
     LETTERBOX,
@@ -58,6 +58,21 @@ def test_html_is_described_as_html(check):
     with pytest.raises(Rejected) as err:
         check(b"<html><body>home page</body></html>", min_side=1, max_pixels=10**6)
     assert err.value.detail == "HTML document"
+
+
+@BOTH_CHECKS
+@pytest.mark.parametrize(
+    "data",
+    [spider_image(), broken_avif("payload"), broken_avif("no_item")],
+    ids=["spider", "avif-payload", "avif-no-item"],
+)
+def test_a_decoders_own_failure_is_this_photos_reason(check, data):
+    """Decoders fail in their own ways (EOFError, libavif's RuntimeError): a Rejected, never an
+    exception that would take down a collect batch or answer an upload with a 500."""
+    with pytest.raises(Rejected) as err:
+        check(data, min_side=1, max_pixels=10**6)
+    assert err.value.code in ("undecodable", "truncated")
+    assert err.value.detail
 
 
 @BOTH_CHECKS

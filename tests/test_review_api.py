@@ -171,7 +171,7 @@ def test_the_queue_lists_what_the_model_doubts_and_reviewed_answers_leave_it(
         unknown = client.get("/review/photo/ffff", headers=AUTH)
         assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_answer"
         assert len(client.get("/review/queue?limit=1", headers=AUTH).json()["answers"]) == 1
-        for limit in ("0", "501", "x", "-1"):
+        for limit in ("0", "501", "x", "-1", "%C2%B2"):  # ² is a digit to str.isdigit
             bad = client.get(f"/review/queue?limit={limit}", headers=AUTH)
             assert bad.status_code == 400 and bad.json()["error"] == "bad_parameter"
 
@@ -246,6 +246,14 @@ def test_a_bad_review_is_refused_with_its_reason(desk: ReviewDesk, store: Record
         (b'{"request_id": 5, "label": "phone"}', 400, "bad_json"),
         (b'{"request_id": "ffff", "label": "phone"}', 404, "unknown_answer"),
         (b" " * 20_000, 413, "too_large"),
+        (b"[" * 2_000, 400, "bad_json"),  # deeper than json's recursion limit
+        (b'{"request_id": "\\ud800", "label": "phone"}', 400, "bad_json"),  # a lone surrogate
+        (
+            b'{"request_id": "' + answer.request_id.encode() + b'", "label": "phone", '
+            b'"reviewer": "\\udfff"}',
+            400,
+            "bad_json",
+        ),
     ]
     with client_for(desk) as client:
         for body, status, code in cases:
@@ -325,6 +333,9 @@ def test_training_decisions_are_written_as_dedupe_reads_them(desk: ReviewDesk) -
             answer = decide(**body)
             code = "bad_decision" if code == "bad" else code
             assert (answer["status"], answer["error"]) == (status, code), body
+        surrogate = b'{"id": "laptop/000.jpg", "decision": "drop", "note": "\\ud800"}'
+        refused = client.post("/review/curation/decision", content=surrogate, headers=AUTH)
+        assert (refused.status_code, refused.json()["error"]) == (400, "bad_json")
         listed = client.get("/review/curation", headers=AUTH).json()["candidates"]
     decisions = read_decisions(path, CLASSES)  # dedupe's own reader
     assert decisions.to_dict("records") == [

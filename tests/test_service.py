@@ -51,6 +51,7 @@ from service.responses import DATA_POLICY, ResponsePolicy, page_policy
 from service.uploads import read_form
 from tests.helpers.browser import ARTIFACTS, chromium_page, wait_for_image
 from tests.helpers.candidates import PROVENANCE
+from tests.helpers.photos import broken_avif, spider_image
 from tests.helpers.records import record_config
 from tests.helpers.server import start_server, stop
 from tests.helpers.tiny_package import CLASSES, package_tiny_model
@@ -599,6 +600,10 @@ HOSTILE = {
     "truncated": (lambda: [image_part(truncated_jpeg())], 422, "truncated"),
     "bomb": (lambda: [image_part(png_bomb())], 413, "too_many_pixels"),
     "too-small": (lambda: [image_part(tiny_png())], 422, "too_small"),
+    # A decoder's own exception (EOFError, libavif's RuntimeError): the photo's reason, no 500.
+    "spider": (lambda: [image_part(spider_image())], 422, "undecodable"),
+    "avif-payload": (lambda: [image_part(broken_avif("payload"))], 422, "undecodable"),
+    "avif-no-item": (lambda: [image_part(broken_avif("no_item"))], 422, "undecodable"),
     # Over max_upload_bytes, within max_batch_bytes: a 413, or its own entry in a batch.
     "oversized": (lambda: [image_part(b"\xff" * 1_500_000)], 413, "too_large"),
     "misnamed-field": (lambda: [image_part(phone_photo(), "photo")], 400, "missing_image"),

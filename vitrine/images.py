@@ -50,6 +50,13 @@ def _describe_non_image(data: bytes) -> str:
         return f"unknown binary data starting {data[:8].hex()}"
 
 
+def undecodable(err: Exception) -> Rejected:
+    """A decoder's unexpected failure as this photo's reason. PIL's plugins and the libraries
+    under them fail in their own ways (libavif a RuntimeError, SPIDER an EOFError, others
+    struct.error): each costs its photo, never its caller (a collect batch, a service worker)."""
+    return Rejected("undecodable", f"{type(err).__name__}: {err}")
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise Rejected("empty", "0 bytes")
@@ -57,6 +64,8 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data), formats=READ_FORMATS)
     except UnidentifiedImageError:
         raise Rejected("not_an_image", _describe_non_image(data)) from None
+    except Exception as err:  # a format recognised, then its header refused by its library
+        raise undecodable(err) from None
 
 
 def open_capped(data: bytes, max_pixels: int) -> Image.Image:
@@ -77,6 +86,8 @@ def load_checked(img: Image.Image, header_size: tuple[int, int], min_side: int) 
         orientation = img.getexif().get(0x0112, 1)  # PNG keeps EXIF after the pixels
     except (OSError, SyntaxError, ValueError) as err:
         raise Rejected("truncated", str(err)) from None
+    except Exception as err:
+        raise undecodable(err) from None
     w, h = header_size
     if orientation in (5, 6, 7, 8):  # these EXIF orientations rotate by 90 degrees
         w, h = h, w
@@ -92,7 +103,7 @@ def inspect_image(data: bytes, *, min_side: int, max_pixels: int) -> ImageInfo:
     single pixel is decoded.
     """
     img = open_capped(data, max_pixels)
-    w, h = load_checked(img, img.size, min_side)
+    w, h = load_checked(first_frame(img, None), img.size, min_side)
     return ImageInfo(width=w, height=h, format=(img.format or "unknown").upper())
 
 
@@ -112,7 +123,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def first_frame(img: Image.Image, draft: tuple[int, int] | None) -> Image.Image:
     """An opened image's first frame, to be decoded at the smallest JPEG DCT scale (1/2, 1/4 or
     1/8) that still covers `draft` (width, height), when only a small image is needed."""
-    img.seek(0)
+    try:
+        img.seek(0)
+    except Exception as err:  # SPIDER's seek refuses a file that is not a stack
+        raise undecodable(err) from None
     if draft and img.format == "JPEG":
         img.draft("RGB", draft)
     return img

@@ -450,7 +450,13 @@ def page(root: Path) -> str:
         md.paragraph(
             'Every refusal is a JSON body `{"error": <code>, "detail": <text>}` '
             "(`/check_category`'s `unknown_category` adds `known_categories`). The status of a "
-            f"code is service.core's STATUS mapping; any other code is a {default}."
+            f"code is service.core's STATUS mapping; any other code is a {default}. Two answers "
+            "come from the servers in front of the service, before it sees the request: a request "
+            "HTTP cannot parse (a Content-Length that is no number, a control character in a "
+            "header, an unknown method) is uvicorn's plain-text 400 `Invalid HTTP request "
+            "received.`, and a body that stops arriving (shorter than its Content-Length, the "
+            'connection held open) is BentoML\'s 504 `{"error": ...}` at its traffic timeout '
+            "(60 s); put a reverse proxy in front where clients cannot be trusted to speak HTTP."
         )
     )
     every = _unique(

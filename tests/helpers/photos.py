@@ -43,3 +43,25 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
+
+
+def spider_image() -> bytes:
+    """A SPIDER file (a scientific format PIL reads): its seek(0) raises EOFError."""
+    out = io.BytesIO()
+    Image.new("F", (64, 64)).save(out, "SPIDER")
+    return out.getvalue()
+
+
+def broken_avif(damage: str) -> bytes:
+    """An AVIF whose AV1 payload is garbled ("payload": libavif's RuntimeError at decoding) or
+    whose item-location box is renamed ("no_item": its RuntimeError at opening)."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(out, "AVIF")
+    data = bytearray(out.getvalue())
+    if damage == "payload":
+        at = data.find(b"mdat") + 4
+        data[at:] = b"\xff" * (len(data) - at)
+    else:
+        at = data.find(b"iloc")
+        data[at : at + 4] = b"xloc"
+    return bytes(data)

@@ -5,9 +5,10 @@
 
 Rejections use the stable codes of `vitrine.images.inspect_image` (empty, not_an_image,
 truncated, too_small, too_many_pixels), in the same order of precedence, so an input gets the
-same code from either. One extra code, `undecodable`, stands for an unexpected decoder error
-that inspect_image would have let escape: in a batch of a thousand images one odd file must
-not abort the other 999.
+same code from either, `undecodable` included: a decoder's own failure (libavif's
+RuntimeError, SPIDER's EOFError), `vitrine.images.undecodable`. Any other error of one image's
+work is `undecodable` here too: in a batch of a thousand images one odd file must not abort the
+other 999.
 """
 
 from __future__ import annotations

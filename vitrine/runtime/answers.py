@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from vitrine.contracts import PackagedModel
-from vitrine.images import Rejected, checked_square, open_capped
+from vitrine.images import Rejected, checked_square, open_capped, undecodable
 from vitrine.runtime.decisions import answer
 
 
@@ -29,8 +29,10 @@ def open_upload(data: bytes, info: PackagedModel) -> Image.Image:
         raise Rejected("too_large", f"image of {len(data)} bytes exceeds {serve.max_upload_bytes}")
     try:
         return open_capped(data, serve.max_pixels)
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of failing on a bad file
-        raise Rejected("undecodable", str(err)) from None
+    except Rejected:
+        raise
+    except Exception as err:  # PIL's many ways of failing on a bad file
+        raise undecodable(err) from None
 
 
 def prepare_image(img: Image.Image, info: PackagedModel) -> np.ndarray:
@@ -39,8 +41,10 @@ def prepare_image(img: Image.Image, info: PackagedModel) -> np.ndarray:
         return checked_square(
             img, info.image_size, min_side=info.serve.min_side, resize=info.resize
         )
-    except (OSError, ValueError, SyntaxError) as err:
-        raise Rejected("undecodable", str(err)) from None
+    except Rejected:
+        raise
+    except Exception as err:  # a decoder's or a resize's failure costs this photo only
+        raise undecodable(err) from None
 
 
 def model_input(data: bytes, info: PackagedModel) -> np.ndarray:
