@@ -15,7 +15,6 @@ Prefect server and its process work pool POOL, and returns; a worker started wit
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from pipeline.config import load_flow_config
 from pipeline.flows import REPO_ROOT, retrain, retrain_if_changed
 from pipeline.monitor import load_monitor_config, monitor
 from pipeline.score import load_score_config, score_catalog
+from vitrine.config import run_cli
 
 
 def build_deployments(project_dir: Path = REPO_ROOT) -> list[RunnerDeployment]:
@@ -119,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

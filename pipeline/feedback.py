@@ -56,7 +56,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from pipeline.workspace import WorkspaceBusy, workspace_lock
-from vitrine.config import ConfigError, from_mapping, load_params, params_block
+from vitrine.config import ConfigError, from_mapping, load_params, params_block, run_cli
 from vitrine.contracts import RecordConfig
 from vitrine.images import READ_FORMATS
 from vitrine.production.records import AnswerRecord, RecordStore, record_url
@@ -362,4 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

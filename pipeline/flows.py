@@ -53,7 +53,7 @@ from pipeline.workspace import (
     restore_interrupted_overrides,
     workspace_lock,
 )
-from vitrine.config import add_overrides_option, load_params
+from vitrine.config import add_overrides_option, load_params, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The bin dir of the interpreter running this flow (`make flow` uses .venv/bin/python):
@@ -458,4 +458,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

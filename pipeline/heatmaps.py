@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.feedback import FeedbackError, database_url
-from vitrine.config import ConfigError, load_params, load_paths
+from vitrine.config import ConfigError, load_params, load_paths, run_cli
 from vitrine.contracts import SCRIPTED_MODEL_FILE, PackagedModel, TrainedModel, read_packaged
 from vitrine.evaluation.heatmaps import class_heat_maps, last_conv_name
 from vitrine.images import Rejected
@@ -241,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

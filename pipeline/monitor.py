@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +41,14 @@ from prefect.settings import (
 
 from pipeline.flows import REPO_ROOT, retrain
 from pipeline.workspace import WorkspaceBusy
-from vitrine.config import from_mapping, load_params, load_paths, params_block, stage_config
+from vitrine.config import (
+    from_mapping,
+    load_params,
+    load_paths,
+    params_block,
+    run_cli,
+    stage_config,
+)
 from vitrine.contracts import RecordConfig
 from vitrine.images import Rejected, load_square
 from vitrine.production import drift
@@ -419,4 +425,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

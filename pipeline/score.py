@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,10 @@ from vitrine.config import (
     load_params,
     load_paths,
     params_block,
+    run_cli,
     stage_config,
 )
+from vitrine.contracts import read_packaged
 from vitrine.ingest.download import DownloadConfig
 from vitrine.scoring.run import ScoreJob, score, summary_path
 from vitrine.scoring.sources import KINDS, ScoreSource, guess_kind
@@ -173,17 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     project = args.project_dir.resolve()
     here = Path.cwd()
-    job = load_job(
-        project,
-        here / args.source,
-        here / args.output,
-        model=here / args.model if args.model else None,
-        kind=args.kind,
-        category_column=args.category_column,
-        scheduler=args.scheduler,
-        cache=here / args.download_cache if args.download_cache else None,
-        progress=not args.no_progress,
-    )
+    try:
+        job = load_job(
+            project,
+            here / args.source,
+            here / args.output,
+            model=here / args.model if args.model else None,
+            kind=args.kind,
+            category_column=args.category_column,
+            scheduler=args.scheduler,
+            cache=here / args.download_cache if args.download_cache else None,
+            progress=not args.no_progress,
+        )
+        read_packaged(job.model)  # a folder that is no packaged model, before any photo
+    except (ValueError, OSError) as err:  # a source, output, model or setting that cannot be
+        parser.error(str(err).splitlines()[0] if str(err) else type(err).__name__)
     summary = score(job)
     print(describe(summary))
     print(f"output: {job.output}; summary: {summary_path(job.output)}")
@@ -191,4 +196,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitrine.config import from_mapping, load_params, load_paths, params_block, stage_config
+from vitrine.config import (
+    from_mapping,
+    load_params,
+    load_paths,
+    params_block,
+    run_cli,
+    stage_config,
+)
 from vitrine.data.shards import MANIFEST, BlobRef, ShardWriter
 from vitrine.images import Rejected
 from vitrine.ingest.archives import archive_records
@@ -351,4 +358,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

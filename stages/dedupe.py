@@ -29,7 +29,14 @@ import numpy as np
 import pandas as pd
 
 from vitrine.compute import ComputeConfig
-from vitrine.config import from_mapping, load_params, load_paths, params_block, stage_config
+from vitrine.config import (
+    from_mapping,
+    load_params,
+    load_paths,
+    params_block,
+    run_cli,
+    stage_config,
+)
 from vitrine.curation.features import PhotoFeatures, accepted_features
 from vitrine.curation.neardup import HASH_SEARCH_MAX_DISTANCE, clusters, near_duplicate_pairs
 from vitrine.curation.noise import class_outlier_scores, find_label_issues, out_of_fold_proba
@@ -429,4 +436,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

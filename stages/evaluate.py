@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vitrine.config import Paths, load_params, load_paths
+from vitrine.config import Paths, load_params, load_paths, run_cli
 from vitrine.contracts import (
     CHECKPOINT,
     EvaluationReport,
@@ -329,4 +329,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

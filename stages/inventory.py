@@ -9,7 +9,7 @@ it runs on every `dvc repro`, and collect runs when the listing changed.
 
 from __future__ import annotations
 
-from vitrine.config import load_params, load_paths
+from vitrine.config import load_params, load_paths, run_cli
 from vitrine.ingest.inventory import write_inventory
 
 
@@ -20,4 +20,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

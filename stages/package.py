@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vitrine.config import load_params, load_paths, params_block, stage_config
+from vitrine.config import load_params, load_paths, params_block, run_cli, stage_config
 from vitrine.contracts import MODEL_NAME_ENV, read_evaluation, write_promotion
 from vitrine.evaluation.promotion import challenge, describe
 from vitrine.evaluation.settings import check_config, load_config
@@ -98,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

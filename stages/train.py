@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import sys
 
-from vitrine.config import load_params, load_paths, stage_config
+from vitrine.config import load_params, load_paths, run_cli, stage_config
 from vitrine.model.training import (
     TrainConfig,
     candidate_config,
@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

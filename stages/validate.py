@@ -29,7 +29,7 @@ from great_expectations.data_context.types.base import (
 from great_expectations.datasource.fluent import PandasDatasource
 from great_expectations.expectations.metadata_types import FailureSeverity
 
-from vitrine.config import load_params, load_paths, params_block, stage_config
+from vitrine.config import load_params, load_paths, params_block, run_cli, stage_config
 from vitrine.data.shards import MANIFEST
 
 REQUIRED_COLUMNS = ("id", "label", "source", "status", "sha256", "width", "height")
@@ -447,4 +447,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

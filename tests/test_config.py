@@ -70,3 +70,54 @@ def test_params_load_with_overrides_applied_in_order(tmp_path):
     assert load_params(path, overrides) == {"train": {"lr": 0.001, "trainer": {"devices": 2}}}
     with pytest.raises(ConfigError, match=r"no key 'train\.epochs'"):
         load_params(path, [("train.epochs", 3)])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "expected a mapping of blocks, got NoneType"),
+        ("classes: [laptop, ' Laptop', phone]\n", r"each class once .*\[' Laptop', 'laptop'\]"),
+        ("classes: [laptop]\n", "at least two classes"),
+    ],
+)
+def test_params_that_no_stage_could_run_are_refused_at_load(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_params(path)
+
+
+def test_a_block_check_reads_as_one_sentence_naming_the_block():
+    from stages.prepare import PrepareConfig
+
+    block = {"classes": ["a", "b"], "image_size": 128, "seed": 1}
+    for fractions, message in [
+        ((0.9, 0.5), "prepare: val_fraction + test_fraction must be in (0, 1)"),
+        ((0.0, 0.2), "prepare: val_fraction and test_fraction must each be > 0"),
+    ]:
+        data = block | dict(zip(("val_fraction", "test_fraction"), fractions, strict=True))
+        with pytest.raises(ConfigError) as err:
+            from_mapping(PrepareConfig, data, "prepare")
+        assert str(err.value) == message  # not pydantic's "expected Value error, ..., got {...}"
+
+
+def test_a_stage_says_a_bad_setting_in_one_line(tmp_path):
+    """run_cli: a ConfigError is one line on stderr and exit status 1, not a traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    (tmp_path / "params.yaml").write_text("classes: [phone, phone]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "prepare: classes: each class once (ignoring case and spaces), ['phone'] repeat"
+    ]

@@ -28,7 +28,7 @@ from tests.helpers.candidates import (
     write_prepared,
 )
 from tests.helpers.candidates import evaluate_config as config
-from vitrine.config import load_params, load_paths
+from vitrine.config import ConfigError, load_params, load_paths
 from vitrine.contracts import as_dict, read_evaluation
 from vitrine.data.layout import load_split, prepared_manifest_path
 from vitrine.evaluation.candidates import rank_candidates
@@ -111,10 +111,20 @@ def test_missing_business_value_csv_is_a_clear_error(tmp_path: Path) -> None:
         ({"primary_metric": "top5_accuracy"}, "is not a score"),  # 2 classes: top2_accuracy
         ({"calibration_bins": 0}, "calibration_bins must be at least 1"),
         ({"decision": "mode"}, "evaluate.decision 'mode' is not one of"),
+        # A negative margin would promote a worse challenger "by the margin"; a negative or
+        # missing cost, or a pair priced twice, makes the value model say what no one meant.
+        ({"promote_margin": -0.5}, "promote_margin must be >= 0"),
+        ({"review_cost": float("nan")}, "review_cost must be a finite cost >= 0"),
+        ({"default_mistake_cost": -1.0}, "default_mistake_cost must be a finite cost >= 0"),
+        ({"cost_matrix": (("phone", "laptop", -2.0),)}, r"\[phone, laptop\]: a finite cost"),
+        (
+            {"cost_matrix": (("phone", "laptop", 1.0), ("phone", "laptop", 3.0))},
+            r"each \[actual, predicted\] pair once",
+        ),
     ],
 )
 def test_bad_params_are_clear_errors(overrides: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):  # a stage prints it as one line
         check_config(config(**overrides))
 
 

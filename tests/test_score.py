@@ -629,3 +629,21 @@ def test_the_summary_counts_answers_by_taxonomy_level_and_says_so_when_some_back
         )
     )
     assert "taxonomy level" not in describe(one_level.as_dict())
+
+
+def test_an_output_that_would_overwrite_or_join_its_source_is_refused(tmp_path: Path) -> None:
+    """Scores written over the catalog, or into the photos folder (whose files the next run
+    would list as photos), or onto a folder: refused before anything is read."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    catalog = tmp_path / "shop.csv"
+    catalog.write_text("id,path\na,x.jpg\n")
+    model = tmp_path / "package"
+    cases = [
+        (ScoreSource(catalog, "catalog"), catalog, "would overwrite the source"),
+        (ScoreSource(folder, "folder"), folder / "scores.parquet", "outside the photos folder"),
+        (ScoreSource(catalog, "catalog"), folder, "is a folder, not a Parquet file"),
+    ]
+    for source, output, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ScoreJob(source, output, model, tmp_path / "cache")

@@ -243,12 +243,20 @@ def test_unknown_candidates_and_keys_are_named():
         candidate_config(params, NAME)
 
 
-def test_cutmix_settings_out_of_range_are_refused():
+def test_candidate_settings_out_of_range_are_refused():
     assert candidate_config({"candidates": {NAME: candidate_params()}}, NAME).cutmix_p == 0.0
-    for key, value in (("cutmix_p", 1.5), ("cutmix_p", -0.1), ("cutmix_alpha", 0.0)):
+    cases = [("cutmix_p", 1.5), ("cutmix_p", -0.1), ("cutmix_alpha", 0.0), ("batch_size", 0)]
+    cases += [("max_epochs", 0), ("input_size", 0), ("lr", 0.0), ("label_smoothing", 1.5)]
+    for key, value in cases:
         params = {"candidates": {NAME: candidate_params(**{key: value})}}
         with pytest.raises(ValueError, match=f"{key} must be"):
             candidate_config(params, NAME)
+
+
+def test_an_imbalance_rule_spelt_wrong_is_refused_not_ignored():
+    block = {"classes": list(CLASSES), "train": train_params() | {"imbalance": "weights"}}
+    with pytest.raises(ConfigError, match=r"train.imbalance: expected .*'loss_weights'"):
+        stage_config(TrainConfig, "train", block)
 
 
 def test_model_card_names_classes_and_sizes(tmp_path):

@@ -1,6 +1,7 @@
 """Strict loading of params.yaml blocks into frozen, typed dataclasses, validated by pydantic.
 
-Unknown and missing keys are errors: a typo in params.yaml must fail loudly, not be ignored.
+Unknown keys and missing required ones are errors: a typo in params.yaml must fail loudly, not be
+ignored. A stage or flow run through `run_cli` says a bad setting in one line.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, dataclass_transform
 
@@ -30,8 +32,34 @@ def load_params(
     """params.yaml, with `-S`-style (dotted key, value) overrides applied."""
     with open(path) as f:
         params = yaml.safe_load(f)
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of blocks, got {type(params).__name__}")
     apply_overrides(params, overrides)
+    check_classes(params.get("classes"))
     return params
+
+
+def check_classes(classes: Any) -> None:
+    """`classes`: at least two, each once whatever its case and surrounding spaces (labels match
+    classes so, and a repeated class would be two outputs for one label)."""
+    if not isinstance(classes, list):
+        return  # absent or of the wrong type: the stages' own blocks say so
+    if len(classes) < 2:
+        raise ConfigError(f"classes: a classifier needs at least two classes, got {classes!r}")
+    folded = [str(c).strip().casefold() for c in classes]
+    repeated = sorted({str(c) for c, f in zip(classes, folded, strict=True) if folded.count(f) > 1})
+    if repeated:
+        raise ConfigError(f"classes: each class once (ignoring case and spaces), {repeated} repeat")
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """A stage's or a flow's command: a settings problem (ConfigError, naming the key) is one
+    line on stderr and exit status 1, not a traceback."""
+    try:
+        status = main()
+    except ConfigError as err:
+        sys.exit(f"{Path(sys.argv[0]).stem}: {err}")
+    sys.exit(status)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -124,6 +152,9 @@ def _explain(error: pydantic.ValidationError, where: str) -> str:
             unknown.setdefault(at, []).append(last)
         elif e["type"] == "missing":
             problems.append(f"{at}: missing key {last!r}")
+        elif e["type"] == "value_error" and not last:  # a block's own check (__post_init__)
+            message = str(e["msg"]).removeprefix("Value error, ")
+            problems.append(message if message.startswith(where) else f"{at}: {message}")
         elif e["type"] in ("too_long", "too_short"):
             problems.append(
                 f"{at}.{last}: expected {e['ctx'].get('max_length', '?')} items, got {e['input']!r}"

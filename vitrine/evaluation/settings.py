@@ -5,13 +5,15 @@ champion and the challenger with the same value model).
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from vitrine.config import params_block, stage_config
+from vitrine.config import ConfigError, params_block, stage_config
 from vitrine.evaluation import metrics
 from vitrine.evaluation.calibration import check_method
 from vitrine.evaluation.slices import SliceConfig
@@ -87,7 +89,36 @@ def business_values(config: EvaluateConfig) -> dict[str, float]:
 
 
 def check_config(config: EvaluateConfig) -> metrics.ValueModel:
-    """Every params mistake as one clear error before any model is loaded; the value model."""
+    """Every params mistake as one clear error before any model is loaded (a ConfigError, which
+    a stage's command prints as one line); the value model."""
+    try:
+        return _checked(config)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _costs_problem(config: EvaluateConfig) -> str | None:
+    """Costs are what a mistake or a review loses: finite and not negative, one per pair."""
+    named = {"default_mistake_cost": config.default_mistake_cost, "review_cost": config.review_cost}
+    for name, cost in named.items():
+        if not math.isfinite(cost) or cost < 0:
+            return f"evaluate.{name} must be a finite cost >= 0, got {cost}"
+    pairs = Counter((actual, predicted) for actual, predicted, _ in config.cost_matrix)
+    for actual, predicted, cost in config.cost_matrix:
+        if not math.isfinite(cost) or cost < 0:
+            return f"evaluate.cost_matrix [{actual}, {predicted}]: a finite cost >= 0, got {cost}"
+    repeated = sorted(pair for pair, n in pairs.items() if n > 1)
+    if repeated:
+        return f"evaluate.cost_matrix: each [actual, predicted] pair once, {repeated} repeat"
+    return None
+
+
+def _checked(config: EvaluateConfig) -> metrics.ValueModel:
+    problem = _costs_problem(config)
+    if problem:
+        raise ValueError(problem)
     values = metrics.value_model(
         config.classes,
         business_values(config),
@@ -107,7 +138,7 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
     for name in (*counts, "min_val_photos_per_class"):
         if getattr(config, name) < 1:
             raise ValueError(f"evaluate.{name} must be at least 1")
-    for name in ("int8_max_loss", "open_set_max_loss"):
+    for name in ("int8_max_loss", "open_set_max_loss", "promote_margin"):
         if getattr(config, name) < 0:
             raise ValueError(f"evaluate.{name} must be >= 0, got {getattr(config, name)}")
     if config.other_class and config.other_class not in config.classes:

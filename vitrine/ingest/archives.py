@@ -35,6 +35,7 @@ import bz2
 import gzip
 import itertools
 import lzma
+import re
 import struct
 import tarfile
 import zipfile
@@ -132,9 +133,7 @@ _MACOS_FORKS = "__MACOSX"  # the top folder of resource forks a Mac's "Compress"
 
 def _plain(name: str) -> str:
     """A member name without the ./ that `tar -czf x.tgz ./photos` writes before each."""
-    while name.startswith("./"):
-        name = name[2:]
-    return name
+    return re.sub(r"^(\./)+", "", name)
 
 
 def _tree_prefix(names: Iterable[str], classes: tuple[str, ...]) -> str:
@@ -176,8 +175,7 @@ def archive_records(
 
 
 def _starts_as_zip(path: Path) -> bool:
-    """A zip's first local header, where its directory at the end is gone (a cut download):
-    read as a zip, so the row says what a zip reader finds, not what a tar reader does."""
+    """A zip's first local header, its directory gone (a cut download): read as a zip."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"PK\x03\x04"
@@ -498,6 +496,5 @@ def _zip_records(
 
 
 def _zip_name(info: zipfile.ZipInfo) -> str:
-    """A member's path with / between its folders: the zip format asks for /, and zips some
-    Windows tools write use \\ (phone\\a.jpg), which names the same tree."""
+    """The member's path with /, as the format asks, where a Windows tool wrote \\."""
     return info.filename.replace("\\", "/")

@@ -54,7 +54,7 @@ class TrainConfig:
     classes: tuple[str, ...]
     seed: int
     num_workers: int
-    imbalance: str  # none | loss_weights | balanced_sampler
+    imbalance: Literal["none", "loss_weights", "balanced_sampler"]
     early_stopping: EarlyStoppingConfig
     trainer: dict[str, Any]  # passed through to lightning.Trainer
     augment_on: Literal["host", "device"] = "host"  # where `augment` runs (vitrine.data.splits)
@@ -88,6 +88,15 @@ class CandidateConfig:
             raise ValueError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
         if self.train_input_size < 0 or self.full_size_epochs < 0:
             raise ValueError("train_input_size and full_size_epochs must be >= 0")
+        for name in ("input_size", "batch_size", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def small_side_epochs(self) -> int:
         """The epochs before the last full_size_epochs: at train_input_size when it is set."""

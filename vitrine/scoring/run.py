@@ -61,6 +61,14 @@ class ScoreJob:
     def __post_init__(self) -> None:
         if self.chunk_photos < 1 or self.batch_size < 1:
             raise ValueError("chunk_photos and batch_size must be >= 1")
+        output, source = self.output.resolve(), self.source.path.resolve()
+        if output == source:
+            raise ValueError(f"the output would overwrite the source: {self.output}")
+        if self.source.kind == "folder" and output.is_relative_to(source):
+            # Its parts, the Parquet file and the summary would be listed as photos next run.
+            raise ValueError(f"write the output outside the photos folder {self.source.path}")
+        if output.is_dir():
+            raise ValueError(f"the output is a folder, not a Parquet file: {self.output}")
 
 
 class _Runner:
