@@ -42,6 +42,8 @@ from prefect.settings import (
 from pipeline.flows import REPO_ROOT, retrain
 from pipeline.workspace import WorkspaceBusy
 from vitrine.config import (
+    Count,
+    Positive,
     from_mapping,
     load_params,
     load_paths,
@@ -63,15 +65,15 @@ class MonitorConfig:
     """params.yaml `monitor:`."""
 
     cron: str  # the `monitor` deployment's schedule, in flow.timezone
-    window_hours: float  # the recent window: answers of the last this many hours
-    min_answers: int  # fewer answers in the window: class mix, confidence, abstain not judged
-    min_reviewed: int  # fewer reviewed answers: reviewed accuracy not judged
-    min_photos: int  # fewer recent photos embedded: image drift not judged
-    photo_sample: int  # recent photos embedded (distinct photos of the window)
-    test_sample: int  # test photos embedded
-    permutations: int  # of the MMD test's p-value
+    window_hours: Positive  # the recent window: answers of the last this many hours
+    min_answers: Count  # fewer answers in the window: class mix, confidence, abstain not judged
+    min_reviewed: Count  # fewer reviewed answers: reviewed accuracy not judged
+    min_photos: Count  # fewer recent photos embedded: image drift not judged
+    photo_sample: Count  # recent photos embedded (distinct photos of the window)
+    test_sample: Count  # test photos embedded
+    permutations: Count  # of the MMD test's p-value
     seed: int  # of the test photos drawn and of the permutations
-    confidence_bins: int  # of the confidence histograms
+    confidence_bins: Count  # of the confidence histograms
     retrain: bool  # start the retrain flow when a threshold is crossed
     report: str  # the JSON report
     page: str  # the HTML report

@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitrine.config import (
+    Count,
+    NonNegative,
     from_mapping,
     load_params,
     load_paths,
@@ -64,14 +66,14 @@ THUMBS = "thumbs"
 class CollectConfig:
     classes: tuple[str, ...]
     sources: tuple[Source, ...]
-    min_side: int
-    max_pixels: int
-    max_bytes: int
-    shard_size: int
-    thumb_size: int  # longest side of the thumbnails kept for review pages
+    min_side: Count
+    max_pixels: Count
+    max_bytes: Count
+    shard_size: Count
+    thumb_size: Count  # longest side of the thumbnails kept for review pages
     download: DownloadConfig
     cache_dir: str = ""  # the per-photo results (vitrine.ingest.facts_cache); "": none kept
-    cache_keep_days: float = 30.0  # a photo no run has had for this long leaves the cache
+    cache_keep_days: NonNegative = 30.0  # a photo no run has had for this long leaves the cache
     # source label -> class, or -> {drop: <reason>} (vitrine.ingest.records.LabelMap); {}: none
     label_map: LabelMapping = field(default_factory=dict)
 

@@ -23,13 +23,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
+import pydantic
 
 from vitrine.compute import ComputeConfig
 from vitrine.config import (
+    Count,
+    NonNegative,
+    NonNegativeInt,
     from_mapping,
     load_params,
     load_paths,
@@ -53,11 +57,13 @@ EMBEDDINGS = "embeddings.npy"
 
 @params_block
 class NoiseConfig:
-    folds: int  # k of the out-of-fold logistic regression
+    folds: Annotated[int, pydantic.Field(ge=2)]  # k of the out-of-fold logistic regression
     seed: int
     min_outlier_score: float  # robust z-score within the class
-    max_candidates: int  # on the review page, most suspicious first
-    max_fit: int = 0  # photos the regressions are fitted on, at most (noise.fit_sample); 0: all
+    max_candidates: NonNegativeInt  # on the review page, most suspicious first
+    max_fit: NonNegativeInt = (
+        0  # photos the regressions are fitted on, at most (noise.fit_sample); 0: all
+    )
 
 
 @params_block
@@ -66,16 +72,19 @@ class DedupeConfig:
     keep: str  # which member represents a cluster: "largest" (most pixels, ties by id)
     # A pair is a near duplicate if any tier holds: pHash distance <= bits and cosine >= min.
     tiers: tuple[tuple[int, float], ...]
-    embedding_batch_size: int
+    embedding_batch_size: Count
     noise: NoiseConfig
     cache_dir: str = ""  # each photo's features (vitrine.curation.features); "": none kept
-    cache_keep_days: float = 30.0  # a photo no run has had for this long leaves the cache
+    cache_keep_days: NonNegative = 30.0  # a photo no run has had for this long leaves the cache
     other_class: str = ""  # params.yaml's other_class: what an `other` decision labels ("": drop)
-    review_clusters: int = 0  # clusters on the review page, the largest first (0: all)
+    review_clusters: NonNegativeInt = 0  # clusters on the review page, the largest first (0: all)
 
     def __post_init__(self) -> None:
         if self.keep != "largest":
             raise ValueError(f"dedupe.keep: only 'largest' is supported, got {self.keep!r}")
+        for bits, cosine in self.tiers:  # a 64-bit pHash; a cosine of unit vectors
+            if not (0 <= bits <= 64 and -1 <= cosine <= 1):
+                raise ValueError(f"dedupe.tiers: [bits 0-64, cosine -1 to 1], got {[bits, cosine]}")
 
 
 # --- clusters ------------------------------------------------------------------------------

@@ -29,7 +29,17 @@ from great_expectations.data_context.types.base import (
 from great_expectations.datasource.fluent import PandasDatasource
 from great_expectations.expectations.metadata_types import FailureSeverity
 
-from vitrine.config import load_params, load_paths, params_block, run_cli, stage_config
+from vitrine.config import (
+    Count,
+    NonNegativeInt,
+    Positive,
+    Share,
+    load_params,
+    load_paths,
+    params_block,
+    run_cli,
+    stage_config,
+)
 from vitrine.data.shards import MANIFEST
 
 REQUIRED_COLUMNS = ("id", "label", "source", "status", "sha256", "width", "height")
@@ -44,14 +54,14 @@ WARNING_NOTE = "**Warning**: a failure is reported but does not fail the stage."
 
 @params_block
 class ValidateConfig:
-    min_images_per_class: int
-    max_quarantine_rate: float
-    min_side: int
-    max_side: int
-    max_aspect_ratio: float
-    min_file_bytes: int
-    max_file_bytes: int
-    max_class_imbalance: float  # largest class count / this class's count
+    min_images_per_class: NonNegativeInt
+    max_quarantine_rate: Share
+    min_side: Count
+    max_side: Count
+    max_aspect_ratio: Positive
+    min_file_bytes: NonNegativeInt
+    max_file_bytes: Count
+    max_class_imbalance: Positive  # largest class count / this class's count
     classes: tuple[str, ...]
     # params.yaml's top-level other_class: its photos come mostly from review decisions, which
     # dedupe applies after this stage, so its count is not checked here ("": none).

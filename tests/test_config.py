@@ -121,3 +121,26 @@ def test_a_stage_says_a_bad_setting_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "prepare: classes: each class once (ignoring case and spaces), ['phone'] repeat"
     ]
+
+
+@pytest.mark.parametrize(
+    ("stage", "block", "key", "value", "message"),
+    [
+        ("collect", "CollectConfig", "shard_size", 0, "collect.shard_size: expected a value >= 1"),
+        ("validate", "ValidateConfig", "max_quarantine_rate", 1.5, "a value <= 1"),
+        ("dedupe", "DedupeConfig", "tiers", [[6, 1.5]], "cosine -1 to 1"),
+        ("dedupe", "DedupeConfig", "embedding_batch_size", 0, "a value >= 1"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_with_its_key(stage, block, key, value, message):
+    """A shard of 0 photos, a quarantine rate of 150%, a cosine above 1: refused at load, not
+    run into a wrong result or an error that names no key."""
+    import importlib
+
+    from vitrine.config import stage_config
+
+    params = load_params()
+    params[stage][key] = value
+    config_class = getattr(importlib.import_module(f"stages.{stage}"), block)
+    with pytest.raises(ConfigError, match=message):
+        stage_config(config_class, stage, params)

@@ -511,6 +511,21 @@ def test_parts_of_another_model_or_chunk_size_are_not_reused(package: Path, tmp_
     assert "bogus" not in set(pd.read_parquet(output)["label"])
 
 
+def test_a_folder_whose_photos_changed_is_another_source_to_resume(tmp_path: Path) -> None:
+    """Parts scored before a kill are reused only for the same photos: a photo replaced or
+    added since changes the folder's identity (run.json), and the run starts over."""
+    root = photo_folder(tmp_path / "photos", 3)
+    source = ScoreSource(root, "folder")
+    before = source.identity()
+    assert source.identity() == before  # nothing changed: the parts are reused
+    photo = next(root.rglob("*.jpg"))
+    photo.write_bytes(b"now a text file")
+    assert source.identity() != before
+    changed = source.identity()
+    (root / "phone" / "new.jpg").write_bytes(photo_bytes(99))
+    assert source.identity() != changed
+
+
 # --- Dask, the command, the flow --------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, dataclass_transform
+from typing import Annotated, Any, TypeVar, dataclass_transform
 
 import pydantic
 import yaml
@@ -20,6 +20,13 @@ from ruamel.yaml import YAML
 
 T = TypeVar("T")
 PARAMS_FILE = Path("params.yaml")
+
+# Settings with a range, refused outside it with the key named (see _explain).
+Count = Annotated[int, pydantic.Field(ge=1)]  # photos, items, bytes, pixels: at least one
+NonNegativeInt = Annotated[int, pydantic.Field(ge=0)]  # 0 has a stated meaning (none, never)
+NonNegative = Annotated[float, pydantic.Field(ge=0, allow_inf_nan=False)]
+Positive = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
+Share = Annotated[float, pydantic.Field(ge=0, le=1)]  # a rate, a probability, a p-value
 
 
 class ConfigError(ValueError):
@@ -165,9 +172,20 @@ def _explain(error: pydantic.ValidationError, where: str) -> str:
     return "; ".join(problems)
 
 
+_BOUNDS = {
+    "greater_than_equal": ">=",
+    "greater_than": ">",
+    "less_than_equal": "<=",
+    "less_than": "<",
+}
+
+
 def _expected(error: Any) -> str:
-    """`int_type` -> int; pydantic's message otherwise."""
+    """`int_type` -> int; a bound -> "a value >= 1"; pydantic's message otherwise."""
     kind = str(error["type"])
+    if kind in _BOUNDS:
+        limit = next(iter(error["ctx"].values()))
+        return f"a value {_BOUNDS[kind]} {limit}"
     return kind.removesuffix("_type") if kind.endswith("_type") else str(error["msg"])
 
 

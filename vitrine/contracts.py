@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, TypeVar
 import numpy as np
 import pydantic
 
-from vitrine.config import params_block
+from vitrine.config import Count, NonNegative, NonNegativeInt, params_block
 from vitrine.runtime import decisions
 
 T = TypeVar("T")
@@ -237,23 +237,23 @@ class RecordConfig:
 class ServeConfig:
     """params.yaml `serve:` (with the candidate's by_candidate entry), copied into model.json."""
 
-    max_upload_bytes: int  # one photo; a larger upload is refused with a 413
-    max_pixels: int  # width x height, checked from the header before anything is decoded
-    min_side: int  # shorter side in pixels
-    max_batch_images: int  # image parts in one /classify_batch request
-    max_batch_bytes: int  # the whole /classify_batch request body
-    max_batch_size: int  # adaptive batching: most images in one forward pass
-    max_batch_wait_ms: float  # adaptive batching: how long a lone image waits for company
-    workers: int  # serving processes, each with its own copy of the model
-    torch_threads: int  # intra-op threads of each worker's forward pass (ONNX Runtime's too)
+    max_upload_bytes: Count  # one photo; a larger upload is refused with a 413
+    max_pixels: Count  # width x height, checked from the header before anything is decoded
+    min_side: Count  # shorter side in pixels
+    max_batch_images: Count  # image parts in one /classify_batch request
+    max_batch_bytes: Count  # the whole /classify_batch request body
+    max_batch_size: Count  # adaptive batching: most images in one forward pass
+    max_batch_wait_ms: NonNegative  # adaptive batching: how long a lone image waits for company
+    workers: Count  # serving processes, each with its own copy of the model
+    torch_threads: Count  # intra-op threads of each worker's forward pass (ONNX Runtime's too)
     # Forward passes running at once in a worker, a thread each. A default, unlike the others:
     # a stored model packaged before it existed still loads (and runs one pass at a time) until
     # the next `dvc repro package` writes the current serve: block into it.
-    concurrent_batches: int = 1
+    concurrent_batches: Count = 1
     # With workers > 1: each worker ends one keep-alive connection in this many responses, so
     # that clients reconnect to the least busy worker (service/rebalance.py); 0: never. A
     # default for the same reason as concurrent_batches.
-    rebalance_every: int = 0
+    rebalance_every: NonNegativeInt = 0
     # Every answer's record (vitrine.production); a default for the same reason.
     record: RecordConfig = field(default_factory=RecordConfig)
 

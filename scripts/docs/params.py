@@ -95,9 +95,22 @@ def _is_none(e: ast.expr) -> bool:
     return isinstance(e, ast.Constant) and e.value is None
 
 
+# vitrine.config's ranged types, as a reader wants them: the type and its range.
+_RANGED = {
+    "Count": "int >= 1",
+    "NonNegativeInt": "int >= 0",
+    "NonNegative": "float >= 0",
+    "Positive": "float > 0",
+    "Share": "float in [0, 1]",
+}
+
+
 def _short(annotation: str) -> str:
-    """`metrics.Taxonomy` -> `Taxonomy`: the class's own name is what the reader looks up."""
-    return re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Z])", "", annotation)
+    """`metrics.Taxonomy` -> `Taxonomy`: the class's own name is what the reader looks up;
+    `Count` -> `int >= 1`, `Annotated[int, pydantic.Field(ge=2)]` -> `int >= 2`."""
+    text = re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+(?=[A-Z])", "", annotation)
+    text = re.sub(r"Annotated\[(\w+), Field\(ge=(\w+)\)\]", r"\1 >= \2", text)
+    return _RANGED.get(text, text)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import pandas as pd
 import sqlalchemy as sa
 from scipy import stats
 
-from vitrine.config import params_block
+from vitrine.config import NonNegative, Share, params_block
 from vitrine.production.records import RecordStore, answers
 from vitrine.production.reviews import reviews
 
@@ -38,13 +38,13 @@ PSI_FLOOR = 1e-4  # a share of 0 counts as this in the PSI, which is infinite ot
 class Thresholds:
     """params.yaml `monitor.thresholds:`: a figure past its threshold is drift."""
 
-    psi: float  # class mix, population stability index over the answered classes: above
-    chi2_p_value: float  # class mix, chi-square test of recent against test counts: below
-    mmd_p_value: float  # photo embeddings, MMD permutation test: below
-    confidence_drop: float  # mean confidence below the test set's by more than this
-    abstain_rate: float  # share of answers abstained (sent to review): above
-    mismatch_rate: float  # /check_category answers whose label is not the declared one: above
-    reviewed_accuracy: float  # the model's answers that reviews confirmed, among reviewed: below
+    psi: NonNegative  # class mix, population stability index over the answered classes: above
+    chi2_p_value: Share  # class mix, chi-square test of recent against test counts: below
+    mmd_p_value: Share  # photo embeddings, MMD permutation test: below
+    confidence_drop: Share  # mean confidence below the test set's by more than this
+    abstain_rate: Share  # share of answers abstained (sent to review): above
+    mismatch_rate: Share  # /check_category answers whose label is not the declared one: above
+    reviewed_accuracy: Share  # the model's answers that reviews confirmed, among reviewed: below
 
 
 @dataclass(frozen=True)
