@@ -208,12 +208,13 @@ def _quote_open_after(line: str, quoted: bool, delimiter: str = ",") -> bool:
 
 def _csv_records(
     lines: _Lines, first_line: int, max_chars: int, delimiter: str
-) -> Iterator[tuple[int, str, Problem]]:
+) -> Iterator[tuple[int, str | None, Problem]]:
     """Each CSV record's first line number and text (several lines when a quoted field holds
     line breaks), or why it is bad. Records are found before the csv module parses them, one
     at a time, so a record it refuses, or one whose quote is never closed, costs that record
     only: the lines after it are never read as part of it. A record over max_chars characters
-    is bad as a whole (a long line is too)."""
+    is bad as a whole (a long line is too). The text is None for a quote never closed: the
+    lines after the record's first are then to be read again as rows of their own."""
     number, quoted, start, parts, size, cut = first_line - 1, False, 0, list[str](), 0, False
     for line in lines:
         number += 1
@@ -232,7 +233,8 @@ def _csv_records(
         else:
             yield start, "".join(parts), None
     if quoted:
-        yield start, "", ("unclosed_quote", f"line {start}: a quote opened here is never closed")
+        detail = f"line {start}: a quote opened here is never closed; the lines after it are rows"
+        yield start, None, ("bad_row", detail)
 
 
 def _csv_rows(
@@ -250,8 +252,8 @@ def _csv_rows(
             next(lines, None)
         restart, first_line = first_line, 0
         for number, text, problem in _csv_records(lines, restart, max_chars, delimiter):
-            if problem is not None and problem[0] == "unclosed_quote":
-                yield {}, ("bad_row", problem[1] + "; the lines after it are read as rows")
+            if text is None:  # read again from the line after the unclosed quote's
+                yield {}, problem
                 first_line = number + 1
                 break
             if problem is not None:

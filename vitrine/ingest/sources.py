@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from vitrine.compute import local_cluster, pack, unpack
 from vitrine.config import params_block
-from vitrine.images import Rejected, first_frame, load_checked, open_capped, upright_rgb
+from vitrine.images import (
+    Rejected,
+    first_frame,
+    load_checked,
+    open_capped,
+    undecodable,
+    upright_rgb,
+)
 from vitrine.ingest.hashing import HASH_SIDE, phash64, phash64_grays
 
 K = TypeVar("K")
@@ -202,7 +209,8 @@ def _ingest_packed(payload: np.ndarray, ends: np.ndarray, config: IngestConfig) 
             rejected[i] = (err.code, err.detail)
             continue
         except Exception as err:  # one odd file must not fail the whole batch
-            rejected[i] = ("undecodable", f"{type(err).__name__}: {err}")
+            refused = undecodable(err)
+            rejected[i] = (refused.code, refused.detail)
             continue
         digests.append(sha256)
         widths.append(width)
