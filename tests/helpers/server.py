@@ -46,7 +46,32 @@ def start_server(
 ) -> RunningServer:
     """The server over <model_name>:latest in the store at `home` (BENTOML_HOME), ready;
     AssertionError with its log's end when it exits or is not ready in time. cwd: where it runs
-    (`make serve` runs in the repository), which relative serve.record paths are read from."""
+    (`make serve` runs in the repository), which relative serve.record paths are read from.
+
+    BentoML reserves its arbiter's two control ports by binding port 0 and closing the socket
+    before circus binds them again; a connection opened in between (a test's clients, a
+    database session) can take the port. That start is retried on fresh ports, a few times."""
+    for _ in range(PORT_RACE_ATTEMPTS - 1):
+        with contextlib.suppress(PortTaken):
+            return _start_once(home, model_name, log, env, port, cwd)
+    return _start_once(home, model_name, log, env, port, cwd)
+
+
+PORT_RACE_ATTEMPTS = 3
+
+
+class PortTaken(AssertionError):
+    """The server exited at start because a port it had reserved was taken meanwhile."""
+
+
+def _start_once(
+    home: Path,
+    model_name: str,
+    log: Path,
+    env: dict[str, str] | None,
+    port: int,
+    cwd: Path,
+) -> RunningServer:
     port = port or free_port()
     environment = {
         **os.environ,
@@ -56,6 +81,7 @@ def start_server(
         **(env or {}),
     }
     command = ["bentoml", "serve", "service.service:Classifier", "--host", "127.0.0.1"]
+    start_of_log = log.stat().st_size if log.exists() else 0
     with log.open("a") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", *command, "--port", str(port)],
@@ -69,8 +95,9 @@ def start_server(
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if process.poll() is not None:
-            tail = log.read_text()[-3000:]
-            raise AssertionError(f"server exited ({process.returncode}):\n{tail}")
+            tail = log.read_bytes()[start_of_log:].decode(errors="replace")
+            error = PortTaken if "Address already in use" in tail else AssertionError
+            raise error(f"server exited ({process.returncode}):\n{tail[-3000:]}")
         if time.monotonic() > deadline:
             kill(server)
             raise AssertionError(f"server not ready in {START_TIMEOUT_S} s")
