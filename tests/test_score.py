@@ -555,6 +555,27 @@ def test_the_command_prints_the_summary(
     assert "class mix:" in printed and "abstained:" in printed
 
 
+def test_a_category_column_no_catalog_row_fills_is_said(
+    package: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A misspelt column name checks nothing: the run says so instead of scoring quietly."""
+    project = scoring_project(tmp_path, chunk_photos=3)
+    (project / "a.jpg").write_bytes(photo_bytes(1))
+    (project / "catalog.csv").write_text("id,path,category\na,a.jpg,phone\n")
+    args = ["catalog.csv", "--output", "o.parquet", "--model", str(package)]
+    monkeypatch.chdir(project)
+    assert main([*args, "--category-column", "categroy"]) == 0
+    printed = capsys.readouterr().out
+    assert "no accepted photo has a value in column 'categroy'" in printed
+    summary = json.loads((project / "o.summary.json").read_text())
+    assert summary["category"]["column"] == "categroy" and summary["category"]["declared"] == 0
+    assert main([*args, "--output", "p.parquet"]) == 0  # score.category_column: category
+    assert "declared 'category': 1 photos, " in capsys.readouterr().out
+
+
 @pytest.fixture
 def prefect_backend() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=PREFECT_START_TIMEOUT_S):

@@ -236,7 +236,7 @@ def score(job: ScoreJob) -> dict[str, Any]:
                 handle.cancel()
         bar.close()
         runner.close()
-    summary = Summary(info.version, job.category_column)
+    summary = Summary(info.version, job.category_column, job.source.kind == "catalog")
     parts.merge(total_chunks, summary.add)
     result = summary.as_dict(output=str(job.output), source=job.source.name, **counts)
     summary_path(job.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -20,9 +20,12 @@ SHOWN = 20  # disagreements printed; the summary file lists them all
 class Summary:
     """Built from the output's tables as they are merged (see vitrine.scoring.parts)."""
 
-    def __init__(self, model_version: str, category_column: str):
+    def __init__(self, model_version: str, category_column: str, expect_category: bool = False):
         self.model_version = model_version
         self.category_column = category_column
+        # A catalog is scored to check its categories: a column that no row fills (a typo in
+        # its name, most often) is said, not passed over as "no categories".
+        self.expect_category = expect_category
         self.rows = 0
         self.by_reason: Counter[str] = Counter()
         self.by_label: Counter[str] = Counter()
@@ -78,7 +81,7 @@ class Summary:
             "abstain_rate": self.abstained / accepted if accepted else None,
             "answered_by_level": {str(k): v for k, v in sorted(self.by_level.items())},
         }
-        if self.with_category:
+        if self.with_category or (self.expect_category and accepted):
             summary["category"] = {
                 "column": self.category_column,
                 "declared": self.with_category,
@@ -112,7 +115,12 @@ def describe(summary: dict[str, Any]) -> str:
             f"{summary['resumed']} rows came from an earlier run's parts"
         )
     category = summary.get("category")
-    if category:
+    if category and not category["declared"]:
+        lines.append(
+            f"no accepted photo has a value in column {category['column']!r}: no category was "
+            "checked (see --category-column, score.category_column)"
+        )
+    elif category:
         lines.append(
             f"declared {category['column']!r}: {category['declared']} photos, "
             f"{category['matches']} match, {category['disagreements']} to re-categorise"
