@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         PREFECT_SERVER_ANALYTICS_ENABLED: False,
     }
     project_dir = args.project_dir.resolve()
+    load_params(project_dir / "params.yaml", args.overrides)  # a bad file: one line, no flow run
     with temporary_settings(updates=local_run):
         try:
             if args.if_changed:

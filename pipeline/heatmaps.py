@@ -194,9 +194,16 @@ def draw_from_params(
     except (FeedbackError, ValueError, sa.exc.ArgumentError) as err:
         raise HeatmapError(f"answers database: {err}") from err
     try:
+        if not all(sa.inspect(store.engine).has_table(t) for t in ("answers", "reviews")):
+            raise HeatmapError(
+                f"answers database {store!r} has no recorded answers: the service creates its "
+                "tables when it starts with serve.record enabled"
+            )
         return draw_queue(store, info, predictor, _within(project_dir, record.photos), limit)
     except sa.exc.SQLAlchemyError as err:
-        raise HeatmapError(f"answers database {store!r}: {type(err).__name__}: {err}") from err
+        # The driver's own line, not SQLAlchemy's statement dump and background link.
+        cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise HeatmapError(f"answers database {store!r}: {type(err).__name__}: {cause}") from err
     finally:
         store.close()
 

@@ -420,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("prefect").setLevel(logging.WARNING)
     logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
     local_run = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    project_dir = args.project_dir.resolve()
+    load_monitor_config(project_dir)  # a bad setting: one line, before any flow run
     with temporary_settings(updates=local_run):
-        result = monitor(project_dir=args.project_dir.resolve(), until=args.until)
+        result = monitor(project_dir=project_dir, until=args.until)
     print(f"crossed: {', '.join(result['crossed']) or 'none'}; report: {result['report']}")
     return 0
 

@@ -123,6 +123,35 @@ def test_a_stage_says_a_bad_setting_in_one_line(tmp_path):
     ]
 
 
+def test_a_missing_or_broken_params_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=f"no params.yaml at {tmp_path}: not a project folder"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("classes: [phone, laptop\ntrain: {}\n")
+    with pytest.raises(ConfigError, match=r"params.yaml \(line 2\): not YAML, expected ','"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("command", ["monitor", "flows", "feedback", "heatmaps"])
+def test_a_flow_given_a_folder_that_is_no_project_says_so_in_one_line(tmp_path, command):
+    """Before any flow run starts: Prefect would log the error's whole traceback first."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{command}", str(tmp_path / "nowhere")],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    expected = f"{command}: no params.yaml at {tmp_path / 'nowhere'}: not a project folder"
+    assert done.stderr.strip().splitlines() == [expected]
+
+
 @pytest.mark.parametrize(
     ("stage", "block", "key", "value", "message"),
     [

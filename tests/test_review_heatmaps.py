@@ -166,3 +166,17 @@ def test_a_model_pt_unlike_model_json_is_refused(
     assert "is not the network model.json describes" in capsys.readouterr().err
     assert command.main([str(project_dir), "--package", str(project_dir / "none")]) == 1
     assert "no packaged model at" in capsys.readouterr().err
+
+
+def test_a_database_the_service_never_wrote_to_is_said_in_one_line(
+    project: tuple[Path, Path, RecordStore], capsys: pytest.CaptureFixture[str]
+) -> None:
+    project_dir, package, store = project
+    with store.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE reviews")
+        connection.exec_driver_sql("DROP TABLE answers")
+    store.close()
+    assert command.main([str(project_dir), "--package", str(package)]) == 1
+    err = capsys.readouterr().err
+    assert "has no recorded answers: the service creates its tables" in err
+    assert len(err.strip().splitlines()) == 1

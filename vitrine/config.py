@@ -36,9 +36,21 @@ class ConfigError(ValueError):
 def load_params(
     path: Path = PARAMS_FILE, overrides: Iterable[tuple[str, Any]] = ()
 ) -> dict[str, Any]:
-    """params.yaml, with `-S`-style (dotted key, value) overrides applied."""
-    with open(path) as f:
-        params = yaml.safe_load(f)
+    """params.yaml, with `-S`-style (dotted key, value) overrides applied. A file that is
+    missing or not YAML is a ConfigError: a command given the wrong project folder says which
+    file it looked for."""
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no {path.name} at {path.parent.resolve()}: not a project folder"
+        ) from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}{line}: not YAML, {problem}") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of blocks, got {type(params).__name__}")
     apply_overrides(params, overrides)
