@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from vitrine.config import load_params, load_paths, params_block, run_cli, stage_config
+from vitrine.config import Count, load_params, load_paths, params_block, run_cli, stage_config
 from vitrine.data.layout import (
     SPLITS,
     prepared_manifest_path,
@@ -33,7 +33,7 @@ SPLIT_RULES = ("hash", "column")
 @params_block
 class PrepareConfig:
     classes: tuple[str, ...]
-    image_size: int
+    image_size: Count
     val_fraction: float
     test_fraction: float
     seed: int
@@ -47,8 +47,6 @@ class PrepareConfig:
             raise ValueError("prepare: val_fraction + test_fraction must be in (0, 1)")
         if self.split == "hash" and min(self.val_fraction, self.test_fraction) <= 0:
             raise ValueError("prepare: val_fraction and test_fraction must each be > 0")
-        if self.image_size < 1:
-            raise ValueError(f"prepare.image_size must be at least 1, got {self.image_size}")
         if self.split not in SPLIT_RULES:
             raise ValueError(f"prepare.split must be one of {SPLIT_RULES}, got {self.split!r}")
         if self.resize not in RESIZE_MODES:

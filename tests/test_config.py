@@ -159,6 +159,7 @@ def test_a_flow_given_a_folder_that_is_no_project_says_so_in_one_line(tmp_path, 
         ("validate", "ValidateConfig", "max_quarantine_rate", 1.5, "a value <= 1"),
         ("dedupe", "DedupeConfig", "tiers", [[6, 1.5]], "cosine -1 to 1"),
         ("dedupe", "DedupeConfig", "embedding_batch_size", 0, "a value >= 1"),
+        ("prepare", "PrepareConfig", "image_size", 0, "prepare.image_size: expected a value >= 1"),
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_with_its_key(stage, block, key, value, message):

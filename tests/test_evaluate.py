@@ -109,14 +109,11 @@ def test_missing_business_value_csv_is_a_clear_error(tmp_path: Path) -> None:
         ({"taxonomy": Taxonomy("/", (1.0, 0.5))}, "has 2 weight"),
         ({"primary_metric": "profit"}, "primary_metric 'profit' is not a score"),
         ({"primary_metric": "top5_accuracy"}, "is not a score"),  # 2 classes: top2_accuracy
-        ({"calibration_bins": 0}, "calibration_bins must be at least 1"),
         ({"decision": "mode"}, "evaluate.decision 'mode' is not one of"),
-        # A negative margin would promote a worse challenger "by the margin"; a negative or
-        # missing cost, or a pair priced twice, makes the value model say what no one meant.
-        ({"promote_margin": -0.5}, "promote_margin must be >= 0"),
-        ({"review_cost": float("nan")}, "review_cost must be a finite cost >= 0"),
-        ({"default_mistake_cost": -1.0}, "default_mistake_cost must be a finite cost >= 0"),
+        # A negative or missing cost, or a pair priced twice, makes the value model say what
+        # no one meant.
         ({"cost_matrix": (("phone", "laptop", -2.0),)}, r"\[phone, laptop\]: a finite cost"),
+        ({"cost_matrix": (("phone", "laptop", float("inf")),)}, r"\[phone, laptop\]: a finite"),
         (
             {"cost_matrix": (("phone", "laptop", 1.0), ("phone", "laptop", 3.0))},
             r"each \[actual, predicted\] pair once",
@@ -126,6 +123,36 @@ def test_missing_business_value_csv_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_params_are_clear_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):  # a stage prints it as one line
         check_config(config(**overrides))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "bound"),
+    [
+        ("calibration_bins", 0, ">= 1"),
+        ("batch_size", 0, ">= 1"),
+        ("int8_calibration_photos", 0, ">= 1"),
+        ("int8_max_loss", -0.1, ">= 0"),
+        # A negative margin would promote a worse challenger "by the margin".
+        ("promote_margin", -0.5, ">= 0"),
+        ("default_mistake_cost", -1.0, ">= 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused_at_load_with_their_key(
+    key: str, value: float, bound: str
+) -> None:
+    params = load_params(REPO / "params.yaml")
+    params["evaluate"][key] = value
+    with pytest.raises(ConfigError, match=f"evaluate.{key}: expected a value {bound}"):
+        load_config(params)
+
+
+def test_a_cost_that_is_not_a_number_is_refused_at_load() -> None:
+    params = load_params(REPO / "params.yaml")
+    params["evaluate"]["review_cost"] = float("nan")
+    with pytest.raises(
+        ConfigError, match=r"evaluate\.review_cost: expected a finite number, got nan"
+    ):
+        load_config(params)
 
 
 def test_bad_params_fail_before_any_model_is_read(prepared: Path, tmp_path: Path) -> None:
@@ -568,8 +595,6 @@ def test_int8_that_loses_on_val_is_not_served(prepared: Path, models: Path) -> N
     ("overrides", "message"),
     [
         ({"int8": ("absent",)}, r"evaluate.int8 names unknown candidate\(s\) \['absent'\]"),
-        ({"int8_calibration_photos": 0}, "int8_calibration_photos must be at least 1"),
-        ({"int8_max_loss": -0.1}, "int8_max_loss must be >= 0"),
     ],
 )
 def test_bad_int8_params_are_clear_errors(

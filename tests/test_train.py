@@ -245,12 +245,16 @@ def test_unknown_candidates_and_keys_are_named():
 
 def test_candidate_settings_out_of_range_are_refused():
     assert candidate_config({"candidates": {NAME: candidate_params()}}, NAME).cutmix_p == 0.0
-    cases = [("cutmix_p", 1.5), ("cutmix_p", -0.1), ("cutmix_alpha", 0.0), ("batch_size", 0)]
-    cases += [("max_epochs", 0), ("input_size", 0), ("lr", 0.0), ("label_smoothing", 1.5)]
-    for key, value in cases:
+    cases = [("cutmix_p", 1.5, "<= 1"), ("cutmix_p", -0.1, ">= 0"), ("cutmix_alpha", 0.0, "> 0")]
+    cases += [("batch_size", 0, ">= 1"), ("max_epochs", 0, ">= 1"), ("input_size", 0, ">= 1")]
+    cases += [("lr", 0.0, "> 0"), ("weight_decay", -1e-4, ">= 0"), ("full_size_epochs", -1, ">= 0")]
+    for key, value, bound in cases:
         params = {"candidates": {NAME: candidate_params(**{key: value})}}
-        with pytest.raises(ValueError, match=f"{key} must be"):
+        with pytest.raises(ConfigError, match=f"candidates.cnn64.{key}: expected a value {bound}"):
             candidate_config(params, NAME)
+    params = {"candidates": {NAME: candidate_params(label_smoothing=1.0)}}
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        candidate_config(params, NAME)
 
 
 def test_an_imbalance_rule_spelt_wrong_is_refused_not_ignored():

@@ -198,6 +198,8 @@ def _expected(error: Any) -> str:
     if kind in _BOUNDS:
         limit = next(iter(error["ctx"].values()))
         return f"a value {_BOUNDS[kind]} {limit}"
+    if kind == "finite_number":  # NaN or infinity where a cost or a rate is due
+        return "a finite number"
     return kind.removesuffix("_type") if kind.endswith("_type") else str(error["msg"])
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from vitrine.config import ConfigError, params_block, stage_config
+from vitrine.config import ConfigError, Count, NonNegative, params_block, stage_config
 from vitrine.evaluation import metrics
 from vitrine.evaluation.calibration import check_method
 from vitrine.evaluation.slices import SliceConfig
@@ -22,28 +22,28 @@ from vitrine.evaluation.slices import SliceConfig
 @params_block
 class EvaluateConfig:
     classes: tuple[str, ...]
-    batch_size: int
+    batch_size: Count
     primary_metric: str  # one of metrics.score_names(): picks the winner on val
     business_value: dict[str, float]  # per class; ignored when business_value_csv is set
     business_value_csv: str  # "" or a CSV with columns class,value (thousands of classes)
     cost_matrix: tuple[tuple[str, str, float], ...]  # [actual, predicted, cost] exceptions
-    default_mistake_cost: float  # what any other wrong prediction costs
-    review_cost: float  # what one human review of an abstained photo costs
-    min_val_photos_per_class: int  # val answers a class needs for a threshold of its own
+    default_mistake_cost: NonNegative  # what any other wrong prediction costs
+    review_cost: NonNegative  # what one human review of an abstained photo costs
+    min_val_photos_per_class: Count  # val answers a class needs for a threshold of its own
     decision: str  # argmax | expected_value: how probabilities become an answer
     calibration: str  # none | temperature | temperature_bias, fitted on val (calibration.py)
-    top_k: int
-    calibration_bins: int
-    promote_margin: float  # package: how much better than the champion a challenger must be
+    top_k: Count
+    calibration_bins: Count
+    promote_margin: NonNegative  # package: how much better than the champion a challenger must be
     taxonomy: metrics.Taxonomy
     mistakes_shown: int  # gallery of the costliest test mistakes in the HTML report
     slices: SliceConfig  # error slices of the test photos (vitrine/evaluation/slices.py)
     int8: tuple[str, ...]  # candidates served, and so scored, as int8 ONNX when int8 holds up
-    int8_calibration_photos: int  # train photos that set the int8 activation ranges
-    int8_max_loss: float  # how far below the float model's val primary metric int8 may score
+    int8_calibration_photos: Count  # train photos that set the int8 activation ranges
+    int8_max_loss: NonNegative  # how far below the float model's val primary metric int8 may score
     # package: how far a challenger's open-set recall may fall below the champion's, and its
     # share of known photos called other rise above it (vitrine.evaluation.openset)
-    open_set_max_loss: float = 0.02
+    open_set_max_loss: NonNegative = 0.02
     other_class: str = ""  # params.yaml's other_class ("": no open-set figures)
 
 
@@ -100,11 +100,8 @@ def check_config(config: EvaluateConfig) -> metrics.ValueModel:
 
 
 def _costs_problem(config: EvaluateConfig) -> str | None:
-    """Costs are what a mistake or a review loses: finite and not negative, one per pair."""
-    named = {"default_mistake_cost": config.default_mistake_cost, "review_cost": config.review_cost}
-    for name, cost in named.items():
-        if not math.isfinite(cost) or cost < 0:
-            return f"evaluate.{name} must be a finite cost >= 0, got {cost}"
+    """A cost_matrix exception is what a mistake loses: finite and not negative, one per pair
+    (review_cost and default_mistake_cost are ranged by their types)."""
     pairs = Counter((actual, predicted) for actual, predicted, _ in config.cost_matrix)
     for actual, predicted, cost in config.cost_matrix:
         if not math.isfinite(cost) or cost < 0:
@@ -134,13 +131,6 @@ def _checked(config: EvaluateConfig) -> metrics.ValueModel:
         raise ValueError(
             f"evaluate.primary_metric {config.primary_metric!r} is not a score; one of {names}"
         )
-    counts = ("batch_size", "top_k", "calibration_bins", "int8_calibration_photos")
-    for name in (*counts, "min_val_photos_per_class"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"evaluate.{name} must be at least 1")
-    for name in ("int8_max_loss", "open_set_max_loss", "promote_margin"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"evaluate.{name} must be >= 0, got {getattr(config, name)}")
     if config.other_class and config.other_class not in config.classes:
         raise ValueError(f"other_class {config.other_class!r} is not one of the classes")
     return values

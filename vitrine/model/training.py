@@ -28,7 +28,15 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from vitrine.config import from_mapping, params_block
+from vitrine.config import (
+    Count,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    Share,
+    from_mapping,
+    params_block,
+)
 from vitrine.contracts import CHECKPOINT, TrainedModel, write_trained
 from vitrine.data.batches import photo_data
 from vitrine.data.layout import prepared_manifest_path, prepared_resize, split_images_path
@@ -66,35 +74,22 @@ class CandidateConfig:
 
     model: str  # a key of vitrine.model.networks.MODELS
     options: dict[str, Any]  # keyword arguments of the model's builder, e.g. {mode: probe}
-    input_size: int  # side the Predictor resizes prepared images to before the network
-    batch_size: int
-    lr: float
-    weight_decay: float
-    label_smoothing: float
+    input_size: Count  # side the Predictor resizes prepared images to before the network
+    batch_size: Count
+    lr: Positive
+    weight_decay: NonNegative
+    label_smoothing: float  # in [0, 1): 1 would leave no signal in the targets
     cosine_schedule: bool  # anneal the learning rate to 0 over max_epochs
-    max_epochs: int
+    max_epochs: Count
     augment: tuple[dict[str, Any], ...]  # albumentations transforms, train split only
-    cutmix_p: float = 0.0  # probability that a training batch is CutMix-ed (0 = never)
-    cutmix_alpha: float = 1.0  # the pasted box's area is 1 - Beta(alpha, alpha)
+    cutmix_p: Share = 0.0  # probability that a training batch is CutMix-ed (0 = never)
+    cutmix_alpha: Positive = 1.0  # the pasted box's area is 1 - Beta(alpha, alpha)
     # Training epochs at a smaller side, then the last full_size_epochs at input_size
     # (ImageClassifier.train_side); 0: input_size throughout.
-    train_input_size: int = 0
-    full_size_epochs: int = 1
+    train_input_size: NonNegativeInt = 0
+    full_size_epochs: NonNegativeInt = 1
 
     def __post_init__(self) -> None:
-        if not 0 <= self.cutmix_p <= 1:
-            raise ValueError(f"cutmix_p must be in [0, 1], got {self.cutmix_p}")
-        if self.cutmix_alpha <= 0:
-            raise ValueError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
-        if self.train_input_size < 0 or self.full_size_epochs < 0:
-            raise ValueError("train_input_size and full_size_epochs must be >= 0")
-        for name in ("input_size", "batch_size", "max_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
-            )
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
