@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collect_repro import project_copy, timed_repro
 from ingest import variants
+from options import at_least
 
 from tests.helpers.hostile import lying_zip, open_tar, tar_member
 
@@ -131,8 +132,8 @@ def hostile_rows(m: pd.DataFrame) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=int, default=60, help="good photos per class")
-    parser.add_argument("--bomb-mb", type=int, default=200)
+    parser.add_argument("--photos", type=at_least(1), default=60, help="good photos per class")
+    parser.add_argument("--bomb-mb", type=at_least(1), default=200)
     args = parser.parse_args()
     full = run(args.photos, args.bomb_mb, with_bomb=True)
     base = run(args.photos, args.bomb_mb, with_bomb=False)

@@ -29,6 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import variants
+from options import at_least
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,8 +153,8 @@ def run(n: int, kind: str) -> tuple[float, dict[str, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--n-small", type=int, default=5000)
+    parser.add_argument("--n", type=at_least(1), default=20000)
+    parser.add_argument("--n-small", type=at_least(1), default=5000)
     parser.add_argument("--source", choices=list(SOURCES), default="folder")
     args = parser.parse_args()
     for n in (args.n_small, args.n):

@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,9 @@ import pandas as pd
 import scipy.stats
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also from the tests
+from options import at_least
 
 from vitrine.config import (
     add_overrides_option,
@@ -290,7 +294,9 @@ def results_folder(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidate", default="effnet_finetune")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "--folds", type=at_least(2), default=5, help="at least 2: each trains on the others"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
     parser.add_argument("--out", type=Path, default=REPO / ".cache" / "cv_accuracy")

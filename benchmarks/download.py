@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar, cast
 
 import httpx
+from options import at_least, non_negative_float  # benchmarks/ is on sys.path as a script
 from PIL import Image
 
 from vitrine.ingest.download import DownloadConfig, fetch_all
@@ -121,13 +122,13 @@ def server_stats(base: str) -> tuple[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=20_000, help="images to download")
+    parser.add_argument("--n", type=at_least(1), default=20_000, help="images to download")
     parser.add_argument("--cache", type=Path, help="cache folder, emptied first (default: temp)")
-    parser.add_argument("--concurrency", type=int, default=DownloadConfig.concurrency)
-    parser.add_argument("--per-host", type=int, default=DownloadConfig.per_host)
+    parser.add_argument("--concurrency", type=at_least(1), default=DownloadConfig.concurrency)
+    parser.add_argument("--per-host", type=at_least(1), default=DownloadConfig.per_host)
     parser.add_argument(
         "--per-host-rps",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="request rate per host; default 0 (unlimited): the loopback server is ours, and a "
         "polite rate would measure the rate rather than the downloader",

@@ -27,6 +27,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from options import at_least, positive_float  # benchmarks/ is on sys.path as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -88,8 +89,10 @@ def describe(err: BaseException) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--batch", type=int, default=50, help="examples per property in turn")
+    parser.add_argument("--minutes", type=positive_float, default=10.0)
+    parser.add_argument(
+        "--batch", type=at_least(1), default=50, help="examples per property in turn"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the first batch's seed")
     args = parser.parse_args()
     crashes, hangs = Counter[str](), Counter[str]()

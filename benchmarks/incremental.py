@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collect_repro import project_copy
 from ingest import variants
 from machine import cpu_model
+from options import share
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVE_PHOTOS = 4277  # the bundled archive's photos
@@ -101,7 +102,7 @@ def output_md5s(project: Path) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-share", type=float, default=0.01)
+    parser.add_argument("--new-share", type=share, default=0.01)
     parser.add_argument("--check", action="store_true", help="compare with a clean run")
     args = parser.parse_args()
     new = max(1, round(ARCHIVE_PHOTOS * args.new_share))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also from the tests
+from options import at_least, positive_float
 from synthetic import synthetic_prepared
 
 from vitrine.config import load_params, stage_config
@@ -100,8 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepared", type=Path, default=REPO / "data/prepared")
     parser.add_argument("--candidates", nargs="*", help="default: every one in params.yaml")
-    parser.add_argument("--workers", nargs="*", type=int, default=[0, 2])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--workers", nargs="*", type=at_least(0), default=[0, 2])
+    parser.add_argument("--seconds", type=positive_float, default=5.0)
     args = parser.parse_args()
 
     params = load_params(REPO / "params.yaml")

@@ -33,6 +33,7 @@ from vitrine.production.reviews import reviews
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model
+from options import at_least, positive_float
 
 CLASSES = ("laptop", "phone")
 CHUNK_SQLITE = 100_000
@@ -142,10 +143,10 @@ def best_of(repeat: int, work: Callable[[], Any]) -> tuple[float, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--reviews", type=int, default=10_000)
-    parser.add_argument("--hours", type=float, default=24.0)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rows", type=at_least(1), default=1_000_000)
+    parser.add_argument("--reviews", type=at_least(0), default=10_000)
+    parser.add_argument("--hours", type=positive_float, default=24.0)
+    parser.add_argument("--repeat", type=at_least(1), default=3)
     parser.add_argument("--url", help="an empty answers database (default: SQLite in a tmp dir)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:

@@ -35,6 +35,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
+from options import at_least
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from vitrine.compute import local_cluster
@@ -450,11 +451,15 @@ def features(blobs: list[bytes], repeats: int, workers: int) -> tuple[np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'bc' or 'e'")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hashes", type=int, default=1_000_000, help="codes in (a) and (f)")
-    parser.add_argument("--originals", type=int, default=300)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument(
+        "--hashes", type=at_least(1), default=1_000_000, help="codes in (a) and (f)"
+    )
+    parser.add_argument("--originals", type=at_least(1), default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes in (d)")
+    parser.add_argument(
+        "--workers", type=at_least(1), default=2, help="Dask worker processes in (d)"
+    )
     parser.add_argument(
         "--skip-stage", action="store_true", help="skip today's stage rule in (c) (2 min)"
     )

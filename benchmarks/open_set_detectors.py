@@ -40,6 +40,7 @@ from vitrine.model.embeddings import embed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cv_accuracy import gathered, pooled_photos
+from options import at_least
 
 FLAGGED = (0.01, 0.02, 0.05, 0.08)  # shares of known photos flagged
 NEIGHBOUR = 5  # the k of the k-NN score
@@ -72,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--cv", type=Path, required=True, help="cv_accuracy's results folder")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds", type=at_least(2), default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--other-class", default="other", help="the off-category class's name")
     args = parser.parse_args()

@@ -49,6 +49,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import options
 from collect_repro import REPO, project_copy, timed_repro
 from machine import cpu_model
 
@@ -356,16 +357,27 @@ def catalog_run(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,40000,160000", help="photos per catalog")
-    parser.add_argument("--new-share", type=float, default=0.01, help="added to the largest")
-    parser.add_argument("--workers", default="1,2", help="LocalCluster sizes ('' for none)")
-    parser.add_argument("--dask-size", type=int, default=0, help="its catalog (default: smallest)")
+    parser.add_argument(
+        "--sizes", type=options.sizes, default="10000,40000,160000", help="photos per catalog"
+    )
+    parser.add_argument(
+        "--new-share", type=options.share, default=0.01, help="added to the largest"
+    )
+    parser.add_argument(
+        "--workers",
+        type=options.sizes_or_none,
+        default="1,2",
+        help="LocalCluster sizes ('' for none)",
+    )
+    parser.add_argument(
+        "--dask-size", type=options.at_least(0), default=0, help="its catalog (default: smallest)"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--commit", default="HEAD", help="the code to measure ('' for the working tree)"
     )
     args = parser.parse_args()
-    sizes = sorted(int(s) for s in args.sizes.split(","))
+    sizes = sorted(args.sizes)
     if args.commit:  # one commit for every run, however HEAD moves meanwhile
         args.commit = subprocess.run(
             ["git", "rev-parse", "--short", args.commit],
@@ -402,7 +414,7 @@ def main() -> None:
             "scratch (target <= 10%)"
         )
     dask_size = args.dask_size or sizes[0]
-    for workers in [int(w) for w in args.workers.split(",") if w]:
+    for workers in args.workers:
         run, check, _ = catalog_run(dask_size, args.seed, args.commit, workers=workers)
         print(table(f"{dask_size:,} photos, a LocalCluster of {workers} worker(s)", run))
         print(f"  {copies_line(check)}", flush=True)

@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model
+from options import at_least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ingest import generate
@@ -136,10 +137,10 @@ def onnx_rate_per_core(pixels: np.ndarray, model: Path, batch: int, images: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=2000, help="photos")
+    parser.add_argument("--n", type=at_least(1), default=2000, help="photos")
     parser.add_argument("--model", type=Path, default=REPO / "models" / "package")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=0, help="0: one per core")
+    parser.add_argument("--repeat", type=at_least(1), default=2)
+    parser.add_argument("--workers", type=at_least(0), default=0, help="0: one per core")
     args = parser.parse_args()
     config = load_params(REPO / "params.yaml")["score"]
     batch, chunk = int(config["batch_size"]), int(config["chunk_photos"])

@@ -52,6 +52,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import numpy as np
+from options import at_least  # benchmarks/ is on sys.path as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -380,11 +381,13 @@ def flask_baseline(folder: Path, port: int, runtime: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", type=Path, help="packaged model folders")
-    parser.add_argument("--requests", type=int, default=600, help="per concurrency level")
-    parser.add_argument("--photos", type=int, default=64)
+    parser.add_argument("--requests", type=at_least(1), default=600, help="per concurrency level")
+    parser.add_argument("--photos", type=at_least(1), default=64)
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
-    parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
-    parser.add_argument("--rounds", type=int, default=1, help="the servers in turn, this often")
+    parser.add_argument("--concurrency", nargs="+", type=at_least(1), default=list(CONCURRENCY))
+    parser.add_argument(
+        "--rounds", type=at_least(1), default=1, help="the servers in turn, this often"
+    )
     parser.add_argument(
         "--record-url",
         default="",

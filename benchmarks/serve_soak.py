@@ -51,6 +51,7 @@ from vitrine.contracts import read_packaged
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model
+from options import at_least, non_negative_float, positive_float
 
 BOUNDARY = "vitrine-soak-boundary"
 # BentoML's TimeoutMiddleware keeps each request's timer (with a copy of its context: the
@@ -298,12 +299,14 @@ def report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", type=Path, help="packaged model or candidate folder")
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--every", type=int, default=250, help="requests between samples")
-    parser.add_argument("--photos", type=int, default=6)
-    parser.add_argument("--level-mb", type=float, default=LEVEL_MB)
-    parser.add_argument("--warmup-s", type=float, default=WARMUP_S, help="mixed traffic first")
+    parser.add_argument("--requests", type=at_least(1), default=5000)
+    parser.add_argument("--concurrency", type=at_least(1), default=16)
+    parser.add_argument("--every", type=at_least(1), default=250, help="requests between samples")
+    parser.add_argument("--photos", type=at_least(1), default=6)
+    parser.add_argument("--level-mb", type=positive_float, default=LEVEL_MB)
+    parser.add_argument(
+        "--warmup-s", type=non_negative_float, default=WARMUP_S, help="mixed traffic first"
+    )
     parser.add_argument("--keep-log", type=Path, help="copy the server's log here")
     args = parser.parse_args()
     photos = archive_photos(max(args.photos, 6))

@@ -32,6 +32,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model
+from options import positive_float, sizes
+
 from vitrine.config import add_overrides_option, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,20 +136,17 @@ def split_sizes() -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", nargs="*", default=["effnet_finetune"])
-    parser.add_argument("--sides", default="192,160,128")
+    parser.add_argument("--sides", type=sizes, default="192,160,128")
     parser.add_argument("--isa", nargs="*", default=["native", "avx2"], choices=sorted(ISA_ENV))
-    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seconds", type=positive_float, default=15.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_overrides_option(parser)
     args = parser.parse_args()
-    sides = [int(s) for s in args.sides.split(",")]
+    sides = args.sides
     params = load_params(REPO / "params.yaml", args.overrides)
     if args.child:
         print(json.dumps(measure(args.child, sides, args.seconds, params)))
         return
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import cpu_model
 
     n_train, n_val = split_sizes()
     print(f"{cpu_model()}, {os.cpu_count()} cores; {n_train} train and {n_val} val photos")
@@ -156,8 +157,8 @@ def main() -> None:
     for isa in args.isa:
         env = {**os.environ, **ISA_ENV[isa]}
         for name in args.candidates:
-            command = [sys.executable, __file__, "--child", name, "--sides", args.sides]
-            command += ["--seconds", str(args.seconds)]
+            command = [sys.executable, __file__, "--child", name]
+            command += ["--sides", ",".join(map(str, sides)), "--seconds", str(args.seconds)]
             command += [f"-S{key}={json.dumps(value)}" for key, value in args.overrides]
             out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
             if out.returncode:

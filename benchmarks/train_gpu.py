@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its siblings, also from the tests
 import synthetic
+from options import at_least
 
 from vitrine.config import load_params, stage_config
 from vitrine.model.training import (
@@ -165,18 +166,21 @@ def workspace(parent: str | None) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=int, default=50_000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=0, help="timed batches; 0: one epoch")
-    parser.add_argument("--warmup", type=int, default=10, help="batches before the timing")
+    parser.add_argument("--photos", type=at_least(1), default=50_000)
+    parser.add_argument("--batch", type=at_least(1), default=256)
+    parser.add_argument("--steps", type=at_least(0), default=0, help="timed batches; 0: one epoch")
+    parser.add_argument(
+        "--warmup",
+        type=at_least(1),
+        default=10,
+        help="batches before the timing (at least one: the timing starts after a batch)",
+    )
     parser.add_argument("--candidate", default="effnet_finetune")
     parser.add_argument("--augment-on", choices=["host", "device"], default="device")
-    parser.add_argument("--workers", type=int, default=8 if gpu else 0)
+    parser.add_argument("--workers", type=at_least(0), default=8 if gpu else 0)
     parser.add_argument("--precision", default="bf16-mixed" if gpu else "32-true")
     parser.add_argument("--dir", help="parent of the temporary prepared set (default: TMPDIR)")
     args = parser.parse_args(argv)
-    if args.warmup < 1:
-        parser.error("--warmup must be at least 1: the timing starts after a batch")
 
     device = torch.device("cuda" if gpu else "cpu")
     name = torch.cuda.get_device_name(device) if gpu else "no GPU: the CPU"
