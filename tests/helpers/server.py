@@ -96,7 +96,7 @@ def _start_once(
     while True:
         if process.poll() is not None:
             tail = log.read_bytes()[start_of_log:].decode(errors="replace")
-            error = PortTaken if "Address already in use" in tail else AssertionError
+            error = PortTaken if "address already in use" in tail.lower() else AssertionError
             raise error(f"server exited ({process.returncode}):\n{tail[-3000:]}")
         if time.monotonic() > deadline:
             kill(server)
