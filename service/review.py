@@ -31,6 +31,7 @@ import hmac
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -69,6 +70,8 @@ MAX_NAME = 200  # characters of a reviewer's name (the reviews table's column)
 DEFAULT_REVIEWER = "anonymous"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500  # answers in one queue answer
 DEFAULT_CLUSTERS = 50  # near-duplicate clusters in one curation answer
+# C0 controls but tab, line feed and carriage return, and DEL: no note or name means them.
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 THUMB_SIDE = 256  # longest side of a photo as the review page shows it
 
 router = APIRouter()
@@ -163,6 +166,10 @@ def _text(data: dict[str, Any], name: str, default: str | None = None) -> str:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise Rejected("bad_json", f"{name!r} holds a lone surrogate, not text") from None
+    control = CONTROL.search(value)
+    if control:  # PostgreSQL refuses NUL in text; ESC would reach a terminal from decisions.csv
+        char = f"U+{ord(control.group()):04X}"
+        raise Rejected("bad_json", f"{name!r} holds the control character {char}, not text")
     return value
 
 

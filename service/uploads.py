@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +22,7 @@ from vitrine.images import Rejected
 IMAGE_FIELD = "image"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and text fields around the files
 MAX_TEXT_FIELDS = 8
+MAX_BOUNDARY = 70  # RFC 2046 section 5.1.1: a boundary is 1 to 70 characters
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +67,10 @@ def _check_headers(request: Request, cap: int) -> None:
             f"expected multipart/form-data with a file field {IMAGE_FIELD!r}, "
             f"got content type {content_type or 'none'!r}",
         )
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if boundary is not None and not 1 <= len(boundary) <= MAX_BOUNDARY:
+        detail = f"a boundary is 1 to {MAX_BOUNDARY} characters, got {len(boundary)}"
+        raise Rejected("bad_multipart", detail)
 
 
 async def read_form(request: Request, *, max_body_bytes: int, max_images: int) -> Form:
@@ -75,8 +81,13 @@ async def read_form(request: Request, *, max_body_bytes: int, max_images: int) -
     """
     cap = max_body_bytes + MULTIPART_OVERHEAD
     _check_headers(request, cap)
+    parser = _parser(request, cap, max_images)
+    closed: list[bool] = []
+    # python-multipart calls on_end at the closing boundary only; a body cut before it would
+    # lose its last part without a word, so an image sent whole would read as none.
+    parser.on_end = lambda: closed.append(True)  # type: ignore[method-assign]
     try:
-        form = await _parser(request, cap, max_images).parse()
+        form = await parser.parse()
     except MultiPartException as err:
         # Starlette's own wording for a count over max_files; any other failure is malformed.
         if str(err).startswith("Too many files"):
@@ -90,6 +101,9 @@ async def read_form(request: Request, *, max_body_bytes: int, max_images: int) -
         log.debug("%s: the client closed the connection mid-body", request.url.path)
         detail = "the client closed the connection before the body ended"
         raise Rejected("client_closed", detail) from None
+    if not closed:
+        await form.close()
+        raise Rejected("bad_multipart", "the body ends before its closing boundary (--boundary--)")
     try:
         images = []
         fields = {}

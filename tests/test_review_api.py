@@ -254,6 +254,12 @@ def test_a_bad_review_is_refused_with_its_reason(desk: ReviewDesk, store: Record
             400,
             "bad_json",
         ),
+        (  # PostgreSQL stores no NUL in text: refused here, on either database
+            b'{"request_id": "' + answer.request_id.encode() + b'", "label": "phone", '
+            b'"reviewer": "ann\\u0000"}',
+            400,
+            "bad_json",
+        ),
     ]
     with client_for(desk) as client:
         for body, status, code in cases:
@@ -336,6 +342,12 @@ def test_training_decisions_are_written_as_dedupe_reads_them(desk: ReviewDesk) -
         surrogate = b'{"id": "laptop/000.jpg", "decision": "drop", "note": "\\ud800"}'
         refused = client.post("/review/curation/decision", content=surrogate, headers=AUTH)
         assert (refused.status_code, refused.json()["error"]) == (400, "bad_json")
+        escape = {"id": "laptop/000.jpg", "decision": "drop", "note": "\x1b[2J a charger"}
+        refused = client.post("/review/curation/decision", json=escape, headers=AUTH)
+        assert refused.json() == {
+            "error": "bad_json",
+            "detail": "'note' holds the control character U+001B, not text",
+        }
         listed = client.get("/review/curation", headers=AUTH).json()["candidates"]
     decisions = read_decisions(path, CLASSES)  # dedupe's own reader
     assert decisions.to_dict("records") == [

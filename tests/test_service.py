@@ -48,7 +48,7 @@ from service.core import (
 )
 from service.rebalance import KeepAliveRebalancer
 from service.responses import DATA_POLICY, ResponsePolicy, page_policy
-from service.uploads import read_form
+from service.uploads import Form, read_form
 from tests.helpers.browser import ARTIFACTS, chromium_page, wait_for_image
 from tests.helpers.candidates import PROVENANCE
 from tests.helpers.photos import broken_avif, spider_image
@@ -380,6 +380,46 @@ def test_an_upload_abandoned_mid_body_is_the_clients_doing(
     assert caught.value.code == "client_closed"
     assert status_of(caught.value) == 499  # a client's status (nginx's): never counted a 5xx
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+
+
+def read_body(body: bytes, content_type: str) -> Form:
+    """read_form over a whole body sent in one message."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    headers = {"content-type": content_type, "content-length": len(body)}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/classify",
+        "query_string": b"",
+        "headers": [(k.encode(), str(v).encode()) for k, v in headers.items()],
+    }
+    return asyncio.run(read_form(Request(scope, receive), max_body_bytes=10**6, max_images=1))
+
+
+def test_a_body_cut_before_its_closing_boundary_is_malformed_not_imageless() -> None:
+    photo = jpeg(120, 90)
+    whole = multipart_body(photo, "b")
+    assert read_body(whole, "multipart/form-data; boundary=b").images == (photo,)
+    epilogue = whole + b"an epilogue, which RFC 2046 allows\r\n"
+    assert read_body(epilogue, "multipart/form-data; boundary=b").images == (photo,)
+    for cut in (whole.removesuffix(b"--\r\n"), whole[: whole.rindex(b"\r\n--b")]):
+        with pytest.raises(Rejected) as caught:
+            read_body(cut, "multipart/form-data; boundary=b")
+        assert caught.value.code == "bad_multipart"
+        assert "ends before its closing boundary" in caught.value.detail
+
+
+@pytest.mark.parametrize("boundary", ['""', "x" * 71])
+def test_a_boundary_outside_1_to_70_characters_is_refused(boundary: str) -> None:
+    body = multipart_body(jpeg(120, 90), boundary.strip('"'))
+    with pytest.raises(Rejected) as caught:
+        read_body(body, f"multipart/form-data; boundary={boundary}")
+    assert caught.value.code == "bad_multipart"
+    assert "a boundary is 1 to 70 characters" in caught.value.detail
 
 
 def policy_app() -> FastAPI:
