@@ -354,42 +354,13 @@ def multipart_body(image: bytes, boundary: str = "b") -> bytes:
     )
 
 
-def test_an_upload_abandoned_mid_body_is_the_clients_doing(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    body = multipart_body(jpeg(120, 90))
-    messages = [
-        {"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
-        {"type": "http.disconnect"},
-    ]
+def read_messages(messages: list[dict], content_type: str, length: int) -> Form:
+    """read_form over a request whose ASGI messages are `messages`, in order."""
 
     async def receive() -> dict:
         return messages.pop(0)
 
-    headers = {"content-type": "multipart/form-data; boundary=b", "content-length": len(body)}
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/classify",
-        "query_string": b"",
-        "headers": [(k.encode(), str(v).encode()) for k, v in headers.items()],
-    }
-    caplog.set_level(logging.DEBUG, logger="service.uploads")
-    with pytest.raises(Rejected) as caught:
-        asyncio.run(read_form(Request(scope, receive), max_body_bytes=10**6, max_images=1))
-    assert caught.value.code == "client_closed"
-    assert status_of(caught.value) == 499  # a client's status (nginx's): never counted a 5xx
-    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
-
-
-def read_body(body: bytes, content_type: str) -> Form:
-    """read_form over a whole body sent in one message."""
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict:
-        return messages.pop(0)
-
-    headers = {"content-type": content_type, "content-length": len(body)}
+    headers = {"content-type": content_type, "content-length": length}
     scope = {
         "type": "http",
         "method": "POST",
@@ -398,6 +369,28 @@ def read_body(body: bytes, content_type: str) -> Form:
         "headers": [(k.encode(), str(v).encode()) for k, v in headers.items()],
     }
     return asyncio.run(read_form(Request(scope, receive), max_body_bytes=10**6, max_images=1))
+
+
+def read_body(body: bytes, content_type: str) -> Form:
+    """read_form over a whole body sent in one message."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    return read_messages(messages, content_type, len(body))
+
+
+def test_an_upload_abandoned_mid_body_is_the_clients_doing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = multipart_body(jpeg(120, 90))
+    messages = [
+        {"type": "http.request", "body": body[: len(body) // 2], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    caplog.set_level(logging.DEBUG, logger="service.uploads")
+    with pytest.raises(Rejected) as caught:
+        read_messages(messages, "multipart/form-data; boundary=b", len(body))
+    assert caught.value.code == "client_closed"
+    assert status_of(caught.value) == 499  # a client's status (nginx's): never counted a 5xx
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
 
 
 def test_a_body_cut_before_its_closing_boundary_is_malformed_not_imageless() -> None:

@@ -400,7 +400,7 @@ def test_a_smaller_training_side_gives_way_to_the_full_one_for_the_last_epochs(
         2: [64] * 4,
     }
     assert all(set(s[train_batches:]) == {64} for s in epochs.values())
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ConfigError, match="train_input_size: expected a value >= 0, got -1"):
         candidate_config({"candidates": {NAME: candidate_params(train_input_size=-1)}}, NAME)
 
 
