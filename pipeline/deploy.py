@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         # check for online workers sends a request the server rejects (HTTP 422).
         for deployment in deployments:
             deployment.apply(work_pool_name=args.work_pool)
+            print(f"registered {deployment.flow_name}/{deployment.name} in pool {args.work_pool}")
+        print(f"the worker runs them in {args.project_dir.resolve()}: start it in that checkout")
     else:
         serve(*deployments)
     return 0

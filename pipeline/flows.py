@@ -447,14 +447,21 @@ def main(argv: list[str] | None = None) -> int:
                 print("\n".join([verdict, *check["reasons"]]))
                 summary = check["summary"]
             else:
+                # A busy workspace said here is one line; raised inside the flow, Prefect logs
+                # its traceback first. The flow takes the lock again for its whole run.
+                wait_s = load_flow_config(project_dir).lock_wait_s
+                with workspace_lock(project_dir, wait_s, owner="python -m pipeline.flows"):
+                    pass
                 summary = retrain(project_dir=project_dir, overrides=dict(args.overrides) or None)
         except (StageError, PublishError):
             return 1  # the run log above already holds the error and the stage's output
         except (WorkspaceBusy, OverrideError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    for stage, seconds in (summary["durations_s"] if summary else {}).items():
-        print(f"{stage:<20} {seconds:8.1f} s")
+    durations = summary["durations_s"] if summary else {}
+    width = max(map(len, durations), default=0)
+    for stage, seconds in durations.items():
+        print(f"{stage:<{width}} {seconds:8.1f} s")
     return 0
 
 

@@ -213,8 +213,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     lines = [
         f"heatmaps: {report['queued']} queued answer(s) on the {report['network']} "
         f"{report['weights_version']}: {report['drawn']} drawn ({report['maps_written']} maps), "
-        f"{report['drawn_before']} drawn before, {report['left_out']} left out "
-        f"{report['by_reason'] or ''}; {report['pruned']} map(s) of deleted photos removed; "
+        f"{report['drawn_before']} drawn before, {report['left_out']} left out"
+        f"{' ' + str(report['by_reason']) if report['by_reason'] else ''}; "
+        f"{report['pruned']} map(s) of deleted photos removed; "
         f"in {report['folder']}"
     ]
     lines += [

@@ -20,6 +20,7 @@ never a crash.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -364,11 +365,16 @@ def write_reports(report: dict[str, Any], json_path: Path, page_path: Path) -> N
 
 
 @flow(name="monitor")
-def monitor(project_dir: Path = REPO_ROOT, until: datetime | None = None) -> MonitorResult:
+def monitor(
+    project_dir: Path = REPO_ROOT, until: datetime | None = None, report_only: bool = False
+) -> MonitorResult:
     """Compare the answers of the last monitor.window_hours (up to `until`, default now) with
-    the evaluated test set; write the reports; retrain when a threshold is crossed."""
+    the evaluated test set; write the reports; retrain when a threshold is crossed, unless
+    monitor.retrain is false or `report_only`."""
     logger = get_run_logger()
     config = load_monitor_config(project_dir)
+    if report_only:
+        config = dataclasses.replace(config, retrain=False)
     source = inputs(project_dir)
     until = until or datetime.now(UTC)
     until = (until if until.tzinfo else until.replace(tzinfo=UTC)).astimezone(UTC)
@@ -381,7 +387,8 @@ def monitor(project_dir: Path = REPO_ROOT, until: datetime | None = None) -> Mon
     report = build_report(since, until, answers, test, images, config, notes)
     started = bool(report["crossed"]) and config.retrain
     if report["crossed"] and not config.retrain:
-        report["retrain"]["reason"] = "Retraining is off (monitor.retrain: false)."
+        why = "--report-only" if report_only else "monitor.retrain: false"
+        report["retrain"]["reason"] = f"Retraining is off ({why})."
     report["retrain"]["started"] = started
     json_path, page_path = project_dir / config.report, project_dir / config.page
     write_reports(report, json_path, page_path)
@@ -416,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         type=datetime.fromisoformat,
         help="end of the window, ISO 8601 (default: now; without an offset: UTC)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the reports but start no retrain, whatever monitor.retrain says",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("prefect").setLevel(logging.WARNING)
     logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
@@ -423,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     project_dir = args.project_dir.resolve()
     load_monitor_config(project_dir)  # a bad setting: one line, before any flow run
     with temporary_settings(updates=local_run):
-        result = monitor(project_dir=project_dir, until=args.until)
+        result = monitor(project_dir=project_dir, until=args.until, report_only=args.report_only)
     print(f"crossed: {', '.join(result['crossed']) or 'none'}; report: {result['report']}")
     return 0
 

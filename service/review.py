@@ -30,6 +30,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -61,6 +62,7 @@ from vitrine.production.recorder import Recorder
 from vitrine.production.records import RecordStore, record_url
 from vitrine.production.reviews import Review, UnknownAnswer, add_review
 
+log = logging.getLogger(__name__)
 REVIEW_TOKEN_ENV = "VITRINE_REVIEW_TOKEN"
 PROJECT_DIR_ENV = "VITRINE_PROJECT_DIR"
 PAGE = Path(__file__).with_name("review.html")
@@ -85,6 +87,8 @@ class ReviewDesk:
 
     def __init__(self, info: PackagedModel, recorder: Recorder | None) -> None:
         self.token = os.environ.get(REVIEW_TOKEN_ENV, "")
+        if not self.token:  # a 404 on /review would not tell a wrong URL from a missing token
+            log.warning("review routes are off (404): %s is not set", REVIEW_TOKEN_ENV)
         self.info = info
         self.terms = ReviewTerms.of(info)
         self.photos = Path(info.serve.record.photos)

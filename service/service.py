@@ -77,8 +77,22 @@ YOUNG_GC_THRESHOLD = 50_000  # allocations between young-generation collections 
 MODEL_REF = bentoml.models.BentoModel(
     f"{os.environ.get(MODEL_NAME_ENV, DEFAULT_MODEL_NAME)}:latest"
 )
+
+
+def _stored_model() -> Path:
+    """The packaged model's folder in the BentoML store; without one, a line saying how to make
+    it (a fresh clone's store is empty until `dvc repro package` saves the model)."""
+    if MODEL_REF.stored is None:
+        home = os.environ.get("BENTOML_HOME", "~/bentoml")
+        raise SystemExit(
+            f"service: no model {MODEL_REF.tag} in the BentoML store {home}: "
+            "run `make repro` (or `dvc repro package`) first"
+        )
+    return Path(MODEL_REF.stored.path)
+
+
 # Read at import: the number of worker processes is an argument of @bentoml.service below.
-INFO = read_packaged(Path(MODEL_REF.stored.path))
+INFO = read_packaged(_stored_model())
 
 
 app = FastAPI(title="vitrine classifier", docs_url=None, redoc_url=None, openapi_url=None)

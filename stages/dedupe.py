@@ -31,6 +31,7 @@ import pydantic
 
 from vitrine.compute import ComputeConfig
 from vitrine.config import (
+    ConfigError,
     Count,
     NonNegative,
     NonNegativeInt,
@@ -132,23 +133,24 @@ def cluster_keys(accepted: pd.DataFrame, labels: np.ndarray) -> pd.Series:
 
 
 def read_decisions(path: Path, classes: tuple[str, ...]) -> pd.DataFrame:
-    """The reviewer's decisions; a malformed file is an error, not something to skip."""
+    """The reviewer's decisions; a malformed file is an error, not something to skip (a
+    ConfigError: the command says it in one line, as it does a bad setting)."""
     decisions = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"id", "decision", "new_label", "note"} - set(decisions.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+        raise ConfigError(f"{path}: missing column(s) {sorted(missing)}")
     bad = decisions[~decisions["decision"].isin(DECISIONS)]
     if len(bad):
-        raise ValueError(f"{path}: decision must be one of {DECISIONS}: {bad.to_dict('records')}")
+        raise ConfigError(f"{path}: decision must be one of {DECISIONS}: {bad.to_dict('records')}")
     relabel = decisions["decision"] == "relabel"
     wrong = decisions[relabel & ~decisions["new_label"].isin(classes)]
     if len(wrong):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: new_label must be one of {list(classes)}: {wrong.to_dict('records')}"
         )
     repeated = sorted(decisions.loc[decisions["id"].duplicated(), "id"])
     if repeated:
-        raise ValueError(f"{path}: several decisions for {repeated}")
+        raise ConfigError(f"{path}: several decisions for {repeated}")
     return decisions
 
 
@@ -401,6 +403,7 @@ def save_row_embeddings(path: Path, features: PhotoFeatures, chunk: int = 8192) 
 def main() -> None:
     params = load_params()
     paths, config = load_paths(params), stage_config(DedupeConfig, "dedupe", params)
+    decisions = read_decisions(paths.decisions, config.classes)  # a bad file: before the work
     manifest = pd.read_parquet(paths.collected / MANIFEST)
     start = time.perf_counter()
     cache = Path(config.cache_dir) if config.cache_dir else None
@@ -417,7 +420,6 @@ def main() -> None:
         f"dedupe: per-photo work in {time.perf_counter() - start:.1f} s: {features.computed} "
         f"photos computed, {features.reused} from {config.cache_dir or 'no cache'}"
     )
-    decisions = read_decisions(paths.decisions, config.classes)
     deduped = dedupe(manifest, features, decisions, config, cache / PAIRS_FILE if cache else None)
     candidates = review_candidates(deduped, config)
     paths.deduped.mkdir(parents=True, exist_ok=True)

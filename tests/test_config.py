@@ -63,6 +63,18 @@ def test_overrides_parse_as_yaml_and_set_only_existing_keys():
             set_dotted(params, typo, 0)
 
 
+def test_an_override_keeps_the_kind_of_value_params_yaml_has():
+    """`-S candidates.cnn64.lr=abc` is refused before a run, not by the stage that reads it."""
+    params = {"train": {"lr": 0.1, "devices": 1, "augment": [], "name": "x", "cache": None}}
+    for key, value in [("lr", 1), ("devices", 0.5), ("augment", [1]), ("cache", "c"), ("lr", None)]:
+        set_dotted(params, f"train.{key}", value)
+    for key, value, kind in [("lr", "abc", "a number"), ("augment", "x", "a list")]:
+        with pytest.raises(ConfigError, match=f"train.{key}: expected {kind} as params.yaml has"):
+            set_dotted({"train": {"lr": 0.1, "augment": []}}, f"train.{key}", value)
+    with pytest.raises(ConfigError, match="expected a boolean"):
+        set_dotted({"train": {"fsync": True}}, "train.fsync", 1)
+
+
 def test_params_load_with_overrides_applied_in_order(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  lr: 0.1\n  trainer: {devices: 1}\n")

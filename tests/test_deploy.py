@@ -82,11 +82,16 @@ def test_a_scheduled_output_is_dated_in_utc() -> None:
     assert dated("scores/all.parquet", late) == "scores/all.parquet"
 
 
-def test_register_with_a_work_pool(project: Path, prefect_backend: None) -> None:
+def test_register_with_a_work_pool(
+    project: Path, prefect_backend: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="vitrine-test", type="process"))
 
     assert main([str(project), "--work-pool", "vitrine-test"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert "registered retrain/scheduled in pool vitrine-test" in said
+    assert said[-1] == f"the worker runs them in {project.resolve()}: start it in that checkout"
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/scheduled")

@@ -26,6 +26,7 @@ from pipeline.flows import (
     REPORT_KEY,
     VENV_BIN,
     StageError,
+    main,
     report_markdown,
     retrain,
     retrain_if_changed,
@@ -381,7 +382,9 @@ def test_dvc_locks_of_killed_processes_are_released_even_as_zombies(tmp_path: Pa
     }
 
 
-def test_second_run_while_one_runs_exits_with_a_clear_message(tmp_path: Path) -> None:
+def test_second_run_while_one_runs_exits_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     project = see_param_project(tmp_path / "p")
     (project / "hang").touch()
     first: dict[str, Any] = {}
@@ -392,6 +395,9 @@ def test_second_run_while_one_runs_exits_with_a_clear_message(tmp_path: Path) ->
 
         state = retrain(project_dir=project, return_state=True)
         check = retrain_if_changed(project_dir=project)
+        capsys.readouterr()
+        assert main([str(project)]) == 1  # the command: one line, before any flow run
+        said = capsys.readouterr().err.strip().splitlines()
     finally:
         (project / "hang").unlink()
         runner.join(60)
@@ -400,6 +406,7 @@ def test_second_run_while_one_runs_exits_with_a_clear_message(tmp_path: Path) ->
         state.result()
     assert check["retrained"] is False
     assert "another retrain is running" in check["reasons"][0]
+    assert len(said) == 1 and said[0].startswith("error: another retrain is running in")
     assert first["stages"] == ["see"]
     assert (project / "seen.txt").read_text() == "1"
 

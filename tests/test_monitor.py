@@ -208,3 +208,17 @@ def test_a_running_retrain_is_left_to_finish(tmp_path: Path, retrain: RetrainRec
     assert not result["retrain_started"] and not report["retrain"]["started"]
     assert "holds the workspace" in report["retrain"]["reason"]
     assert "holds the workspace" in page
+
+
+def test_report_only_crosses_without_retraining(tmp_path: Path, retrain: RetrainRecorder) -> None:
+    """`python -m pipeline.monitor --report-only`: a look at the day that cannot start a retrain,
+    whatever monitor.retrain says."""
+    project = make_project(tmp_path / "p")
+    record(project, range(0, 300, 10), photo_bytes)  # all laptops
+
+    result = monitor(project_dir=project, until=UNTIL, report_only=True)
+    report = json.loads((project / "reports/monitor.json").read_text())
+
+    assert "psi" in result["crossed"] and retrain.calls == []
+    assert not result["retrain_started"] and not report["retrain"]["started"]
+    assert report["retrain"]["reason"] == "Retraining is off (--report-only)."

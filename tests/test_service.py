@@ -13,9 +13,12 @@ import gc
 import hashlib
 import io
 import logging
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -55,7 +58,7 @@ from tests.helpers.photos import broken_avif, spider_image
 from tests.helpers.records import record_config
 from tests.helpers.server import start_server, stop
 from tests.helpers.tiny_package import CLASSES, package_tiny_model
-from vitrine.contracts import PackagedModel, ServeConfig, read_packaged
+from vitrine.contracts import MODEL_NAME_ENV, PackagedModel, ServeConfig, read_packaged
 from vitrine.images import Rejected, load_square
 from vitrine.runtime.answers import model_input
 from vitrine.runtime.decisions import decide
@@ -159,6 +162,24 @@ def truncated_jpeg() -> bytes:
 def package_info(threshold: float) -> PackagedModel:
     return PackagedModel(
         "cnn64", ("laptop", "phone"), 128, 64, "cnn64-x", threshold, SERVE, PROVENANCE
+    )
+
+
+def test_a_store_without_the_model_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """`make serve` in a fresh clone, before `make repro` has saved a model."""
+    command = ["bentoml", "serve", "service.service:Classifier", "--port", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=REPO,
+        env={**os.environ, "BENTOML_HOME": str(tmp_path), MODEL_NAME_ENV: "vitrine-absent"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"service: no model vitrine-absent:latest in the BentoML store {tmp_path}: "
+        "run `make repro` (or `dvc repro package`) first"
     )
 
 

@@ -237,7 +237,7 @@ def test_every_candidate_in_params_yaml_is_valid():
 
 def test_unknown_candidates_and_keys_are_named():
     params = {"candidates": {NAME: candidate_params(lr_decay=0.9)}}
-    with pytest.raises(KeyError, match=r"unknown candidate 'resnet'.*\['cnn64'\]"):
+    with pytest.raises(ConfigError, match=r"unknown candidate 'resnet'.*\['cnn64'\]"):
         candidate_config(params, "resnet")
     with pytest.raises(ConfigError, match=r"candidates.cnn64: unknown key\(s\) \['lr_decay'\]"):
         candidate_config(params, NAME)
@@ -254,6 +254,35 @@ def test_candidate_settings_out_of_range_are_refused():
             candidate_config(params, NAME)
     params = {"candidates": {NAME: candidate_params(label_smoothing=1.0)}}
     with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        candidate_config(params, NAME)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model", "mobilenet", r"model 'mobilenet' is none of \['cnn64', 'effnet_lite0'"),
+        ("options", {"width": 2}, "options do not fit the cnn64 builder: .*'width'"),
+        ("augment", [{"p": 0.5}], "augment: step 0 has no name"),
+        ("augment", [{"name": "RandomResizedKrop"}], "augment: unknown albumentations transform"),
+        # albumentations itself would only warn, and train without the flip
+        (
+            "augment",
+            [{"name": "HorizontalFlip", "q": 0.5}],
+            r"augment: HorizontalFlip: Argument\(s\) 'q'",
+        ),
+        (
+            "augment",
+            [{"name": "HorizontalFlip", "p": "x"}],
+            "augment: HorizontalFlip: p: Input should be a valid number",
+        ),
+    ],
+)
+def test_a_candidate_a_builder_or_albumentations_would_refuse_is_refused_at_load(
+    key: str, value: object, message: str
+):
+    """Before any photo is read, naming the candidate, instead of a traceback at fit time."""
+    params = {"candidates": {NAME: candidate_params(**{key: value})}}
+    with pytest.raises(ConfigError, match=f"candidates.cnn64: {message}"):
         candidate_config(params, NAME)
 
 

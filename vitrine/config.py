@@ -113,7 +113,24 @@ def set_dotted(params: Any, dotted: str, value: Any) -> None:
             raise ConfigError(f"{dotted}: params.yaml has no key {'.'.join(keys[: depth + 1])!r}")
         if depth < len(keys) - 1:
             node = node[key]
+    was, wanted = _kind(node[keys[-1]]), _kind(value)
+    if was and wanted and was != wanted:  # before a run, not at the stage that reads it
+        raise ConfigError(f"{dotted}: expected {was} as params.yaml has, got {value!r}")
     node[keys[-1]] = value
+
+
+def _kind(value: Any) -> str:
+    """What an override must stay: a number where params.yaml has one (`lr=abc` is a typo),
+    a list where it has a list; "" for null, which any value may replace."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "a mapping" if isinstance(value, Mapping) else ""
 
 
 def apply_overrides(params: Any, overrides: Iterable[tuple[str, Any]]) -> None:

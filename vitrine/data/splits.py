@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import albumentations as A
 import lightning as L
 import numpy as np
+import pydantic
 import torch
 from torch.utils.data import (
     DataLoader,
@@ -26,10 +28,12 @@ IMBALANCE = ("none", "loss_weights", "balanced_sampler")
 
 def named_steps(steps: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """A candidate's `augment` list, e.g. [{name: HorizontalFlip, p: 0.5}], as (name, the
-    transform's arguments) pairs; a step without a name is a KeyError."""
+    transform's arguments) pairs; a step without a name is a ValueError."""
     pairs = []
-    for step in steps:
+    for i, step in enumerate(steps):
         arguments = dict(step)
+        if "name" not in arguments:
+            raise ValueError(f"step {i} has no name (a transform such as HorizontalFlip)")
         pairs.append((arguments.pop("name"), arguments))
     return pairs
 
@@ -46,8 +50,28 @@ def build_augment(steps: list[dict[str, Any]], seed: int) -> A.Compose | None:
     for name, kwargs in named_steps(steps):
         if not hasattr(A, name):
             raise ValueError(f"unknown albumentations transform {name!r} in train augment")
-        transforms.append(getattr(A, name)(**kwargs))
+        transforms.append(_transform(name, kwargs))
     return A.Compose(transforms, seed=seed)
+
+
+def _transform(name: str, kwargs: dict[str, Any]) -> Any:
+    """One albumentations transform; a value it refuses, or an argument it would only warn of
+    and ignore (a misspelt `p`), is a ValueError naming the transform."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "error", message=r"Argument\(s\) .* are not valid", category=UserWarning
+        )
+        try:
+            return getattr(A, name)(**kwargs)
+        except UserWarning as err:
+            raise ValueError(f"{name}: {err}") from None
+        except ValueError as err:  # albumentations wraps pydantic's ValidationError
+            cause = err.__cause__
+            if not isinstance(cause, pydantic.ValidationError):
+                raise ValueError(f"{name}: {str(err).splitlines()[0]}") from None
+            first = cause.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{name}: {where}: {first['msg']}, got {first['input']!r}") from None
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> list[float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import shutil
 import time
@@ -29,6 +30,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from vitrine.config import (
+    ConfigError,
     Count,
     NonNegative,
     NonNegativeInt,
@@ -40,8 +42,8 @@ from vitrine.config import (
 from vitrine.contracts import CHECKPOINT, TrainedModel, write_trained
 from vitrine.data.batches import photo_data
 from vitrine.data.layout import prepared_manifest_path, prepared_resize, split_images_path
-from vitrine.data.splits import PackedDataModule, epoch_seed
-from vitrine.model.networks import ImageClassifier
+from vitrine.data.splits import PackedDataModule, build_augment, epoch_seed
+from vitrine.model.networks import MODELS, ImageClassifier
 from vitrine.model.probe import CachedFeatures, HeadOnly, flip_probability, is_probe
 
 LAST = "last.ckpt"
@@ -92,6 +94,18 @@ class CandidateConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        # Checked at load, naming the key: at fit time, after the photos are read, these
+        # would be tracebacks of the builder's or albumentations' own.
+        if self.model not in MODELS:
+            raise ValueError(f"model {self.model!r} is none of {sorted(MODELS)}")
+        try:
+            inspect.signature(MODELS[self.model].build).bind(0, **self.options)
+        except TypeError as err:
+            raise ValueError(f"options do not fit the {self.model} builder: {err}") from None
+        try:
+            build_augment(list(self.augment), seed=0)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"augment: {str(err).splitlines()[0]}") from None
 
     def small_side_epochs(self) -> int:
         """The epochs before the last full_size_epochs: at train_input_size when it is set."""
@@ -101,7 +115,9 @@ class CandidateConfig:
 def candidate_config(params: dict[str, Any], name: str) -> CandidateConfig:
     candidates = params.get("candidates") or {}
     if name not in candidates:
-        raise KeyError(f"unknown candidate {name!r}; params.yaml candidates: {sorted(candidates)}")
+        raise ConfigError(
+            f"unknown candidate {name!r}; params.yaml candidates: {sorted(candidates)}"
+        )
     return from_mapping(CandidateConfig, candidates[name], f"candidates.{name}")
 
 
