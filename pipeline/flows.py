@@ -25,7 +25,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -318,8 +318,13 @@ def repair_interrupted_run(project_dir: Path) -> None:
     logger = get_run_logger()
     if restore_interrupted_overrides(project_dir):
         logger.warning("Restored params.yaml, left overridden by an interrupted run")
-    for holder in release_dead_dvc_locks(project_dir):
-        logger.warning("Released DVC's lock held by %s, which is no longer running", holder)
+    # One line per dead dvc process, not per output it had locked (a killed repro holds many).
+    for holder, entries in Counter(release_dead_dvc_locks(project_dir)).items():
+        logger.warning(
+            "Released DVC's locks on %d path(s) held by %s, which is no longer running",
+            entries,
+            holder,
+        )
 
 
 @flow(name="retrain")
